@@ -1,0 +1,140 @@
+"""Finding and understanding the FFN of any `transformers` causal LM, without name tables.
+
+* `decoder_layers(model)` finds the stack of decoder layers: the `ModuleList`
+  holding `config.num_hidden_layers` blocks.
+* `find_ffn(layer)` finds the FFN submodule of one decoder layer by what it
+  is (a child named like an MLP, or whose class is one), never by a
+  per-architecture list of weight names.
+* `recognize(ffn)` tries to describe the FFN as a gated MLP
+  `down(act(gate(x)) * up(x))` or a plain MLP `down(act(up(x)))` built from
+  `nn.Linear`/`Conv1D` layers, so experts can run as direct matmuls. The
+  roles are inferred from shapes and then *checked numerically* against the
+  module's own forward on random weights; anything that does not match
+  exactly gets no spec and runs through `torch.func.functional_call` instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
+
+from xft.errors import UserError
+
+_FFN_NAMES = {"mlp", "feed_forward", "ffn", "mlp_block", "feedforward"}
+_FFN_CLASS = re.compile(r"(MLP|FeedForward|FFN|Mlp)$")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The `ModuleList` of decoder layers (length `config.num_hidden_layers`)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (n is None or len(module) == n):
+            return module
+    raise UserError(f"{type(model).__name__}: cannot find its decoder layers "
+                    f"(no ModuleList of config.num_hidden_layers={n} blocks)")
+
+
+def find_ffn(layer: nn.Module, model_name: str = "model") -> tuple[str, nn.Module]:
+    """(attribute name, module) of the FFN inside one decoder layer."""
+    found = [(name, child) for name, child in layer.named_children()
+             if name.lower() in _FFN_NAMES or _FFN_CLASS.search(type(child).__name__)]
+    if len(found) != 1:
+        children = ", ".join(f"{n}: {type(c).__name__}" for n, c in layer.named_children())
+        what = "no" if not found else "more than one"
+        raise UserError(f"{model_name}: found {what} FFN (MLP) submodule in its decoder layer "
+                        f"{type(layer).__name__} ({children}); xft upcycles models whose decoder layers "
+                        "hold their FFN as one submodule")
+    name, ffn = found[0]
+    if not any(True for _ in ffn.parameters()):
+        raise UserError(f"{model_name}: the FFN {name} ({type(ffn).__name__}) has no parameters")
+    return name, ffn
+
+
+# ----------------------------------------------------------------------------- fast-path spec
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """A recognised FFN: roles of its linear layers (child names) and its activation."""
+
+    gate: str | None  # None for a plain (non-gated) MLP
+    up: str
+    down: str
+    act: nn.Module
+    transposed: frozenset[str]  # children whose weight is [in, out] (GPT-2 Conv1D)
+    dropout: nn.Module | None  # applied to the FFN output in training, as the module does
+
+    def __call__(self, w: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Run the FFN with parameters `w` (names as inside the FFN) on x [T, d] -> [T, d]."""
+        h = self._linear(w, self.up, x)
+        h = self.act(h) if self.gate is None else self.act(self._linear(w, self.gate, x)) * h
+        return self._linear(w, self.down, h)
+
+    def _linear(self, w: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
+        weight = w[f"{name}.weight"]
+        return F.linear(x, weight.t() if name in self.transposed else weight, w.get(f"{name}.bias"))
+
+
+def _in_out(module: nn.Module) -> tuple[int, int] | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def recognize(ffn: nn.Module, hidden_size: int) -> FFNSpec | None:
+    """A verified `FFNSpec` for `ffn`, or None when it is not a plain/gated MLP."""
+    linears, acts, dropouts = {}, [], []
+    for name, child in ffn.named_children():
+        if _in_out(child) is not None:
+            linears[name] = child
+        elif isinstance(child, nn.Dropout):
+            dropouts.append(child)
+        elif not any(True for _ in child.parameters()) and not list(child.children()):
+            acts.append(child)
+        else:
+            return None
+    own = {n for n, _ in ffn.named_parameters()}
+    if len(acts) != 1 or len(dropouts) > 1 or own != {f"{n}.{p}" for n, m in linears.items()
+                                                      for p, _ in m.named_parameters()}:
+        return None
+    shapes = {n: _in_out(m) for n, m in linears.items()}
+    ins = [n for n, (i, o) in shapes.items() if i == hidden_size and o != hidden_size]
+    outs = [n for n, (i, o) in shapes.items() if o == hidden_size and i != hidden_size]
+    if len(outs) != 1 or len(ins) + 1 != len(linears) or len(ins) not in (1, 2):
+        return None
+    transposed = frozenset(n for n, m in linears.items() if isinstance(m, Conv1D))
+    dropout = dropouts[0] if dropouts else None
+    candidates = ([(None, ins[0])] if len(ins) == 1 else list(itertools.permutations(ins, 2)))
+    for gate, up in candidates:
+        spec = FFNSpec(gate, up, outs[0], acts[0], transposed, dropout)
+        if _matches(spec, ffn, hidden_size):
+            return spec
+    return None
+
+
+@torch.no_grad()
+def _matches(spec: FFNSpec, ffn: nn.Module, hidden_size: int) -> bool:
+    """Whether `spec` computes what `ffn.forward` computes, on random weights and inputs (eval mode)."""
+    params = dict(ffn.named_parameters())
+    if any(p.is_meta for p in params.values()):
+        return False
+    g = torch.Generator().manual_seed(0)
+    w = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5 for n, p in params.items()}
+    x = torch.randn(7, hidden_size, generator=g, dtype=torch.float64)
+    was_training = ffn.training
+    ffn.eval()
+    try:
+        ref = functional_call(ffn, w, (x,))
+    except Exception:  # noqa: BLE001 - a module we cannot probe just takes the generic path
+        return False
+    finally:
+        ffn.train(was_training)
+    return isinstance(ref, Tensor) and torch.allclose(spec(w, x), ref, rtol=1e-9, atol=1e-9)

@@ -1,0 +1,189 @@
+"""Routing: router modules, combine weights, noisy top-k and the load-balancing loss.
+
+All routing math of XFT_METHOD.md §1 lives here. Shapes: `T` tokens, `N` experts,
+`R` routed experts (`N-1` with a shared expert, `N` without), `k` routed experts
+selected per token (`K-1` with a shared expert, `K` without).
+
+Routing schemes are entries of `ROUTINGS`, chosen by name:
+
+* ``"xft"`` — shared expert 0 plus top-(K-1) of N-1 routed experts, with the
+  paper's routing-weight normalization; weights sum to 1, so an upcycled model
+  computes exactly the dense model at initialisation.
+* ``"sparse"`` — vanilla sparse upcycling: top-K of N, softmax over the
+  selected logits (Mixtral-style); also sums to 1.
+* ``"unnormalized"`` — shared expert with `g_0 = 1 - s_max` and the raw
+  top-(K-1) probabilities for the routed experts; does *not* sum to 1 (the
+  "scale mismatch" the paper identifies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Routing:
+    """A routing scheme: how router logits `[T, R]` become expert weights `[T, N]`."""
+
+    name: str
+    has_shared_expert: bool
+    # (logits [T, R], k) -> (weights [T, N], selected routed indices [T, k])
+    combine: Callable[[Tensor, int], tuple[Tensor, Tensor]]
+    sums_to_one: bool
+
+
+def _xft(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    p = logits.softmax(dim=-1)  # [T, R]
+    top_p, top_i = p.topk(k, dim=-1)  # [T, k], sorted: top_p[:, 0] = s_max
+    s_max = top_p[:, :1]
+    # The softmax runs over the selected *probabilities* (not the logits), then is scaled by s_max.
+    routed = top_p.softmax(dim=-1) * s_max
+    return _assemble(1.0 - s_max, routed, top_i, logits.shape[-1]), top_i
+
+
+def _unnormalized(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    p = logits.softmax(dim=-1)
+    top_p, top_i = p.topk(k, dim=-1)
+    return _assemble(1.0 - top_p[:, :1], top_p, top_i, logits.shape[-1]), top_i
+
+
+def _sparse(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    top_l, top_i = logits.topk(k, dim=-1)
+    weights = torch.zeros_like(logits).scatter(-1, top_i, top_l.softmax(dim=-1))
+    return weights, top_i
+
+
+def _assemble(shared: Tensor, routed: Tensor, top_i: Tensor, num_routed: int) -> Tensor:
+    """[T, 1] shared weight + [T, k] routed weights at `top_i` -> [T, 1 + num_routed]."""
+    full = routed.new_zeros(routed.shape[0], num_routed).scatter(-1, top_i, routed)
+    return torch.cat([shared, full], dim=-1)
+
+
+ROUTINGS: dict[str, Routing] = {
+    "xft": Routing("xft", has_shared_expert=True, combine=_xft, sums_to_one=True),
+    "sparse": Routing("sparse", has_shared_expert=False, combine=_sparse, sums_to_one=True),
+    "unnormalized": Routing("unnormalized", has_shared_expert=True, combine=_unnormalized, sums_to_one=False),
+}
+
+
+def get_routing(name: str) -> Routing:
+    """The routing scheme registered under `name` (ValueError listing the choices otherwise)."""
+    if name not in ROUTINGS:
+        raise ValueError(f"unknown routing {name!r}; expected one of {sorted(ROUTINGS)}")
+    return ROUTINGS[name]
+
+
+def routed_k(routing: str, top_k: int) -> int:
+    """How many *routed* experts a token selects when `top_k` counts the shared expert."""
+    return top_k - 1 if get_routing(routing).has_shared_expert else top_k
+
+
+def combine_weights(logits: Tensor, top_k: int, routing: str = "xft") -> Tensor:
+    """Expert weights `[T, N]` from router logits `[T, R]` (XFT_METHOD.md §1).
+
+    `top_k` counts the shared expert for the shared-expert schemes (``"xft"``,
+    ``"unnormalized"``: R = N-1, column 0 is the shared expert) and is the
+    number of selected experts for ``"sparse"`` (R = N). Unselected experts get 0.
+    """
+    k = routed_k(routing, top_k)
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"top_k={top_k} selects {k} of {logits.shape[-1]} routed experts")
+    weights, _ = get_routing(routing).combine(logits, k)
+    return weights
+
+
+# ----------------------------------------------------------------------------- routers
+
+class MLPRouter(nn.Sequential):
+    """The paper code's router: Linear(d, R) -> tanh -> Linear(R, R), no biases."""
+
+    def __init__(self, hidden_size: int, num_routed: int):
+        super().__init__(nn.Linear(hidden_size, num_routed, bias=False), nn.Tanh(),
+                         nn.Linear(num_routed, num_routed, bias=False))
+
+
+class LinearRouter(nn.Sequential):
+    """A plain linear router: Linear(d, R), no bias."""
+
+    def __init__(self, hidden_size: int, num_routed: int):
+        super().__init__(nn.Linear(hidden_size, num_routed, bias=False))
+
+
+ROUTERS: dict[str, type[nn.Module]] = {"mlp": MLPRouter, "linear": LinearRouter}
+
+
+class NoisyTopKGate(nn.Module):
+    """Router plus Shazeer et al.'s learned Gaussian noise on the logits (training only).
+
+    Noise scale per token and expert: `softplus(u · W_noise) + 1e-2`, with
+    `W_noise` zero-initialised (so the noise starts at std 1e-2).
+    """
+
+    noise_epsilon = 1e-2
+
+    def __init__(self, router: str, hidden_size: int, num_routed: int, noisy: bool):
+        super().__init__()
+        if router not in ROUTERS:
+            raise ValueError(f"unknown router {router!r}; expected one of {sorted(ROUTERS)}")
+        self.router = ROUTERS[router](hidden_size, num_routed)
+        self.noise = nn.Linear(hidden_size, num_routed, bias=False) if noisy else None
+        if self.noise is not None:
+            nn.init.zeros_(self.noise.weight)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x [T, d] -> (clean logits [T, R], logits to route on [T, R], noise std [T, R] or None)."""
+        clean = self.router(x)
+        if self.noise is None or not self.training:
+            return clean, clean, None
+        std = F.softplus(self.noise(x)) + self.noise_epsilon
+        return clean, clean + torch.randn_like(clean) * std, std
+
+
+# ----------------------------------------------------------------------------- balance loss
+
+def cv_squared(x: Tensor) -> Tensor:
+    """Squared coefficient of variation `var(x) / (mean(x)^2 + 1e-10)` (unbiased var, as the paper's code)."""
+    x = x.float()
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    return x.var() / (x.mean() ** 2 + 1e-10)
+
+
+def per_token_load(top_i: Tensor, num_routed: int, clean: Tensor, noisy: Tensor, std: Tensor | None,
+                   estimate: str = "corrected") -> Tensor:
+    """How much each token counts toward each routed expert's load, `[T, R]` (sum over T: the load).
+
+    Without noise: 1 where the expert is selected. With noise (training): the
+    smooth estimate of Shazeer et al. — the probability that the expert lands
+    in the top-k under a fresh draw of the noise, which has a gradient.
+    ``estimate="faithful"`` reproduces the paper's code, which tests the
+    *noise term alone* against the top-k threshold when deciding whether an
+    expert is currently in; ``"corrected"`` tests the noisy logits, as
+    Shazeer et al. intend.
+    """
+    k = top_i.shape[-1]
+    if std is None or k >= num_routed:
+        return torch.zeros_like(clean).scatter(-1, top_i, 1.0)
+    top_vals = noisy.topk(k + 1, dim=-1).values  # [T, k+1]
+    threshold_if_in = top_vals[:, k:k + 1]  # an expert that is in must stay above the (k+1)-th value
+    threshold_if_out = top_vals[:, k - 1:k]  # an expert that is out must beat the k-th value
+    probe = noisy if estimate == "corrected" else noisy - clean
+    normal = torch.distributions.Normal(torch.zeros((), device=clean.device), 1.0)
+    p_in = normal.cdf((clean - threshold_if_in) / std)
+    p_out = normal.cdf((clean - threshold_if_out) / std)
+    return torch.where(probe > threshold_if_in, p_in, p_out)
+
+
+LOAD_ESTIMATES = ("corrected", "faithful")
+
+
+def balance_loss(importance: Tensor, load: Tensor, weight: float) -> Tensor:
+    """`weight · (cv²(importance) + cv²(load))`, the paper's per-layer load-balancing loss."""
+    if weight == 0:
+        return importance.new_zeros((), dtype=torch.float32)
+    return weight * (cv_squared(importance) + cv_squared(load))
