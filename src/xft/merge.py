@@ -182,7 +182,7 @@ def build_merge_model(moe: nn.Module, shared_weight: float = 0.75, learn_shared_
     for parent in list(moe.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, MoEBlock):
-                setattr(parent, name, LearnableMerge(child, shared_weight, learn_shared_weight))
+                setattr(parent, name, LearnableMerge(child, shared_weight, learn_shared_weight).train(child.training))
     return moe
 
 

@@ -37,7 +37,7 @@ def upcycle(model: nn.Module, config: UpcycleConfig | None = None) -> nn.Module:
     layers = decoder_layers(model)
     targets = [find_ffn(layer, name) for layer in layers]  # find all before changing any
     for layer, (attr, ffn) in zip(layers, targets):
-        setattr(layer, attr, MoEBlock(ffn, hidden, config))
+        setattr(layer, attr, MoEBlock(ffn, hidden, config).train(ffn.training))
     model.config.xft = config.to_dict()
     model.register_forward_hook(_add_balance_loss, with_kwargs=True)
     return model

@@ -1,0 +1,142 @@
+"""Merging invariants: the formula of XFT_METHOD.md §3, learnable == compiled, untrained merge == dense."""
+
+import copy
+
+import pytest
+import torch
+
+import xft
+from xft.merge import merge_modules
+from xft.testing import tiny_model
+
+
+def _perturbed_moe(arch="llama", **cfg):
+    moe = xft.upcycle(tiny_model(arch), xft.UpcycleConfig(**cfg))
+    with torch.no_grad():
+        for stacks in xft.expert_weights(moe).values():
+            for p in stacks.values():
+                p.add_(torch.randn_like(p) * 0.1)
+    return moe
+
+
+def _ffn_params(dense, layer):
+    from xft.ffn import decoder_layers, find_ffn
+    return dict(find_ffn(decoder_layers(dense)[layer])[1].named_parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
+def test_merged_parameters_follow_the_formula(arch):
+    moe = _perturbed_moe(arch)
+    lam = 0.6
+    logits = {i: torch.randn(7) for i in range(2)}
+    dense = xft.merge(moe, shared_weight=lam, mixing_logits=logits)
+    for i, stacks in xft.expert_weights(moe).items():
+        a = logits[i].softmax(-1)
+        merged = _ffn_params(dense, i)
+        assert set(merged) == set(stacks)
+        for name, s in stacks.items():
+            want = lam * s[0] + (1 - lam) * sum(a[j] * s[1 + j] for j in range(7))
+            torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-5)
+
+
+def test_init_and_uniform_merges():
+    moe = _perturbed_moe()
+    init = xft.merge(moe)  # λ = 0.75, zeros -> each routed expert (1-λ)/(N-1)
+    uniform = xft.merge(moe, method="uniform")
+    for i, stacks in xft.expert_weights(moe).items():
+        for name, s in stacks.items():
+            torch.testing.assert_close(_ffn_params(init, i)[name], 0.75 * s[0] + 0.25 / 7 * s[1:].sum(0),
+                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(_ffn_params(uniform, i)[name], s.mean(0), rtol=0, atol=1e-6)
+            torch.testing.assert_close(_ffn_params(xft.average_experts(moe), i)[name], s.mean(0))
+
+
+def test_sparse_routing_merges_with_softmax_over_all_experts():
+    moe = _perturbed_moe(routing="sparse", num_experts=4, top_k=2)
+    logits = {i: torch.randn(4) for i in range(2)}
+    dense = xft.merge(moe, mixing_logits=logits)
+    s = xft.expert_weights(moe)[1]["down_proj.weight"]
+    a = logits[1].softmax(-1)
+    torch.testing.assert_close(_ffn_params(dense, 1)["down_proj.weight"],
+                               sum(a[j] * s[j] for j in range(4)), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"expected \(4,\)"):
+        xft.merge(moe, mixing_logits={i: torch.zeros(3) for i in range(2)})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "starcoder2"])
+def test_merging_an_untrained_upcycle_returns_the_dense_model(arch):
+    dense = tiny_model(arch)
+    moe = xft.upcycle(copy.deepcopy(dense))
+    merged = xft.merge(moe, shared_weight=0.3, mixing_logits={i: torch.randn(7) * 3 for i in range(2)})
+    ref = dict(dense.named_parameters())
+    got = dict(merged.named_parameters())
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-6)
+    assert type(merged) is type(dense) and not hasattr(merged.config, "xft")
+    assert merged.config.to_dict() == dense.config.to_dict()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_learnable_merge_equals_compiled_merge(arch):
+    moe = _perturbed_moe(arch)
+    logits = {i: torch.randn(7) for i in range(2)}
+    reference = xft.merge(moe, shared_weight=0.75, mixing_logits=logits)
+    merge_model = xft.build_merge_model(copy.deepcopy(moe), shared_weight=0.75)
+    with torch.no_grad():
+        for i, m in merge_modules(merge_model).items():
+            m.mixing_logits.copy_(logits[i])
+    compiled = xft.compile_merge(merge_model)
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        a, b, c = merge_model(ids).logits, compiled(ids).logits, reference(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(b, c, rtol=0, atol=1e-5)
+    coeffs = xft.merge_coefficients(merge_model)
+    assert coeffs[0][0] == pytest.approx(0.75) and sum(coeffs[0]) == pytest.approx(1.0)
+
+
+def test_only_mixing_logits_train_and_gradients_reach_them():
+    merge_model = xft.build_merge_model(_perturbed_moe())
+    trainable = [n for n, p in merge_model.named_parameters() if p.requires_grad]
+    assert trainable == ["model.layers.0.mlp.mixing_logits", "model.layers.1.mlp.mixing_logits"]
+    ids = torch.randint(0, 300, (2, 10))
+    merge_model(ids, labels=ids).loss.backward()
+    for m in merge_modules(merge_model).values():
+        assert m.mixing_logits.grad is not None and m.mixing_logits.grad.abs().sum() > 0
+        assert all(p.grad is None for p in m.experts.parameters())
+
+
+def test_learnable_shared_weight():
+    merge_model = xft.build_merge_model(_perturbed_moe(), shared_weight=0.75, learn_shared_weight=True)
+    m = merge_modules(merge_model)[0]
+    assert m.coefficients()[0].item() == pytest.approx(0.75)
+    ids = torch.randint(0, 300, (2, 10))
+    merge_model(ids, labels=ids).loss.backward()
+    assert m.shared_logit.grad is not None
+    with torch.no_grad():
+        m.shared_logit.fill_(0.0)
+    assert xft.merge_coefficients(merge_model)[0][0] == pytest.approx(0.5)
+
+
+def test_merge_model_keeps_stacks_in_model_dtype():
+    moe = xft.upcycle(tiny_model("llama").to(torch.bfloat16))
+    merge_model = xft.build_merge_model(moe)
+    m = merge_modules(merge_model)[0]
+    assert all(p.dtype == torch.bfloat16 for p in m.experts.parameters())
+    assert m.mixing_logits.dtype == torch.float32
+    ids = torch.randint(0, 300, (1, 6))
+    merge_model(ids, labels=ids).loss.backward()
+    assert m.mixing_logits.grad.dtype == torch.float32
+
+
+def test_bad_merge_arguments():
+    moe = _perturbed_moe()
+    with pytest.raises(ValueError, match="unknown merge method"):
+        xft.merge(moe, method="ties")
+    with pytest.raises(ValueError, match="shared_weight"):
+        xft.merge(moe, shared_weight=1.5)
+    with pytest.raises(ValueError, match="layers"):
+        xft.merge(moe, mixing_logits={0: torch.zeros(7)})
+    with pytest.raises(ValueError, match="no MoE blocks"):
+        xft.merge(tiny_model("llama"))

@@ -1,0 +1,186 @@
+"""Upcycling invariants on tiny random models of every supported architecture."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import xft
+from xft.errors import UserError
+from xft.testing import ARCHITECTURES, tiny_model
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_upcycled_model_computes_the_dense_model(arch):
+    dense = tiny_model(arch)
+    ids = torch.randint(0, 300, (2, 11))
+    ref = _logits(dense, ids)
+    for routing in ("xft", "sparse"):
+        moe = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig(routing=routing))
+        assert xft.is_moe(moe) and len(xft.moe_blocks(moe)) == dense.config.num_hidden_layers
+        torch.testing.assert_close(_logits(moe, ids), ref, rtol=0, atol=1e-5)
+    moe = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig(routing="unnormalized"))
+    assert (_logits(moe, ids) - ref).abs().max() > 1e-4  # the scale mismatch is real
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
+def test_generic_path_equals_fast_path(arch):
+    moe = xft.upcycle(tiny_model(arch), xft.UpcycleConfig(expert_impl="fast"))
+    generic = copy.deepcopy(moe)
+    for block in xft.moe_blocks(generic).values():
+        block.spec = None  # functional_call on the FFN module
+    with torch.no_grad():
+        for stacks in xft.expert_weights(moe).values():
+            for p in stacks.values():
+                p.add_(torch.randn_like(p) * 0.05)
+    for (_, a), (_, b) in zip(xft.expert_weights(moe).items(), xft.expert_weights(generic).items()):
+        for name in a:
+            b[name].data.copy_(a[name].data)
+    ids = torch.randint(0, 300, (2, 9))
+    torch.testing.assert_close(_logits(generic, ids), _logits(moe, ids), rtol=0, atol=1e-6)
+
+
+def test_expert_weights_are_live_independent_stacks():
+    dense = tiny_model("gpt2")
+    ffn_params = dict(dense.transformer.h[0].mlp.named_parameters())
+    moe = xft.upcycle(dense, xft.UpcycleConfig(num_experts=4, top_k=3))
+    stacks = xft.expert_weights(moe)
+    assert sorted(stacks) == [0, 1]
+    assert set(stacks[0]) == {"c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias"}
+    for name, stack in stacks[0].items():
+        assert stack.shape == (4, *ffn_params[name].shape)
+        assert all(torch.equal(stack[e], ffn_params[name]) for e in range(4))
+        assert stack is dict(moe.named_parameters())[f"transformer.h.0.mlp.experts.{name}"]
+    with torch.no_grad():
+        stacks[0]["c_fc.weight"][1].add_(1.0)  # experts do not share storage
+    assert not torch.equal(stacks[0]["c_fc.weight"][0], stacks[0]["c_fc.weight"][1])
+
+
+def test_training_backward_reaches_router_and_experts_and_adds_balance_loss():
+    moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(num_experts=8, top_k=3)).train()
+    ids = torch.randint(0, 300, (4, 16))
+    out = moe(ids, labels=ids)
+    stats = xft.routing_stats(moe)
+    aux = sum(s["balance_loss"] for s in stats.values())
+    assert aux > 0 and set(stats) == {0, 1} and stats[0]["load"].shape == (7,)
+    assert stats[0]["load"].sum().item() == pytest.approx(64 * 2, rel=0.3)  # ~k selections per token
+    out.loss.backward()
+    block = xft.moe_blocks(moe)[0]
+    assert block.gate.router[0].weight.grad.abs().sum() > 0
+    assert block.gate.noise.weight.grad.abs().sum() > 0
+    assert block.experts.gate_proj.weight.grad[0].abs().sum() > 0
+
+
+def test_balance_loss_is_added_to_the_lm_loss_and_ignores_padding():
+    moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(noisy_gating=False, balance_loss_weight=1.0))
+    ids = torch.randint(3, 300, (1, 12))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    with torch.no_grad():
+        full = moe(ids, attention_mask=mask, labels=labels).loss
+        aux = sum(s["balance_loss"] for s in xft.routing_stats(moe).values())
+        no_aux = copy.deepcopy(moe)
+        for b in xft.moe_blocks(no_aux).values():
+            b.config.balance_loss_weight = 0.0
+        lm = no_aux(ids, attention_mask=mask, labels=labels).loss
+        assert full.item() == pytest.approx(lm.item() + aux.item(), rel=1e-6)
+        # Right-pad with 5 tokens (masked, labels -100): the balance loss must not change.
+        pad_ids = torch.cat([ids, torch.zeros(1, 5, dtype=ids.dtype)], 1)
+        pad_mask = torch.cat([mask, torch.zeros(1, 5, dtype=mask.dtype)], 1)
+        pad_labels = torch.cat([labels, torch.full((1, 5), -100)], 1)
+        moe(pad_ids, attention_mask=pad_mask, labels=pad_labels)
+        aux_padded = sum(s["balance_loss"] for s in xft.routing_stats(moe).values())
+    assert aux_padded.item() == pytest.approx(aux.item(), rel=1e-5)
+
+
+def test_noise_only_in_training():
+    moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig())
+    ids = torch.randint(0, 300, (2, 9))
+    assert torch.equal(_logits(moe, ids), _logits(moe, ids))
+    moe.train()
+    with torch.no_grad():
+        for b in xft.moe_blocks(moe).values():
+            b.gate.noise.weight.fill_(1.0)  # large noise
+        a, b_ = moe(ids).logits, moe(ids).logits
+    assert not torch.equal(a, b_)
+
+
+def test_router_init_is_seeded_and_does_not_touch_global_rng():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(seed=3))
+    torch.set_rng_state(before)
+    b = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(seed=3))
+    wa = xft.moe_blocks(a)[0].gate.router[0].weight
+    wb = xft.moe_blocks(b)[0].gate.router[0].weight
+    assert torch.equal(wa, wb)
+
+
+def test_bf16_model_keeps_bf16_experts():
+    moe = xft.upcycle(tiny_model("llama").to(torch.bfloat16))
+    assert all(p.dtype == torch.bfloat16 for p in moe.parameters())
+    out = moe(torch.randint(0, 300, (1, 5))).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_ewa_step_pulls_experts_to_their_mean():
+    moe = xft.upcycle(tiny_model("llama"))
+    stack = xft.expert_weights(moe)[0]["up_proj.weight"]
+    with torch.no_grad():
+        stack.add_(torch.randn_like(stack))
+    mean = stack.mean(0).clone()
+    before = stack.clone()
+    xft.ewa_step(moe, 0.25)
+    torch.testing.assert_close(stack, 0.75 * before + 0.25 * mean.expand_as(before))
+    torch.testing.assert_close(stack.mean(0), mean)
+
+
+class _NoFFNLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Linear(4, 4)
+
+
+class _NoFFNModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = type("C", (), {"num_hidden_layers": 2, "hidden_size": 4})()
+        self.layers = nn.ModuleList([_NoFFNLayer(), _NoFFNLayer()])
+
+
+def test_model_without_ffn_gets_a_clear_error():
+    with pytest.raises(UserError, match="_NoFFNModel: found no FFN"):
+        xft.upcycle(_NoFFNModel())
+
+
+def test_upcycling_twice_is_refused():
+    moe = xft.upcycle(tiny_model("llama"))
+    with pytest.raises(ValueError, match="already upcycled"):
+        xft.upcycle(moe)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(top_k=9), "top_k=9 exceeds num_experts=8"),
+    (dict(top_k=1), "must be at least 2"),
+    (dict(routing="sparse", top_k=0), "at least 1"),
+    (dict(routing="moe"), "routing='moe'; expected one of"),
+    (dict(router="conv"), "router='conv'"),
+    (dict(num_experts=1, top_k=1), "at least 2 experts"),
+    (dict(balance_loss_weight=-1.0), "balance_loss_weight"),
+    (dict(load_estimate="x"), "load_estimate"),
+])
+def test_invalid_configs_are_rejected_readably(kwargs, message):
+    with pytest.raises(xft.ConfigError, match=message):
+        xft.UpcycleConfig(**kwargs)
+
+
+def test_sparse_top1_is_allowed_without_shared_expert():
+    moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(routing="sparse", num_experts=4, top_k=1))
+    ids = torch.randint(0, 300, (1, 6))
+    torch.testing.assert_close(_logits(moe, ids), _logits(tiny_model("llama"), ids), rtol=0, atol=1e-5)
