@@ -1,0 +1,194 @@
+"""Typed configs of the training stages, one source of truth for the library, CLI and recipes.
+
+`SFTConfig` (instruction tuning, XFT_METHOD.md §2) and `MergeConfig` (learning
+the merge, §3) default to the paper's settings. Every field carries help text;
+`add_arguments` turns a config class into argparse flags and `from_args` /
+`from_dict` build a validated config from parsed flags or a YAML mapping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from xft.data import KINDS, TEMPLATES, DataConfig
+from xft.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure", "fp16")
+MERGE_METHODS = ("learned", "init", "uniform")
+
+
+def _f(default, help: str, choices=None, flag: bool = True):
+    """A dataclass field with help text (and optional choices) for the CLI."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass(kw_only=True)
+class CommonConfig:
+    """Fields shared by both training stages: data, optimisation, run directory."""
+
+    data: str = _f(None, "training data: JSONL, JSON or Parquet file, or a datasets.save_to_disk directory")
+    out: str = _f(None, "run directory: checkpoints in OUT/checkpoints, the finished model in OUT/final")
+    # -- data
+    kind: str = _f("auto", "record kind: instruction, chat (messages), text (pretraining) or auto", KINDS)
+    instruction_field: str = _f("instruction", "data field holding the instruction")
+    response_field: str = _f("response", "data field holding the response")
+    messages_field: str = _f("messages", "data field holding a chat message list")
+    text_field: str = _f("text", "data field holding plain text (kind text)")
+    template: str = _f("magicoder", "prompt template (the paper's is magicoder)", tuple(TEMPLATES))
+    max_length: int = _f(1024, "truncate examples to this many tokens (paper: 1024)")
+    subset: float | None = _f(None, "train on part of the data: a fraction in (0, 1] or a record count (> 1)")
+    # -- optimisation (paper defaults, XFT_METHOD.md §2)
+    epochs: float = _f(4.0, "number of passes over the data (ignored when --max-steps is set)")
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run --epochs)")
+    lr: float = _f(5e-5, "peak learning rate")
+    lr_scheduler: str = _f("linear", "learning-rate schedule after warm-up (transformers scheduler name)")
+    warmup_steps: int = _f(500, "linear warm-up steps")
+    optimizer: str = _f("adafactor", "optimizer (transformers `optim` name, e.g. adafactor, adamw_torch)")
+    weight_decay: float = _f(0.0, "weight decay")
+    max_grad_norm: float = _f(0.0, "gradient clipping norm (0: no clipping, as the paper)")
+    batch_size: int = _f(64, "global batch size in examples per optimizer step, over all processes")
+    micro_batch_size: int | None = _f(None, "examples per process per forward pass (default: batch/(processes"
+                                            "*grad-accum), at most 8)")
+    grad_accum: int | None = _f(None, "gradient accumulation steps (default: derived from the batch sizes)")
+    seed: int = _f(42, "random seed: data order, router init, router noise")
+    precision: str = _f("auto", "auto (bf16 mixed precision on GPUs that support it, else fp32), fp32, "
+                                "bf16 (mixed, fp32 weights), bf16-pure (bf16 weights, as the paper's code), "
+                                "fp16 (mixed)", PRECISIONS)
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    # -- run directory and logging
+    save_steps: int = _f(500, "save a resumable checkpoint every this many optimizer steps")
+    save_total_limit: int = _f(2, "keep at most this many checkpoints")
+    logging_steps: int = _f(10, "log loss, learning rate and expert load every this many steps")
+    report_to: str = _f("none", "where else to log: none, tensorboard, wandb, ... (transformers report_to)")
+    num_workers: int = _f(0, "dataloader worker processes")
+    keep_checkpoints: bool = _f(False, "keep OUT/checkpoints after the run finishes (default: delete them)")
+    overwrite: bool = _f(False, "replace a finished or differently-configured run in OUT instead of stopping")
+    progress: bool = _f(True, "show progress bars and the end-of-run summary")
+
+    def data_config(self) -> DataConfig:
+        """The `xft.data.DataConfig` these fields describe."""
+        return DataConfig(path=self.data, kind=self.kind, instruction_field=self.instruction_field,
+                          response_field=self.response_field, messages_field=self.messages_field,
+                          text_field=self.text_field, template=self.template, max_length=self.max_length,
+                          seed=self.seed, subset=self.subset)
+
+    def validate(self) -> None:
+        """Raise UserError on values no run could use (checked before anything is loaded)."""
+        for name in ("data", "out"):
+            if not getattr(self, name):
+                raise UserError(f"missing required setting: {name}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        positive = ["batch_size", "max_length", "save_steps", "logging_steps"]
+        for name in positive + [n for n in ("micro_batch_size", "grad_accum") if getattr(self, n) is not None]:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise UserError("set a positive number of epochs or max steps")
+
+
+@dataclass(kw_only=True)
+class SFTConfig(CommonConfig):
+    """Instruction-tune a dense or MoE model (detected), optionally upcycling it first or with EWA."""
+
+    model: str = _f(None, "dense or MoE model: a local directory, a finished xft run, or a Hub id", flag=False)
+    ewa_share_rate: float = _f(0.0, "EWA baseline: after every optimizer step pull each expert toward the "
+                                    "experts' mean by this rate, and average the experts at the end (0: off)")
+    upcycle: bool = _f(False, "upcycle a dense MODEL to an MoE before training (else train it as it is)")
+    num_experts: int = _f(8, "experts per layer when upcycling (paper: 8)")
+    top_k: int = _f(6, "active experts per token, counting the shared one, when upcycling (paper: 6)")
+    routing: str = _f("xft", "routing when upcycling: xft, sparse (no shared expert), unnormalized",
+                      ("xft", "sparse", "unnormalized"))
+    router: str = _f("mlp", "router when upcycling: mlp (paper) or linear", ("mlp", "linear"))
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model:
+            raise UserError("missing required setting: model")
+        if not 0.0 <= self.ewa_share_rate <= 1.0:
+            raise UserError(f"ewa share rate must be in [0, 1], got {self.ewa_share_rate}")
+
+
+@dataclass(kw_only=True)
+class MergeConfig(CommonConfig):
+    """Merge a trained MoE into a dense model: learn the mixing coefficients (or use fixed ones)."""
+
+    moe: str = _f(None, "trained MoE: a local directory, a finished xft run, or a Hub id", flag=False)
+    method: str = _f("learned", "learned (train the mixing logits), init (the initial coefficients), "
+                                "uniform (plain average of all experts)", MERGE_METHODS)
+    shared_weight: float = _f(0.75, "merge weight of the shared expert (lambda; paper: 0.75)")
+    learn_shared_weight: bool = _f(False, "also learn the shared expert's weight (paper: fixed)")
+    # Paper settings for the merge stage (XFT_METHOD.md §3) override the SFT defaults.
+    epochs: float = _f(1.0, "passes over the data (paper: 1; ignored when --max-steps is set)")
+    lr: float = _f(1e-5, "peak learning rate of the mixing logits (paper: 1e-5)")
+    warmup_steps: int = _f(125, "linear warm-up steps (paper: 125)")
+
+    def validate(self) -> None:
+        if self.method != "learned":
+            self.data = self.data or ""  # fixed-coefficient merges need no data
+            if not self.out:
+                raise UserError("missing required setting: out")
+        else:
+            super().validate()
+        if not self.moe:
+            raise UserError("missing required setting: moe")
+        if not 0.0 <= self.shared_weight <= 1.0:
+            raise UserError(f"shared weight must be in [0, 1], got {self.shared_weight}")
+
+
+# ---------------------------------------------------------------- argparse / dict bridge
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp):
+    """`int | None` -> int; plain types pass through."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                  required: tuple[str, ...] = ()) -> None:
+    """Add one `--flag` per field of config class `cls` (those marked flag=True), with its help.
+
+    Fields named in `required` become required flags.
+    """
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("flag", True) or f.name in skip:
+            continue
+        tp = _base_type(hints[f.name])
+        name = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        if tp is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+            continue
+        default_txt = "" if f.default is None else f" (default: {f.default})"
+        parser.add_argument(name, type=tp, default=f.default, choices=f.metadata.get("choices"),
+                            help=help_ + default_txt, required=f.name in required, metavar=f.name.upper() if not f.metadata.get("choices")
+                            else None)
+
+
+def from_args(cls, args: argparse.Namespace, **extra):
+    """A config of class `cls` from parsed flags (unknown namespace entries are ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(extra)
+    return cls(**values)
+
+
+def from_dict(cls, values: dict):
+    """A config of class `cls` from a mapping (e.g. a YAML recipe); unknown keys are a UserError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(k.replace("-", "_") for k in values) - names)
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} setting(s): {', '.join(unknown)}")
+    return cls(**{k.replace("-", "_"): v for k, v in values.items()})

@@ -1,0 +1,110 @@
+"""`learn_merge`: merge a trained MoE back into a dense model (XFT_METHOD.md §3).
+
+* "learned": `xft.build_merge_model` -> train only the mixing logits with the
+  LM loss (paper: 1 epoch, lr 1e-5, 125 warm-up steps) -> `xft.compile_merge`;
+* "init": the initial coefficients (shared λ, routed (1-λ)/(N-1)), no training;
+* "uniform": the plain average of all experts, no training.
+
+The result is a dense model of the MoE's original class and config, saved with
+the tokenizer in `<out>/final`, and `merge_coefficients.json` next to its
+weights: per layer the N coefficients (expert 0 = shared) and, for "learned",
+the mixing logits, so `xft.merge(moe, mixing_logits=...)` reproduces it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import transformers
+from accelerate import PartialState
+
+import xft
+from xft.errors import UserError
+from xft.merge import merge_modules
+from xft.training import rundir
+from xft.training.config import MergeConfig
+from xft.training.stage import (
+    common_rows, config_record, finalize, load_tokenizer, prepare_data, run_trainer, summary,
+)
+from xft.training.trainer import resolve_precision
+
+
+def fixed_coefficients(moe, method: str, shared_weight: float) -> dict[int, list[float]]:
+    """Per-layer coefficients [N] of a fixed merge method ("init" / "uniform")."""
+    return {i: xft.MERGE_METHODS[method](block, shared_weight, None).tolist()
+            for i, block in xft.moe_blocks(moe).items()}
+
+
+def coefficients_record(cfg: MergeConfig, moe_config: dict, coefficients: dict[int, list[float]],
+                        logits: dict[int, list[float]] | None) -> dict:
+    """The content of merge_coefficients.json."""
+    record = {"method": cfg.method, "shared_weight": cfg.shared_weight, "source": cfg.moe,
+              "num_experts": moe_config["num_experts"], "routing": moe_config["routing"],
+              "coefficients": {str(k): v for k, v in coefficients.items()}}
+    if logits is not None:
+        record["mixing_logits"] = {str(k): v for k, v in logits.items()}
+    return record
+
+
+def learn_merge(config: MergeConfig) -> str:
+    """Merge the MoE `config.moe` into a dense model; return the path of the saved dense model.
+
+    With method "learned", re-running the same config after an interruption
+    resumes from the last checkpoint in `config.out`.
+    """
+    cfg = config
+    cfg.validate()
+    run, resume = rundir.prepare(cfg.out, cfg, "merge")
+    path = rundir.resolve_model(cfg.moe)
+    if not xft.is_moe_checkpoint(path):
+        raise UserError(f"{cfg.moe} is a dense model, not an xft MoE; train an upcycled model first")
+    tokenizer = load_tokenizer(path)
+    stats = None
+    if cfg.method == "learned":
+        dataset, collator, stats = prepare_data(cfg, tokenizer)
+    dtype, mixed = resolve_precision(cfg.precision)
+    transformers.set_seed(cfg.seed)
+    moe = xft.load(path, dtype=dtype)
+    moe_config = dict(moe.config.xft)
+
+    trainer = output = None
+    seconds = 0.0
+    if cfg.method == "learned":
+        model = xft.build_merge_model(moe, cfg.shared_weight, cfg.learn_shared_weight)
+        trainer, output, seconds = run_trainer(model, cfg, run, resume, dataset, collator, tokenizer,
+                                               stage="merge", is_moe=False, mixed=mixed)
+        dense = xft.compile_merge(model)
+        coefficients = xft.merge_coefficients(model)
+        logits = {i: m.mixing_logits.detach().float().cpu().tolist() for i, m in merge_modules(model).items()}
+    else:
+        t0 = time.perf_counter()
+        coefficients = fixed_coefficients(moe, cfg.method, cfg.shared_weight)
+        dense = xft.merge(moe, shared_weight=cfg.shared_weight, method=cfg.method)
+        logits, seconds = None, time.perf_counter() - t0
+        if PartialState().is_main_process:
+            rundir.start(run, cfg, "merge")
+    record = coefficients_record(cfg, moe_config, coefficients, logits)
+    main = trainer.is_world_process_zero() if trainer else True
+
+    def save(tmp: str) -> None:
+        if main:
+            dense.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            rundir.write_json(f"{tmp}/merge_coefficients.json", record)
+            rundir.write_json(f"{tmp}/xft_training.json", config_record(cfg, "merge", stats, trainer))
+
+    final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
+    if cfg.progress and main:
+        first = [c[0] for c in coefficients.values()]
+        others = max(max(c[1:]) for c in coefficients.values())
+        n_params = sum(p.numel() for p in dense.parameters())
+        rows = [("model saved to", final),
+                ("dense model", f"{type(dense).__name__}, {n_params:,} parameters, from {cfg.moe}"
+                                f"{' (resumed)' if resume else ''}"),
+                ("method", f"{cfg.method}, shared weight {cfg.shared_weight}"),
+                ("coefficients", f"expert 0: {min(first):.4f}..{max(first):.4f}; "
+                                 f"largest other expert {others:.4f} (merge_coefficients.json)")]
+        if trainer is not None:
+            rows += common_rows(cfg, trainer, output, seconds, stats, final)[1:]
+        print(summary("xft merge: done", rows), flush=True)
+    return final

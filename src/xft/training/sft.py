@@ -1,0 +1,82 @@
+"""`train_sft`: instruction-tune a dense or MoE model (XFT_METHOD.md §2), and the EWA baseline.
+
+The model at `config.model` is trained as it is: dense (the SFT baseline) or
+an xft MoE (detected from its config). With `upcycle=True` a dense model is
+upcycled first; with `ewa_share_rate > 0` the experts are pulled toward their
+mean after every step and averaged into a dense model at the end (EWA).
+"""
+
+from __future__ import annotations
+
+import os
+
+import transformers
+
+import xft
+from xft.errors import UserError
+from xft.training import rundir
+from xft.training.config import SFTConfig
+from xft.training.stage import (
+    common_rows, config_record, finalize, load_tokenizer, prepare_data, run_trainer, summary,
+)
+from xft.training.trainer import resolve_precision
+
+
+def build_model(cfg: SFTConfig, path: str, dtype):
+    """The model to train: loaded (dense or MoE), upcycled first if `cfg.upcycle`."""
+    transformers.set_seed(cfg.seed)
+    model = xft.load(path, dtype=dtype)
+    if cfg.upcycle:
+        if xft.is_moe(model):
+            raise UserError(f"{path} is already an MoE; drop --upcycle to train it")
+        xft.upcycle(model, xft.UpcycleConfig(num_experts=cfg.num_experts, top_k=cfg.top_k, routing=cfg.routing,
+                                             router=cfg.router, seed=cfg.seed))
+    if cfg.ewa_share_rate > 0 and not xft.is_moe(model):
+        raise UserError("EWA (--ewa-share-rate) trains an MoE; upcycle the model first (or pass --upcycle)")
+    return model
+
+
+def train_sft(config: SFTConfig) -> str:
+    """Instruction-tune `config.model` on `config.data`; return the path of the finished model.
+
+    Re-running with the same config after an interruption resumes from the last
+    checkpoint in `config.out`. The finished model (MoE, dense, or for EWA the
+    averaged dense model) and its tokenizer are in `<out>/final`.
+    """
+    cfg = config
+    cfg.validate()
+    run, resume = rundir.prepare(cfg.out, cfg, "sft")
+    path = rundir.resolve_model(cfg.model)
+    tokenizer = load_tokenizer(path)
+    dataset, collator, stats = prepare_data(cfg, tokenizer)
+    dtype, mixed = resolve_precision(cfg.precision)
+    model = build_model(cfg, path, dtype)
+    is_moe = xft.is_moe(model)
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+
+    trainer, output, seconds = run_trainer(model, cfg, run, resume, dataset, collator, tokenizer, stage="sft",
+                                           is_moe=is_moe, mixed=mixed, ewa_share_rate=cfg.ewa_share_rate)
+    final_model = xft.average_experts(model) if cfg.ewa_share_rate > 0 else None
+    record = config_record(cfg, "sft", stats, trainer)
+
+    def save(tmp: str) -> None:
+        if final_model is not None:  # EWA: the averaged dense model (unsharded, see make_trainer)
+            if trainer.is_world_process_zero():
+                final_model.save_pretrained(tmp)
+        else:
+            trainer.save_model(tmp)  # gathers sharded (FSDP / ZeRO-3) weights
+            if trainer.is_world_process_zero() and os.path.exists(f"{tmp}/training_args.bin"):
+                os.remove(f"{tmp}/training_args.bin")  # a pickle; the config is in xft_training.json
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(tmp)
+            rundir.write_json(f"{tmp}/xft_training.json", record)
+
+    final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
+    if cfg.progress and trainer.is_world_process_zero():
+        kind = ("EWA-averaged dense" if final_model is not None else "MoE" if is_moe else "dense")
+        rows = common_rows(cfg, trainer, output, seconds, stats, final)
+        rows.insert(1, ("model", f"{kind}, {sum(p.numel() for p in (final_model or model).parameters()):,} "
+                                 f"parameters, from {cfg.model}" + (" (resumed)" if resume else "")))
+        print(summary("xft train: done", rows), flush=True)
+    return final

@@ -1,0 +1,228 @@
+"""`transformers.Trainer` set up for XFT: paper defaults, MoE routing logs, EWA, compact progress.
+
+Everything distributed (DDP, FSDP, DeepSpeed via `accelerate launch`), mixed
+precision, checkpointing and resume comes from `Trainer`; this module only
+
+* maps a config onto `TrainingArguments` (global batch -> micro batch x
+  gradient accumulation x processes; precision chosen once, here);
+* logs MoE routing: per logging step the mean balance loss and expert-load
+  imbalance in the Trainer logs, and per-layer expert loads in
+  `OUT/routing.jsonl` (the balance loss itself is already inside
+  `outputs.loss`, added by the core's forward hook, token-weighted over the
+  accumulation window);
+* runs EWA's expert averaging step after every optimizer step (callback).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+import xft
+from xft.errors import UserError
+
+
+# ---------------------------------------------------------------- arguments
+
+_ARG_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def world_size() -> int:
+    """Number of training processes of this launch (accelerate / torchrun set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def batch_plan(batch_size: int, micro: int | None, accum: int | None, processes: int) -> tuple[int, int]:
+    """(micro batch per process, gradient accumulation steps) giving global batch `batch_size`.
+
+    micro x accum x processes must equal batch_size exactly (the paper's 64).
+    """
+    if batch_size % processes:
+        raise UserError(f"batch size {batch_size} is not divisible by the {processes} processes")
+    per = batch_size // processes
+    if micro is not None and accum is not None:
+        if micro * accum != per:
+            raise UserError(f"micro batch {micro} x grad accum {accum} x {processes} processes = "
+                            f"{micro * accum * processes}, but the batch size is {batch_size}")
+        return micro, accum
+    if micro is not None:
+        if per % micro:
+            raise UserError(f"micro batch {micro} does not divide the per-process batch {per}")
+        return micro, per // micro
+    if accum is not None:
+        if per % accum:
+            raise UserError(f"grad accum {accum} does not divide the per-process batch {per}")
+        return per // accum, accum
+    micro = max(d for d in range(1, min(per, 8) + 1) if per % d == 0)
+    return micro, per // micro
+
+
+def resolve_precision(precision: str) -> tuple[torch.dtype, str | None]:
+    """(dtype to load weights in, mixed-precision mode or None) for a config's `precision`.
+
+    "auto": bf16 mixed precision on a CUDA GPU that supports it, else fp32.
+    """
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return {"fp32": (torch.float32, None), "bf16": (torch.float32, "bf16"), "fp16": (torch.float32, "fp16"),
+            "bf16-pure": (torch.bfloat16, None)}[precision]
+
+
+def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str | None,
+                       is_moe: bool) -> TrainingArguments:
+    """`TrainingArguments` for config `cfg` (an `xft.training.config.CommonConfig`)."""
+    # Recompute activations in backward; non-reentrant so DDP's unused-parameter detection works.
+    # (`activation_checkpointing` is the newer name of `gradient_checkpointing`.)
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in _ARG_FIELDS else "gradient_checkpointing"
+    checkpointing = {ckpt: cfg.gradient_checkpointing,
+                     f"{ckpt}_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None}
+    return TrainingArguments(
+        **checkpointing,
+        output_dir=output_dir,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        optim=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=mixed == "bf16",
+        fp16=mixed == "fp16",
+        # An expert that receives no token in a step gets no gradient: DDP must look for unused params.
+        ddp_find_unused_parameters=True if is_moe else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        report_to=cfg.report_to,
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=cfg.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        include_num_input_tokens_seen=True,
+    )
+
+
+# ---------------------------------------------------------------- routing logs
+
+class RoutingMeter:
+    """Averages `xft.routing_stats` over the training forwards between two log steps."""
+
+    def __init__(self):
+        self.sums: dict[int, dict[str, torch.Tensor]] = {}
+        self.count = 0
+
+    def add(self, stats: dict[int, dict[str, torch.Tensor]]) -> None:
+        if not stats:
+            return
+        for layer, s in stats.items():
+            acc = self.sums.setdefault(layer, {})
+            for key, value in s.items():
+                v = value.detach().float().cpu()
+                acc[key] = acc[key] + v if key in acc else v
+        self.count += 1
+
+    def flush(self) -> tuple[dict[str, float], dict[int, dict]]:
+        """(scalar logs, per-layer detail) averaged since the last flush; resets the meter."""
+        if not self.count:
+            return {}, {}
+        layers = {}
+        for layer, acc in self.sums.items():
+            load = acc["load"] / self.count  # [R] tokens routed to each expert (noise-smoothed)
+            share = (load / load.sum().clamp_min(1e-9)).tolist()  # fraction of routed tokens per expert
+            layers[layer] = {"load_share": [round(x, 5) for x in share],
+                             "balance_loss": float(acc["balance_loss"]) / self.count}
+        self.sums, self.count = {}, 0
+        num = len(next(iter(layers.values()))["load_share"])
+        logs = {
+            "balance_loss": sum(v["balance_loss"] for v in layers.values()),
+            # busiest expert's share relative to a perfectly even split (1.0 = balanced), worst layer
+            "max_expert_load": max(max(v["load_share"]) for v in layers.values()) * num,
+        }
+        return logs, layers
+
+
+class XFTTrainer(Trainer):
+    """`Trainer` that also logs MoE routing statistics (no change to the loss or the loop)."""
+
+    def __init__(self, *args, routing_log: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._meter = RoutingMeter()
+        self._routing_log = routing_log
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            self._meter.add(xft.routing_stats(self.model))
+        return result
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            scalars, layers = self._meter.flush()
+            logs.update({k: round(v, 6) for k, v in scalars.items()})
+            if layers and self._routing_log and self.is_world_process_zero():
+                with open(self._routing_log, "a") as f:
+                    f.write(json.dumps({"step": self.state.global_step, "layers": layers}) + "\n")
+        super().log(logs, start_time)
+
+
+# ---------------------------------------------------------------- callbacks
+
+class EWACallback(TrainerCallback):
+    """EWA (XFT_METHOD.md §3): after every optimizer step, pull each expert toward the experts' mean."""
+
+    def __init__(self, share_rate: float):
+        self.share_rate = share_rate
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        xft.ewa_step(model, self.share_rate)
+
+
+class CompactProgress(ProgressCallback):
+    """The Trainer's progress bar (with ETA), printing one short line per log step."""
+
+    KEYS = (("loss", "loss {:.4f}"), ("learning_rate", "lr {:.2e}"), ("balance_loss", "balance {:.4f}"),
+            ("max_expert_load", "max load {:.2f}x"), ("grad_norm", "grad {:.3f}"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs or "loss" not in logs:
+            return
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [fmt.format(logs[k]) for k, fmt in self.KEYS
+                  if isinstance(logs.get(k), (int, float)) and math.isfinite(logs[k])]
+        self.training_bar.write(" | ".join(parts))
+
+
+def make_trainer(model, args: TrainingArguments, dataset, collator, tokenizer, *, ewa_share_rate: float = 0.0,
+                 routing_log: str | None = None, progress: bool = True) -> XFTTrainer:
+    """An `XFTTrainer` with the compact progress display and, if asked, EWA."""
+    callbacks = [EWACallback(ewa_share_rate)] if ewa_share_rate > 0 else []
+    trainer = XFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                         processing_class=tokenizer, callbacks=callbacks, routing_log=routing_log)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    if progress:
+        trainer.add_callback(CompactProgress())
+    if ewa_share_rate > 0 and (trainer.is_fsdp_enabled or _is_zero3(trainer)):
+        raise UserError("EWA needs whole (unsharded) expert weights on every process; "
+                        "use DDP, not FSDP or DeepSpeed ZeRO-3")
+    return trainer
+
+
+def _is_zero3(trainer: Trainer) -> bool:
+    if not trainer.is_deepspeed_enabled:
+        return False
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.zero_stage == 3
