@@ -351,12 +351,13 @@ def load_dataset(cfg: DataConfig, tokenizer, batch_size: int = 1000):
     for start in range(0, len(order), batch_size):
         chunk = [to_segments(records.rows[i], kind, cfg) for i in order[start:start + batch_size]]
         for ex in tok(chunk):
-            truncated += len(ex["input_ids"]) > cfg.max_length
+            was_truncated = len(ex["input_ids"]) > cfg.max_length
             ex = {k: v[: cfg.max_length] for k, v in ex.items()}
             n_target_ex = sum(lab != IGNORE_INDEX for lab in ex["labels"][1:])  # positions 1.. are predicted
             if n_target_ex == 0:
                 dropped += 1
                 continue
+            truncated += was_truncated
             n_tokens += len(ex["input_ids"])
             n_target += n_target_ex
             columns["input_ids"].append(ex["input_ids"])

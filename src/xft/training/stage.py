@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from xft.data import Collator, load_dataset, pad_token_id
 from xft.errors import UserError
 from xft.training import rundir
-from xft.training.trainer import batch_plan, make_trainer, resolve_precision, training_arguments, world_size
+from xft.training.trainer import batch_plan, make_trainer, training_arguments, world_size
 
 
 def load_tokenizer(path: str):
