@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from typing import Callable
 
 from xft.minicode.families import Spec
@@ -24,10 +25,10 @@ _LETTERS = "aeiostxbnr"
 
 
 def _int_constants(spec: Spec) -> list[int]:
+    """The integer literals of the program and their neighbours: where off-by-one mistakes show."""
     out = []
-    for p in spec.params:
-        if isinstance(p, int):
-            out += [p - 1, p, p + 1, -p]
+    for p in sorted({int(m) for m in re.findall(r"(?<![\w.])\d+(?![\w.])", spec.canonical_body)}):
+        out += [p - 1, p, p + 1, -p, -p - 1]
     return out
 
 
@@ -148,6 +149,10 @@ def mutants(source: str) -> list[str]:
     return list(dict.fromkeys(m for m in out if m.strip() != ast.unparse(fn).strip()))
 
 
+def _first_arg(source: str) -> str:
+    return ast.parse(source).body[0].args.args[0].arg
+
+
 def _outcome(fn: Callable, args: tuple):
     """What `fn(*args)` returns, or the exception type it raises (arguments are copied first)."""
     try:
@@ -165,9 +170,10 @@ def select_tests(spec: Spec, source: str, entry_point: str, rng: random.Random,
     """(args, expected) pairs that kill every mutant distinguishable on the input pool.
 
     Greedy set cover over the pool, then topped up to `min_tests` with inputs
-    giving new outputs. Raises ValueError when the reference's outputs are
-    degenerate (fewer than 3 distinct values on the pool): such a spec makes a
-    useless problem and the caller should draw another.
+    giving new outputs. Raises ValueError when the reference is degenerate
+    (fewer than 3 distinct outputs on the pool, or indistinguishable from
+    `return None` / returning its argument): such a spec makes a useless
+    problem and the caller should draw another.
     """
     reference = compile_function(source, entry_point)
     pool = [args for args in input_pool(spec, rng) if _outcome(reference, args)[0] == "ok"]
@@ -183,6 +189,8 @@ def select_tests(spec: Spec, source: str, entry_point: str, rng: random.Random,
         killed = {i for i, args in enumerate(pool) if _outcome(mutant, args) != ("ok", expected[i])}
         if killed:
             kills.append(killed)
+        elif mutant_source.rstrip().endswith(("return None", f"return {_first_arg(source)}")):
+            raise ValueError("degenerate spec: indistinguishable from a trivial solution")
     chosen: list[int] = []
     alive = kills
     while alive:  # greedy cover: the input that kills most surviving mutants (first on ties)
