@@ -29,6 +29,34 @@ def test_upcycled_model_computes_the_dense_model(arch):
     assert (_logits(moe, ids) - ref).abs().max() > 1e-4  # the scale mismatch is real
 
 
+# Beyond the required list: same-shaped FFNs work unchanged; phi3 (fused gate_up_proj), bloom and mpt
+# (FFN takes the residual as a second argument) run through the generic functional_call path.
+@pytest.mark.parametrize("arch,impl", [("falcon", "fast"), ("olmo2", "fast"), ("granite", "fast"),
+                                       ("cohere", "fast"), ("gpt_bigcode", "fast"), ("phi3", "generic"),
+                                       ("bloom", "generic"), ("mpt", "generic")])
+def test_other_architectures(arch, impl):
+    dense = tiny_model(arch)
+    ids = torch.randint(0, 300, (2, 8))
+    moe = xft.upcycle(copy.deepcopy(dense))
+    assert (xft.moe_blocks(moe)[0].spec is not None) == (impl == "fast")
+    torch.testing.assert_close(_logits(moe, ids), _logits(dense, ids), rtol=0, atol=1e-5)
+    merge_model = xft.build_merge_model(moe)
+    torch.testing.assert_close(_logits(merge_model, ids), _logits(dense, ids), rtol=0, atol=1e-5)
+
+
+def test_experts_without_tokens_still_get_a_gradient():
+    # A single token picks 2 of 8 experts: the stacked parameter still gets one (zero-padded) gradient,
+    # so DDP/FSDP/ZeRO-3 see the same parameters used on every rank and never wait on a missing one.
+    moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(num_experts=8, top_k=2)).train()
+    ids = torch.randint(0, 300, (1, 1))
+    moe(ids).logits.square().sum().backward()
+    for stacks in xft.expert_weights(moe).values():
+        for stack in stacks.values():
+            assert stack.grad is not None and stack.grad.shape == stack.shape
+            used = stack.grad.flatten(1).abs().sum(1) > 0
+            assert used.sum() == 2  # shared expert + the one routed expert
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
 def test_generic_path_equals_fast_path(arch):
     moe = xft.upcycle(tiny_model(arch), xft.UpcycleConfig(expert_impl="fast"))

@@ -132,9 +132,9 @@ def _matches(spec: FFNSpec, ffn: nn.Module, hidden_size: int) -> bool:
     was_training = ffn.training
     ffn.eval()
     try:
-        ref = functional_call(ffn, w, (x,))
-    except Exception:  # noqa: BLE001 - a module we cannot probe just takes the generic path
+        ref, got = functional_call(ffn, w, (x,)), spec(w, x)
+    except Exception:  # noqa: BLE001 - a module we cannot probe (or mis-guessed) takes the generic path
         return False
     finally:
         ffn.train(was_training)
-    return isinstance(ref, Tensor) and torch.allclose(spec(w, x), ref, rtol=1e-9, atol=1e-9)
+    return isinstance(ref, Tensor) and ref.shape == got.shape and torch.allclose(got, ref, rtol=1e-9, atol=1e-9)

@@ -154,7 +154,8 @@ class LearnableMerge(nn.Module):
         lam = self.shared_logit.sigmoid() if self.shared_logit is not None else self.shared_weight
         return coefficients(self.num_experts, self.shared_expert, lam, self.mixing_logits)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, *extra: Tensor) -> Tensor:
+        """hidden [..., d] -> [..., d]; `extra` as for `MoEBlock` (token-aligned FFN arguments)."""
         stacks = dict(self.experts.named_parameters())
         c = self.coefficients().to(next(iter(stacks.values())).dtype)
         # [N] · [N, *shape] -> [*shape]: one merged weight per parameter; grads reach c only.
@@ -163,7 +164,7 @@ class LearnableMerge(nn.Module):
             shape = hidden.shape
             y = self.spec(w, hidden.reshape(-1, shape[-1])).reshape(shape)
             return self.spec.dropout(y) if self.spec.dropout is not None else y
-        return functional_call(self.experts, w, (hidden,))
+        return functional_call(self.experts, w, (hidden, *extra))
 
 
 def build_merge_model(moe: nn.Module, shared_weight: float = 0.75, learn_shared_weight: bool = False) -> nn.Module:

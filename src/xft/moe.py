@@ -56,13 +56,15 @@ class MoEBlock(nn.Module):
         """FFN parameter name (as in the original FFN) -> live stacked parameter `[N, *shape]`."""
         return dict(self.experts.named_parameters())
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def forward(self, hidden: Tensor, *extra: Tensor) -> Tensor:
+        """hidden [..., d] -> [..., d]. `extra`: token-aligned tensors the FFN also takes (Bloom's residual)."""
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])  # [T, d]
+        extra = tuple(e.reshape(x.shape[0], *e.shape[len(shape) - 1:]) for e in extra)
         clean, logits, std = self.gate(x)  # [T, R] each; std None without noise
         weights, top_i = self.routing.combine(logits.float(), self.k)  # [T, N] fp32, [T, k]
         self._record_routing(weights, top_i, clean.float(), logits.float(), std)
-        y = self._run_experts(x, weights.to(x.dtype), top_i)
+        y = self._run_experts(x, extra, weights.to(x.dtype), top_i)
         if self.spec is not None and self.spec.dropout is not None:
             y = self.spec.dropout(y)
         return y.reshape(shape)
@@ -84,12 +86,12 @@ class MoEBlock(nn.Module):
         self._routed_weights = self._load_per_token = None
         return loss
 
-    def _run_experts(self, x: Tensor, weights: Tensor, top_i: Tensor) -> Tensor:
+    def _run_experts(self, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
         """x [T, d], weights [T, N], top_i [T, k] (routed indices) -> Σ_e weights[:, e] · FFN_e(x)."""
         params = {name: p.unbind(0) for name, p in self.experts.named_parameters()}
         run = self._expert_fn(params)
         s = self.first_routed
-        out = run(0, x) * weights[:, :1] if s else torch.zeros_like(x)
+        out = run(0, x, *extra) * weights[:, :1] if s else torch.zeros_like(x)
         flat = top_i.flatten()  # [T*k] routed index of each selection
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=weights.shape[-1] - s).tolist()  # one host sync
@@ -99,15 +101,16 @@ class MoEBlock(nn.Module):
         for r, count in enumerate(counts):
             if count:
                 idx, g = token[start:start + count], gate[start:start + count, None]
-                out.index_add_(0, idx, run(r + s, x.index_select(0, idx)) * g)
+                rows = (t.index_select(0, idx) for t in (x, *extra))
+                out.index_add_(0, idx, run(r + s, *rows) * g)
                 start += count
         return out
 
     def _expert_fn(self, params: dict[str, tuple[Tensor, ...]]):
-        """e, x [t, d] -> expert e's FFN output [t, d], through the fast spec or `functional_call`."""
+        """(e, x [t, d], *extra) -> expert e's FFN output [t, d], through the fast spec or `functional_call`."""
         if self.spec is not None:
             return lambda e, x: self.spec({n: w[e] for n, w in params.items()}, x)
-        return lambda e, x: functional_call(self.experts, {n: w[e] for n, w in params.items()}, (x,))
+        return lambda e, *xs: functional_call(self.experts, {n: w[e] for n, w in params.items()}, xs)
 
     def extra_repr(self) -> str:
         c = self.config
