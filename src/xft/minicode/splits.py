@@ -37,7 +37,7 @@ HOLDOUT_FRACTION = 0.25  # share of each family's composition kind tuples reserv
 EVAL_CONSTANT_SHARE = 5  # 1 in this many constant combinations is reserved for eval
 MIN_COMBOS_FOR_CONSTANT_HOLDOUT = 5
 
-DEFAULT_SIZES = {"pretrain": 6000, "train": 5000, "eval": 400}
+DEFAULT_SIZES = {"pretrain": 10000, "train": 5000, "eval": 400}
 
 
 @dataclass(frozen=True)
@@ -212,23 +212,20 @@ def train_problems(seed: int = 0, size: int = DEFAULT_SIZES["train"]) -> list[Pr
 
 
 def pretrain_texts(seed: int = 0, size: int = DEFAULT_SIZES["pretrain"]) -> list[str]:
-    """Plain Python for pretraining: 1-3 training-side functions, often followed by asserts
-    that exercise them (outputs computed by running them). No natural-language instructions."""
+    """Plain Python for pretraining: one training-side function per record, often followed by
+    asserts that exercise it (outputs computed by running it). No natural-language instructions.
+    Records are short on purpose: batches are padded to their longest record."""
     rng = random.Random(f"minicode-pretrain:{seed}")
     texts = []
     for _ in range(size):
-        chunks = []
-        for _ in range(rng.choice((1, 1, 2, 3))):
-            spec = _train_spec(seed, rng)
-            name, args = pick_names(spec, rng)
-            source = function_source(spec, name, args)
-            chunk = source
-            if rng.random() < 0.6:
-                fn = compile_function(source, name)
-                calls = input_pool(spec, rng, size=rng.randint(1, 3))
-                chunk += "\n" + "".join(_assert_line(fn, name, call) for call in calls)
-            chunks.append(chunk)
-        texts.append("\n\n".join(chunks))
+        spec = _train_spec(seed, rng)
+        name, args = pick_names(spec, rng)
+        text = function_source(spec, name, args)
+        if rng.random() < 0.5:
+            fn = compile_function(text, name)
+            calls = input_pool(spec, rng, size=rng.randint(1, 2))
+            text += "\n" + "".join(_assert_line(fn, name, call) for call in calls)
+        texts.append(text)
     return texts
 
 
