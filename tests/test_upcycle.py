@@ -212,3 +212,23 @@ def test_sparse_top1_is_allowed_without_shared_expert():
     moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(routing="sparse", num_experts=4, top_k=1))
     ids = torch.randint(0, 300, (1, 6))
     torch.testing.assert_close(_logits(moe, ids), _logits(tiny_model("llama"), ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "starcoder2"])
+def test_grouped_mm_path_equals_loop_path(arch):
+    dense = tiny_model(arch)
+    loop = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig(expert_impl="fast", noisy_gating=False))
+    grouped = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig(expert_impl="grouped_mm", noisy_gating=False))
+    with torch.no_grad():
+        for a, b in zip(xft.expert_weights(loop).values(), xft.expert_weights(grouped).values()):
+            for name in a:
+                a[name].add_(torch.randn_like(a[name]) * 0.05)
+                b[name].copy_(a[name])
+    ids = torch.randint(0, 300, (2, 9))
+    la, lb = loop(ids, labels=ids), grouped(ids, labels=ids)
+    torch.testing.assert_close(lb.logits, la.logits, rtol=0, atol=1e-5)
+    la.loss.backward()
+    lb.loss.backward()
+    for a, b in zip(xft.expert_weights(loop).values(), xft.expert_weights(grouped).values()):
+        for name in a:
+            torch.testing.assert_close(b[name].grad, a[name].grad, rtol=1e-4, atol=1e-6)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from xft.errors import UserError
 from xft.routing import LOAD_ESTIMATES, ROUTERS, ROUTINGS
 
-EXPERT_IMPLS = ("auto", "fast", "generic")
+EXPERT_IMPLS = ("auto", "fast", "grouped_mm", "generic")
 
 
 class ConfigError(UserError, ValueError):
@@ -39,8 +39,9 @@ class UpcycleConfig:
         "help": "noisy-gate load estimate: 'corrected' (Shazeer et al.) or 'faithful' (the paper's code, "
                 "which compares the noise term alone with the top-k threshold)"})
     expert_impl: str = field(default="auto", metadata={
-        "help": "expert compute: 'fast' (recognised gated/plain MLPs, direct matmuls), 'generic' "
-                "(torch.func.functional_call on any FFN module), or 'auto' (fast when recognised)"})
+        "help": "expert compute: 'fast' (recognised gated/plain MLPs, a matmul loop over experts), "
+                "'grouped_mm' (recognised MLPs, one torch._grouped_mm per layer: the GPU fast path), "
+                "'generic' (torch.func.functional_call on any FFN module), or 'auto' (fast when recognised)"})
     seed: int = field(default=0, metadata={"help": "seed for the routers' random initialisation"})
 
     def __post_init__(self):

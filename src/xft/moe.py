@@ -37,10 +37,11 @@ class MoEBlock(nn.Module):
         self.k = config.routed_top_k
         self.first_routed = 1 if config.shared_expert else 0
         spec = recognize(ffn, hidden_size) if config.expert_impl != "generic" else None
-        if config.expert_impl == "fast" and spec is None:
-            raise ValueError(f"expert_impl='fast' but {type(ffn).__name__} is not a recognised "
-                             "gated/plain MLP; use expert_impl='auto' or 'generic'")
+        if config.expert_impl in ("fast", "grouped_mm") and spec is None:
+            raise ValueError(f"expert_impl={config.expert_impl!r} but {type(ffn).__name__} is not a "
+                             "recognised gated/plain MLP; use expert_impl='auto' or 'generic'")
         self.spec: FFNSpec | None = spec
+        self.grouped = config.expert_impl == "grouped_mm"
         ref = next(ffn.parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -64,7 +65,8 @@ class MoEBlock(nn.Module):
         clean, logits, std = self.gate(x)  # [T, R] each; std None without noise
         weights, top_i = self.routing.combine(logits.float(), self.k)  # [T, N] fp32, [T, k]
         self._record_routing(weights, top_i, clean.float(), logits.float(), std)
-        y = self._run_experts(x, extra, weights.to(x.dtype), top_i)
+        run = self._run_grouped if self.grouped else self._run_experts
+        y = run(x, extra, weights.to(x.dtype), top_i)
         if self.spec is not None and self.spec.dropout is not None:
             y = self.spec.dropout(y)
         return y.reshape(shape)
@@ -106,6 +108,35 @@ class MoEBlock(nn.Module):
                 start += count
         return out
 
+    def _run_grouped(self, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
+        """Same result as `_run_experts`, routed experts as one `torch._grouped_mm` per linear layer.
+
+        The GPU fast path (no host sync, one kernel per layer); needs feature sizes whose rows are
+        multiples of 16 bytes. Shared expert: one dense matmul on all tokens.
+        """
+        spec, s, k = self.spec, self.first_routed, self.k
+        stacks = dict(self.experts.named_parameters())
+        out = spec({n: p[0] for n, p in stacks.items()}, x) * weights[:, :1] if s else torch.zeros_like(x)
+        flat = top_i.flatten()
+        order = flat.argsort(stable=True)
+        token = order // k  # [T*k] selections grouped by expert
+        counts = torch.bincount(flat, minlength=weights.shape[-1] - s)  # [R]
+        offs = counts.cumsum(0).to(torch.int32)
+
+        def linear(name: str, h: Tensor) -> Tensor:  # h [T*k, in] -> [T*k, out], row i with its expert
+            w = stacks[f"{name}.weight"][s:]  # [R, out, in] (Linear) or [R, in, out] (Conv1D)
+            y = torch._grouped_mm(h, w if name in spec.transposed else w.transpose(-2, -1), offs=offs)
+            bias = stacks.get(f"{name}.bias")
+            if bias is not None:
+                y = y + bias[s:].repeat_interleave(counts, dim=0, output_size=h.shape[0])
+            return y
+
+        xs = x.index_select(0, token)
+        h = linear(spec.up, xs)
+        h = spec.act(h) if spec.gate is None else spec.act(linear(spec.gate, xs)) * h
+        gate = weights[:, s:].gather(1, top_i).flatten()[order, None]  # [T*k, 1]
+        return out.index_add_(0, token, linear(spec.down, h) * gate)
+
     def _expert_fn(self, params: dict[str, tuple[Tensor, ...]]):
         """(e, x [t, d], *extra) -> expert e's FFN output [t, d], through the fast spec or `functional_call`."""
         if self.spec is not None:
@@ -115,7 +146,7 @@ class MoEBlock(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"num_experts={c.num_experts}, top_k={c.top_k}, routing={c.routing!r}, "
-                f"impl={'fast' if self.spec is not None else 'generic'}")
+                f"impl={'grouped_mm' if self.grouped else 'fast' if self.spec is not None else 'generic'}")
 
 
 def _stack_parameters(ffn: nn.Module, n: int) -> nn.Module:
