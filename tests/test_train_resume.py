@@ -1,0 +1,66 @@
+"""Resume: kill -9 an `xft train` after its first checkpoint, re-run the same command, get the same weights.
+
+MoE with noisy gating (router noise comes from the global RNG the Trainer
+checkpoints), checkpoint in the middle of an epoch, gradient accumulation.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from test_train import make_workspace
+
+STEPS, SAVE = 10, 3  # 8 steps per epoch: the checkpoint at step 3 is mid-epoch
+
+
+def command(ws, out):
+    return [sys.executable, "-m", "xft.cli", "train", str(ws / "moe"), "--data", str(ws / "data.jsonl"),
+            "--out", str(out), "--max-steps", str(STEPS), "--save-steps", str(SAVE), "--batch-size", "8",
+            "--micro-batch-size", "4", "--warmup-steps", "2", "--lr", "1e-2", "--logging-steps", "1"]
+
+
+def wait_for_checkpoint(proc, out, timeout=240):
+    state = out / "checkpoints" / f"checkpoint-{SAVE}" / "trainer_state.json"
+    t0 = time.time()
+    while not state.exists():
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        assert time.time() - t0 < timeout, "no checkpoint in time"
+        time.sleep(0.02)
+
+
+def test_kill_9_then_rerun_gives_identical_weights(tmp_path):
+    ws = make_workspace(tmp_path)
+    from xft.cli import main as cli
+
+    assert cli(["upcycle", str(ws / "llama"), "--out", str(ws / "moe"), "--num-experts", "4", "--top-k", "3"]) == 0
+
+    interrupted = tmp_path / "interrupted"
+    # The uninterrupted reference runs alongside (2 cores), to keep the test short.
+    reference = subprocess.Popen(command(ws, tmp_path / "reference"), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(ws, interrupted), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(proc, interrupted)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (interrupted / "final").exists()  # an interrupted run never looks finished
+
+    resumed = subprocess.run(command(ws, interrupted), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "(resumed)" in resumed.stdout  # it did resume: the summary says so
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+
+    a = load_file(interrupted / "final" / "model.safetensors")
+    b = load_file(tmp_path / "reference" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 1e-5, worst
+    # and training really moved the weights (the comparison is not vacuous)
+    start = load_file(ws / "moe" / "model.safetensors")
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3
+    assert not torch.equal(a["model.layers.0.mlp.experts.up_proj.weight"][1],
+                           a["model.layers.0.mlp.experts.up_proj.weight"][2])
