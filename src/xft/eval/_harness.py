@@ -19,12 +19,12 @@ outputs) and "reference" (run a trusted canonical solution, return its outputs a
 timings, pickled).
 """
 
-import base64
 import contextlib
 import copy
 import ctypes
 import ctypes.util
 import faulthandler
+import gc
 import io
 import json
 import math
@@ -245,6 +245,31 @@ def _first_line(exc):
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+# ----------------------------------------------------------------- expected outputs
+
+# Plain data types only: calling any of these cannot run code of the pickle's choosing.
+_SAFE_GLOBALS = {("builtins", n) for n in ("set", "frozenset", "complex", "slice", "range",
+                                             "bytearray", "list", "dict", "tuple", "int",
+                                             "float", "str", "bool")} | \
+    {("collections", n) for n in ("Counter", "OrderedDict", "defaultdict", "deque")}
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_expected(job):
+    """io jobs name their expected outputs by file (they can be hundreds of MB): load them
+    before isolation, with an unpickler that only builds plain data."""
+    for phase in job.get("phases", ()):
+        if "expected_file" in phase:
+            with open(phase.pop("expected_file"), "rb") as f:
+                phase["expected"] = _PlainDataUnpickler(f).load()
+
+
 # ----------------------------------------------------------------- output comparison
 
 def _is_floats(x):
@@ -350,7 +375,7 @@ def _run_io(job, phase):
 
 
 def _run_reference(job, phase):
-    """Trusted canonical solution: outputs (pickled) and per-input wall times."""
+    """Trusted canonical solution: outputs pickled to /scratch/<phase>.pkl, per-input times."""
     env = {}
     exec(job["code"], env)
     fn = env[job["entry_point"]]
@@ -361,8 +386,9 @@ def _run_reference(job, phase):
         out = fn(*inp)
         times.append(time.time() - t0)
         outputs.append(out is not None if job["output_not_none"] else out)
-    blob = base64.b64encode(pickle.dumps(outputs, protocol=4)).decode()
-    return {"status": "pass", "error": None, "outputs": blob, "times": times}
+    with open(f"{phase['name']}.pkl", "wb") as f:  # cwd is the scratch directory
+        pickle.dump(outputs, f, protocol=4)
+    return {"status": "pass", "error": None, "times": times}
 
 
 _BODIES = {"check": _run_check, "io": _run_io, "reference": _run_reference}
@@ -455,6 +481,8 @@ def main():
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     try:
+        _load_expected(job)
+        gc.freeze()  # expected outputs can be millions of objects: keep them out of GC passes
         isolate(job)
     except BaseException as e:
         print(json.dumps({"setup_error": _first_line(e)}), flush=True)

@@ -135,17 +135,22 @@ class Sandbox:
         """Level and limits, for results files."""
         return {"level": self.level, **dataclasses.asdict(self.limits)}
 
-    def run(self, job: dict, deadline: float) -> RunResult:
-        """Run one harness job (see `_harness.py`); never raises for program misbehaviour."""
+    def run(self, job: dict, deadline: float, limits: Limits | None = None,
+            keep: dict[str, str] | None = None) -> RunResult:
+        """Run one harness job (see `_harness.py`); never raises for program misbehaviour.
+
+        `limits` overrides this sandbox's limits for the run; `keep` maps file names the
+        program leaves in its scratch directory to paths they are moved to (regular
+        files only) before the directory is deleted."""
         with self._lock:
             slot = self._slots.pop(0)
         try:
-            return self._run(job, deadline, slot)
+            return self._run(job, deadline, slot, limits or self.limits, keep or {})
         finally:
             with self._lock:
                 self._slots.append(slot)
 
-    def _run(self, job, deadline, slot):
+    def _run(self, job, deadline, slot, limits, keep):
         work = tempfile.mkdtemp(prefix="xft-sandbox-")
         try:
             scratch = os.path.join(work, "scratch")
@@ -159,7 +164,7 @@ class Sandbox:
                 os.chown(scratch, uid, uid)
                 os.chmod(work, 0o711)
             os.mkdir(os.path.join(work, "root"))
-            job = dict(job, deadline=deadline, limits=dataclasses.asdict(self.limits),
+            job = dict(job, deadline=deadline, limits=dataclasses.asdict(limits),
                        isolation={"level": self.level, "root": os.path.join(work, "root"),
                                   "scratch": scratch, "ro_paths": self._ro_paths,
                                   "symlinks": _symlinks(), "uid": uid})
@@ -167,7 +172,14 @@ class Sandbox:
             with open(job_file, "wb") as f:
                 pickle.dump(job, f, protocol=4)
             with open(job_file, "rb") as stdin:
-                return _spawn(_command(self.level), stdin, work, deadline + 5.0, self.limits)
+                result = _spawn(_command(self.level), stdin, work, deadline + 5.0, limits)
+            for name, dest in keep.items():
+                src = os.path.join(scratch, name)
+                if os.path.isfile(src) and not os.path.islink(src):
+                    shutil.move(src, dest)
+                    if os.geteuid() == 0:
+                        os.chown(dest, 0, 0)
+            return result
         finally:
             _remove_tree(work)
 

