@@ -1,0 +1,333 @@
+"""Tables and plots of finished pipeline runs (one run directory per seed).
+
+    rows = collect(["runs/seed-0", "runs/seed-1"])    # per method: pass@1 per seed, sizes, compute
+    write_report("runs", ["runs/seed-0", ...], title="xft demo")   # report.md + plots/*.png
+
+Compute is counted as training tokens (the Trainer's `num_input_tokens_seen`,
+padding included) and approximate training FLOPs `6 · N_active · tokens`,
+with `N_active` the parameters a token passes through (an MoE's inactive
+experts excluded). A merged model's compute includes the MoE training it came
+from; the base model's pretraining is listed on its own row and common to all.
+The confidence interval of a mean over seeds is Student's t at 95%.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from xft.pipeline.recipe import METHODS
+
+LABELS = {"base": "base model", "sft": "dense SFT", "moe": "MoE (unmerged)", "ewa": "EWA",
+          "xft_init": "XFT init merge", "xft_uniform": "uniform merge", "xft": "XFT learned merge",
+          "sparse": "sparse upcycling (no shared expert)", "unnormalized": "shared expert, unnormalized"}
+# Training stages whose compute each method's model carries.
+COMPUTE_CHAIN = {"base": ("base",), "sft": ("sft",), "moe": ("moe",), "ewa": ("ewa",), "xft_init": ("moe",),
+                 "xft_uniform": ("moe",), "xft": ("moe", "xft"), "sparse": ("sparse",),
+                 "unnormalized": ("unnormalized",)}
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+@dataclass
+class Row:
+    """One method across seeds."""
+
+    method: str
+    scores: list[float] = field(default_factory=list)  # pass@1 per seed (first benchmark)
+    params: int = 0
+    active_params: int = 0
+    tokens: int = 0  # training tokens of the method's own chain, seed 0
+    flops: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scores) / len(self.scores) if self.scores else float("nan")
+
+    @property
+    def ci95(self) -> float | None:
+        """Half-width of the 95% confidence interval of the mean (None with one seed)."""
+        n = len(self.scores)
+        if n < 2:
+            return None
+        sd = math.sqrt(sum((s - self.mean) ** 2 for s in self.scores) / (n - 1))
+        return _T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def binomial_ci95(p: float, n: int) -> float:
+    """Half-width of a normal-approximation 95% interval of a pass rate over `n` tasks (one seed)."""
+    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+# ---------------------------------------------------------------- reading run directories
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def eval_results(run: str, method: str, benchmark: str) -> dict | None:
+    """results.json of `method` on `benchmark` in run directory `run` (None if not evaluated)."""
+    return _read_json(os.path.join(run, "eval", method, benchmark, "results.json"))
+
+
+def model_dir(run: str, method: str) -> str | None:
+    """Directory of the model a method produced in `run` (the base: as evaluated)."""
+    if method == "base":
+        res = next((r for b in ("minicode",) if (r := eval_results(run, "base", b))), None)
+        return res["model"] if res else os.path.join(run, "base")
+    return os.path.join(run, method, "final")
+
+
+def training_tokens(model_path: str) -> int:
+    """Tokens the run that produced `model_path` trained on (from its xft_training.json)."""
+    record = _read_json(os.path.join(model_path, "xft_training.json")) or {}
+    seen = [h["num_input_tokens_seen"] for h in record.get("log_history", []) if "num_input_tokens_seen" in h]
+    return int(max(seen)) if seen else 0
+
+
+def parameter_counts(model_path: str) -> tuple[int, int]:
+    """(total, active per token) parameters of the model at `model_path`."""
+    import xft
+
+    model = xft.load(model_path)
+    total = sum(p.numel() for p in model.parameters())
+    if not xft.is_moe(model):
+        return total, total
+    cfg = xft.upcycle_config(model)
+    inactive = 0
+    for stacks in xft.expert_weights(model).values():
+        per_expert = sum(p[0].numel() for p in stacks.values())
+        inactive += (cfg.num_experts - cfg.top_k) * per_expert
+    return total, total - inactive
+
+
+def collect(runs: list[str], benchmark: str = "minicode", methods: list[str] | None = None) -> list[Row]:
+    """One Row per method found in the runs (scores from every run, sizes and compute from the first)."""
+    rows = []
+    sizes: dict[str, tuple[int, int, int]] = {}  # training stage -> (params, active, tokens)
+    for method in methods or list(METHODS):
+        scores = [r["pass@1"] for run in runs if (r := eval_results(run, method, benchmark))]
+        if not scores:
+            continue
+        row = Row(method, scores)
+        first = next(run for run in runs if eval_results(run, method, benchmark))
+        path = model_dir(first, method)
+        if os.path.isdir(path):
+            row.params, _ = parameter_counts(path)
+        for stage in COMPUTE_CHAIN[method]:
+            if stage not in sizes:
+                stage_model = path if stage == method else model_dir(first, stage)
+                if not os.path.isdir(stage_model):
+                    continue
+                total, active = parameter_counts(stage_model)
+                sizes[stage] = (total, active, training_tokens(stage_model))
+            _, active, tokens = sizes[stage]
+            if stage == "xft":  # a merge step: forward/backward through the dense architecture
+                active = row.params
+            row.tokens += tokens
+            row.flops += 6.0 * active * tokens
+        own = sizes.get(COMPUTE_CHAIN[method][0])
+        row.active_params = own[1] if method in ("moe", "sparse", "unnormalized") and own else row.params
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- table
+
+def _si(x: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def table(rows: list[Row], n_tasks: int | None = None) -> str:
+    """Markdown table: pass@1 (mean ± 95% CI over seeds, or ± binomial CI for one seed), sizes, compute."""
+    seeds = max((len(r.scores) for r in rows), default=1)
+    head = f"pass@1 (mean ± 95% CI, {seeds} seeds)" if seeds > 1 else "pass@1 (± 95% CI over tasks)"
+    lines = [f"| model | {head} | params | active params | training tokens | training FLOPs (≈6·N·D) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if len(r.scores) > 1:
+            score = f"{100 * r.mean:.1f} ± {100 * r.ci95:.1f}"
+        elif n_tasks:
+            score = f"{100 * r.mean:.1f} ± {100 * binomial_ci95(r.mean, n_tasks):.1f}"
+        else:
+            score = f"{100 * r.mean:.1f}"
+        note = " (pretraining)" if r.method == "base" else ""
+        lines.append(f"| {LABELS.get(r.method, r.method)} | {score} | {_si(r.params)} | {_si(r.active_params)} | "
+                     f"{_si(r.tokens)}{note} | {_si(r.flops)}{note} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None) -> str:
+    """Bar chart of pass@1 per model with 95% error bars."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [LABELS.get(r.method, r.method).replace(" (", "\n(") for r in rows]
+    means = [100 * r.mean for r in rows]
+    errs = [100 * (r.ci95 if r.ci95 is not None else binomial_ci95(r.mean, n_tasks or 0) if n_tasks else 0)
+            for r in rows]
+    colors = ["#999999" if r.method == "base" else "#d62728" if r.method == "xft" else "#1f77b4" for r in rows]
+    ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color=colors)
+    for i, r in enumerate(rows):
+        for s in r.scores if len(r.scores) > 1 else []:
+            ax.plot(i, 100 * s, "k.", ms=4)
+        ax.text(i, means[i] + errs[i] + 0.5, f"{means[i]:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(rows)), names, fontsize=8)
+    ax.set_ylabel("pass@1 (%)")
+    seeds = max(len(r.scores) for r in rows)
+    ax.set_title("MiniCode pass@1 by model" + (f" (mean ± 95% CI, {seeds} seeds)" if seeds > 1
+                                                else " (± 95% CI over tasks)"))
+    ax.set_ylim(0, max(means + [1]) * 1.25 + 2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def read_routing_log(run_dir: str) -> list[dict]:
+    """The per-layer expert loads `xft.train` logged during an MoE run (routing.jsonl)."""
+    path = os.path.join(run_dir, "routing.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_expert_load(records: list[dict], path: str) -> str | None:
+    """Per layer: each routed expert's share of the routed tokens over training steps."""
+    if not records:
+        return None
+    plt = _pyplot()
+    layers = sorted(records[0]["layers"], key=int)
+    cols = min(4, len(layers))
+    rows_ = math.ceil(len(layers) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3.2 * cols, 2.6 * rows_), squeeze=False, sharey=True)
+    steps = [r["step"] for r in records]
+    for ax, layer in zip(axes.flat, layers):
+        shares = [r["layers"][layer]["load_share"] for r in records]
+        n = len(shares[0])
+        for e in range(n):
+            ax.plot(steps, [s[e] for s in shares], lw=1.2, label=f"expert {e + 1}")
+        ax.axhline(1 / n, color="k", ls="--", lw=0.8)
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("share of routed tokens")
+    axes[0][-1].legend(fontsize=6, loc="upper right")
+    fig.suptitle("Expert load during MoE SFT (routed experts; dashed: even split)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_merge_coefficients(record: dict | None, path: str) -> str | None:
+    """Heat map of the learned mixing coefficients, layer × expert (expert 0 = shared)."""
+    if not record:
+        return None
+    plt = _pyplot()
+    import numpy as np
+
+    layers = sorted(record["coefficients"], key=int)
+    c = np.array([record["coefficients"][k] for k in layers])  # [L, N]
+    n = c.shape[1]
+    lam = record.get("shared_weight", 0.75)
+    init = (1 - lam) / (n - 1)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 0.5 * len(layers) + 2.2),
+                                   gridspec_kw={"width_ratios": [1, 2.2]})
+    ax0.barh(range(len(layers)), c[:, 0], color="#7f7f7f")
+    ax0.set_yticks(range(len(layers)), [f"layer {k}" for k in layers])
+    ax0.set_xlim(0, 1)
+    ax0.set_title(f"shared expert (λ = {lam})", fontsize=9)
+    ax0.invert_yaxis()
+    routed = c[:, 1:] / init  # relative to the initial (1-λ)/(N-1)
+    lim = max(abs(np.log2(routed)).max(), 1e-3)
+    im = ax1.imshow(np.log2(routed), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    for i in range(routed.shape[0]):
+        for j in range(routed.shape[1]):
+            ax1.text(j, i, f"{c[i, j + 1]:.3f}", ha="center", va="center", fontsize=7)
+    ax1.set_xticks(range(n - 1), [f"{j + 1}" for j in range(n - 1)])
+    ax1.set_yticks(range(len(layers)), [f"layer {k}" for k in layers])
+    ax1.set_xlabel("routed expert")
+    ax1.set_title(f"routed experts' coefficients (colour: log2 of ratio to init {init:.4f})", fontsize=9)
+    fig.colorbar(im, ax=ax1, fraction=0.04)
+    fig.suptitle(f"Learned merge coefficients ({record.get('method', 'learned')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- report.md
+
+def write_report(out: str, runs: list[str], title: str, benchmark: str = "minicode",
+                 preamble: str = "", methods: list[str] | None = None) -> tuple[str, str]:
+    """Write `out/report.md` and `out/plots/*.png` for the runs; returns (report path, the table)."""
+    rows = collect(runs, benchmark, methods)
+    first = eval_results(runs[0], rows[0].method, benchmark) if rows else None
+    n_tasks = first["n_tasks"] if first else None
+    tab = table(rows, n_tasks)
+    plots_dir = os.path.join(out, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+    plots = []
+    if rows:
+        plots.append(("pass@1 by model", plot_pass_at_1(rows, os.path.join(plots_dir, "pass_at_1.png"), n_tasks)))
+    plots.append(("expert load per layer during MoE SFT (seed of the first run)",
+                  plot_expert_load(read_routing_log(os.path.join(runs[0], "moe")),
+                                   os.path.join(plots_dir, "expert_load.png"))))
+    plots.append(("learned mixing coefficients per layer",
+                  plot_merge_coefficients(_read_json(os.path.join(runs[0], "xft", "final", "merge_coefficients.json")),
+                                          os.path.join(plots_dir, "merge_coefficients.png"))))
+    lines = [f"# {title}", "", preamble.strip(), "",
+             f"Greedy pass@1 on {benchmark}" + (f" ({n_tasks} held-out tasks)" if n_tasks else "") + ".", "", tab, ""]
+    breakdown = _breakdown_table(runs, [r.method for r in rows], benchmark)
+    if breakdown:
+        lines += ["Pass@1 by generalization kind (mean over seeds):", "", breakdown, ""]
+    for caption, path in plots:
+        if path:
+            lines += [f"![{caption}](plots/{os.path.basename(path)})", ""]
+    report = os.path.join(out, "report.md")
+    tmp = report + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines).replace("\n\n\n", "\n\n"))
+    os.replace(tmp, report)
+    return report, tab
+
+
+def _breakdown_table(runs: list[str], methods: list[str], benchmark: str) -> str:
+    cols: list[str] = []
+    data: dict[str, dict[str, list[float]]] = {}
+    for method in methods:
+        for run in runs:
+            res = eval_results(run, method, benchmark) or {}
+            for k, v in res.get("by_generalization", {}).items():
+                if k not in cols:
+                    cols.append(k)
+                data.setdefault(method, {}).setdefault(k, []).append(v)
+    if not cols:
+        return ""
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for method in methods:
+        vals = [data.get(method, {}).get(c, []) for c in cols]
+        lines.append(f"| {LABELS.get(method, method)} | "
+                     + " | ".join(f"{100 * sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
+    return "\n".join(lines)
