@@ -9,8 +9,8 @@ from xft.training.config import MergeConfig, SFTConfig, add_arguments, from_args
 
 _EPILOG = ("The finished model is written to OUT/final; checkpoints go to OUT/checkpoints. "
            "Re-running the same command after an interruption resumes from the last checkpoint. "
-           "Multi-GPU: accelerate launch --config_file CONFIG -m xft.cli train ..., with CONFIG one of "
-           "xft/configs/accelerate/{ddp,fsdp,deepspeed_zero3}.yaml (see docs/training.md).")
+           "Multi-GPU: accelerate launch --config_file $(python -m xft.configs ddp) -m xft.cli train ... "
+           "(also fsdp, deepspeed_zero3; see docs/training.md).")
 
 
 def register(subparsers) -> None:
