@@ -6,8 +6,11 @@
     a per-expert loop in the style of transformers' "eager" experts
     (`W[e]` indexing of a stacked parameter + `torch.where` masks).
 (b) a learnable-merge step (FFN weights recomputed from 8 stacks, gradient to
-    the mixing logits and the input) vs a dense FFN step with frozen weights
-    (gradient to the input only) and vs a dense step with trainable weights, T=2048.
+    the mixing logits and the input) vs a dense step with frozen weights
+    (gradient to the input only) and vs a dense step with trainable weights,
+    T=2048: for one FFN block, and for a whole 4-layer model (attention included).
+    The block-level ratio vs frozen cannot go below ~1.5: dL/dc needs dL/dW, one
+    extra matmul of the forward's size beside the two of a frozen step.
 (c) peak memory (RSS) of building a dense model and upcycling it vs the size
     of the resulting MoE checkpoint (in a fresh subprocess).
 
@@ -21,6 +24,7 @@ only the ratios mean anything.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -31,7 +35,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import xft
@@ -103,18 +107,20 @@ def _interleaved(variants: dict, x_shape, repeats: int) -> dict[str, float]:
 
 def bench_moe_block(tokens: list[int], repeats: int) -> list[dict]:
     block = _moe_block()
-    dense = _mlp()
-    eager = EagerExperts(block)
+    grouped = copy.deepcopy(block)
+    grouped.grouped = True  # same weights, torch._grouped_mm kernel
+    variants = {"dense": _mlp(), "xft": block, "grouped_mm": grouped, "eager": EagerExperts(block)}
     rows = []
     for t in tokens:
         reps = max(3, repeats * 2048 // max(t, 512))
-        m = _interleaved({"dense": dense, "xft": block, "eager": eager}, (t, D), reps)
+        m = _interleaved(variants, (t, D), reps)
         ideal = m["dense"] * K
-        rows.append({"T": t, "xft_vs_ideal": m["xft"] / ideal, "eager_vs_ideal": m["eager"] / ideal,
-                     "dense_ms": m["dense"] * 1e3, "xft_ms": m["xft"] * 1e3})
+        rows.append({"T": t, "dense_ms": m["dense"] * 1e3,
+                     **{f"{k}_vs_ideal": v / ideal for k, v in m.items() if k != "dense"}})
         print(f"  T={t:5d}  xft MoE block {rows[-1]['xft_vs_ideal']:.2f}x ideal   "
-              f"eager-style loop {rows[-1]['eager_vs_ideal']:.2f}x ideal   "
-              f"(dense FFN {m['dense'] * 1e3:.1f} ms)", flush=True)
+              f"grouped_mm {rows[-1]['grouped_mm_vs_ideal']:.2f}x   "
+              f"eager-style loop {rows[-1]['eager_vs_ideal']:.2f}x   "
+              f"(dense FFN fwd+bwd {m['dense'] * 1e3:.1f} ms)", flush=True)
     return rows
 
 
@@ -128,6 +134,38 @@ def bench_merge_step(t: int, repeats: int) -> dict:
            "merge_vs_trainable_dense": m["merge"] / m["trainable"]}
     print(f"  T={t}  learnable-merge step {row['merge_vs_frozen_dense']:.2f}x a frozen dense step, "
           f"{row['merge_vs_trainable_dense']:.2f}x a trainable dense step", flush=True)
+    return row
+
+
+def bench_merge_model_step(t: int, repeats: int) -> dict:
+    """Whole-model step: Llama d=512, I=1376, 4 layers; merge model vs the dense model, T tokens."""
+    cfg = LlamaConfig(hidden_size=D, intermediate_size=I, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=4096, max_position_embeddings=t)
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(cfg)
+    merge_model = xft.build_merge_model(xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig()))
+    frozen = copy.deepcopy(dense).requires_grad_(False)
+    ids = torch.randint(0, cfg.vocab_size, (1, t))
+
+    def frozen_step():  # gradients flow to the input embeddings only: backward through every layer
+        emb = frozen.get_input_embeddings()(ids).detach().requires_grad_(True)
+        frozen(inputs_embeds=emb, labels=ids).loss.backward()
+
+    steps = {"frozen": frozen_step,
+             "trainable": lambda: dense(ids, labels=ids).loss.backward(),
+             "merge": lambda: merge_model(ids, labels=ids).loss.backward()}
+    times = {k: [] for k in steps}
+    for r in range(repeats + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if r:
+                times[name].append(time.perf_counter() - start)
+    m = {k: statistics.median(v) for k, v in times.items()}
+    row = {"T": t, "model_merge_vs_frozen_dense": m["merge"] / m["frozen"],
+           "model_merge_vs_trainable_dense": m["merge"] / m["trainable"]}
+    print(f"  whole model (4 layers), T={t}: learnable-merge step {row['model_merge_vs_frozen_dense']:.2f}x a "
+          f"frozen dense step, {row['model_merge_vs_trainable_dense']:.2f}x a trainable dense step", flush=True)
     return row
 
 
@@ -174,7 +212,7 @@ def main():
     print(f"(a) MoE block fwd+bwd vs ideal (6 x dense FFN), d={D} I={I} N={N} top-{K}")
     a = bench_moe_block(tokens, repeats)
     print("(b) learnable-merge step, T=2048")
-    b = bench_merge_step(2048, repeats)
+    b = {**bench_merge_step(2048, repeats), **bench_merge_model_step(2048, max(3, repeats // 2))}
     print("(c) upcycling memory")
     c = bench_upcycle_memory()
     if args.json:
