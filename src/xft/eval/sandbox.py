@@ -94,6 +94,11 @@ def _python_paths() -> list[str]:
     return sorted(paths)
 
 
+def _site_packages() -> list[str]:
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys(paths[k] for k in ("purelib", "platlib") if k in paths))
+
+
 def _readonly_paths() -> list[str]:
     """Every path bound read-only into the sandbox, with nested duplicates removed."""
     candidates = [p for p in (*_SYSTEM_DIRS, *_python_paths(), *_ETC_FILES, *_DEV_FILES)
@@ -165,6 +170,7 @@ class Sandbox:
                 os.chmod(work, 0o711)
             os.mkdir(os.path.join(work, "root"))
             job = dict(job, deadline=deadline, limits=dataclasses.asdict(limits),
+                       site_packages=_site_packages(),
                        isolation={"level": self.level, "root": os.path.join(work, "root"),
                                   "scratch": scratch, "ro_paths": self._ro_paths,
                                   "symlinks": _symlinks(), "uid": uid})
@@ -185,7 +191,9 @@ class Sandbox:
 
 
 def _command(level: str) -> list[str]:
-    python = [sys.executable, "-I", "-B", _HARNESS]
+    # -S: no site processing (it costs more than the rest of start-up); the harness puts
+    # the site-packages directories on sys.path itself.
+    python = [sys.executable, "-I", "-S", "-B", _HARNESS]
     if level == "rlimits":
         return python
     ns = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
