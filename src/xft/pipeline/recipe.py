@@ -126,6 +126,16 @@ def _type_ok(value, tp) -> bool:
     return isinstance(value, tp)
 
 
+def _coerce(value, tp):
+    """YAML 1.1 reads `5e-5` as a string: give float fields their number back."""
+    if isinstance(value, str) and float in (typing.get_args(tp) or (tp,)):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _type_name(tp) -> str:
     args = typing.get_args(tp)
     return " or ".join(_type_name(a) for a in args) if args else getattr(tp, "__name__", str(tp))
@@ -142,6 +152,7 @@ def _check_fields(cls, values: dict, where: str, skip: set[str] = frozenset()) -
             if key in skip:
                 raise UserError(f"recipe key {where}.{key} cannot be set: the pipeline sets it per stage")
             raise UserError(f"unknown recipe key {where}.{key}{_closest(key, known)}")
+        value = values[key] = _coerce(value, hints[key])
         if not _type_ok(value, hints[key]):
             raise UserError(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}")
 
@@ -210,6 +221,7 @@ def _check_fields_shallow(cls, values, where):
             raise UserError(f"unknown recipe key {path}{_closest(key, known)}; known keys here: "
                             f"{', '.join(known)}")
         tp = hints[key]
+        value = values[key] = _coerce(value, tp)
         if not dataclasses.is_dataclass(tp) and not _type_ok(value, tp):
             raise UserError(f"{path}: expected {_type_name(tp)}, got {value!r}")
 

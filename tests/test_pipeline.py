@@ -1,0 +1,203 @@
+"""`xft.pipeline`: recipe validation and overrides, the stage plan, skipping, atomic stages, resume; the report."""
+
+import json
+import os
+
+import pytest
+
+from xft.errors import UserError
+from xft.pipeline import load_recipe, plan, run_pipeline
+from xft.pipeline import stages as stages_mod
+from xft.pipeline.recipe import apply_overrides, parse_override
+from xft.testing import tiny_model, tiny_tokenizer
+
+
+# ---------------------------------------------------------------- recipes and overrides
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_stepz=2", "unknown recipe key train.max_stepz (did you mean 'max_steps'?)"),
+    ("bogus=1", "unknown recipe key bogus"),
+    ("eval.limt=3", "unknown recipe key eval.limt"),
+    ("train.lr=abc", "train.lr: expected float, got 'abc'"),
+    ("seed=1.5", "seed: expected int"),
+    ("upcycle.routing=sparse", "upcycle.routing cannot be set"),
+    ("train.model=/x", "train.model cannot be set"),
+    ("upcycle.num_expert=4", "did you mean 'num_experts'"),
+    ("methods=[moe, bogus]", "unknown method 'bogus'"),
+    ("ewa.share_rate=0", "ewa.share_rate"),
+    ("data.path=/does/not/exist.jsonl", "data.path: /does/not/exist.jsonl does not exist"),
+    ("base.budget=huge", "base.budget: unknown budget 'huge'"),
+    ("train=3", "train: expected dict"),
+    ("max_steps", "expected KEY=VALUE"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(UserError, match=None) as err:
+        load_recipe("minicode", [override])
+    assert message in str(err.value), str(err.value)
+
+
+def test_overrides_are_yaml_typed_and_nested():
+    recipe = load_recipe("minicode", ["train.max_steps=2", "train.lr=3e-4", "methods=[sft, xft]",
+                                      "eval.limit=5", "model=/some/model", "eval.data.mbpp+=/x.jsonl"])
+    assert recipe.train["max_steps"] == 2 and recipe.train["lr"] == 3e-4
+    assert recipe.methods == ["sft", "xft"] and recipe.eval.limit == 5 and recipe.model == "/some/model"
+    assert recipe.eval.data == {"mbpp+": "/x.jsonl"}
+    assert parse_override("a.b-c=x=y") == (["a", "b_c"], "x=y")
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=[1, 2]"]) == {"a": {"b": 1, "c": [1, 2]}}
+
+
+def test_paper_recipe_needs_data_and_has_the_papers_settings(tmp_path):
+    with pytest.raises(UserError, match="data.path"):
+        load_recipe("deepseek-coder-1.3b")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "response": "b"}\n')
+    r = load_recipe("deepseek-coder-1.3b", [f"data.path={data}"])
+    assert r.upcycle["num_experts"] == 8 and r.upcycle["top_k"] == 6 and r.merge["shared_weight"] == 0.75
+    assert (r.train["lr"], r.train["epochs"], r.train["warmup_steps"], r.train["batch_size"]) == (5e-5, 4, 500, 64)
+    assert (r.train["optimizer"], r.train["max_length"], r.train["lr_scheduler"]) == ("adafactor", 1024, "linear")
+    assert (r.dense["epochs"], r.dense["warmup_steps"]) == (5, 625)
+    assert (r.merge["lr"], r.merge["epochs"], r.merge["warmup_steps"]) == (1e-5, 1, 125)
+    assert set(r.eval.benchmarks) == {"humaneval", "humaneval+", "mbpp", "mbpp+"}
+
+
+def test_recipe_headers_show_the_command():
+    for name in ("minicode", "deepseek-coder-1.3b"):
+        text = (stages_mod.__file__.rsplit("/pipeline/", 1)[0] + f"/recipes/{name}.yaml")
+        head = open(text).read().split("\n\n")[0]
+        assert head.startswith("#") and f"run {name}" in head
+
+
+def test_plan_orders_dependencies_and_runs_only_what_methods_need():
+    names = [s.name for s in plan(load_recipe("minicode", ["methods=[xft]"]))]
+    assert names == ["base", "upcycle", "data", "moe", "xft", "eval/xft"]
+    names = [s.name for s in plan(load_recipe("minicode", ["methods=[sparse, sft]", "model=/m"]))]
+    assert names == ["upcycle-sparse", "data", "sparse", "sft", "eval/sparse", "eval/sft"]
+    full = [s.name for s in plan(load_recipe("minicode", ["methods=[" + ",".join(stages_mod.ROUTING_OF) + "]"]))]
+    assert {"upcycle", "upcycle-sparse", "upcycle-unnormalized"} <= set(full)
+
+
+# ---------------------------------------------------------------- running: skip, atomic, resume
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny Llama + tokenizer that knows MiniCode's template, and a small MiniCode training file."""
+    from xft.data import format_prompt
+    from xft.minicode.benchmark import split_records
+
+    root = tmp_path_factory.mktemp("base")
+    rows = split_records("train", 0, 32)
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = tiny_tokenizer([format_prompt(r["instruction"]) + r["response"] for r in rows])
+    model = tiny_model("llama")
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root
+
+
+def tiny_overrides(base, *extra):
+    return [f"model={base / 'model'}", f"data.path={base / 'train.jsonl'}", "train.max_steps=2",
+            "train.batch_size=4", "train.micro_batch_size=4", "train.logging_steps=1", "train.save_steps=1",
+            "train.max_length=128", "merge.max_steps=1", "upcycle.num_experts=4", "upcycle.top_k=3",
+            "eval.limit=3", "eval.max_new_tokens=8", "eval.workers=2", *extra]
+
+
+def test_rerun_skips_finished_stages_and_refuses_another_recipe(tiny_base, tmp_path):
+    recipe = load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]"))
+    lines = []
+    run_pipeline(recipe, str(tmp_path / "run"), progress=False, log=lines.append)
+    assert (tmp_path / "run" / "sft" / "final" / "config.json").is_file()
+    results = json.loads((tmp_path / "run" / "eval" / "sft" / "minicode" / "results.json").read_text())
+    assert results["n_tasks"] == 3 and 0.0 <= results["pass@1"] <= 1.0
+    assert len((tmp_path / "run" / "eval" / "sft" / "minicode" / "samples.jsonl").read_text().splitlines()) == 3
+
+    again = []
+    run_pipeline(recipe, str(tmp_path / "run"), progress=False, log=again.append)
+    assert again and all("skipped" in line for line in again), again
+
+    other = load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]", "train.lr=0.5"))
+    with pytest.raises(UserError, match=r"another recipe \(train.lr"):
+        run_pipeline(other, str(tmp_path / "run"), progress=False)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        run_pipeline(recipe, str(tmp_path / "junk"), progress=False)
+
+
+def test_failed_stage_leaves_nothing_and_rerun_completes(tiny_base, tmp_path, monkeypatch):
+    recipe = load_recipe("minicode", tiny_overrides(tiny_base, "methods=[xft_init]"))
+    real = stages_mod._upcycler
+
+    def failing(routing):
+        run = real(routing)
+
+        def body(ctx, out):
+            run(ctx, out)  # writes a complete-looking model into the temporary directory ...
+            raise RuntimeError("killed")  # ... then dies before the stage finishes
+        return body
+
+    monkeypatch.setattr(stages_mod, "_upcycler", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_pipeline(load_recipe("minicode", tiny_overrides(tiny_base, "methods=[xft_init]")),
+                     str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "upcycle").exists()
+    assert not [p for p in os.listdir(tmp_path / "run") if p.startswith(".")]  # no temporary left behind
+    monkeypatch.setattr(stages_mod, "_upcycler", real)
+    run_pipeline(recipe, str(tmp_path / "run"), progress=False)
+    assert (tmp_path / "run" / "xft_init" / "final" / "merge_coefficients.json").is_file()
+
+
+def test_interrupted_training_stage_resumes_from_its_checkpoint(tiny_base, tmp_path, monkeypatch):
+    """Stop MoE SFT after step 1 (checkpoint saved), re-run: the pipeline resumes it instead of starting over."""
+    from transformers import TrainerCallback
+
+    from xft.training import stage as stage_mod
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise Stop
+
+    real = stage_mod.make_trainer
+
+    def interrupted(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        trainer.add_callback(StopAfterCheckpoint())
+        return trainer
+
+    overrides = tiny_overrides(tiny_base, "methods=[moe]", "train.max_steps=3")
+    monkeypatch.setattr(stage_mod, "make_trainer", interrupted)
+    with pytest.raises(Stop):
+        run_pipeline(load_recipe("minicode", overrides), str(tmp_path / "run"), progress=False)
+    moe = tmp_path / "run" / "moe"
+    assert (moe / "checkpoints" / "checkpoint-1").is_dir() and not (moe / "final").exists()
+
+    monkeypatch.setattr(stage_mod, "make_trainer", real)
+    lines = []
+    run_pipeline(load_recipe("minicode", overrides), str(tmp_path / "run"), progress=False, log=lines.append)
+    record = json.loads((moe / "final" / "xft_training.json").read_text())
+    steps = [h["step"] for h in record["log_history"] if "loss" in h]
+    assert steps == [1, 2, 3]  # one history, continued: step 1 from before the interruption
+    assert any(line.startswith("[") and "moe" in line and "done" in line for line in lines)
+    assert any("upcycle" in line and "skipped" in line for line in lines)
+
+
+# ---------------------------------------------------------------- report
+
+def test_report_table_and_plots(tmp_path):
+    from xft import report
+
+    rows = [report.Row("base", [0.1]), report.Row("xft", [0.5, 0.6, 0.55], params=10, tokens=2_000_000,
+                                                  flops=3e12)]
+    tab = report.table(rows, n_tasks=400)
+    assert "| XFT learned merge | 55.0 ± 12.4 |" in tab and "3.00T" in tab and "2.00M" in tab
+    assert "| base model | 10.0 ± 2.9 |" in tab
+    log = [{"step": s, "layers": {str(layer): {"load_share": [0.5, 0.3, 0.2], "balance_loss": 0.01}
+                                  for layer in range(4)}} for s in (1, 10, 20)]
+    coef = {"method": "learned", "shared_weight": 0.75,
+            "coefficients": {str(layer): [0.75, 0.1, 0.1, 0.05] for layer in range(4)}}
+    for path in (report.plot_pass_at_1(rows, str(tmp_path / "a.png"), 400),
+                 report.plot_expert_load(log, str(tmp_path / "b.png")),
+                 report.plot_merge_coefficients(coef, str(tmp_path / "c.png"))):
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
