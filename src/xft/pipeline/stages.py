@@ -172,7 +172,8 @@ def _evaluator(method: str):
         for bench in e.benchmarks:
             evaluate_model(model_of(ctx, method), bench, os.path.join(out, bench), limit=e.limit,
                            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, workers=e.workers,
-                           data=e.data.get(bench), device=ctx.device, progress=ctx.progress, label=method)
+                           data=e.data.get(bench), device=ctx.device, progress=ctx.progress, label=method,
+                           base_model=method == "base")
     return run
 
 
