@@ -269,3 +269,12 @@ def test_bad_input_in_a_real_process_has_no_traceback(workspace, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert all(part in proc.stderr for part in expected) and not (tmp_path / "o").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_moe_losses(workspace, trained_moe):
+    ws = workspace
+    runs = [train_sft(SFTConfig(model=str(ws / "moe"), data=str(ws / "data.jsonl"), out=str(ws / f"gc{gc}"),
+                                gradient_checkpointing=gc, max_steps=3, lr=1e-2, **{**FAST, "micro_batch_size": 4}))
+            for gc in (False, True)]
+    plain, checkpointed = map(losses, runs)
+    assert checkpointed == pytest.approx(plain, rel=1e-6) and len(plain) == 3

@@ -136,6 +136,8 @@ class MergeConfig(CommonConfig):
             if not self.out:
                 raise UserError("missing required setting: out")
         else:
+            if not self.data:
+                raise UserError("method 'learned' trains on data: pass --data (or use --method init/uniform)")
             super().validate()
         if not self.moe:
             raise UserError("missing required setting: moe")

@@ -84,7 +84,7 @@ def learn_merge(config: MergeConfig) -> str:
         if PartialState().is_main_process:
             rundir.start(run, cfg, "merge")
     record = coefficients_record(cfg, moe_config, coefficients, logits)
-    main = trainer.is_world_process_zero() if trainer else True
+    main = PartialState().is_main_process
 
     def save(tmp: str) -> None:
         if main:

@@ -82,6 +82,13 @@ def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str 
     ckpt = "activation_checkpointing" if "activation_checkpointing" in _ARG_FIELDS else "gradient_checkpointing"
     checkpointing = {ckpt: cfg.gradient_checkpointing,
                      f"{ckpt}_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None}
+    try:
+        return _training_arguments(cfg, output_dir, micro, accum, mixed, is_moe, checkpointing)
+    except ValueError as e:  # e.g. an unknown --optimizer or --lr-scheduler name
+        raise UserError(f"invalid training setting: {str(e).splitlines()[0]}") from None
+
+
+def _training_arguments(cfg, output_dir, micro, accum, mixed, is_moe, checkpointing) -> TrainingArguments:
     return TrainingArguments(
         **checkpointing,
         output_dir=output_dir,
@@ -130,7 +137,7 @@ class RoutingMeter:
         for layer, s in stats.items():
             acc = self.sums.setdefault(layer, {})
             for key, value in s.items():
-                v = value.detach().float().cpu()
+                v = value.detach().float()  # stays on its device: no sync per micro-batch
                 acc[key] = acc[key] + v if key in acc else v
         self.count += 1
 
@@ -140,6 +147,7 @@ class RoutingMeter:
             return {}, {}
         layers = {}
         for layer, acc in self.sums.items():
+            acc = {k: v.cpu() for k, v in acc.items()}
             load = acc["load"] / self.count  # [R] tokens routed to each expert (noise-smoothed)
             share = (load / load.sum().clamp_min(1e-9)).tolist()  # fraction of routed tokens per expert
             layers[layer] = {"load_share": [round(x, 5) for x in share],
