@@ -10,8 +10,9 @@ Order of events:
 1. read the job; 2. isolate (mounts + chroot + uid/capability drop, or rlimits
 only); 3. per test phase, fork a child that applies the reliability guard, runs the
 candidate and reports through a pipe; the harness kills the child's process group
-at the phase deadline; 4. print the verdict. When the harness (pid 1 of its pid
-namespace) exits, the kernel kills whatever the candidate left behind.
+at the phase deadline; 4. print the verdict. In the namespace levels, pid 1 of the
+pid namespace is a bare waiting copy of the harness; when it exits, the kernel kills
+whatever the candidate left behind.
 
 Job kinds: "check" (HumanEval style: the program runs a `check(candidate)` test),
 "io" (EvalPlus style: call the entry point on inputs, compare with expected
@@ -95,7 +96,11 @@ def _build_root(iso):
     for path, target in iso["symlinks"]:
         os.symlink(target, root + path)
     os.makedirs(root + "/scratch")
-    _mount(iso["scratch"], root + "/scratch", None, _MS_BIND)
+    if iso.get("scratch_bytes"):  # a private, size-capped scratch: cannot fill the host's disk
+        _mount("tmpfs", root + "/scratch", "tmpfs", _MS_NOSUID | _MS_NODEV,
+               f"size={iso['scratch_bytes']},mode=1777")
+    else:  # files written here are collected by the host (reference outputs)
+        _mount(iso["scratch"], root + "/scratch", None, _MS_BIND)
     os.symlink("/scratch", root + "/tmp")
     with contextlib.suppress(OSError):  # refused in some containers; Python does not need it
         os.makedirs(root + "/proc")
@@ -476,8 +481,21 @@ def _sweep_descendants():
                 os.waitpid(pid, 0)
 
 
+def _stay_init():
+    """Namespace levels: we are pid 1 of a new pid namespace, which no signal from inside
+    can kill. Stay behind as a bare waiter and let a child be the harness, so that a
+    program killing its parent kills the harness and fails. When pid 1 exits, the
+    kernel kills everything left in the namespace."""
+    pid = os.fork()
+    if pid:
+        _, status = os.waitpid(pid, 0)
+        os._exit(0)
+
+
 def main():
     job = pickle.load(sys.stdin.buffer)
+    if job["isolation"]["level"] != "rlimits":
+        _stay_init()
     sys.path.extend(job.get("site_packages", ()))  # started with -S (no site processing)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)

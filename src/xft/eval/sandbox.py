@@ -54,8 +54,10 @@ from xft.errors import UserError
 
 LEVELS = ("namespaces", "userns", "rlimits")
 _HARNESS = str(Path(__file__).with_name("_harness.py"))
-# Per-slot uids for the namespaces level: unused by any account, one per parallel slot.
-_UID_BASE = int(os.environ.get("XFT_SANDBOX_UID_BASE", "1900000"))
+# Unprivileged uids for the namespaces level: unused by any account, one per parallel
+# slot, in a block chosen by our pid so that concurrent evaluations rarely share one
+# (a uid's process limit is shared by all its processes).
+_UID_BASE = int(os.environ.get("XFT_SANDBOX_UID_BASE", "1900000")) + (os.getpid() % 4096) * 256
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
 _ETC_FILES = ("/etc/passwd", "/etc/group", "/etc/localtime", "/etc/ld.so.cache")
 _DEV_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
@@ -67,6 +69,7 @@ class Limits:
 
     memory_bytes: int = 4 << 30  # address space, as EvalPlus (RLIMIT_AS)
     file_bytes: int = 64 << 20  # largest file it may write
+    scratch_bytes: int = 256 << 20  # scratch tmpfs size (namespace levels; 0: host directory)
     processes: int = 64  # RLIMIT_NPROC above what the uid already runs
     open_files: int = 256
     output_bytes: int = 64 << 10  # captured program output; the rest is discarded
@@ -173,7 +176,8 @@ class Sandbox:
                        site_packages=_site_packages(),
                        isolation={"level": self.level, "root": os.path.join(work, "root"),
                                   "scratch": scratch, "ro_paths": self._ro_paths,
-                                  "symlinks": _symlinks(), "uid": uid})
+                                  "symlinks": _symlinks(), "uid": uid,
+                                  "scratch_bytes": 0 if keep else limits.scratch_bytes})
             job_file = os.path.join(work, "job.pkl")
             with open(job_file, "wb") as f:
                 pickle.dump(job, f, protocol=4)
