@@ -52,7 +52,7 @@ class BaseBudget:
     tokenizer_instructions: int = 2000  # training instructions the tokenizer also sees
     steps: int = 500  # optimizer steps
     batch_size: int = 32  # examples per step
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.0
 

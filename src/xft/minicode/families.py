@@ -290,6 +290,8 @@ _M = sorted(MAPS)
 _S = sorted(STRINGS)
 # Pairs of filters that are contradictory or redundant (always empty, or equal to one filter).
 _BAD_FILTER_PAIRS = {("even", "odd"), ("neg", "pos"), ("gt", "neg"), ("neg", "nonzero"), ("nonzero", "pos")}
+# What a conditional returns otherwise: n unchanged, zero, or n negated (kept few: a tiny model must learn it).
+_COND_ELSE = ["keep", "zero", "neg"]
 # Predicates that are constant or redundant over 1..n.
 _LOOP_PREDICATES = [p for p in _P if p not in ("neg", "pos", "nonzero")]
 
@@ -305,10 +307,11 @@ def _kind_tuples() -> dict[str, list[tuple[str, ...]]]:
         + [(f"map:{m}", f"reduce:{r}") for m in _M for r in _REDUCE_OVER_MAP],
         "list_pipeline": [(f"filter:{p}", f"map:{m}") for p in _P for m in _M],
         "string": f(_S, "str") + [(f"str:{a}", f"str:{b}") for a, b in itertools.permutations(_S, 2)],
-        "arith": f(_M, "map") + [(f"map:{a}", f"map:{b}") for a, b in itertools.permutations(_M, 2)]
-        + f(sorted(BINARY), "bin") + [(f"bin:{b}", f"map:{m}") for b in sorted(BINARY) for m in _M],
+        # (Chains of two maps are list_map's compositions; arith composes a binary op with a map.)
+        "arith": f(_M, "map") + f(sorted(BINARY), "bin")
+        + [(f"bin:{b}", f"map:{m}") for b in sorted(BINARY) for m in _M],
         "cond": [(f"if:{p}", f"then:{t}", f"else:{e}") for p in _P for t in _M
-                 for e in _M + ["keep", "zero"] if e != t],
+                 for e in _COND_ELSE if e != t],
         "loop": f(_LOOP_SINGLE, "loop") + [("loop:sum", f"map:{m}") for m in _M]
         + [(f"loop:{a}", f"filter:{p}") for a in _LOOP_FILTERED for p in _LOOP_PREDICATES]
         + [("loop:sum", f"filter:{p}", f"map:{m}") for p in _LOOP_PREDICATES for m in _M],
