@@ -190,7 +190,7 @@ def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None) -> st
         for s in r.scores if len(r.scores) > 1 else []:
             ax.plot(i, 100 * s, "k.", ms=4)
         ax.text(i, means[i] + errs[i] + 0.5, f"{means[i]:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(rows)), names, fontsize=8)
+    ax.set_xticks(range(len(rows)), names, fontsize=8, rotation=20, ha="right")
     ax.set_ylabel("pass@1 (%)")
     seeds = max(len(r.scores) for r in rows)
     ax.set_title("MiniCode pass@1 by model" + (f" (mean ± 95% CI, {seeds} seeds)" if seeds > 1
@@ -232,9 +232,10 @@ def plot_expert_load(records: list[dict], path: str) -> str | None:
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")
     axes[0][0].set_ylabel("share of routed tokens")
-    axes[0][-1].legend(fontsize=6, loc="upper right")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 8), fontsize=7, frameon=False)
     fig.suptitle("Expert load during MoE SFT (routed experts; dashed: even split)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -264,7 +265,7 @@ def plot_merge_coefficients(record: dict | None, path: str) -> str | None:
     im = ax1.imshow(np.log2(routed), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     for i in range(routed.shape[0]):
         for j in range(routed.shape[1]):
-            ax1.text(j, i, f"{c[i, j + 1]:.3f}", ha="center", va="center", fontsize=7)
+            ax1.text(j, i, f"{c[i, j + 1]:.4f}", ha="center", va="center", fontsize=7)
     ax1.set_xticks(range(n - 1), [f"{j + 1}" for j in range(n - 1)])
     ax1.set_yticks(range(len(layers)), [f"layer {k}" for k in layers])
     ax1.set_xlabel("routed expert")
