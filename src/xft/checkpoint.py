@@ -16,7 +16,7 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
@@ -50,11 +50,10 @@ def load(path: str, dtype: torch.dtype | str | None = None, device: str | torch.
     dense_config = copy.deepcopy(config)
     delattr(dense_config, CONFIG_KEY)
     dtype = _resolve_dtype(dtype, config)
-    with no_init_weights():  # every tensor is overwritten below
+    with no_init_weights(), torch.device(device or "cpu"):  # every tensor is overwritten below
         model = AutoModelForCausalLM.from_config(dense_config, dtype=dtype)
     upcycle(model, xft_config)
-    _load_state(model, _state_dict(path))
-    model = model.to(device) if device is not None else model
+    _load_weights(model, _weight_files(path))
     return model.eval()
 
 
@@ -74,37 +73,44 @@ def _resolve_dtype(dtype, config) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _state_dict(path: str) -> dict[str, torch.Tensor]:
+def _weight_files(path: str) -> list[str]:
+    """Local paths of the checkpoint's safetensors files (one, or the shards of an index)."""
     index = cached_file(path, _INDEX, _raise_exceptions_for_missing_entries=False)
     if index is None:
         single = cached_file(path, _WEIGHTS, _raise_exceptions_for_missing_entries=False)
         if single is None:
             raise UserError(f"{path}: no {_WEIGHTS} or {_INDEX} (an xft MoE is saved as safetensors)")
-        return load_file(single)
+        return [single]
     with open(index) as f:
         shards = sorted(set(json.load(f)["weight_map"].values()))
-    state = {}
-    for shard in shards:
-        state.update(load_file(cached_file(path, shard)))
-    return state
+    return [cached_file(path, shard) for shard in shards]
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` into `model`, asserting that keys and shapes match (tied weights may be absent)."""
+@torch.no_grad()
+def _load_weights(model: nn.Module, files: list[str]) -> None:
+    """Copy every tensor of `files` into `model`, one at a time (peak memory: the model + one tensor).
+
+    Asserts that keys and shapes match; only tied aliases (e.g. an LM head tied to the embeddings)
+    may be absent from the files.
+    """
     expected = model.state_dict()
-    unexpected = sorted(set(state) - set(expected))
-    missing = sorted(set(expected) - set(state))
-    tied = _tied_keys(model)
-    missing = [k for k in missing if k not in tied]
-    if unexpected or missing:
-        raise UserError(f"checkpoint does not match the model: missing {missing[:5]}"
-                        f"{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                        f"{'…' if len(unexpected) > 5 else ''}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise UserError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}; "
-                            f"the model expects {tuple(expected[key].shape)}")
-    model.load_state_dict(state, strict=False)
+    seen = set()
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key not in expected:
+                    raise UserError(f"{file}: tensor {key} does not exist in the model "
+                                    f"({type(model).__name__} upcycled as recorded in config.json)")
+                tensor = f.get_tensor(key)
+                if tensor.shape != expected[key].shape:
+                    raise UserError(f"{file}: tensor {key} has shape {tuple(tensor.shape)}; "
+                                    f"the model expects {tuple(expected[key].shape)}")
+                expected[key].copy_(tensor)
+                seen.add(key)
+    missing = sorted(set(expected) - seen - _tied_keys(model))
+    if missing:
+        raise UserError(f"checkpoint is missing {len(missing)} tensors: {missing[:5]}"
+                        f"{'…' if len(missing) > 5 else ''}")
     model.tie_weights()
 
 
