@@ -1,5 +1,10 @@
 """Two CPU processes (accelerate launch, gloo DDP) train an MoE like one process with the same global batch.
 
+`accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up
+(accelerate 1.x runs multi-CPU jobs through mpirun), so the two processes are started with
+`accelerate launch --multi_gpu --num_processes 2` (torch's elastic launcher); on a machine
+without CUDA, xft makes them join a gloo process group.
+
 The MoE starts with an all-zero router and no noise, so in the first steps
 every token goes to routed expert 1 and the other routed experts receive no
 tokens at all: DDP must neither fail nor hang on their missing gradients.
@@ -25,8 +30,10 @@ ARGS = ["--max-steps", "6", "--batch-size", "8", "--micro-batch-size", "2", "--w
 
 
 def curve(run):
+    """(number of training processes, logged losses) of a finished run."""
     with open(run / "final" / "xft_training.json") as f:
-        return [h["loss"] for h in json.load(f)["log_history"] if "loss" in h]
+        record = json.load(f)
+    return record["processes"], [h["loss"] for h in record["log_history"] if "loss" in h]
 
 
 def test_two_processes_match_one_process_with_idle_experts(tmp_path):
@@ -45,7 +52,7 @@ def test_two_processes_match_one_process_with_idle_experts(tmp_path):
     shutil.rmtree(ws / "moe0")
 
     train = ["xft.cli", "train", str(ws / "moe"), "--data", str(ws / "data.jsonl"), *ARGS]
-    two = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    two = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                             "--num_cpu_threads_per_process", "1", "-m", *train, "--out", str(tmp_path / "two")],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     one = subprocess.run([sys.executable, "-m", *train, "--out", str(tmp_path / "one")], capture_output=True,
@@ -54,10 +61,12 @@ def test_two_processes_match_one_process_with_idle_experts(tmp_path):
     out, _ = two.communicate(timeout=400)  # a hang would time out here
     assert two.returncode == 0, out[-3000:]
 
-    first = json.loads((tmp_path / "one" / "routing.jsonl").read_text().splitlines()[0])
-    assert first["layers"]["0"]["load_share"][1:] == [0.0, 0.0]  # experts 2 and 3 got no token
+    for run in ("one", "two"):
+        first = json.loads((tmp_path / run / "routing.jsonl").read_text().splitlines()[0])
+        assert first["layers"]["0"]["load_share"][1:] == [0.0, 0.0]  # experts 2 and 3 got no token
 
-    c1, c2 = curve(tmp_path / "one"), curve(tmp_path / "two")
+    (n1, c1), (n2, c2) = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert (n1, n2) == (1, 2)  # really two processes in one process group
     assert len(c1) == len(c2) == 6 and c1[-1] < c1[0]
     assert c2 == pytest.approx(c1, rel=1e-3), (c1, c2)
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")

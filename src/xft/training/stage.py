@@ -110,4 +110,5 @@ def config_record(cfg, stage: str, data_stats, trainer) -> dict:
     """What goes into OUT/final/xft_training.json: config, data stats, log history."""
     return {"stage": stage, "config": asdict(cfg), "data": asdict(data_stats) if data_stats else None,
             "log_history": trainer.state.log_history if trainer else [],
+            "processes": trainer.args.world_size if trainer else 1,
             "torch": torch.__version__}

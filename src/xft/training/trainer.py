@@ -82,15 +82,23 @@ def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str 
     ckpt = "activation_checkpointing" if "activation_checkpointing" in _ARG_FIELDS else "gradient_checkpointing"
     checkpointing = {ckpt: cfg.gradient_checkpointing,
                      f"{ckpt}_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None}
+    # Several processes on a machine without CUDA (torchrun, accelerate launch --multi_gpu): without
+    # use_cpu they would not join a process group and would each train alone; with it they use gloo.
+    use_cpu = world_size() > 1 and not torch.cuda.is_available()
     try:
-        return _training_arguments(cfg, output_dir, micro, accum, mixed, is_moe, checkpointing)
+        args = _training_arguments(cfg, output_dir, micro, accum, mixed, is_moe, checkpointing, use_cpu)
     except ValueError as e:  # e.g. an unknown --optimizer or --lr-scheduler name
         raise UserError(f"invalid training setting: {str(e).splitlines()[0]}") from None
+    if args.world_size != world_size():
+        raise UserError(f"{world_size()} processes were launched but training sees {args.world_size}; "
+                        "launch with torchrun or accelerate launch (see docs/training.md)")
+    return args
 
 
-def _training_arguments(cfg, output_dir, micro, accum, mixed, is_moe, checkpointing) -> TrainingArguments:
+def _training_arguments(cfg, output_dir, micro, accum, mixed, is_moe, checkpointing, use_cpu) -> TrainingArguments:
     return TrainingArguments(
         **checkpointing,
+        use_cpu=use_cpu,
         output_dir=output_dir,
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum,
