@@ -306,6 +306,9 @@ def write_report(out: str, runs: list[str], title: str, benchmark: str = "minico
     for caption, path in plots:
         if path:
             lines += [f"![{caption}](plots/{os.path.basename(path)})", ""]
+    timing = _timings_table(runs)
+    if timing:
+        lines += ["Wall time per stage (seconds, summed over the runs; timings.json):", "", timing, ""]
     report = os.path.join(out, "report.md")
     tmp = report + ".tmp"
     with open(tmp, "w") as f:
@@ -332,3 +335,14 @@ def _breakdown_table(runs: list[str], methods: list[str], benchmark: str) -> str
         lines.append(f"| {LABELS.get(method, method)} | "
                      + " | ".join(f"{100 * sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
     return "\n".join(lines)
+
+
+def _timings_table(runs: list[str]) -> str:
+    total: dict[str, float] = {}
+    for run in runs:
+        for stage, seconds in (_read_json(os.path.join(run, "timings.json")) or {}).items():
+            total[stage] = total.get(stage, 0.0) + seconds
+    if not total:
+        return ""
+    lines = ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in total.items()]
+    return "\n".join(lines + [f"| **all stages** | **{sum(total.values()):.0f}** |"])

@@ -15,6 +15,13 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _quiet_loading() -> None:
+    """Keep the stage log readable: no per-load "Loading weights" / "Writing model shards" bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def register(subparsers) -> None:
     """Add the `run` and `demo` subcommands."""
     from xft.pipeline.recipe import bundled_recipes
@@ -58,6 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     from xft.pipeline import load_recipe, run_pipeline
 
     recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_loading()
     name = os.path.splitext(os.path.basename(args.recipe))[0]
     out = args.out or os.path.join("runs", name)
     run_pipeline(recipe, out, device=_device(args.device), progress=args.progress, log=print)
@@ -72,6 +80,7 @@ def _demo(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else (FULL_SEEDS if args.full else 1)
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
+    _quiet_loading()
     report, table = run_demo(args.out, seeds=seeds, full=args.full, device=_device(args.device),
                              progress=args.progress, extra_overrides=args.overrides)
     print("\n" + table + f"\n\nReport: {report} (plots in {os.path.dirname(report)}/plots)")
