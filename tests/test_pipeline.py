@@ -51,7 +51,8 @@ def test_paper_recipe_needs_data_and_has_the_papers_settings(tmp_path):
         load_recipe("deepseek-coder-1.3b")
     data = tmp_path / "d.jsonl"
     data.write_text('{"instruction": "a", "response": "b"}\n')
-    r = load_recipe("deepseek-coder-1.3b", [f"data.path={data}"])
+    r = load_recipe("deepseek-coder-1.3b", [f"data={data}"])  # short for data.path=
+    assert r.data.path == str(data)
     assert r.upcycle["num_experts"] == 8 and r.upcycle["top_k"] == 6 and r.merge["shared_weight"] == 0.75
     assert (r.train["lr"], r.train["epochs"], r.train["warmup_steps"], r.train["batch_size"]) == (5e-5, 4, 500, 64)
     assert (r.train["optimizer"], r.train["max_length"], r.train["lr_scheduler"]) == ("adafactor", 1024, "linear")

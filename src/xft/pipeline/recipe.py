@@ -246,6 +246,8 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
         node = out
+        if path == ["data"] and isinstance(value, str) and isinstance(node.get("data"), dict):
+            path = ["data", "path"]  # --set data=FILE
         for i, part in enumerate(path[:-1]):
             child = node.get(part)
             if child is None:
@@ -285,7 +287,9 @@ def recipe_path(name: str) -> Path:
 
 
 def from_dict(values: dict) -> Recipe:
-    """A validated `Recipe` from a mapping."""
+    """A validated `Recipe` from a mapping (`data: FILE` is short for `data: {path: FILE}`)."""
+    if isinstance(values.get("data"), str):
+        values = dict(values, data={"path": values["data"]})
     return validate(_build(Recipe, values, ""))
 
 
