@@ -278,3 +278,16 @@ def test_gradient_checkpointing_gives_the_same_moe_losses(workspace, trained_moe
             for gc in (False, True)]
     plain, checkpointed = map(losses, runs)
     assert checkpointed == pytest.approx(plain, rel=1e-6) and len(plain) == 3
+
+
+def test_sparse_upcycling_trains_and_merges(workspace):
+    """The no-shared-expert baseline (--routing sparse) through upcycle -> SFT -> learned merge."""
+    ws = workspace
+    common = dict(data=str(ws / "data.jsonl"), max_steps=2, lr=1e-2, **FAST)
+    moe = train_sft(SFTConfig(model=str(ws / "llama"), upcycle=True, num_experts=4, top_k=2, routing="sparse",
+                              out=str(ws / "sparse"), **common))
+    assert xft.load(moe).config.xft["routing"] == "sparse"
+    dense = learn_merge(MergeConfig(moe=str(ws / "sparse"), out=str(ws / "sparse_merge"), **common))
+    coeffs = json.loads(open(os.path.join(dense, "merge_coefficients.json")).read())
+    assert all(len(c) == 4 and sum(c) == pytest.approx(1.0) for c in coeffs["coefficients"].values())
+    assert len(coeffs["mixing_logits"]["0"]) == 4  # no shared expert: one logit per expert

@@ -39,7 +39,11 @@ def register(subparsers) -> None:
 def _upcycle(args) -> int:
     import xft
     from xft.training.rundir import atomic_dir, resolve_model
+    from transformers.utils import logging
+
     from xft.training.stage import load_tokenizer
+
+    logging.disable_progress_bar()  # per-file load/save bars
 
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists and is not empty; pass --overwrite or choose another --out")

@@ -32,9 +32,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=_merge)
 
 
+def _quiet_io() -> None:
+    """Hide transformers' per-file load/save progress bars; the training bar stays."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _train(args) -> int:
     from xft.training import train_sft
 
+    _quiet_io()
     train_sft(from_args(SFTConfig, args))
     return 0
 
@@ -42,5 +50,6 @@ def _train(args) -> int:
 def _merge(args) -> int:
     from xft.training import learn_merge
 
+    _quiet_io()
     learn_merge(from_args(MergeConfig, args))
     return 0

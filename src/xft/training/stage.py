@@ -99,8 +99,9 @@ def common_rows(cfg, trainer, output, seconds: float, data_stats, final: str) ->
             ("steps", f"{trainer.state.global_step} optimizer steps, {trainer.state.epoch or 0:.2f} epochs, "
                       f"global batch {cfg.batch_size}")]
     if curve:
+        mean = getattr(output, "training_loss", None)
         rows.append(("training loss", f"{curve[0][1]:.4f} (step {curve[0][0]}) -> {curve[-1][1]:.4f} "
-                                      f"(step {curve[-1][0]})"))
+                                      f"(step {curve[-1][0]})" + (f"; mean {mean:.4f}" if mean else "")))
     rows.append(("time", f"{seconds:.1f} s this session"
                          + (f", {tokens / seconds:,.0f} tokens/s" if tokens and seconds > 0 else "")))
     return rows
