@@ -1,23 +1,26 @@
-"""Runs *inside* the sandbox: isolate this process, then test one candidate program.
+"""Runs *inside* the sandbox: a worker that isolates itself once, then tests programs.
 
-Started by `xft.eval.sandbox` as `python -I -S -B _harness.py` (under `unshare` for the
-namespace levels) with a pickled job on stdin; prints one JSON line (the verdict) on
-stdout and exits. It imports nothing from `xft`, so the isolated process never needs
-the project's source tree, and everything it needs is imported before the
-filesystem is cut down.
+Started by `xft.eval.sandbox` as `python -I -S -B _harness.py` (under `unshare` for
+the namespace levels). It imports nothing from `xft`, so the isolated process
+never needs the project's source tree, and everything it needs is imported before
+the filesystem is cut down.
 
-Order of events:
-1. read the job; 2. isolate (mounts + chroot + uid/capability drop, or rlimits
-only); 3. per test phase, fork a child that applies the reliability guard, runs the
-candidate and reports through a pipe; the harness kills the child's process group
-at the phase deadline; 4. print the verdict. In the namespace levels, pid 1 of the
-pid namespace is a bare waiting copy of the harness; when it exits, the kernel kills
-whatever the candidate left behind.
+Protocol (stdin/stdout, length-prefixed frames): a setup frame (pickled), answered
+by a "ready" frame; then one pickled job per frame, each answered by a JSON
+verdict frame followed by the raw bytes of any files the job asked to keep.
+
+Per job the worker forks a *runner*: it makes a fresh scratch directory, loads the
+expected outputs, sets resource limits, drops privileges (a dedicated uid when we
+are real root, else every capability) and runs each test phase in a forked child
+that applies the reliability guard; the runner kills the child's process group at
+the phase deadline. After the job the worker kills every process left below it
+(it is pid 1 of its pid namespace, or a subreaper) and deletes the scratch
+directory, so nothing a program starts survives its job.
 
 Job kinds: "check" (HumanEval style: the program runs a `check(candidate)` test),
 "io" (EvalPlus style: call the entry point on inputs, compare with expected
-outputs) and "reference" (run a trusted canonical solution, return its outputs and
-timings, pickled).
+outputs) and "reference" (run a trusted canonical solution, keep its outputs in a
+file and return its timings).
 """
 
 import contextlib
@@ -33,11 +36,13 @@ import os
 import pickle
 import resource
 import select
+import shutil
 import signal
+import struct
 import sys
 import time
 
-# ----------------------------------------------------------------- isolation
+# ----------------------------------------------------------------- isolation (once per worker)
 
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
@@ -84,40 +89,47 @@ def _bind_readonly(src, dst):
     _mount(None, dst, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | keep)
 
 
-def _build_root(iso):
-    """Mount a fresh tmpfs at iso['root'] holding only read-only binds of what Python
-    needs, plus the scratch directory (the one writable place), and chroot into it."""
-    root = iso["root"]
+def _build_root(setup):
+    """Mount a fresh tmpfs at setup['root'] holding only read-only binds of what Python
+    needs, plus a size-capped tmpfs scratch (the one writable place), and chroot."""
+    root = setup["root"]
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # never propagate to the host
     _mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=755,size=1m")
-    for path in iso["ro_paths"]:
+    for path in setup["ro_paths"]:
         if os.path.exists(path):
             _bind_readonly(path, root + path)
-    for path, target in iso["symlinks"]:
+    for path, target in setup["symlinks"]:
         os.symlink(target, root + path)
     os.makedirs(root + "/scratch")
-    if iso.get("scratch_bytes"):  # a private, size-capped scratch: cannot fill the host's disk
-        _mount("tmpfs", root + "/scratch", "tmpfs", _MS_NOSUID | _MS_NODEV,
-               f"size={iso['scratch_bytes']},mode=1777")
-    else:  # files written here are collected by the host (reference outputs)
-        _mount(iso["scratch"], root + "/scratch", None, _MS_BIND)
+    _mount("tmpfs", root + "/scratch", "tmpfs", _MS_NOSUID | _MS_NODEV,
+           f"size={setup['scratch_bytes']},mode=711")
     os.symlink("/scratch", root + "/tmp")
-    with contextlib.suppress(OSError):  # refused in some containers; Python does not need it
+    with contextlib.suppress(OSError):  # refused in some containers; then no sweep by /proc
         os.makedirs(root + "/proc")
         _mount("proc", root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     _mount(None, root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
     os.chroot(root)
     os.chdir("/scratch")
+    return "/scratch"
 
 
-def _drop_privileges(iso):
+def isolate_worker(setup):
+    """Once per worker: the filesystem view (namespace levels) or a subreaper (rlimits).
+    Returns the directory under which each job gets its scratch directory."""
+    _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us
+    if setup["level"] in ("namespaces", "userns"):
+        return _build_root(setup)
+    return setup["scratch"]
+
+
+def _drop_privileges(setup):
     """Lose every way back out: a fresh uid when we are real root, else all capabilities."""
-    uid = iso.get("uid")
+    uid = setup.get("uid")
     if uid is not None:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)  # clears all capabilities
-    elif iso["level"] == "userns":
+    elif setup["level"] == "userns":
         # root of a user namespace: keep no capability, and none on exec (securebits)
         _libc.prctl(_PR_SET_SECUREBITS, _SECBITS_LOCKED_NOROOT, 0, 0, 0)
         for cap in range(64):
@@ -131,20 +143,9 @@ def _drop_privileges(iso):
     _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
-def _own_process_count():
-    uid = str(os.getuid())
-    n = 0
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
-                n += any(line.startswith("Uid:") and line.split()[1] == uid for line in f)
-    return n
-
-
-def _set_limits(limits, level, cpu_seconds):
-    nproc = limits["processes"]
-    if level != "namespaces":  # our uid is shared with the user's other processes
-        nproc += _own_process_count()
+def _set_limits(limits, setup, cpu_seconds):
+    # RLIMIT_NPROC counts every process of the uid; `nproc_base` is what it already runs.
+    nproc = limits["processes"] + setup.get("nproc_base", 0)
     for res, value in ((resource.RLIMIT_NPROC, nproc),
                        (resource.RLIMIT_FSIZE, limits["file_bytes"]),
                        (resource.RLIMIT_NOFILE, limits["open_files"]),
@@ -154,17 +155,28 @@ def _set_limits(limits, level, cpu_seconds):
             resource.setrlimit(res, (value, value))
 
 
-def isolate(job):
-    """Apply the isolation level chosen by the host. Raises if a step fails."""
-    iso = job["isolation"]
-    level = iso["level"]
-    if level in ("namespaces", "userns"):
-        _build_root(iso)
-    else:
-        os.chdir(iso["scratch"])
-        _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us
-    _set_limits(job["limits"], level, int(job["deadline"]) + 2)
-    _drop_privileges(iso)
+# ----------------------------------------------------------------- expected outputs
+
+# Plain data types only: calling any of these cannot run code of the pickle's choosing.
+_SAFE_GLOBALS = {("builtins", n) for n in ("set", "frozenset", "complex", "slice", "range",
+                                             "bytearray", "list", "dict", "tuple", "int",
+                                             "float", "str", "bool")} | \
+    {("collections", n) for n in ("Counter", "OrderedDict", "defaultdict", "deque")}
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _load_expected(job):
+    """io jobs carry their expected outputs as plain-data pickles (they can be hundreds
+    of MB); decode them with an unpickler that only builds plain data."""
+    for phase in job.get("phases", ()):
+        if "expected_pickle" in phase:
+            phase["expected"] = _PlainDataUnpickler(io.BytesIO(phase.pop("expected_pickle"))).load()
 
 
 # ----------------------------------------------------------------- in-child guard
@@ -248,31 +260,6 @@ def _swallow_io():
 def _first_line(exc):
     text = f"{type(exc).__name__}: {exc}".strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-# ----------------------------------------------------------------- expected outputs
-
-# Plain data types only: calling any of these cannot run code of the pickle's choosing.
-_SAFE_GLOBALS = {("builtins", n) for n in ("set", "frozenset", "complex", "slice", "range",
-                                             "bytearray", "list", "dict", "tuple", "int",
-                                             "float", "str", "bool")} | \
-    {("collections", n) for n in ("Counter", "OrderedDict", "defaultdict", "deque")}
-
-
-class _PlainDataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _load_expected(job):
-    """io jobs name their expected outputs by file (they can be hundreds of MB): load them
-    before isolation, with an unpickler that only builds plain data."""
-    for phase in job.get("phases", ()):
-        if "expected_file" in phase:
-            with open(phase.pop("expected_file"), "rb") as f:
-                phase["expected"] = _PlainDataUnpickler(f).load()
 
 
 # ----------------------------------------------------------------- output comparison
@@ -380,7 +367,8 @@ def _run_io(job, phase):
 
 
 def _run_reference(job, phase):
-    """Trusted canonical solution: outputs pickled to /scratch/<phase>.pkl, per-input times."""
+    """Trusted canonical solution: outputs pickled to <phase>.pkl in the job's scratch
+    directory (the worker sends the file back), per-input wall times in the report."""
     env = {}
     exec(job["code"], env)
     fn = env[job["entry_point"]]
@@ -399,13 +387,14 @@ def _run_reference(job, phase):
 _BODIES = {"check": _run_check, "io": _run_io, "reference": _run_reference}
 
 
-# ----------------------------------------------------------------- phases (in the harness)
+# ----------------------------------------------------------------- phases (in the runner)
 
-def _child(job, phase, wfd):
-    os.setpgid(0, 0)  # own process group: the harness kills all of it at the deadline
-    devnull = os.open(os.devnull, os.O_RDWR)
+def _child(job, phase, wfd, out_fd):
+    os.setpgid(0, 0)  # own process group: the runner kills all of it at the deadline
+    devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    os.dup2(2, 1)  # raw fd writes of the candidate go to the host's bounded stderr reader
+    os.dup2(out_fd, 1)  # raw writes land in a size-capped file (RLIMIT_FSIZE)
+    os.dup2(out_fd, 2)
     write, exit_ = os.write, os._exit
     try:
         if job["kind"] != "reference":
@@ -426,95 +415,187 @@ def _kill_group(pid):
         os.killpg(pid, signal.SIGKILL)
 
 
-def run_phase(job, phase):
+def _read_until(fd, deadline):
+    """Everything written to pipe `fd` until EOF, or None if `deadline` passes first."""
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def run_phase(job, phase, out_fd):
     """Fork, run one phase in the child, and collect its JSON report before the deadline."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _child(job, phase, wfd)
+        _child(job, phase, wfd, out_fd)
     os.close(wfd)
-    deadline = time.monotonic() + phase["deadline"]
-    chunks, timed_out = [], False
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            timed_out = True
-            break
-        ready, _, _ = select.select([rfd], [], [], left)
-        if ready:
-            chunk = os.read(rfd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
+    data = _read_until(rfd, time.monotonic() + phase["deadline"])
     os.close(rfd)
     _kill_group(pid)
-    os.waitpid(pid, 0)
-    if timed_out:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    if data is None:
         return {"status": "timeout", "error": f"no answer within {phase['deadline']:.1f}s"}
     try:
-        result = json.loads(b"".join(chunks))
+        result = json.loads(data)
         assert isinstance(result, dict) and result.get("status") in ("pass", "fail", "timeout", "error")
         return result
     except (ValueError, AssertionError):
         return {"status": "error", "error": "the program ended before its tests finished"}
 
 
-def _sweep_descendants():
-    """rlimits level only: kill every process still alive below us (we are their subreaper)."""
-    me = os.getpid()
-    for _ in range(3):
-        alive = []
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+def _runner(job, setup, workdir, wfd):
+    """Per job: limits, privilege drop, phases; writes the JSON verdict to `wfd`."""
+    try:
+        os.setpgid(0, 0)
+        os.chdir(workdir)
+        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
+        out_fd = os.open(".output", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        _load_expected(job)
+        gc.freeze()  # expected outputs can be millions of objects: keep them out of GC passes
+        _set_limits(job["limits"], setup, int(job["deadline"]) + 2)
+        _drop_privileges(setup)
+        results = {}
+        for phase in job["phases"]:
+            results[phase["name"]] = run_phase(job, phase, out_fd)
+            if job["kind"] == "reference" and results[phase["name"]]["status"] != "pass":
+                break
+        verdict = {"phases": results}
+    except BaseException as e:
+        verdict = {"setup_error": _first_line(e)}
+    data = json.dumps(verdict).encode()
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(wfd, data):]
+    os._exit(0)
+
+
+# ----------------------------------------------------------------- the worker loop
+
+def _descendants():
+    """Pids of every process below this one (orphans are reparented to us)."""
+    children, me = {}, os.getpid()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid == me:
-                alive.append(int(pid))
-        if not alive:
+                children.setdefault(ppid, []).append(int(pid))
+    found, todo = [], list(children.get(me, ()))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _reap():
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
             return
+        if pid == 0:
+            return
+
+
+def _sweep(runner_pid):
+    """Kill and reap everything the job started (fork bombs included: repeated rounds)."""
+    _kill_group(runner_pid)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        try:
+            alive = _descendants()
+        except OSError:  # no /proc: the process-group kills are all we have
+            alive = []
         for pid in alive:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                os.waitpid(pid, 0)
+        _reap()
+        if not alive:
+            return
+        time.sleep(0.001)
 
 
-def _stay_init():
-    """Namespace levels: we are pid 1 of a new pid namespace, which no signal from inside
-    can kill. Stay behind as a bare waiter and let a child be the harness, so that a
-    program killing its parent kills the harness and fails. When pid 1 exits, the
-    kernel kills everything left in the namespace."""
+def serve(job, setup, base, n):
+    """Run one job in a forked runner; returns (verdict dict, {name: bytes} kept files)."""
+    workdir = os.path.join(base, f"job{n}")
+    os.mkdir(workdir, 0o700)
+    if setup.get("uid") is not None:
+        os.chown(workdir, setup["uid"], setup["uid"])
+    rfd, wfd = os.pipe()
     pid = os.fork()
-    if pid:
-        _, status = os.waitpid(pid, 0)
-        os._exit(0)
+    if pid == 0:
+        os.close(rfd)
+        _runner(job, setup, workdir, wfd)
+    os.close(wfd)
+    data = _read_until(rfd, time.monotonic() + job["deadline"])
+    os.close(rfd)
+    _sweep(pid)
+    verdict = {"killed": True}
+    if data:
+        try:
+            verdict = json.loads(data)
+        except ValueError:
+            verdict = {"setup_error": "garbled report"}
+    files = {}
+    for name in job.get("keep", ()):
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            with open(path, "rb") as f:
+                files[name] = f.read()
+    with contextlib.suppress(OSError):
+        with open(os.path.join(workdir, ".output"), "rb") as f:
+            verdict["output"] = f.read(job["limits"]["output_bytes"]).decode("utf-8", "replace")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return verdict, files
+
+
+def _read_frame(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        return None
+    (size,) = struct.unpack("<Q", header)
+    return stream.read(size)
+
+
+def _write_frame(stream, data):
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
 
 
 def main():
-    job = pickle.load(sys.stdin.buffer)
-    if job["isolation"]["level"] != "rlimits":
-        _stay_init()
-    sys.path.extend(job.get("site_packages", ()))  # started with -S (no site processing)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    setup = pickle.loads(_read_frame(stdin))
+    sys.path.extend(setup.get("site_packages", ()))  # started with -S (no site processing)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 2)
     try:
-        _load_expected(job)
-        gc.freeze()  # expected outputs can be millions of objects: keep them out of GC passes
-        isolate(job)
+        base = isolate_worker(setup)
     except BaseException as e:
-        print(json.dumps({"setup_error": _first_line(e)}), flush=True)
+        _write_frame(stdout, json.dumps({"setup_error": _first_line(e)}).encode())
         return
-    results = {}
-    for phase in job["phases"]:
-        results[phase["name"]] = run_phase(job, phase)
-        if job["kind"] == "reference" and results[phase["name"]]["status"] != "pass":
-            break
-    if job["isolation"]["level"] == "rlimits":
-        _sweep_descendants()
-    sys.stdout.write(json.dumps({"phases": results}) + "\n")
-    sys.stdout.flush()
+    _write_frame(stdout, b'{"ready": true}')
+    n = 0
+    while True:
+        frame = _read_frame(stdin)
+        if frame is None:
+            return  # the host went away: exiting takes the whole namespace with us
+        n += 1
+        verdict, files = serve(pickle.loads(frame), setup, base, n)
+        verdict["files"] = [[name, len(data)] for name, data in files.items()]
+        _write_frame(stdout, json.dumps(verdict).encode())
+        for data in files.values():
+            stdout.write(data)
+        stdout.flush()
 
 
 if __name__ == "__main__":

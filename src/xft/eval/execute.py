@@ -72,7 +72,7 @@ def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth, tl: TimeLimits) 
         limits = [max(tl.min_per_input, tl.factor * t) for t in truth.times[task.task_id][p]]
         deadline = min(tl.max_phase, sum(limits)) + 2.0
         phases.append({"name": p, "inputs": getattr(task, f"{p}_input"),
-                       "expected_file": truth.outputs_file(task.task_id, p),
+                       "expected_pickle": truth.outputs(task.task_id, p),
                        "time_limits": limits, "deadline": deadline})
         total += deadline
     job = {"kind": "io", "code": program_for(bench, sample), "entry_point": task.entry_point,

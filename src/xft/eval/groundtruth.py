@@ -7,9 +7,10 @@ too, in parallel, and cache the result per data file under
 `$XDG_CACHE_HOME/xft/eval/<benchmark>-<data hash>/` (default `~/.cache/xft/eval`):
 `times.json` plus one pickle of outputs per task and phase.
 
-The outputs never need to be loaded in this process (some tasks produce hundreds
-of MB): the harness loads a task's file itself, with an unpickler that only builds
-plain data, so neither a tampered cache nor a sandboxed program can run code.
+The outputs are never unpickled in this process (some tasks produce hundreds of
+MB): their bytes go to the sandbox with each job, where the harness decodes them
+with an unpickler that only builds plain data, so neither a tampered cache nor a
+sandboxed program can run code here.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ class GroundTruth:
     directory: Path
     times: dict  # task_id -> {"base": [seconds per input], "plus": [...]}
 
-    def outputs_file(self, task_id: str, phase: str) -> str:
-        return str(self.directory / _file_name(task_id, phase))
+    def outputs(self, task_id: str, phase: str) -> bytes:
+        """The pickled expected outputs (decoded only inside the sandbox)."""
+        return (self.directory / _file_name(task_id, phase)).read_bytes()
 
 
 def _file_name(task_id: str, phase: str) -> str:
@@ -63,13 +65,13 @@ def _reference_job(bench: Benchmark, task) -> dict:
 
 
 def _compute(bench: Benchmark, sandbox: Sandbox, workers: int, directory: Path) -> dict:
-    # Trusted code with big outputs: no file-size cap, generous memory.
-    limits = dataclasses.replace(sandbox.limits, file_bytes=-1, memory_bytes=0)
+    # Trusted code with big outputs (hundreds of MB): room to write them, no memory cap.
+    limits = dataclasses.replace(sandbox.limits, file_bytes=-1, memory_bytes=0, scratch_bytes=16 << 30)
+    box = Sandbox(sandbox.level, limits)
 
     def one(task):
         keep = {f"{p}.pkl": str(directory / _file_name(task.task_id, p)) for p in _PHASES}
-        result = sandbox.run(_reference_job(bench, task), deadline=2 * _REFERENCE_DEADLINE + 10,
-                             limits=limits, keep=keep)
+        result = box.run(_reference_job(bench, task), deadline=2 * _REFERENCE_DEADLINE + 10, keep=keep)
         phases = (result.verdict or {}).get("phases", {})
         for p in _PHASES:
             r = phases.get(p, {})
@@ -78,7 +80,7 @@ def _compute(bench: Benchmark, sandbox: Sandbox, workers: int, directory: Path) 
                                 f"on its {p} inputs ({r.get('error') or 'no answer'})")
         return task.task_id, {p: phases[p]["times"] for p in _PHASES}
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    with box, concurrent.futures.ThreadPoolExecutor(workers) as pool:
         return dict(pool.map(one, bench.tasks.values()))
 
 

@@ -39,9 +39,10 @@ import functools
 import json
 import os
 import pickle
-import selectors
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -125,7 +126,14 @@ def _scrubbed_env() -> dict:
 
 
 class Sandbox:
-    """Runs harness jobs at one isolation level; safe to use from several threads."""
+    """Runs harness jobs at one isolation level; safe to use from several threads.
+
+    Keeps a pool of isolated worker processes (one per concurrent caller): the
+    namespaces, mounts and chroot are set up once per worker, and every job runs in
+    a fresh forked runner that the worker cleans up after (see `_harness.py`). A
+    worker that misbehaves or misses a deadline is killed with its whole namespace
+    and replaced. Call `close()` (or use it as a context manager) to stop the workers;
+    they also exit when this process does."""
 
     def __init__(self, level: str = "auto", limits: Limits | None = None):
         self.limits = limits or Limits()
@@ -135,8 +143,8 @@ class Sandbox:
         if level != "auto" and not _level_works(self.level):
             raise UserError(f"sandbox level {self.level!r} is not available on this machine "
                             f"(best available: {detect_level()})")
-        self._ro_paths = _readonly_paths()
-        self._slots = list(range(256))
+        self._free_slots = list(range(256))
+        self._idle: list[_Worker] = []
         self._lock = threading.Lock()
 
     def describe(self) -> dict:
@@ -148,50 +156,143 @@ class Sandbox:
         """Run one harness job (see `_harness.py`); never raises for program misbehaviour.
 
         `limits` overrides this sandbox's limits for the run; `keep` maps file names the
-        program leaves in its scratch directory to paths they are moved to (regular
-        files only) before the directory is deleted."""
-        with self._lock:
-            slot = self._slots.pop(0)
+        program leaves in its scratch directory to paths they are written to."""
+        limits = limits or self.limits
+        job = dict(job, deadline=deadline, limits=dataclasses.asdict(limits), keep=list(keep or ()))
+        worker = self._acquire()
+        t0 = time.monotonic()
         try:
-            return self._run(job, deadline, slot, limits or self.limits, keep or {})
-        finally:
-            with self._lock:
-                self._slots.append(slot)
+            verdict, files = worker.call(job, deadline + 5.0)
+        except Exception:
+            verdict, files = None, {}
+        seconds = time.monotonic() - t0
+        self._release(worker, healthy=verdict is not None and not verdict.get("killed"))
+        for name, dest in (keep or {}).items():
+            if name in files:
+                Path(dest).write_bytes(files[name])
+        killed = verdict is None or bool(verdict.get("killed"))
+        output = (verdict or {}).pop("output", "") if verdict else ""
+        return RunResult(verdict=None if killed else verdict, output=output, killed=killed,
+                         seconds=seconds)
 
-    def _run(self, job, deadline, slot, limits, keep):
-        work = tempfile.mkdtemp(prefix="xft-sandbox-")
+    def _acquire(self) -> "_Worker":
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            slot = self._free_slots.pop(0)
         try:
-            scratch = os.path.join(work, "scratch")
-            os.mkdir(scratch)
-            uid = None
-            if self.level == "namespaces":
-                uid = _UID_BASE + slot
-                os.chown(scratch, uid, uid)
-            elif self.level == "rlimits" and os.geteuid() == 0 and _interpreter_public():
-                uid = _UID_BASE + slot
-                os.chown(scratch, uid, uid)
-                os.chmod(work, 0o711)
-            os.mkdir(os.path.join(work, "root"))
-            job = dict(job, deadline=deadline, limits=dataclasses.asdict(limits),
-                       site_packages=_site_packages(),
-                       isolation={"level": self.level, "root": os.path.join(work, "root"),
-                                  "scratch": scratch, "ro_paths": self._ro_paths,
-                                  "symlinks": _symlinks(), "uid": uid,
-                                  "scratch_bytes": 0 if keep else limits.scratch_bytes})
-            job_file = os.path.join(work, "job.pkl")
-            with open(job_file, "wb") as f:
-                pickle.dump(job, f, protocol=4)
-            with open(job_file, "rb") as stdin:
-                result = _spawn(_command(self.level), stdin, work, deadline + 5.0, limits)
-            for name, dest in keep.items():
-                src = os.path.join(scratch, name)
-                if os.path.isfile(src) and not os.path.islink(src):
-                    shutil.move(src, dest)
-                    if os.geteuid() == 0:
-                        os.chown(dest, 0, 0)
-            return result
-        finally:
-            _remove_tree(work)
+            return _Worker(self.level, self.limits, slot)
+        except BaseException:
+            with self._lock:
+                self._free_slots.append(slot)
+            raise
+
+    def _release(self, worker: "_Worker", healthy: bool) -> None:
+        if not healthy:
+            worker.kill()
+        with self._lock:
+            if healthy:
+                self._idle.append(worker)
+            else:
+                self._free_slots.append(worker.slot)
+
+    def close(self) -> None:
+        """Stop every idle worker."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.kill()
+            self._free_slots.append(worker.slot)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class _Worker:
+    """One isolated harness process and its framed pipe protocol."""
+
+    def __init__(self, level: str, limits: Limits, slot: int):
+        self.slot = slot
+        self.work = tempfile.mkdtemp(prefix="xft-sandbox-")
+        uid = None
+        scratch = os.path.join(self.work, "scratch")
+        os.mkdir(scratch)
+        if level == "namespaces" or (level == "rlimits" and os.geteuid() == 0 and _interpreter_public()):
+            uid = _UID_BASE + slot
+        if level == "rlimits":
+            os.chmod(self.work, 0o711)
+            os.chmod(scratch, 0o711)
+        os.mkdir(os.path.join(self.work, "root"))
+        setup = {"level": level, "root": os.path.join(self.work, "root"), "scratch": scratch,
+                 "ro_paths": _readonly_paths(), "symlinks": _symlinks(), "uid": uid,
+                 "scratch_bytes": limits.scratch_bytes, "site_packages": _site_packages(),
+                 "nproc_base": 0 if uid is not None else _own_process_count()}
+        self.proc = subprocess.Popen(_command(level), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, cwd=self.work, env=_scrubbed_env(),
+                                     start_new_session=True, close_fds=True)
+        self._buf = bytearray()
+        try:
+            self._send(pickle.dumps(setup, protocol=4))
+            reply = json.loads(self._recv(time.monotonic() + 60.0))
+        except Exception:
+            self.kill()
+            raise OSError("the sandbox worker did not start")
+        if not reply.get("ready"):
+            self.kill()
+            raise OSError(f"the sandbox worker failed to isolate itself: {reply.get('setup_error')}")
+
+    def call(self, job: dict, wall_seconds: float) -> tuple[dict | None, dict[str, bytes]]:
+        """Send a job, wait for its verdict (None on deadline, death or garbage)."""
+        deadline = time.monotonic() + wall_seconds
+        self._send(pickle.dumps(job, protocol=4))
+        verdict = json.loads(self._recv(deadline))
+        files = {}
+        for name, size in verdict.pop("files", []):
+            files[name] = self._recv_exact(size, deadline)
+        return verdict, files
+
+    def _send(self, data: bytes) -> None:
+        self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
+        self.proc.stdin.flush()
+
+    def _recv(self, deadline: float) -> bytes:
+        (size,) = struct.unpack("<Q", self._recv_exact(8, deadline))
+        if size > Limits.verdict_bytes:
+            raise OSError("oversized report")
+        return self._recv_exact(size, deadline)
+
+    def _recv_exact(self, size: int, deadline: float) -> bytes:
+        fd = self.proc.stdout.fileno()
+        while len(self._buf) < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("sandbox deadline")
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(fd, max(1 << 16, size - len(self._buf)))
+                if not chunk:
+                    raise EOFError("the sandbox worker died")
+                self._buf += chunk
+        data = bytes(self._buf[:size])
+        del self._buf[:size]
+        return data
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group (its namespace dies with it)."""
+        with contextlib.suppress(OSError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # not reaped yet: the pgid is still ours
+        with contextlib.suppress(Exception):
+            self.proc.stdin.close()
+        self.proc.wait()
+        self.proc.stdout.close()
+        _remove_tree(self.work)
 
 
 def _command(level: str) -> list[str]:
@@ -206,60 +307,14 @@ def _command(level: str) -> list[str]:
     return ns + python
 
 
-def _spawn(cmd, stdin, cwd, wall_seconds, limits) -> RunResult:
-    """Start `cmd` in a new session, read its pipes up to their caps until the deadline,
-    then SIGKILL its whole process group."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=cwd, env=_scrubbed_env(), start_new_session=True, close_fds=True)
-    caps = {proc.stdout: limits.verdict_bytes, proc.stderr: limits.output_bytes}
-    bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
-    sel = selectors.DefaultSelector()
-    for pipe in caps:
-        os.set_blocking(pipe.fileno(), False)
-        sel.register(pipe, selectors.EVENT_READ)
-    killed = False
-    exited_at = None
-    while sel.get_map():
-        now = time.monotonic()
-        if now - t0 > wall_seconds:
-            killed = True
-            break
-        if exited_at is None and _has_exited(proc.pid):
-            exited_at = now
-        if exited_at is not None and now - exited_at > 0.5:
-            break  # the harness is gone but something it started holds the pipes
-        for key, _ in sel.select(timeout=0.1):
-            chunk = key.fileobj.read(1 << 16)
-            if not chunk:
-                sel.unregister(key.fileobj)
-                continue
-            buf = bufs[key.fileobj]
-            room = caps[key.fileobj] - len(buf)
-            if room > 0:
-                buf += chunk[:room]  # beyond the cap: read and discard (never block the writer)
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)  # the leader is not reaped yet: pgid still ours
-    proc.wait()
-    sel.close()
-    proc.stdout.close()
-    proc.stderr.close()
-    verdict = None
-    line = bytes(bufs[proc.stdout]).strip().splitlines()
-    if line and not killed:
-        with contextlib.suppress(ValueError):
-            verdict = json.loads(line[-1])
-    return RunResult(verdict=verdict, output=bufs[proc.stderr].decode("utf-8", "replace"),
-                     killed=killed, seconds=time.monotonic() - t0)
-
-
-def _has_exited(pid: int) -> bool:
-    """Whether `pid` exited, without reaping it (so its process group id stays ours)."""
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return True
-    return info is not None
+def _own_process_count() -> int:
+    """Processes our uid runs now (RLIMIT_NPROC counts them against the sandbox too)."""
+    uid, n = str(os.getuid()), 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+                n += any(line.startswith("Uid:") and line.split()[1] == uid for line in f)
+    return n
 
 
 def _remove_tree(path: str) -> None:
@@ -294,14 +349,15 @@ def _level_works(level: str) -> bool:
     if not shutil.which("unshare"):
         return False
     box = Sandbox.__new__(Sandbox)
-    box.limits, box.level, box._ro_paths = Limits(), level, _readonly_paths()
-    box._slots, box._lock = [255], threading.Lock()
+    box.limits, box.level = Limits(), level
+    box._free_slots, box._idle, box._lock = [255], [], threading.Lock()
     code = "def f(x):\n    return x + 1\n"
     job = {"kind": "io", "code": code, "entry_point": "f", "atol": 0, "oracle": None,
-           "phases": [{"name": "base", "inputs": [[1]], "expected": [2], "time_limits": [5.0],
-                       "deadline": 10.0}]}
+           "phases": [{"name": "base", "inputs": [[1]], "expected_pickle": pickle.dumps([2]),
+                       "time_limits": [5.0], "deadline": 10.0}]}
     try:
-        result = box.run(job, deadline=10.0)
+        with box:
+            result = box.run(job, deadline=10.0)
     except OSError:
         return False
     verdict = result.verdict or {}
