@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from xft.data import KINDS, TEMPLATES, DataConfig
+from xft.data import KINDS, TEMPLATES, DataConfig, get_template
 from xft.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-pure", "fp16")
@@ -29,15 +29,16 @@ def _f(default, help: str, choices=None, flag: bool = True):
 class CommonConfig:
     """Fields shared by both training stages: data, optimisation, run directory."""
 
-    data: str = _f(None, "training data: JSONL, JSON or Parquet file, or a datasets.save_to_disk directory")
-    out: str = _f(None, "run directory: checkpoints in OUT/checkpoints, the finished model in OUT/final")
+    data: str | None = _f(None, "training data: JSONL, JSON or Parquet file, or a datasets.save_to_disk directory")
+    out: str | None = _f(None, "run directory: checkpoints in OUT/checkpoints, the finished model in OUT/final")
     # -- data
     kind: str = _f("auto", "record kind: instruction, chat (messages), text (pretraining) or auto", KINDS)
     instruction_field: str = _f("instruction", "data field holding the instruction")
     response_field: str = _f("response", "data field holding the response")
     messages_field: str = _f("messages", "data field holding a chat message list")
     text_field: str = _f("text", "data field holding plain text (kind text)")
-    template: str = _f("magicoder", "prompt template (the paper's is magicoder)", tuple(TEMPLATES))
+    template: str = _f("magicoder", f"prompt template from xft.data.TEMPLATES ({', '.join(TEMPLATES)}; "
+                                    "the paper's is magicoder)")
     max_length: int = _f(1024, "truncate examples to this many tokens (paper: 1024)")
     subset: float | None = _f(None, "train on part of the data: a fraction in (0, 1] or a record count (> 1)")
     # -- optimisation (paper defaults, XFT_METHOD.md §2)
@@ -92,13 +93,14 @@ class CommonConfig:
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise UserError("set a positive number of epochs or max steps")
+        get_template(self.template)  # UserError naming the registered templates
 
 
 @dataclass(kw_only=True)
 class SFTConfig(CommonConfig):
     """Instruction-tune a dense or MoE model (detected), optionally upcycling it first or with EWA."""
 
-    model: str = _f(None, "dense or MoE model: a local directory, a finished xft run, or a Hub id", flag=False)
+    model: str | None = _f(None, "dense or MoE model: a local directory, a finished xft run, or a Hub id", flag=False)
     ewa_share_rate: float = _f(0.0, "EWA baseline: after every optimizer step pull each expert toward the "
                                     "experts' mean by this rate, and average the experts at the end (0: off)")
     upcycle: bool = _f(False, "upcycle a dense MODEL to an MoE before training (else train it as it is)")
@@ -120,7 +122,7 @@ class SFTConfig(CommonConfig):
 class MergeConfig(CommonConfig):
     """Merge a trained MoE into a dense model: learn the mixing coefficients (or use fixed ones)."""
 
-    moe: str = _f(None, "trained MoE: a local directory, a finished xft run, or a Hub id", flag=False)
+    moe: str | None = _f(None, "trained MoE: a local directory, a finished xft run, or a Hub id", flag=False)
     method: str = _f("learned", "learned (train the mixing logits), init (the initial coefficients), "
                                 "uniform (plain average of all experts)", MERGE_METHODS)
     shared_weight: float = _f(0.75, "merge weight of the shared expert (lambda; paper: 0.75)")
@@ -164,7 +166,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
     Fields named in `required` become required flags.
     """
     hints = _hints(cls)
-    for f in dataclasses.fields(cls):
+    common = {f.name for f in dataclasses.fields(CommonConfig)}
+    # --data and --out, then the stage's own fields (e.g. --method, --shared-weight), then the shared ones.
+    def rank(f):
+        return 0 if f.name in ("data", "out") else 1 if f.name not in common or f.name in cls.__annotations__ else 2
+    own_first = sorted(dataclasses.fields(cls), key=rank)
+    for f in own_first:
         if not f.metadata.get("flag", True) or f.name in skip:
             continue
         tp = _base_type(hints[f.name])
