@@ -98,6 +98,8 @@ def test_os_system_and_subprocess(level, canary):
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_fork_bomb(level):
+    if level == "rlimits" and os.geteuid() == 0:
+        pytest.skip("root ignores RLIMIT_NPROC: without namespaces only the deadline bounds a bomb")
     name = f"xftbomb{os.getpid() % 10**6}"
     program = ("import ctypes, posix\n"  # name the bomb (prctl PR_SET_NAME) so we can look for it
                f"ctypes.CDLL(None).prctl(15, b'{name}', 0, 0, 0)\n"
@@ -245,3 +247,21 @@ def _processes_matching(needle: bytes, field: str = "cmdline") -> list[int]:
             except OSError:
                 pass
     return found
+
+
+@pytest.mark.parametrize("level", ISOLATING)
+def test_nothing_carries_over_to_the_next_job(level):
+    """Jobs share a worker process: the next job must not see the last one's files or processes."""
+    box = Sandbox(level)
+    bench = _bench()
+    leave = ("import io, posix\nio.open('left.txt', 'w').write('x')\n"
+             "if posix.fork() == 0:\n    posix.setsid()\n    import time\n    time.sleep(60)\n" + CORRECT)
+    look = ("import os\n"
+            "running = sum(p.isdigit() for p in os.listdir('/proc'))  # worker, runner, this program\n"
+            "assert running > 3 or any(os.path.exists(f'../job{i}/left.txt') for i in range(1, 9))"
+            + CORRECT)
+    with box:
+        check_samples(bench, [{"task_id": "toy/0", "solution": leave}], box, workers=1, time_limits=LIMITS)
+        [verdict] = check_samples(bench, [{"task_id": "toy/0", "solution": look}], box, workers=1,
+                                  time_limits=LIMITS)
+    assert not verdict.passed

@@ -389,13 +389,14 @@ _BODIES = {"check": _run_check, "io": _run_io, "reference": _run_reference}
 
 # ----------------------------------------------------------------- phases (in the runner)
 
-def _child(job, phase, wfd, out_fd):
+def _child(job, phase, wfd, out_fd, close_fd):
     os.setpgid(0, 0)  # own process group: the runner kills all of it at the deadline
+    os.close(close_fd)  # the runner's line to the worker is not the program's business
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(out_fd, 1)  # raw writes land in a size-capped file (RLIMIT_FSIZE)
     os.dup2(out_fd, 2)
-    write, exit_ = os.write, os._exit
+    send, exit_ = _send_message, os._exit
     try:
         if job["kind"] != "reference":
             _apply_guard(job["limits"]["memory_bytes"])
@@ -404,8 +405,7 @@ def _child(job, phase, wfd, out_fd):
     except BaseException as e:
         data = json.dumps({"status": "error", "error": _first_line(e)}).encode()
     try:
-        while data:
-            data = data[write(wfd, data):]
+        send(wfd, data)
     finally:
         exit_(0)
 
@@ -415,10 +415,18 @@ def _kill_group(pid):
         os.killpg(pid, signal.SIGKILL)
 
 
-def _read_until(fd, deadline):
-    """Everything written to pipe `fd` until EOF, or None if `deadline` passes first."""
-    chunks = []
-    while True:
+def _send_message(fd, data):
+    """Length-prefixed, so the reader never waits for an EOF that a lingering
+    grandchild holding the pipe could withhold."""
+    data = struct.pack("<Q", len(data)) + data
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _read_message(fd, deadline):
+    """One length-prefixed message from pipe `fd`; None on EOF or when `deadline` passes."""
+    buf, size = b"", None
+    while size is None or len(buf) < size + 8:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
@@ -426,19 +434,22 @@ def _read_until(fd, deadline):
         if ready:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
+                return None
+            buf += chunk
+            if size is None and len(buf) >= 8:
+                (size,) = struct.unpack("<Q", buf[:8])
+    return buf[8:8 + size]
 
 
-def run_phase(job, phase, out_fd):
+def run_phase(job, phase, out_fd, runner_fd):
     """Fork, run one phase in the child, and collect its JSON report before the deadline."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _child(job, phase, wfd, out_fd)
+        _child(job, phase, wfd, out_fd, runner_fd)
     os.close(wfd)
-    data = _read_until(rfd, time.monotonic() + phase["deadline"])
+    data = _read_message(rfd, time.monotonic() + phase["deadline"])
     os.close(rfd)
     _kill_group(pid)
     with contextlib.suppress(ChildProcessError):
@@ -466,16 +477,14 @@ def _runner(job, setup, workdir, wfd):
         _drop_privileges(setup)
         results = {}
         for phase in job["phases"]:
-            results[phase["name"]] = run_phase(job, phase, out_fd)
+            results[phase["name"]] = run_phase(job, phase, out_fd, wfd)
             if job["kind"] == "reference" and results[phase["name"]]["status"] != "pass":
                 break
         verdict = {"phases": results}
     except BaseException as e:
         verdict = {"setup_error": _first_line(e)}
-    data = json.dumps(verdict).encode()
     with contextlib.suppress(OSError):
-        while data:
-            data = data[os.write(wfd, data):]
+        _send_message(wfd, json.dumps(verdict).encode())
     os._exit(0)
 
 
@@ -537,7 +546,7 @@ def serve(job, setup, base, n):
         os.close(rfd)
         _runner(job, setup, workdir, wfd)
     os.close(wfd)
-    data = _read_until(rfd, time.monotonic() + job["deadline"])
+    data = _read_message(rfd, time.monotonic() + job["deadline"])
     os.close(rfd)
     _sweep(pid)
     verdict = {"killed": True}

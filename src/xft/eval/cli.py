@@ -67,12 +67,12 @@ def register(subparsers) -> None:
 def _progress(desc: str):
     from tqdm import tqdm
 
-    return lambda it: tqdm(it, desc=desc, total=len(it) if hasattr(it, "__len__") else None,
-                           file=sys.stderr, dynamic_ncols=True, leave=False)
+    return lambda it, total: tqdm(it, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True,
+                                  leave=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from xft.eval import benchmarks, execute, generate, report
+    from xft.eval import benchmarks
     from xft.eval.sandbox import Sandbox
 
     if (args.model is None) == (args.samples is None):
@@ -80,7 +80,13 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be positive")
     bench = benchmarks.load_benchmark(args.benchmark, args.data)
-    sandbox = Sandbox(args.sandbox)  # fail on a bad level before a long generation
+    with Sandbox(args.sandbox) as sandbox:  # fail on a bad level before a long generation
+        return _run(args, bench, sandbox)
+
+
+def _run(args: argparse.Namespace, bench, sandbox) -> int:
+    from xft.eval import execute, generate, report
+
     settings: dict = {"sandbox": sandbox.describe()}
     t0 = time.monotonic()
     if args.samples:

@@ -100,18 +100,27 @@ def _verdict(task_id: str, phase_names: tuple[str, ...], result) -> Verdict:
 
 def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None = None,
                   workers: int | None = None, time_limits: TimeLimits | None = None,
-                  progress: Callable[[Iterable], Iterable] | None = None) -> list[Verdict]:
+                  progress: Callable[[Iterable, int], Iterable] | None = None) -> list[Verdict]:
     """Test every sample; returns one Verdict per sample, in input order.
 
-    `progress`, if given, wraps the iterator of finished samples (e.g. `tqdm`)."""
+    `progress(iterable, total)`, if given, wraps the iterator of finished samples
+    (e.g. a `tqdm` progress bar)."""
     unknown = sorted({s.get("task_id") for s in samples} - set(bench.tasks), key=str)
     if unknown:
         raise UserError(f"{len(unknown)} sample task ids are not in {bench.name} "
                         f"(first: {unknown[0]!r})")
+    own_sandbox = sandbox is None
     sandbox = sandbox or Sandbox()
-    workers = workers or os.cpu_count() or 1
+    try:
+        return _check_all(bench, samples, sandbox, workers or os.cpu_count() or 1,
+                          time_limits or TimeLimits(), progress)
+    finally:
+        if own_sandbox:
+            sandbox.close()
+
+
+def _check_all(bench, samples, sandbox, workers, tl, progress) -> list[Verdict]:
     truth = expected_outputs(bench, sandbox, workers) if bench.style == "io" else None
-    tl = time_limits or TimeLimits()
     jobs = [_io_job(bench, s, truth, tl) if truth is not None else _check_job(bench, s, tl)
             for s in samples]
     # Longest first, so a slow task does not start last and stretch the wall time.
@@ -120,7 +129,7 @@ def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = {pool.submit(sandbox.run, jobs[i][0], jobs[i][1] + 2.0): i for i in order}
         done = concurrent.futures.as_completed(futures)
-        for fut in (progress(done) if progress else done):
+        for fut in (progress(done, len(jobs)) if progress else done):
             i = futures[fut]
             verdicts[i] = _verdict(samples[i]["task_id"], bench.phases, fut.result())
     return verdicts

