@@ -113,9 +113,23 @@ def _build_root(setup):
     return "/scratch"
 
 
+def _join_cgroups(cgroups):
+    """Best effort (root only): cap the memory and process count of this worker and
+    everything it starts, across processes (rlimits are per process)."""
+    for path, limits in cgroups:
+        with contextlib.suppress(OSError):
+            os.makedirs(path, exist_ok=True)
+            for name, value in limits.items():
+                with open(os.path.join(path, name), "w") as f:
+                    f.write(str(value))
+            with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                f.write("0")  # this process; children inherit the cgroup
+
+
 def isolate_worker(setup):
     """Once per worker: the filesystem view (namespace levels) or a subreaper (rlimits).
     Returns the directory under which each job gets its scratch directory."""
+    _join_cgroups(setup.get("cgroups", ()))
     _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans come back to us
     if setup["level"] in ("namespaces", "userns"):
         return _build_root(setup)

@@ -21,7 +21,8 @@ here, and every result records which one ran):
 All levels: wall-clock and CPU timeouts, memory (address space), file-size,
 open-file and process limits, a scrubbed environment, program output written to a
 size-capped file of which the first `output_bytes` are kept, and every process a
-job started killed when it ends.
+job started killed when it ends. As root, each worker also gets a memory and a pids
+cgroup (v1 or v2), which bound all its processes together, even a root fork bomb.
 
 Not protected against, at any level: reading world-readable files that are part
 of the bound system directories (/usr, the Python installation); CPU and memory
@@ -32,6 +33,7 @@ This is a defense for benchmarks, not for adversaries with a kernel 0-day.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -48,6 +50,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from xft.errors import UserError
@@ -145,6 +148,7 @@ class Sandbox:
         self._free_slots = list(range(256))
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
+        _LIVE.add(self)  # closed at exit: workers are cheap to stop, cgroups need removing
 
     def describe(self) -> dict:
         """Level and limits, for results files."""
@@ -214,6 +218,16 @@ class Sandbox:
             self.close()
 
 
+_LIVE: "weakref.WeakSet[Sandbox]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for box in list(_LIVE):
+        with contextlib.suppress(Exception):
+            box.close()
+
+
 class _Worker:
     """One isolated harness process and its framed pipe protocol."""
 
@@ -229,7 +243,9 @@ class _Worker:
             os.chmod(self.work, 0o711)
             os.chmod(scratch, 0o711)
         os.mkdir(os.path.join(self.work, "root"))
+        self.cgroups = _cgroups(f"xft-sandbox-{os.getpid()}-{slot}", limits)
         setup = {"level": level, "root": os.path.join(self.work, "root"), "scratch": scratch,
+                 "cgroups": self.cgroups,
                  "ro_paths": _readonly_paths(), "symlinks": _symlinks(), "uid": uid,
                  "scratch_bytes": limits.scratch_bytes, "site_packages": _site_packages(),
                  "nproc_base": 0 if uid is not None else _own_process_count()}
@@ -292,6 +308,40 @@ class _Worker:
         self.proc.wait()
         self.proc.stdout.close()
         _remove_tree(self.work)
+        for path, _ in self.cgroups:  # empty once the namespace is gone; may take a moment
+            for _ in range(50):
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+
+
+def _cgroups(name: str, limits: Limits) -> list[tuple[str, dict]]:
+    """cgroup directories and limit files for one worker (root only; empty otherwise):
+    total memory and process count of everything in the worker, which per-process
+    rlimits cannot bound (64 processes x 4 GiB each)."""
+    if os.geteuid() != 0:
+        return []
+    memory = 2 * limits.memory_bytes if limits.memory_bytes > 0 else None
+    pids = limits.processes + 16  # worker, runner, phase child and some slack
+    root = Path("/sys/fs/cgroup")
+    if (root / "cgroup.controllers").is_file():  # cgroup v2
+        enabled = (root / "cgroup.subtree_control").read_text().split()
+        files = {}
+        if memory and "memory" in enabled:
+            files["memory.max"] = memory
+        if "pids" in enabled:
+            files["pids.max"] = pids
+        return [(str(root / name), files)] if files else []
+    groups = []
+    if memory and (root / "memory").is_dir():
+        groups.append((str(root / "memory" / name), {"memory.limit_in_bytes": memory}))
+    if (root / "pids").is_dir():
+        groups.append((str(root / "pids" / name), {"pids.max": pids}))
+    return groups
 
 
 def _command(level: str) -> list[str]:
