@@ -7,6 +7,7 @@ Helpers here (`workspace`, `sft`, `plain_load`) are shared with test_train_resum
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -291,3 +292,18 @@ def test_sparse_upcycling_trains_and_merges(workspace):
     coeffs = json.loads(open(os.path.join(dense, "merge_coefficients.json")).read())
     assert all(len(c) == 4 and sum(c) == pytest.approx(1.0) for c in coeffs["coefficients"].values())
     assert len(coeffs["mixing_logits"]["0"]) == 4  # no shared expert: one logit per expert
+
+
+def test_merge_learning_resumes_from_its_checkpoint(workspace, trained_moe):
+    """An interrupted `xft merge` (final missing, last checkpoint lost) re-runs to the same logits."""
+    ws = workspace
+    cfg = dict(moe=str(ws / "moe_sft"), data=str(ws / "data.jsonl"), out=str(ws / "m_resume"), max_steps=4,
+               lr=0.1, keep_checkpoints=True, **{**FAST, "save_steps": 2})
+    first = json.loads(open(os.path.join(learn_merge(MergeConfig(**cfg)), "merge_coefficients.json")).read())
+    shutil.rmtree(ws / "m_resume" / "final")
+    shutil.rmtree(ws / "m_resume" / "checkpoints" / "checkpoint-4")
+    again = json.loads(open(os.path.join(learn_merge(MergeConfig(**cfg)), "merge_coefficients.json")).read())
+    assert again["mixing_logits"] == first["mixing_logits"]
+    record = json.loads((ws / "m_resume" / "final" / "xft_training.json").read_text())
+    assert record["resumed_from"].endswith("checkpoint-2")
+    assert first["mixing_logits"]["0"] != [0.0, 0.0, 0.0]

@@ -4,6 +4,7 @@ MoE with noisy gating (router noise comes from the global RNG the Trainer
 checkpoints), checkpoint in the middle of an epoch, gradient accumulation.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -52,6 +53,8 @@ def test_kill_9_then_rerun_gives_identical_weights(tmp_path):
     resumed = subprocess.run(command(ws, interrupted), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "(resumed)" in resumed.stdout  # it did resume: the summary says so
+    record = json.loads((interrupted / "final" / "xft_training.json").read_text())
+    assert record["resumed_from"].endswith(f"checkpoint-{SAVE}")
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
 
     a = load_file(interrupted / "final" / "model.safetensors")

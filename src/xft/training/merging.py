@@ -91,7 +91,7 @@ def learn_merge(config: MergeConfig) -> str:
             dense.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             rundir.write_json(f"{tmp}/merge_coefficients.json", record)
-            rundir.write_json(f"{tmp}/xft_training.json", config_record(cfg, "merge", stats, trainer))
+            rundir.write_json(f"{tmp}/xft_training.json", config_record(cfg, "merge", stats, trainer, resume))
 
     final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
     if cfg.progress and main:

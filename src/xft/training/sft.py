@@ -58,7 +58,7 @@ def train_sft(config: SFTConfig) -> str:
     trainer, output, seconds = run_trainer(model, cfg, run, resume, dataset, collator, tokenizer, stage="sft",
                                            is_moe=is_moe, mixed=mixed, ewa_share_rate=cfg.ewa_share_rate)
     final_model = xft.average_experts(model) if cfg.ewa_share_rate > 0 else None
-    record = config_record(cfg, "sft", stats, trainer)
+    record = config_record(cfg, "sft", stats, trainer, resume)
 
     def save(tmp: str) -> None:
         if final_model is not None:  # EWA: the averaged dense model (unsharded, see make_trainer)

@@ -107,9 +107,10 @@ def common_rows(cfg, trainer, output, seconds: float, data_stats, final: str) ->
     return rows
 
 
-def config_record(cfg, stage: str, data_stats, trainer) -> dict:
-    """What goes into OUT/final/xft_training.json: config, data stats, log history."""
+def config_record(cfg, stage: str, data_stats, trainer, resumed_from: str | None = None) -> dict:
+    """What goes into OUT/final/xft_training.json: config, data stats, log history, resume point."""
     return {"stage": stage, "config": asdict(cfg), "data": asdict(data_stats) if data_stats else None,
+            "resumed_from": resumed_from,
             "log_history": trainer.state.log_history if trainer else [],
             "processes": trainer.args.world_size if trainer else 1,
             "torch": torch.__version__}
