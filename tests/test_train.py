@@ -160,6 +160,12 @@ def test_fixed_merges_via_cli(workspace, trained_moe, capsys):
     assert "xft merge: done" in capsys.readouterr().out
     dense = xft.load(str(ws / "m_uniform" / "final"))
     assert not xft.is_moe(dense) and sum(p.numel() for p in dense.parameters()) == n_params(ws / "llama")
+    # A finished run is replaced only when asked to.
+    init = ["merge", str(ws / "moe_sft"), "--out", str(ws / "m_uniform"), "--method", "init"]
+    assert cli(init) == 2 and "already holds a finished model" in capsys.readouterr().err
+    assert cli(init + ["--overwrite"]) == 0
+    coeffs = json.loads((ws / "m_uniform" / "final" / "merge_coefficients.json").read_text())
+    assert coeffs["method"] == "init" and coeffs["coefficients"]["0"] == pytest.approx([0.75] + [0.25 / 3] * 3)
 
 
 def test_dense_sft_gpt2_learns_and_loads_without_xft(workspace):
