@@ -496,7 +496,7 @@ def _runner(job, setup, workdir, wfd):
                 break
         verdict = {"phases": results}
     except BaseException as e:
-        verdict = {"setup_error": _first_line(e)}
+        verdict = {"harness_error": f"runner setup failed: {_first_line(e)}"}
     with contextlib.suppress(OSError):
         _send_message(wfd, json.dumps(verdict).encode())
     os._exit(0)
@@ -560,15 +560,18 @@ def serve(job, setup, base, n):
         os.close(rfd)
         _runner(job, setup, workdir, wfd)
     os.close(wfd)
-    data = _read_message(rfd, time.monotonic() + job["deadline"])
+    deadline = time.monotonic() + job["deadline"]
+    data = _read_message(rfd, deadline)
     os.close(rfd)
     _sweep(pid)
-    verdict = {"killed": True}
-    if data:
+    if data is None:  # missed the deadline, or the runner was killed (by the program?)
+        verdict = {"killed": True} if time.monotonic() >= deadline else \
+            {"harness_error": "the test runner died before reporting (killed by the program?)"}
+    else:
         try:
             verdict = json.loads(data)
         except ValueError:
-            verdict = {"setup_error": "garbled report"}
+            verdict = {"harness_error": "garbled report"}
     files = {}
     for name in job.get("keep", ()):
         path = os.path.join(workdir, name)

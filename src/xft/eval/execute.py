@@ -83,9 +83,13 @@ def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth, tl: TimeLimits) 
 def _verdict(task_id: str, phase_names: tuple[str, ...], result) -> Verdict:
     phases = (result.verdict or {}).get("phases")
     if phases is None:
-        setup = (result.verdict or {}).get("setup_error")
-        status, error = ("timeout", "killed at the wall-clock deadline") if result.killed else \
-            ("error", f"sandbox setup failed: {setup}" if setup else "the sandbox gave no report")
+        problem = (result.verdict or {}).get("harness_error")
+        if result.reason == "deadline":
+            status, error = "timeout", "killed at the wall-clock deadline"
+        elif result.reason == "died":
+            status, error = "error", "the sandbox worker died (did the program kill it?)"
+        else:
+            status, error = "error", problem or "no report"
         phases = {p: {"status": status, "error": error} for p in phase_names}
     phases = {p: phases.get(p, {"status": "error", "error": "phase did not run"}) for p in phase_names}
     first_bad = next((p for p in phase_names if phases[p]["status"] != "pass"), None)

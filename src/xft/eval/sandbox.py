@@ -85,8 +85,9 @@ class RunResult:
 
     verdict: dict | None  # the harness's JSON report, None if it died or timed out
     output: str  # the program's raw stdout/stderr, truncated to Limits.output_bytes
-    killed: bool  # missed the host-side deadline, or the worker died
+    killed: bool  # missed the deadline, or the worker died
     seconds: float
+    reason: str | None = None  # why killed: "deadline" | "died"
 
 
 def _python_paths() -> list[str]:
@@ -164,19 +165,23 @@ class Sandbox:
         job = dict(job, deadline=deadline, limits=dataclasses.asdict(limits), keep=list(keep or ()))
         worker = self._acquire()
         t0 = time.monotonic()
+        reason = None
         try:
             verdict, files = worker.call(job, deadline + 5.0)
-        except Exception:
-            verdict, files = None, {}
+            if verdict.get("killed"):
+                reason = "deadline"
+        except TimeoutError:
+            verdict, files, reason = None, {}, "deadline"
+        except Exception:  # the worker died (a program may kill it) or sent garbage
+            verdict, files, reason = None, {}, "died"
         seconds = time.monotonic() - t0
-        self._release(worker, healthy=verdict is not None and not verdict.get("killed"))
+        self._release(worker, healthy=reason is None)
         for name, dest in (keep or {}).items():
             if name in files:
                 Path(dest).write_bytes(files[name])
-        killed = verdict is None or bool(verdict.get("killed"))
-        output = (verdict or {}).pop("output", "") if verdict else ""
-        return RunResult(verdict=None if killed else verdict, output=output, killed=killed,
-                         seconds=seconds)
+        output = verdict.pop("output", "") if verdict else ""
+        return RunResult(verdict=None if reason else verdict, output=output, killed=reason is not None,
+                         seconds=seconds, reason=reason)
 
     def _acquire(self) -> "_Worker":
         with self._lock:
