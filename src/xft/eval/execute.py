@@ -72,8 +72,7 @@ def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth, tl: TimeLimits) 
         limits = [max(tl.min_per_input, tl.factor * t) for t in truth.times[task.task_id][p]]
         deadline = min(tl.max_phase, sum(limits)) + 2.0
         phases.append({"name": p, "inputs": getattr(task, f"{p}_input"),
-                       "expected_pickle": truth.outputs(task.task_id, p),
-                       "time_limits": limits, "deadline": deadline})
+                       "time_limits": limits, "deadline": deadline})  # + expected: _with_expected
         total += deadline
     job = {"kind": "io", "code": program_for(bench, sample), "entry_point": task.entry_point,
            "atol": task.atol, "oracle": bench.oracle, "phases": phases}
@@ -123,15 +122,29 @@ def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None
             sandbox.close()
 
 
+def _with_expected(job: dict, task_id: str, truth: GroundTruth | None) -> dict:
+    """Attach the expected outputs (bytes, possibly hundreds of MB) just before running,
+    so only the jobs in flight hold them."""
+    if truth is None:
+        return job
+    phases = [dict(p, expected_pickle=truth.outputs(task_id, p["name"])) for p in job["phases"]]
+    return dict(job, phases=phases)
+
+
 def _check_all(bench, samples, sandbox, workers, tl, progress) -> list[Verdict]:
     truth = expected_outputs(bench, sandbox, workers) if bench.style == "io" else None
     jobs = [_io_job(bench, s, truth, tl) if truth is not None else _check_job(bench, s, tl)
             for s in samples]
+
+    def run(i: int):
+        job, deadline = jobs[i]
+        return sandbox.run(_with_expected(job, samples[i]["task_id"], truth), deadline + 2.0)
+
     # Longest first, so a slow task does not start last and stretch the wall time.
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1])
     verdicts: list[Verdict | None] = [None] * len(jobs)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(sandbox.run, jobs[i][0], jobs[i][1] + 2.0): i for i in order}
+        futures = {pool.submit(run, i): i for i in order}
         done = concurrent.futures.as_completed(futures)
         for fut in (progress(done, len(jobs)) if progress else done):
             i = futures[fut]
