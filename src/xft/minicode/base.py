@@ -50,7 +50,7 @@ class BaseBudget:
     max_length: int = 256  # tokens per pretraining example (and model context)
     pretrain_records: int = 10000  # records of MiniCode's pretrain split
     tokenizer_instructions: int = 2000  # training instructions the tokenizer also sees
-    steps: int = 500  # optimizer steps
+    steps: int = 300  # optimizer steps
     batch_size: int = 32  # examples per step
     lr: float = 3e-3
     warmup_steps: int = 30
