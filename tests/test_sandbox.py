@@ -152,7 +152,8 @@ def test_network_connection(level):
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    program = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).send(b'hi')" + CORRECT
+    program = ("import socket\n"
+               f"socket.create_connection(('127.0.0.1', {port}), timeout=1).send(b'hi')" + CORRECT)
     try:
         assert not run(program, level).passed
     finally:
@@ -196,7 +197,8 @@ def test_stdout_flood(level):
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_print_flood_is_swallowed(level):
-    program = "import sys\nfor _ in range(10**5):\n    print('y' * 10**4)\n    sys.__stdout__.write('z' * 10**4)\n" + CORRECT
+    program = ("import sys\nfor _ in range(10**5):\n"
+               "    print('y' * 10**4)\n    sys.__stdout__.write('z' * 10**4)\n" + CORRECT)
     assert Sandbox(level).limits.output_bytes < 10**9  # captured output is capped
     run(program, level)  # passes or times out; what matters is bounded time (checked in run)
 

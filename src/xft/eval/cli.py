@@ -34,6 +34,8 @@ def register(subparsers) -> None:
     g.add_argument("--prompt-style", default="instruction", choices=("instruction", "completion"),
                    help="instruction: Magicoder template (instruction-tuned models); "
                    "completion: continue the code prompt (base models)")
+    g.add_argument("--template", default="magicoder",
+                   help="instruction style: the training template (xft.data: magicoder, alpaca, none)")
     g.add_argument("--n-samples", type=int, default=1, help="samples per task (pass@k needs n >= k)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass when sampling")
@@ -97,9 +99,9 @@ def _run(args: argparse.Namespace, bench, sandbox) -> int:
         settings["samples_file"] = os.path.abspath(args.samples)
     else:
         cfg = generate.DecodingConfig(
-            prompt_style=args.prompt_style, n_samples=args.n_samples, temperature=args.temperature,
-            top_p=args.top_p, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-            seed=args.seed, backend=args.backend)
+            prompt_style=args.prompt_style, template=args.template, n_samples=args.n_samples,
+            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size, seed=args.seed, backend=args.backend)
         cfg.validate()
         task_ids = list(bench.tasks)[:args.limit] if args.limit else None
         samples = generate.generate_samples(bench, args.model, cfg, dtype=args.dtype,

@@ -31,7 +31,8 @@ from xft.eval.sanitize import sanitize
 class DecodingConfig:
     """Decoding settings; recorded in results.json."""
 
-    prompt_style: str = "instruction"  # "instruction" (Magicoder template) | "completion"
+    prompt_style: str = "instruction"  # "instruction" (a chat template) | "completion"
+    template: str = "magicoder"  # instruction style: an `xft.data` template name
     n_samples: int = 1  # samples per task
     temperature: float = 0.0  # 0: greedy
     top_p: float = 0.95  # nucleus sampling mass when temperature > 0
@@ -172,7 +173,7 @@ def generate_samples(bench: Benchmark, model_path: str, cfg: DecodingConfig, *, 
     cfg.validate()
     ids = task_ids or list(bench.tasks)
     rows = [(t, k) for t in ids for k in range(cfg.n_samples)]
-    prompts = [build_prompt(bench, bench.tasks[t], cfg.prompt_style) for t, _ in rows]
+    prompts = [build_prompt(bench, bench.tasks[t], cfg.prompt_style, cfg.template) for t, _ in rows]
     seeds = [row_seed(cfg.seed, t, k) for t, k in rows]
     stops = stop_strings(bench, cfg.prompt_style)
     if cfg.backend == "vllm":

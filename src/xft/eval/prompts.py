@@ -1,22 +1,20 @@
 """What the model is asked, for each benchmark and prompt style.
 
-* ``instruction`` (default; instruction-tuned models): the Magicoder template the
-  paper trains and evaluates with (XFT_METHOD.md §2). A code prompt (HumanEval,
-  MBPP) becomes "Write a solution to the following problem:" plus the prompt in a
-  Python block, and the response is started with an open ```python fence; an
-  instruction benchmark (minicode) uses its instruction as is.
+* ``instruction`` (default; instruction-tuned models): a training template of
+  `xft.data` (default: the Magicoder template the paper trains and evaluates with,
+  XFT_METHOD.md §2). A code prompt (HumanEval, MBPP) becomes "Write a solution to
+  the following problem:" plus the prompt in a Python block; an instruction
+  benchmark (minicode) uses its instruction as is. The response is started with
+  an open ```python fence, as the project's training responses are written.
 * ``completion`` (base models): the code prompt itself; the model continues it.
 """
 
 from __future__ import annotations
 
+from xft.data import format_prompt
 from xft.errors import UserError
 from xft.eval.benchmarks import Benchmark, Task
 
-MAGICODER_TEMPLATE = (
-    "You are an exceptionally intelligent coding assistant that consistently delivers accurate "
-    "and reliable responses to user instructions.\n\n@@ Instruction\n{instruction}\n\n@@ Response\n"
-)
 STYLES = ("instruction", "completion")
 # Stop strings. Completion style: the next top-level statement ends the function
 # (EvalPlus's list); instruction style: the end of the code block or a new turn.
@@ -27,10 +25,10 @@ INSTRUCTION_STOPS = ["\n```", "\n@@ Instruction"]
 
 def response_prefix(bench: Benchmark, style: str) -> str:
     """Text the response starts with (part of the prompt, and of the raw answer)."""
-    return "```python\n" if style == "instruction" and bench.prompt_kind == "code" else ""
+    return "```python\n" if style == "instruction" else ""
 
 
-def build_prompt(bench: Benchmark, task: Task, style: str) -> str:
+def build_prompt(bench: Benchmark, task: Task, style: str, template: str = "magicoder") -> str:
     """The full text given to the model for `task`."""
     if style == "completion":
         if bench.prompt_kind != "code":
@@ -43,10 +41,8 @@ def build_prompt(bench: Benchmark, task: Task, style: str) -> str:
         instruction = f"Write a solution to the following problem:\n```python\n{task.prompt.strip()}\n```"
     else:
         instruction = task.prompt.strip()
-    return MAGICODER_TEMPLATE.format(instruction=instruction) + response_prefix(bench, style)
+    return format_prompt(instruction, template) + response_prefix(bench, style)
 
 
 def stop_strings(bench: Benchmark, style: str) -> list[str]:
-    if style == "completion":
-        return list(COMPLETION_STOPS)
-    return list(INSTRUCTION_STOPS) if bench.prompt_kind == "code" else ["\n@@ Instruction"]
+    return list(COMPLETION_STOPS if style == "completion" else INSTRUCTION_STOPS)
