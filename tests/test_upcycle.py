@@ -50,6 +50,7 @@ def test_experts_without_tokens_still_get_a_gradient():
     moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(num_experts=8, top_k=2)).train()
     ids = torch.randint(0, 300, (1, 1))
     moe(ids).logits.square().sum().backward()
+    assert [n for n, p in moe.named_parameters() if p.grad is None] == []  # DDP needs no unused-param search
     for stacks in xft.expert_weights(moe).values():
         for stack in stacks.values():
             assert stack.grad is not None and stack.grad.shape == stack.shape

@@ -144,6 +144,7 @@ class LearnableMerge(nn.Module):
         # fp32 even for a bf16 model: updates of ~1e-5 would vanish in bf16.
         self.mixing_logits = nn.Parameter(torch.zeros(num_logits, dtype=torch.float32, device=ref.device))
         self.shared_weight = float(shared_weight)
+        self._z3_leaf = True  # ZeRO-3: gather the stacks when this module is called (see MoEBlock)
         self.shared_logit = None
         if learn_shared_weight and self.shared_expert:  # λ = sigmoid(b), b initialised to logit(λ)
             lam = min(max(shared_weight, 1e-6), 1 - 1e-6)

@@ -52,6 +52,9 @@ class MoEBlock(nn.Module):
         self._routed_weights: Tensor | None = None
         self._load_per_token: Tensor | None = None
         self.stats: dict[str, Tensor] = {}
+        # DeepSpeed ZeRO-3 gathers only the parameters of the module being called; the stacks live in
+        # `self.experts`, which is never called, so mark the block a "leaf" to gather all of it at once.
+        self._z3_leaf = True
 
     def expert_parameters(self) -> dict[str, nn.Parameter]:
         """FFN parameter name (as in the original FFN) -> live stacked parameter `[N, *shape]`."""

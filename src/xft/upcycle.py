@@ -93,10 +93,11 @@ def _add_balance_loss(model: nn.Module, args: tuple, kwargs: dict, output):
     token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.numel() == tokens else None
     aux = sum(block.finish_balance_loss(token_mask) for block in blocks)
     # Under gradient accumulation the Trainer normalises the LM loss by the token count of the whole
-    # accumulation window (`num_items_in_batch`); weight this micro-batch's balance loss by its share of
-    # those tokens so the window total is a token-weighted mean, like the LM loss.
+    # accumulation window (`num_items_in_batch`, counted over the shifted labels[..., 1:]); weight this
+    # micro-batch's balance loss by its share of those tokens so the window total is a token-weighted
+    # mean, like the LM loss.
     window = kwargs.get("num_items_in_batch")
     if window is not None:
-        aux = aux * (labels.ne(-100).sum() / window).to(aux.dtype)
+        aux = aux * (labels[..., 1:].ne(-100).sum() / window).to(aux.dtype)
     output.loss = loss + aux.to(loss.dtype)
     return output

@@ -114,8 +114,9 @@ def _training_arguments(cfg, output_dir, micro, accum, mixed, is_moe, checkpoint
         data_seed=cfg.seed,
         bf16=mixed == "bf16",
         fp16=mixed == "fp16",
-        # An expert that receives no token in a step gets no gradient: DDP must look for unused params.
-        ddp_find_unused_parameters=True if is_moe else None,
+        # Every MoE parameter gets a gradient each step, even an expert that received no token (its
+        # slice of the stacked tensor is zero), so DDP needs no search for unused parameters.
+        ddp_find_unused_parameters=False,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
