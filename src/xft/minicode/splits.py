@@ -97,7 +97,7 @@ def _draw_params(kinds: tuple[str, ...], rng: random.Random) -> tuple:
 
 @functools.lru_cache(maxsize=100_000)
 def _is_degenerate(spec: Spec) -> bool:
-    """True when the program's output barely depends on its input (e.g. "even and divisible by 3 and < 1")."""
+    """True when the program's output barely depends on its input (e.g. "positive and less than 1")."""
     fn = compile_function(_canonical_source(spec), "f")
     outputs, identity = set(), True
     for args in input_pool(spec, random.Random(0), size=24):
