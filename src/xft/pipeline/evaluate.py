@@ -19,8 +19,8 @@ import time
 def _progress(desc: str):
     from tqdm.auto import tqdm
 
-    return lambda it: tqdm(it, desc=desc, total=len(it) if hasattr(it, "__len__") else None,
-                           file=sys.stderr, leave=False, dynamic_ncols=True)
+    return lambda it, total=None: tqdm(it, desc=desc, total=total, file=sys.stderr, leave=False,
+                                       dynamic_ncols=True)
 
 
 def _breakdown(results: dict, labels: dict[str, dict], key: str) -> dict[str, float]:
