@@ -437,14 +437,20 @@ def _send_message(fd, data):
         data = data[os.write(fd, data):]
 
 
-def _read_message(fd, deadline):
-    """One length-prefixed message from pipe `fd`; None on EOF or when `deadline` passes."""
+def _read_message(fd, deadline, pid=None):
+    """One length-prefixed message from pipe `fd`; None on EOF, when `deadline` passes,
+    or when the writer `pid` (if given; our child) has exited without finishing it."""
     buf, size = b"", None
     while size is None or len(buf) < size + 8:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        ready, _, _ = select.select([fd], [], [], left)
+        ready, _, _ = select.select([fd], [], [], min(left, 0.05) if pid else left)
+        if not ready and pid and os.waitpid(pid, os.WNOHANG) != (0, 0):
+            ready, _, _ = select.select([fd], [], [], 0)  # a last look at what it wrote
+            if not ready:
+                return None
+            pid = None
         if ready:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
@@ -463,13 +469,16 @@ def run_phase(job, phase, out_fd, runner_fd):
         os.close(rfd)
         _child(job, phase, wfd, out_fd, runner_fd)
     os.close(wfd)
-    data = _read_message(rfd, time.monotonic() + phase["deadline"])
+    deadline = time.monotonic() + phase["deadline"]
+    data = _read_message(rfd, deadline, pid)
     os.close(rfd)
     _kill_group(pid)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
-    if data is None:
+    if data is None and time.monotonic() >= deadline:
         return {"status": "timeout", "error": f"no answer within {phase['deadline']:.1f}s"}
+    if data is None:
+        return {"status": "error", "error": "the program ended before its tests finished"}
     try:
         result = json.loads(data)
         assert isinstance(result, dict) and result.get("status") in ("pass", "fail", "timeout", "error")
