@@ -15,6 +15,22 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _threads(n: int | None) -> None:
+    """CPU threads for torch, chosen once here (None: torch's default, one per core)."""
+    if n is not None:
+        import torch
+
+        from xft.errors import UserError
+
+        if n < 1:
+            raise UserError(f"--threads must be at least 1, got {n}")
+        torch.set_num_threads(n)
+
+
+_THREADS_HELP = ("CPU threads for training and generation (default: one per core); on a machine busy with "
+                 "other work, --threads 1 is often several times faster")
+
+
 def _quiet_loading() -> None:
     """Keep the stage log readable: no per-load "Loading weights" / "Writing model shards" bars."""
     from transformers.utils import logging as hf_logging
@@ -39,6 +55,7 @@ def register(subparsers) -> None:
                    help="override a recipe setting, e.g. --set train.max_steps=2 --set model=/path "
                         "(values are read as YAML; repeatable)")
     p.add_argument("--device", default="auto", help="evaluation device: auto (CUDA if available), cpu, cuda, ...")
+    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_run)
 
@@ -57,6 +74,7 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of the minicode recipe (as xft run --set)")
     p.add_argument("--device", default="auto", help="evaluation device: auto (CUDA if available), cpu, cuda, ...")
+    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_demo)
 
@@ -65,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
     from xft.pipeline import load_recipe, run_pipeline
 
     recipe = load_recipe(args.recipe, args.overrides)
+    _threads(args.threads)
     _quiet_loading()
     name = os.path.splitext(os.path.basename(args.recipe))[0]
     out = args.out or os.path.join("runs", name)
@@ -80,6 +99,7 @@ def _demo(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else (FULL_SEEDS if args.full else 1)
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
+    _threads(args.threads)
     _quiet_loading()
     report, table = run_demo(args.out, seeds=seeds, full=args.full, device=_device(args.device),
                              progress=args.progress, extra_overrides=args.overrides)
