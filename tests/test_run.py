@@ -72,6 +72,10 @@ def test_run_cli_reports_bad_overrides_as_one_line(capsys):
     assert err.strip() == "xft run: error: unknown recipe key train.max_stepz (did you mean 'max_steps'?)"
     assert cli(["run", "nope.yaml"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert cli(["demo", "--seeds", "0"]) == 2
+    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert cli(["run", "minicode", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
