@@ -25,7 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MBPP_PLUS = os.environ.get("XFT_MBPP_PLUS", "/work/shared/data/MbppPlus-2023-11.jsonl")
+MBPP_PLUS = os.environ.get(
+    "XFT_MBPP_PLUS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                                  "MbppPlus-2023-11.jsonl"))
 
 _HUMAN_EVAL_SCRIPT = """
 import json, sys, time

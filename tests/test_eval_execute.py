@@ -12,8 +12,9 @@ import pytest
 from xft.errors import UserError
 from xft.eval import Sandbox, TimeLimits, check_samples, load_benchmark
 from xft.eval.benchmarks import names
+from conftest import shared_data
 
-MBPP_PLUS = Path(os.environ.get("XFT_MBPP_PLUS", "/work/shared/data/MbppPlus-2023-11.jsonl"))
+MBPP_PLUS = Path(os.environ.get("XFT_MBPP_PLUS", shared_data("MbppPlus-2023-11.jsonl")))
 needs_mbpp = pytest.mark.skipif(not MBPP_PLUS.is_file(), reason="MBPP+ data file not present")
 # Light tasks (no huge outputs, no slow references), exercising special oracles:
 # 2 (set equality), 581 (surface area oracle), 590 (complex outputs), 88 (Counter).

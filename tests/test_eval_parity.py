@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from xft.eval import Sandbox, TimeLimits, check_samples, load_benchmark
+from conftest import shared_data
 
 pytest.importorskip("evalplus")
-MBPP_PLUS = Path(os.environ.get("XFT_MBPP_PLUS", "/work/shared/data/MbppPlus-2023-11.jsonl"))
+MBPP_PLUS = Path(os.environ.get("XFT_MBPP_PLUS", shared_data("MbppPlus-2023-11.jsonl")))
 needs_mbpp = pytest.mark.skipif(not MBPP_PLUS.is_file(), reason="MBPP+ data file not present")
 MBPP_SUBSET = ["Mbpp/2", "Mbpp/3", "Mbpp/4", "Mbpp/6", "Mbpp/581", "Mbpp/590", "Mbpp/88", "Mbpp/17"]
 # Generous per-input limits on both sides, so that machine load cannot flip a verdict.
