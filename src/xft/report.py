@@ -125,6 +125,8 @@ def collect(runs: list[str], benchmark: str = "minicode", methods: list[str] | N
                 if not os.path.isdir(stage_model):
                     continue
                 total, active = parameter_counts(stage_model)
+                if stage == "ewa" and os.path.isdir(os.path.join(first, "upcycle")):
+                    active = parameter_counts(os.path.join(first, "upcycle"))[1]  # it trained the MoE
                 sizes[stage] = (total, active, training_tokens(stage_model))
             _, active, tokens = sizes[stage]
             if stage == "xft":  # a merge step: forward/backward through the dense architecture
