@@ -74,7 +74,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of the minicode recipe (as xft run --set)")
     p.add_argument("--device", default="auto", help="evaluation device: auto (CUDA if available), cpu, cuda, ...")
-    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for training and generation (default: 1, what the demo's time budget was "
+                        "measured with; one thread per process is also much faster when the machine is busy)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_demo)
 
