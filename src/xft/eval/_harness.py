@@ -103,7 +103,8 @@ def _build_root(setup):
     os.makedirs(root + "/scratch")
     _mount("tmpfs", root + "/scratch", "tmpfs", _MS_NOSUID | _MS_NODEV,
            f"size={setup['scratch_bytes']},mode=711")
-    os.symlink("/scratch", root + "/tmp")
+    if not os.path.lexists(root + "/tmp"):  # a Python under /tmp (a venv there) already made it: keep
+        os.symlink("/scratch", root + "/tmp")  # the read-only binds; TMPDIR points to /scratch anyway
     with contextlib.suppress(OSError):  # refused in some containers; then no sweep by /proc
         os.makedirs(root + "/proc")
         _mount("proc", root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
