@@ -18,3 +18,20 @@ def shared_data(name: str):
     from pathlib import Path
 
     return Path(__file__).resolve().parents[2] / "shared" / "data" / name
+
+
+def tiny_minicode_base(root, rows: int):
+    """In `root`: `train.jsonl` (the first `rows` MiniCode training records) and `model/`, a tiny random Llama
+    with a tokenizer trained on those records in the instruction template."""
+    import json
+
+    from xft.data import format_prompt
+    from xft.minicode.benchmark import split_records
+    from xft.testing import tiny_model, tiny_tokenizer
+
+    records = split_records("train", 0, rows)
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = tiny_tokenizer([format_prompt(r["instruction"]) + r["response"] for r in records])
+    tiny_model("llama").save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return root

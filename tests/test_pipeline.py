@@ -9,7 +9,7 @@ from xft.errors import UserError
 from xft.pipeline import load_recipe, plan, run_pipeline
 from xft.pipeline import stages as stages_mod
 from xft.pipeline.recipe import apply_overrides, parse_override
-from xft.testing import tiny_model, tiny_tokenizer
+from conftest import tiny_minicode_base
 
 
 # ---------------------------------------------------------------- recipes and overrides
@@ -82,17 +82,7 @@ def test_plan_orders_dependencies_and_runs_only_what_methods_need():
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
     """A tiny Llama + tokenizer that knows MiniCode's template, and a small MiniCode training file."""
-    from xft.data import format_prompt
-    from xft.minicode.benchmark import split_records
-
-    root = tmp_path_factory.mktemp("base")
-    rows = split_records("train", 0, 32)
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok = tiny_tokenizer([format_prompt(r["instruction"]) + r["response"] for r in rows])
-    model = tiny_model("llama")
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    return root
+    return tiny_minicode_base(tmp_path_factory.mktemp("base"), 32)
 
 
 def tiny_overrides(base, *extra):

@@ -8,22 +8,12 @@ import pytest
 
 from xft.cli import main as cli
 from xft.pipeline.recipe import METHODS, load_recipe
-from xft.testing import tiny_model, tiny_tokenizer
+from conftest import tiny_minicode_base
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from xft.data import format_prompt
-    from xft.minicode.benchmark import split_records
-
-    root = tmp_path_factory.mktemp("tiny")
-    rows = split_records("train", 0, 24)
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok = tiny_tokenizer([format_prompt(r["instruction"]) + r["response"] for r in rows])
-    model = tiny_model("llama")
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    return root
+    return tiny_minicode_base(tmp_path_factory.mktemp("tiny"), 24)
 
 
 def paper_overrides(tiny):
