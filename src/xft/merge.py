@@ -81,11 +81,7 @@ def merge(moe: nn.Module, shared_weight: float = 0.75, mixing_logits: dict[int, 
     method = method or ("learned" if mixing_logits is not None else "init")
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}; expected one of {sorted(MERGE_METHODS)}")
-    if not 0.0 <= shared_weight <= 1.0:
-        raise ValueError(f"shared_weight must be in [0, 1], got {shared_weight}")
-    blocks = moe_blocks(moe)
-    if not blocks:
-        raise ValueError(f"{type(moe).__name__} has no MoE blocks to merge")
+    blocks = _blocks_to_merge(moe, shared_weight)
     logits = mixing_logits or {}
     if mixing_logits is not None and set(mixing_logits) != set(blocks):
         raise ValueError(f"mixing logits given for layers {sorted(mixing_logits)}; the model has "
@@ -95,6 +91,16 @@ def merge(moe: nn.Module, shared_weight: float = 0.75, mixing_logits: dict[int, 
         c = MERGE_METHODS[method](block, shared_weight, logits.get(i))
         ffns[block] = merged_ffn(block.experts, c)
     return _dense_copy(moe, ffns)
+
+
+def _blocks_to_merge(moe: nn.Module, shared_weight: float) -> dict[int, MoEBlock]:
+    """The MoE blocks of `moe`, after checking the merge arguments."""
+    if not 0.0 <= shared_weight <= 1.0:
+        raise ValueError(f"shared_weight must be in [0, 1], got {shared_weight}")
+    blocks = moe_blocks(moe)
+    if not blocks:
+        raise ValueError(f"{type(moe).__name__} has no MoE blocks to merge")
+    return blocks
 
 
 def average_experts(moe: nn.Module) -> nn.Module:
@@ -175,11 +181,7 @@ def build_merge_model(moe: nn.Module, shared_weight: float = 0.75, learn_shared_
     except the mixing logits (and the per-layer shared weight if
     `learn_shared_weight`). Routers are dropped: the merged model has none.
     """
-    if not 0.0 <= shared_weight <= 1.0:
-        raise ValueError(f"shared_weight must be in [0, 1], got {shared_weight}")
-    blocks = moe_blocks(moe)
-    if not blocks:
-        raise ValueError(f"{type(moe).__name__} has no MoE blocks to merge")
+    _blocks_to_merge(moe, shared_weight)  # validates
     moe.requires_grad_(False)
     for parent in list(moe.modules()):
         for name, child in list(parent.named_children()):

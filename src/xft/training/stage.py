@@ -40,7 +40,7 @@ def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, dataset, col
                 stage: str, is_moe: bool, mixed: str | None, ewa_share_rate: float = 0.0):
     """Create the run directory, train (resuming from `resume`), return (trainer, train output, seconds)."""
     micro, accum = batch_plan(cfg.batch_size, cfg.micro_batch_size, cfg.grad_accum, world_size())
-    args = training_arguments(cfg, run.checkpoints, micro, accum, mixed, is_moe)
+    args = training_arguments(cfg, run.checkpoints, micro, accum, mixed)
     state = PartialState()
     if state.is_main_process:
         rundir.start(run, cfg, stage)

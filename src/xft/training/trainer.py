@@ -74,8 +74,7 @@ def resolve_precision(precision: str) -> tuple[torch.dtype, str | None]:
             "bf16-pure": (torch.bfloat16, None)}[precision]
 
 
-def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str | None,
-                       is_moe: bool) -> TrainingArguments:
+def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str | None) -> TrainingArguments:
     """`TrainingArguments` for config `cfg` (an `xft.training.config.CommonConfig`)."""
     # Recompute activations in backward; non-reentrant so DDP's unused-parameter detection works.
     # (`activation_checkpointing` is the newer name of `gradient_checkpointing`.)
@@ -86,7 +85,7 @@ def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str 
     # use_cpu they would not join a process group and would each train alone; with it they use gloo.
     use_cpu = world_size() > 1 and not torch.cuda.is_available()
     try:
-        args = _training_arguments(cfg, output_dir, micro, accum, mixed, is_moe, checkpointing, use_cpu)
+        args = _training_arguments(cfg, output_dir, micro, accum, mixed, checkpointing, use_cpu)
     except ValueError as e:  # e.g. an unknown --optimizer or --lr-scheduler name
         raise UserError(f"invalid training setting: {str(e).splitlines()[0]}") from None
     if args.world_size != world_size():
@@ -95,7 +94,7 @@ def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str 
     return args
 
 
-def _training_arguments(cfg, output_dir, micro, accum, mixed, is_moe, checkpointing, use_cpu) -> TrainingArguments:
+def _training_arguments(cfg, output_dir, micro, accum, mixed, checkpointing, use_cpu) -> TrainingArguments:
     return TrainingArguments(
         **checkpointing,
         use_cpu=use_cpu,
