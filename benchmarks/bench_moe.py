@@ -15,10 +15,12 @@
     of the resulting MoE checkpoint (in a fresh subprocess).
 
 Timings interleave the variants and report medians; the machine is noisy, so
-only the ratios mean anything.
+only the ratios mean anything. On CUDA every timed step is bracketed by
+`torch.cuda.synchronize()`, T goes up to 131072, and (c) (CPU RSS) is skipped.
 
     python benchmarks/bench_moe.py            # everything (~3-5 min on 2 cores)
     python benchmarks/bench_moe.py --quick    # fewer repeats, T up to 2048
+    python benchmarks/bench_moe.py --device cuda --dtype bf16   # GPU; --dtype fp32 is the default
 """
 
 from __future__ import annotations
@@ -43,12 +45,19 @@ from xft.merge import LearnableMerge
 from xft.moe import MoEBlock
 
 D, I, N, K = 512, 1376, 8, 6
+DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set by --device / --dtype
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def _mlp(seed=0):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=D, intermediate_size=I, hidden_act="silu")
-    return LlamaMLP(cfg)
+    return LlamaMLP(cfg).to(DEVICE, DTYPE)
 
 
 def _moe_block():
@@ -85,17 +94,19 @@ class EagerExperts(torch.nn.Module):
 
 
 def _time_fwd_bwd(fn, x, grad):
+    _sync()
     t = time.perf_counter()
     y = fn(x)
     y.backward(grad)
+    _sync()
     return time.perf_counter() - t
 
 
 def _interleaved(variants: dict, x_shape, repeats: int) -> dict[str, float]:
     """Median seconds per forward+backward of each variant, run round-robin."""
     times = {k: [] for k in variants}
-    x = torch.randn(*x_shape)
-    grad = torch.randn(*x_shape)
+    x = torch.randn(*x_shape, device=DEVICE, dtype=DTYPE)
+    grad = torch.randn(*x_shape, device=DEVICE, dtype=DTYPE)
     for r in range(repeats + 1):
         for name, fn in variants.items():
             xi = x.clone().requires_grad_(True)
@@ -117,10 +128,11 @@ def bench_moe_block(tokens: list[int], repeats: int) -> list[dict]:
         ideal = m["dense"] * K
         rows.append({"T": t, "dense_ms": m["dense"] * 1e3,
                      **{f"{k}_vs_ideal": v / ideal for k, v in m.items() if k != "dense"}})
-        print(f"  T={t:5d}  xft MoE block {rows[-1]['xft_vs_ideal']:.2f}x ideal   "
+        print(f"  T={t:5d}  xft MoE block (fast loop) {rows[-1]['xft_vs_ideal']:.2f}x ideal   "
               f"grouped_mm {rows[-1]['grouped_mm_vs_ideal']:.2f}x   "
               f"eager-style loop {rows[-1]['eager_vs_ideal']:.2f}x   "
-              f"(dense FFN fwd+bwd {m['dense'] * 1e3:.1f} ms)", flush=True)
+              f"(dense FFN fwd+bwd {m['dense'] * 1e3:.1f} ms, "
+              f"{18 * t * D * I / m['dense'] / 1e12:.1f} TFLOP/s)", flush=True)
     return rows
 
 
@@ -142,10 +154,10 @@ def bench_merge_model_step(t: int, repeats: int) -> dict:
     cfg = LlamaConfig(hidden_size=D, intermediate_size=I, num_hidden_layers=4, num_attention_heads=8,
                       num_key_value_heads=8, vocab_size=4096, max_position_embeddings=t)
     torch.manual_seed(0)
-    dense = AutoModelForCausalLM.from_config(cfg)
+    dense = AutoModelForCausalLM.from_config(cfg).to(DEVICE, DTYPE)
     merge_model = xft.build_merge_model(xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig()))
     frozen = copy.deepcopy(dense).requires_grad_(False)
-    ids = torch.randint(0, cfg.vocab_size, (1, t))
+    ids = torch.randint(0, cfg.vocab_size, (1, t), device=DEVICE)
 
     def frozen_step():  # gradients flow to the input embeddings only: backward through every layer
         emb = frozen.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -157,8 +169,10 @@ def bench_merge_model_step(t: int, repeats: int) -> dict:
     times = {k: [] for k in steps}
     for r in range(repeats + 1):
         for name, step in steps.items():
+            _sync()
             start = time.perf_counter()
             step()
+            _sync()
             if r:
                 times[name].append(time.perf_counter() - start)
     m = {k: statistics.median(v) for k, v in times.items()}
@@ -205,19 +219,36 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer repeats, T up to 2048")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="parameter and activation dtype")
     args = ap.parse_args()
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
-    tokens = [64, 512, 2048] if args.quick else [64, 512, 2048, 8192]
-    repeats = 3 if args.quick else 7
+    cuda = DEVICE.type == "cuda"
+    if cuda:
+        tokens = [512, 2048, 8192] if args.quick else [512, 2048, 8192, 32768, 131072]
+        repeats = 5 if args.quick else 20
+        where = f"{torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}"
+    else:
+        tokens = [64, 512, 2048] if args.quick else [64, 512, 2048, 8192]
+        repeats = 3 if args.quick else 7
+        where = f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    print(f"device: {where}; dtype {args.dtype}")
     print(f"(a) MoE block fwd+bwd vs ideal (6 x dense FFN), d={D} I={I} N={N} top-{K}")
     a = bench_moe_block(tokens, repeats)
     print("(b) learnable-merge step, T=2048")
     b = {**bench_merge_step(2048, repeats), **bench_merge_model_step(2048, max(3, repeats // 2))}
-    print("(c) upcycling memory")
-    c = bench_upcycle_memory()
+    if cuda:
+        print("(c) upcycling memory: skipped on CUDA (it measures CPU RSS)")
+        c = None
+    else:
+        print("(c) upcycling memory")
+        c = bench_upcycle_memory()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"moe_block": a, "merge_step": b, "upcycle_memory": c}, f, indent=1)
+            json.dump({"device": where, "dtype": args.dtype, "moe_block": a, "merge_step": b,
+                       "upcycle_memory": c}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -233,3 +233,15 @@ def test_grouped_mm_path_equals_loop_path(arch):
     for a, b in zip(xft.expert_weights(loop).values(), xft.expert_weights(grouped).values()):
         for name in a:
             torch.testing.assert_close(b[name].grad, a[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_grouped_mm_with_sizes_it_cannot_take_runs_the_loop():
+    # torch._grouped_mm needs matrix rows of a multiple of 16 bytes: hidden 30, FFN 18 (fp32: 120 and 72
+    # bytes) fails inside it, so the block warns and runs the loop kernel, bit for bit the loop's result.
+    dense = tiny_model("llama", hidden=30, intermediate=18, heads=1)
+    loop = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig(expert_impl="fast"))
+    grouped = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig(expert_impl="grouped_mm"))
+    ids = torch.randint(0, 300, (2, 9))
+    with pytest.warns(UserWarning, match="multiples of 16 bytes"):
+        got = _logits(grouped, ids)
+    assert torch.equal(got, _logits(loop, ids))

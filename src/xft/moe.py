@@ -17,6 +17,8 @@ indexing `W[e]` inside the loop would make every backward write a full-size
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -68,7 +70,7 @@ class MoEBlock(nn.Module):
         clean, logits, std = self.gate(x)  # [T, R] each; std None without noise
         weights, top_i = self.routing.combine(logits.float(), self.k)  # [T, N] fp32, [T, k]
         self._record_routing(weights, top_i, clean.float(), logits.float(), std)
-        run = self._run_grouped if self.grouped else self._run_experts
+        run = self._run_grouped if self.grouped and self._grouped_mm_fits(x) else self._run_experts
         y = run(x, extra, weights.to(x.dtype), top_i)
         if self.spec is not None and self.spec.dropout is not None:
             y = self.spec.dropout(y)
@@ -111,11 +113,26 @@ class MoEBlock(nn.Module):
                 start += count
         return out
 
+    def _grouped_mm_fits(self, x: Tensor) -> bool:
+        """Whether `torch._grouped_mm` takes this block's matrices in `x`'s dtype.
+
+        It needs every matrix row to be a multiple of 16 bytes, in fp32 and bf16, on CUDA (H100, torch
+        2.11) and on CPU (torch 2.13): an FFN size of 30 fails with "strides should be multiple of 16
+        bytes". Group offsets need no alignment and empty groups are fine. When the sizes do not fit,
+        the block runs the loop kernel, which computes the same, and warns.
+        """
+        sizes = {n for p in self.experts.parameters() if p.dim() == 3 for n in p.shape[1:]}
+        if all(n * x.element_size() % 16 == 0 for n in sizes):
+            return True
+        warnings.warn(f"expert_impl='grouped_mm' needs FFN sizes whose {x.dtype} rows are multiples of "
+                      f"16 bytes (sizes {sorted(sizes)}); running the per-expert loop instead", stacklevel=3)
+        return False
+
     def _run_grouped(self, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
         """Same result as `_run_experts`, routed experts as one `torch._grouped_mm` per linear layer.
 
         The GPU fast path (no host sync, one kernel per layer); needs feature sizes whose rows are
-        multiples of 16 bytes. Shared expert: one dense matmul on all tokens.
+        multiples of 16 bytes (`_grouped_mm_fits`). Shared expert: one dense matmul on all tokens.
         """
         spec, s, k = self.spec, self.first_routed, self.k
         stacks = dict(self.experts.named_parameters())
