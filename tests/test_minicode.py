@@ -70,7 +70,8 @@ def test_eval_size_families_and_tests(tasks):
 def test_task_format(tasks):
     for t in tasks[:20]:
         assert {"task_id", "prompt", "entry_point", "canonical_solution", "test"} <= set(t)
-        assert f"`{t['entry_point']}" in t["prompt"]
+        # named as in the answer: `def name(args)` or a bare " name" (the same token as in "def name(")
+        assert re.search(rf"(`def {t['entry_point']}\(| {t['entry_point']} )", t["prompt"]), t["prompt"]
         assert t["canonical_solution"].startswith(f"def {t['entry_point']}(")
         assert t["test"].startswith("def check(candidate):")
 

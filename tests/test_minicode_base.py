@@ -94,10 +94,43 @@ def test_build_is_bit_for_bit_reproducible(tmp_path, tiny_base):
     assert _weights_hash(other) != _weights_hash(tiny_base)
 
 
+def test_shipped_model_is_current_and_loads():
+    """The shipped model is what this MiniCode's demo budget builds (else rebuild it: see xft.minicode.base)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    shipped = base.shipped_model("demo", 0)
+    assert shipped is not None, "assets/minicode-base is stale: rebuild with python -m xft.minicode.base"
+    assert build_base_model(None, seed=0, budget="demo") == shipped
+    assert base.shipped_model("demo", 1) is None and base.shipped_model("test", 0) is None
+    record = json.loads((Path(shipped) / base.RECORD_FILE).read_text())
+    assert record["threads"] == 1
+    model, tok = xft.load(shipped), AutoTokenizer.from_pretrained(shipped)
+    budget = BUDGETS["demo"]
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (budget.hidden_size, budget.num_layers)
+    assert model.config.vocab_size == len(tok) == budget.vocab_size
+    text = "def f(xs):\n    return [x for x in xs if x > 3]\n"
+    assert tok.decode(tok(text).input_ids) == text
+
+
 @pytest.mark.slow
-def test_demo_budget_builds_within_time(tmp_path):
+def test_demo_budget_rebuilds_the_shipped_model_bit_for_bit(tmp_path):
+    """The reproduce command rebuilds the shipped weights exactly (same torch version, one thread)."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
     t0 = time.perf_counter()
-    path = build_base_model(tmp_path / "demo", seed=0, budget="demo")
+    out = tmp_path / "demo"
+    subprocess.run([sys.executable, "-m", "xft.minicode.base", "--out", str(out), "--threads", "1"], check=True)
     seconds = time.perf_counter() - t0
     assert seconds < 300, f"demo base model took {seconds:.0f} s"
-    assert xft.load(path) is not None
+    shipped = Path(base.SHIPPED_DIR)
+    record = json.loads((shipped / base.RECORD_FILE).read_text())
+    assert (out / "tokenizer.json").read_text() == (shipped / "tokenizer.json").read_text()
+    if record["torch"] != torch.__version__:
+        pytest.skip(f"shipped model built with torch {record['torch']}; float results may differ in {torch.__version__}")
+    assert _weights_hash(out) == _weights_hash(shipped)

@@ -174,6 +174,49 @@ def test_interrupted_training_stage_resumes_from_its_checkpoint(tiny_base, tmp_p
     assert any("upcycle" in line and "skipped" in line for line in lines)
 
 
+def _outputs(run) -> dict[str, str]:
+    """Every evaluation's samples and every merged model's weights, by path (what a run computed)."""
+    import hashlib
+
+    out = {}
+    for path in sorted(run.rglob("*")):
+        if path.name == "samples.jsonl" or (path.name == "model.safetensors" and "final" in path.parts):
+            out[str(path.relative_to(run))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def test_parallel_stages_compute_what_sequential_stages_compute(tiny_base, tmp_path):
+    overrides = tiny_overrides(tiny_base, "methods=[sft, xft_init, xft]")
+    run_pipeline(load_recipe("minicode", overrides), str(tmp_path / "seq"), progress=False, threads=1)
+    lines = []
+    run_pipeline(load_recipe("minicode", overrides), str(tmp_path / "par"), progress=False, log=lines.append,
+                 jobs=2, threads=1)
+    seq, par = _outputs(tmp_path / "seq"), _outputs(tmp_path / "par")
+    assert len(seq) == 7 and seq == par  # 3 samples files; final models of sft, moe, xft_init, xft
+    assert sum("done in" in line for line in lines) == len(plan(load_recipe("minicode", overrides)))
+    assert (tmp_path / "par" / "logs" / "moe.log").is_file()
+    timings = json.loads((tmp_path / "par" / "timings.json").read_text())
+    assert set(timings) == {s.name for s in plan(load_recipe("minicode", overrides))}
+    again = []
+    run_pipeline(load_recipe("minicode", overrides), str(tmp_path / "par"), progress=False, log=again.append, jobs=2)
+    assert again and all("skipped" in line for line in again), again
+
+
+def test_parallel_stage_failure_names_the_stage_and_its_log(tiny_base, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    recipe = load_recipe("minicode", tiny_overrides(tiny_base, "methods=[xft_init]", f"model={broken}"))
+    with pytest.raises(UserError) as err:
+        run_pipeline(recipe, str(tmp_path / "run"), progress=False, jobs=2, threads=1)
+    message = str(err.value)
+    assert "stage upcycle failed" in message and str(tmp_path / "run" / "logs" / "upcycle.log") in message
+    assert not (tmp_path / "run" / "upcycle").exists()
+    assert not (tmp_path / "run" / "moe").exists()  # nothing after the failure was started
+    with pytest.raises(UserError, match="jobs must be at least 1"):
+        run_pipeline(recipe, str(tmp_path / "run"), progress=False, jobs=0)
+
+
 # ---------------------------------------------------------------- report
 
 def test_report_table_and_plots(tmp_path):

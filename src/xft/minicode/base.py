@@ -18,23 +18,35 @@ bit for bit identical. Floating-point reduction order can differ across
 thread counts, BLAS builds and accelerators, so the cache key records the
 torch version and thread count.
 
-Caching: with `out_dir=None` the model is built once under
+Shipped model: the package carries the "demo"-budget, seed-0 model
+(`xft/assets/minicode-base`, 3.7 MB), built on one thread with the torch
+version recorded in its `minicode_base.json`; with `out_dir=None` that budget
+and seed use it instead of building (saves ~1.5 min of `xft demo`). Rebuild it
+bit for bit with
+
+    python -m xft.minicode.base --out DIR --threads 1
+
+Caching: with `out_dir=None` any other model is built once under
 `$XFT_CACHE_DIR` (default `~/.cache/xft`) in `minicode-base-<hash>` and
 reused; the directory appears only complete (built aside, then renamed).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from xft.errors import UserError
 
-GENERATOR_VERSION = 1  # bump when MiniCode's generated text changes
+GENERATOR_VERSION = 2  # bump when MiniCode's generated text changes (and rebuild the shipped model)
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "minicode-base"
+RECORD_FILE = "minicode_base.json"  # what a built model was built from (budget, seed, versions)
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>")  # ids 0..3, as xft.testing
 
 
@@ -175,15 +187,40 @@ def pretrain(init: Path, data: Path, out: Path, budget: BaseBudget, seed: int, p
     return Path(train_sft(config))
 
 
+def build_record(budget: BaseBudget, seed: int) -> dict:
+    """What a model built now from (budget, seed) depends on: written next to it as minicode_base.json."""
+    import torch
+
+    import xft
+
+    return {"budget": asdict(budget), "seed": seed, "generator": GENERATOR_VERSION, "xft": xft.__version__,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cache_key": cache_key(budget, seed)}
+
+
+def shipped_model(budget: str | BaseBudget = "demo", seed: int = 0) -> str | None:
+    """The shipped model's directory if it is what (budget, seed) builds with this MiniCode, else None."""
+    try:
+        with (SHIPPED_DIR / RECORD_FILE).open() as f:
+            record = json.load(f)
+    except OSError:
+        return None
+    same = (record.get("budget") == asdict(resolve_budget(budget)) and record.get("seed") == seed
+            and record.get("generator") == GENERATOR_VERSION)
+    return str(SHIPPED_DIR) if same else None
+
+
 def build_base_model(out_dir: str | os.PathLike | None = None, seed: int = 0, budget: str | BaseBudget = "demo",
-                     progress: bool = False) -> str:
+                     progress: bool = False, use_shipped: bool = True) -> str:
     """The pretrained MiniCode base model (dense Llama + tokenizer); returns its directory.
 
-    With `out_dir=None` it is cached (see module docstring) and built only on
+    With `out_dir=None` it is the shipped model when that is the one asked for
+    (and `use_shipped`), else cached (see module docstring) and built only on
     first use; with an `out_dir` it is built there unless a finished model is
     already in it. `budget`: a name in `BUDGETS` or a `BaseBudget`.
     """
     b = resolve_budget(budget)
+    if out_dir is None and use_shipped and (shipped := shipped_model(b, seed)) is not None:
+        return shipped
     target = Path(out_dir) if out_dir is not None else cache_root() / f"minicode-base-{cache_key(b, seed)}"
     if (target / "config.json").is_file():
         return str(target)
@@ -194,8 +231,8 @@ def build_base_model(out_dir: str | os.PathLike | None = None, seed: int = 0, bu
         work = Path(tmp)
         data, init = prepare_init(work, b, seed)
         final = pretrain(init, data, work / "run", b, seed, progress=progress)
-        with (final / "minicode_base.json").open("w") as f:
-            json.dump({"budget": asdict(b), "seed": seed, "cache_key": cache_key(b, seed)}, f, indent=1)
+        with (final / RECORD_FILE).open("w") as f:
+            json.dump(build_record(b, seed), f, indent=1)
         if target.exists():  # an empty directory the caller named (checked non-empty below)
             target.rmdir()
         os.rename(final, target)
@@ -205,3 +242,28 @@ def build_base_model(out_dir: str | os.PathLike | None = None, seed: int = 0, bu
 def with_steps(budget: str | BaseBudget, steps: int) -> BaseBudget:
     """`budget` with another number of pretraining steps (for quick experiments)."""
     return replace(resolve_budget(budget), steps=steps)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m xft.minicode.base --out DIR`: build the base model (e.g. to reproduce the shipped one)."""
+    p = argparse.ArgumentParser(prog="python -m xft.minicode.base", description=main.__doc__)
+    p.add_argument("--out", required=True, help="new or empty directory for the model")
+    p.add_argument("--budget", default="demo", choices=list(BUDGETS), help="size and pretraining budget")
+    p.add_argument("--seed", type=int, default=0, help="pretraining seed")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (the shipped model was built with 1; other counts change the last bits)")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        path = build_base_model(args.out, seed=args.seed, budget=args.budget, progress=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,10 @@ paraphrases ("returns the even numbers in `xs`") are shared: they carry the
 vocabulary of the primitives, which a model cannot be expected to guess.
 
 Function and argument names are drawn from generic pools, so the name does
-not give the task away and the instruction has to be read.
+not give the task away and the instruction has to be read. The signature is
+quoted as `def name(args)` and a bare name follows a space, so the name is the
+same token in the request as in the answer (byte-level BPE merges the space
+into the word: "`name(" and "def name(" would give different tokens).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ TRAIN_FRAMES: tuple[str, ...] = (
     "Write a Python function `{sig}` that {clause}.",
     "Create a function `{sig}` which {clause}.",
     "Implement `{sig}`. It takes {params} and {clause}.",
-    "Write a function named `{name}` that takes {params} and {clause}.",
+    "Write a function named {name} that takes {params} and {clause}.",
     "Define `{sig}` so that it {clause}.",
     "Complete the Python function `{sig}`: it {clause}.",
     "Given {params}, the function `{sig}` {clause}. Write it.",
@@ -29,7 +32,7 @@ TRAIN_FRAMES: tuple[str, ...] = (
 EVAL_FRAMES: tuple[str, ...] = (
     "Your task is to code `{sig}`, a function that {clause}.",
     "Please provide a Python implementation of `{sig}`. Given {params}, it {clause}.",
-    "I need a function called `{name}` taking {params}; it {clause}.",
+    "I need a function called {name} taking {params}; it {clause}.",
 )
 
 FUNCTION_NAMES: tuple[str, ...] = (
@@ -69,7 +72,9 @@ def _params_text(spec: Spec, args: tuple[str, ...]) -> str:
 def instruction(spec: Spec, name: str, args: tuple[str, ...], frame: str, rng: random.Random) -> str:
     """The natural-language request for `spec` in `frame`, with a random clause paraphrase."""
     clause = rng.choice(spec.clauses).format(**{f"a{i}": f"`{a}`" for i, a in enumerate(args)})
-    sig = f"{name}({', '.join(args)})"
+    # `def name(args)`, and a bare name preceded by a space: the name is then the same token (" name") as
+    # in the answer's `def name(`, so answering needs a copy, not a learned map from "name" to " name".
+    sig = f"def {name}({', '.join(args)})"
     return frame.format(sig=sig, name=name, params=_params_text(spec, args), clause=clause)
 
 

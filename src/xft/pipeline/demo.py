@@ -21,7 +21,7 @@ from xft.pipeline.runner import read_timings, run_pipeline
 
 RECIPE = "minicode"
 # The --full budget, as recipe overrides on top of recipes/minicode.yaml.
-FULL = ["methods=[" + ", ".join(METHODS) + "]", "train.max_steps=300", "merge.max_steps=100"]
+FULL = ["methods=[" + ", ".join(METHODS) + "]", "train.max_steps=1250", "merge.max_steps=100"]
 FULL_SEEDS = 3
 
 
@@ -35,8 +35,11 @@ def seed_overrides(seed: int, first_run: str | None) -> list[str]:
 
 def run_demo(out: str, seeds: int = 1, full: bool = False, device: str = "cpu",
              log: Callable[[str], None] = print, progress: bool = True,
-             extra_overrides: list[str] = ()) -> tuple[str, str]:
-    """Run the demo into `out`; returns (report.md path, the results table)."""
+             extra_overrides: list[str] = (), jobs: int = 1, threads: int | None = None) -> tuple[str, str]:
+    """Run the demo into `out`; returns (report.md path, the results table).
+
+    `jobs` / `threads`: stages at once and torch threads per stage (`run_pipeline`).
+    """
     from xft.report import write_report
 
     overrides = (FULL if full else []) + list(extra_overrides)
@@ -48,7 +51,7 @@ def run_demo(out: str, seeds: int = 1, full: bool = False, device: str = "cpu",
         if runs:  # the base model is the first run's; it was evaluated there
             recipe.methods = [m for m in recipe.methods if m != "base"]
         log(f"== seed {i} ({i + 1}/{seeds}): {run}")
-        run_pipeline(recipe, run, device=device, progress=progress, log=log)
+        run_pipeline(recipe, run, device=device, progress=progress, log=log, jobs=jobs, threads=threads)
         runs.append(run)
     minutes = (time.perf_counter() - t0) / 60
     stage_minutes = sum(sum(read_timings(r).values()) for r in runs) / 60

@@ -9,12 +9,21 @@ differences (adding methods is allowed: their stages simply run). Stage wall
 times accumulate in `timings.json`. Under `accelerate launch` every process
 runs the training stages together; the other stages run on the main process
 while the rest wait.
+
+With `jobs=N > 1` up to N independent stages run at once, each in its own
+process (`xft.pipeline.worker`, log in `logs/<stage>.log`): on a CPU the
+stages of this experiment are small enough that one thread per stage and
+several stages side by side use the cores far better than one stage on all
+of them. Results are the same as with `jobs=1`: each stage computes from its
+inputs alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -97,15 +106,21 @@ def run_stage(stage: Stage, ctx: Context) -> None:
 
 
 def run_pipeline(recipe: Recipe, out: str, device: str = "cpu", progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> Context:
+                 log: Callable[[str], None] | None = None, jobs: int = 1, threads: int | None = None) -> Context:
     """Run every stage the recipe needs into run directory `out`; returns the run's context.
 
     Finished stages are skipped; an interrupted training stage resumes from
     its last checkpoint. `log` receives one line per stage (None: silent).
+    `jobs`: stages run at once, each in its own process with `threads` torch
+    threads (default: this process's threads divided among the jobs).
     """
     from accelerate import PartialState
 
+    if jobs < 1:
+        raise UserError(f"jobs must be at least 1, got {jobs}")
     state = PartialState()
+    if jobs > 1 and state.num_processes > 1:
+        raise UserError("--jobs > 1 runs stages in separate processes; under accelerate launch use --jobs 1")
     main = state.is_main_process
     say = log if (log and main) else (lambda _: None)
     if main:
@@ -113,6 +128,9 @@ def run_pipeline(recipe: Recipe, out: str, device: str = "cpu", progress: bool =
     state.wait_for_everyone()
     ctx = Context(recipe=recipe, root=out, device=device, progress=progress and main)
     stages = plan(recipe)
+    if jobs > 1:
+        _run_parallel(stages, ctx, say, jobs, threads)
+        return ctx
     for i, stage in enumerate(stages, 1):
         head = f"[{i}/{len(stages)}] {stage.name}: {stage.description}"
         if stage.done(ctx):
@@ -128,3 +146,100 @@ def run_pipeline(recipe: Recipe, out: str, device: str = "cpu", progress: bool =
             _record_time(out, stage.name, seconds)
         say(f"{head} -- done in {seconds:.0f} s")
     return ctx
+
+
+def _dependents(stages: list[Stage]) -> dict[str, int]:
+    """Stage name -> how many planned stages wait on it, directly or not (its scheduling priority)."""
+    below: dict[str, set[str]] = {s.name: set() for s in stages}
+    for s in reversed(stages):  # plan order puts dependencies first, so dependents are filled in before
+        for dep in s.deps:
+            if dep in below:
+                below[dep] |= {s.name} | below[s.name]
+    return {name: len(v) for name, v in below.items()}
+
+
+def _log_path(root: str, stage: str) -> str:
+    return os.path.join(root, "logs", stage.replace("/", "-") + ".log")
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _run_parallel(stages: list[Stage], ctx: Context, say: Callable[[str], None], jobs: int,
+                  threads: int | None) -> None:
+    """Run `stages` (in plan order) as up to `jobs` worker processes, each once its dependencies are done."""
+    import torch
+    from tqdm.auto import tqdm
+
+    threads = threads or max(1, torch.get_num_threads() // jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    priority = _dependents(stages)
+    number = {s.name: i for i, s in enumerate(stages, 1)}
+    head = {s.name: f"[{number[s.name]}/{len(stages)}] {s.name}: {s.description}" for s in stages}
+    finished = {s.name for s in stages if s.done(ctx)}
+    for name in sorted(finished, key=number.get):
+        say(f"{head[name]} -- finished earlier, skipped")
+    pending = [s for s in stages if s.name not in finished]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed: list[tuple[str, int]] = []
+    os.makedirs(os.path.join(ctx.root, "logs"), exist_ok=True)
+    bar = tqdm(total=len(pending), desc="stages", unit="stage", disable=not ctx.progress, dynamic_ncols=True)
+    shown = ""
+
+    def note(line: str) -> None:
+        with tqdm.external_write_mode():
+            say(line)
+
+    try:
+        while pending or running:
+            ready = [s for s in pending if all(d in finished for d in s.deps)]
+            while ready and len(running) < jobs and not failed:
+                stage = max(ready, key=lambda s: (priority[s.name], -number[s.name]))
+                ready.remove(stage)
+                pending.remove(stage)
+                cmd = [sys.executable, "-m", "xft.pipeline.worker", ctx.root, stage.name, "--device", ctx.device,
+                       "--threads", str(threads)]
+                with open(_log_path(ctx.root, stage.name), "a") as logf:
+                    running[stage.name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env),
+                                           time.perf_counter())
+                note(f"{head[stage.name]} ... (log: {_log_path(ctx.root, stage.name)})")
+            if not running:
+                if failed or not pending:
+                    break
+                raise RuntimeError(f"stages {[s.name for s in pending]} wait on stages that never run")
+            if shown != ", ".join(running):  # redraw only on change: logs stay readable without a tty
+                shown = ", ".join(running)
+                bar.set_postfix_str(shown)
+            time.sleep(0.2)
+            for name, (proc, t0) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                seconds = time.perf_counter() - t0
+                if rc != 0:
+                    failed.append((name, rc))
+                    note(f"{head[name]} -- FAILED (exit {rc}) after {seconds:.0f} s")
+                    continue
+                finished.add(name)
+                _record_time(ctx.root, name, seconds)
+                bar.update(1)
+                note(f"{head[name]} -- done in {seconds:.0f} s")
+    except BaseException:  # Ctrl-C or a bug here: leave no orphaned workers behind
+        for proc, _ in running.values():
+            proc.terminate()
+        for proc, _ in running.values():
+            proc.wait()
+        raise
+    finally:
+        bar.close()
+    if failed:
+        name, rc = failed[0]
+        path = _log_path(ctx.root, name)
+        raise UserError(f"stage {name} failed (exit {rc}); re-running the same command resumes it. "
+                        f"Last lines of {path}:\n{_tail(path)}")
