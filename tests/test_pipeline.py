@@ -235,3 +235,27 @@ def test_report_table_and_plots(tmp_path):
                  report.plot_expert_load(log, str(tmp_path / "b.png")),
                  report.plot_merge_coefficients(coef, str(tmp_path / "c.png"))):
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_claims_are_paired_by_seed(tmp_path):
+    """Differences are taken within each seed; the verdict follows the interval of their mean."""
+    from xft import report
+
+    scores = {"moe": [0.30, 0.50, 0.40], "xft": [0.32, 0.52, 0.43], "sft": [0.35, 0.40, 0.30]}
+    runs = []
+    for seed in range(3):
+        run = tmp_path / f"seed-{seed}"
+        for method, s in scores.items():
+            (run / "eval" / method / "minicode").mkdir(parents=True)
+            (run / "eval" / method / "minicode" / "results.json").write_text(json.dumps({"pass@1": s[seed]}))
+        runs.append(str(run))
+    diffs = dict(report.paired_differences(runs))
+    xft_moe = diffs["XFT ≥ MoE (merging keeps the MoE's gains)"]
+    assert xft_moe == pytest.approx([0.02, 0.02, 0.03])
+    assert "learned merge ≥ init merge" not in diffs  # xft_init was not evaluated
+    tab = report.claims_table(list(diffs.items()))
+    # XFT - MoE is small but the same sign in every seed: paired, it holds; unpaired intervals would overlap.
+    assert "| XFT ≥ MoE (merging keeps the MoE's gains) | +2.3 ± 1.4 | +2.0, +2.0, +3.0 | holds |" in tab
+    assert "| MoE > dense SFT |" in tab and "not resolved" in tab.split("MoE > dense SFT")[1].split("\n")[0]
+    one = report.claims_table([("c", [0.1])])
+    assert "one seed" in one

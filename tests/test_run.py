@@ -69,8 +69,6 @@ def test_run_cli_reports_bad_overrides_as_one_line(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="at the default budget (120 SFT steps) the models do not yet learn to copy the requested "
-                          "function name (NameError on most tasks); see docs/results.md", strict=False)
 def test_demo_within_budget_beats_base(tmp_path):
     """`xft demo` as shipped: report and plots written, trained models well above the base model."""
     import time

@@ -245,3 +245,13 @@ def test_grouped_mm_with_sizes_it_cannot_take_runs_the_loop():
     with pytest.warns(UserWarning, match="multiples of 16 bytes"):
         got = _logits(grouped, ids)
     assert torch.equal(got, _logits(loop, ids))
+
+
+def test_auto_kernel_is_the_loop_on_cpu():
+    # 'auto' takes grouped_mm only on CUDA (where it was measured faster); on CPU it is the loop, bit for bit.
+    dense = tiny_model("llama")
+    auto = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig())
+    loop = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig(expert_impl="fast"))
+    assert all(b.auto_grouped for b in xft.moe_blocks(auto).values())
+    ids = torch.randint(0, 300, (2, 9))
+    assert torch.equal(_logits(auto, ids), _logits(loop, ids))

@@ -41,7 +41,7 @@ class UpcycleConfig:
     expert_impl: str = field(default="auto", metadata={
         "help": "expert compute: 'fast' (recognised gated/plain MLPs, a matmul loop over experts), "
                 "'grouped_mm' (recognised MLPs, one torch._grouped_mm per layer: the GPU fast path), "
-                "'generic' (torch.func.functional_call on any FFN module), or 'auto' (fast when recognised)"})
+                "'generic' (torch.func.functional_call on any FFN module), or 'auto' (recognised MLPs: grouped_mm on CUDA when the sizes fit, fast elsewhere; generic otherwise)"})
     seed: int = field(default=0, metadata={"help": "seed for the routers' random initialisation"})
 
     def __post_init__(self):

@@ -167,6 +167,52 @@ def table(rows: list[Row], n_tasks: int | None = None) -> str:
     return "\n".join(lines)
 
 
+# The paper's claims as paired comparisons (first minus second), in the order XFT_METHOD.md states them.
+CLAIMS: tuple[tuple[str, str, str], ...] = (
+    ("xft", "moe", "XFT ≥ MoE (merging keeps the MoE's gains)"),
+    ("moe", "sft", "MoE > dense SFT"),
+    ("xft", "sft", "XFT > dense SFT"),
+    ("xft", "xft_init", "learned merge ≥ init merge"),
+    ("xft", "ewa", "XFT ≥ EWA"),
+    ("moe", "sparse", "shared expert + normalization > sparse upcycling"),
+    ("moe", "unnormalized", "normalized > unnormalized routing"),
+)
+
+
+def paired_differences(runs: list[str], benchmark: str = "minicode") -> list[tuple[str, list[float]]]:
+    """Per claim whose two methods were evaluated in the same runs: pass@1 differences, one per run (seed).
+
+    Pairing by seed removes what two methods share within a seed (data order,
+    router initialisation), so the interval of the mean difference is the
+    right one for "is A better than B", narrower than comparing two intervals.
+    """
+    out = []
+    for a, b, claim in CLAIMS:
+        diffs = [ra["pass@1"] - rb["pass@1"] for run in runs
+                 if (ra := eval_results(run, a, benchmark)) and (rb := eval_results(run, b, benchmark))]
+        if diffs:
+            out.append((claim, diffs))
+    return out
+
+
+def claims_table(diffs: list[tuple[str, list[float]]]) -> str:
+    """Markdown table of paired differences: mean ± 95% CI (Student's t) over seeds, per seed, and a verdict."""
+    if not diffs:
+        return ""
+    lines = ["| paper's claim | difference in pass@1 (points) | per seed | reading |", "|---|---|---|---|"]
+    for claim, d in diffs:
+        row = Row("diff", d)
+        if row.ci95 is None:
+            score, reading = f"{100 * row.mean:+.1f}", "one seed: no interval"
+        else:
+            lo, hi = row.mean - row.ci95, row.mean + row.ci95
+            score = f"{100 * row.mean:+.1f} ± {100 * row.ci95:.1f}"
+            reading = "holds" if lo > 0 else "reversed" if hi < 0 else "not resolved (interval spans 0)"
+        per_seed = ", ".join(f"{100 * x:+.1f}" for x in d)
+        lines.append(f"| {claim} | {score} | {per_seed} | {reading} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- plots
 
 def _pyplot():
@@ -302,6 +348,10 @@ def write_report(out: str, runs: list[str], title: str, benchmark: str = "minico
                                           os.path.join(plots_dir, "merge_coefficients.png"))))
     lines = [f"# {title}", "", preamble.strip(), "",
              f"Greedy pass@1 on {benchmark}" + (f" ({n_tasks} held-out tasks)" if n_tasks else "") + ".", "", tab, ""]
+    claims = claims_table(paired_differences(runs, benchmark))
+    if claims:
+        lines += ["The paper's claims, as paired differences (same seed, first method minus second; "
+                  "\"holds\" when the 95% interval of the mean difference is above 0):", "", claims, ""]
     breakdown = _breakdown_table(runs, [r.method for r in rows], benchmark)
     if breakdown:
         lines += ["Pass@1 by generalization kind (mean over seeds):", "", breakdown, ""]
