@@ -174,6 +174,7 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("xft", "sft", "XFT > dense SFT"),
     ("xft", "xft_init", "learned merge ≥ init merge"),
     ("xft", "ewa", "XFT ≥ EWA"),
+    ("xft_init", "xft_uniform", "init merge (λ on the shared expert) > uniform average"),
     ("moe", "sparse", "shared expert + normalization > sparse upcycling"),
     ("moe", "unnormalized", "normalized > unnormalized routing"),
 )
@@ -227,8 +228,10 @@ def _pyplot():
 def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None) -> str:
     """Bar chart of pass@1 per model with 95% error bars."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
-    names = [LABELS.get(r.method, r.method).replace(" (", "\n(") for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    import textwrap
+
+    names = ["\n".join(textwrap.wrap(LABELS.get(r.method, r.method), 16)) for r in rows]
     means = [100 * r.mean for r in rows]
     errs = [100 * (r.ci95 if r.ci95 is not None else binomial_ci95(r.mean, n_tasks or 0) if n_tasks else 0)
             for r in rows]
@@ -238,12 +241,12 @@ def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None) -> st
         for s in r.scores if len(r.scores) > 1 else []:
             ax.plot(i, 100 * s, "k.", ms=4)
         ax.text(i, means[i] + errs[i] + 0.5, f"{means[i]:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(rows)), names, fontsize=8, rotation=20, ha="right")
+    ax.set_xticks(range(len(rows)), names, fontsize=8, rotation=30, ha="right")
     ax.set_ylabel("pass@1 (%)")
     seeds = max(len(r.scores) for r in rows)
     ax.set_title("MiniCode pass@1 by model" + (f" (mean ± 95% CI, {seeds} seeds)" if seeds > 1
                                                 else " (± 95% CI over tasks)"))
-    ax.set_ylim(0, max(means + [1]) * 1.25 + 2)
+    ax.set_ylim(0, max([m + e for m, e in zip(means, errs)] + [1]) * 1.08 + 4)  # room for bars, CIs, labels
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
