@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -163,6 +164,22 @@ def _log_path(root: str, stage: str) -> str:
     return os.path.join(root, "logs", stage.replace("/", "-") + ".log")
 
 
+_BAR_COUNT = re.compile(r"(\d+)/(\d+) \[")  # "360/800 [" in a tqdm line
+
+
+def _stage_progress(root: str, stage: str) -> str:
+    """"done/total" of the newest progress bar in a running stage's log ("" if it shows none yet)."""
+    try:
+        with open(_log_path(root, stage), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 2048))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    found = _BAR_COUNT.findall(tail)
+    return f"{found[-1][0]}/{found[-1][1]}" if found else ""
+
+
 def _tail(path: str, lines: int = 15) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -190,7 +207,7 @@ def _run_parallel(stages: list[Stage], ctx: Context, say: Callable[[str], None],
     failed: list[tuple[str, int]] = []
     os.makedirs(os.path.join(ctx.root, "logs"), exist_ok=True)
     bar = tqdm(total=len(pending), desc="stages", unit="stage", disable=not ctx.progress, dynamic_ncols=True)
-    shown = ""
+    shown, shown_for, shown_at = "", [], 0.0
 
     def note(line: str) -> None:
         with tqdm.external_write_mode():
@@ -204,7 +221,7 @@ def _run_parallel(stages: list[Stage], ctx: Context, say: Callable[[str], None],
                 ready.remove(stage)
                 pending.remove(stage)
                 cmd = [sys.executable, "-m", "xft.pipeline.worker", ctx.root, stage.name, "--device", ctx.device,
-                       "--threads", str(threads)]
+                       "--threads", str(threads)] + (["--progress"] if ctx.progress else [])
                 with open(_log_path(ctx.root, stage.name), "a") as logf:
                     running[stage.name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env),
                                            time.perf_counter())
@@ -213,9 +230,14 @@ def _run_parallel(stages: list[Stage], ctx: Context, say: Callable[[str], None],
                 if failed or not pending:
                     break
                 raise RuntimeError(f"stages {[s.name for s in pending]} wait on stages that never run")
-            if shown != ", ".join(running):  # redraw only on change: logs stay readable without a tty
-                shown = ", ".join(running)
-                bar.set_postfix_str(shown)
+            if ctx.progress and (set(running) != set(shown_for) or time.monotonic() - shown_at > 2.0):
+                # the running stages and their own bars' counts; redrawn on a new stage or every 2 s at most,
+                # so that a log without a tty stays short
+                status = ", ".join(f"{name} {_stage_progress(ctx.root, name)}".strip() for name in running)
+                shown_for, shown_at = list(running), time.monotonic()
+                if status != shown:
+                    shown = status
+                    bar.set_postfix_str(shown)
             time.sleep(0.2)
             for name, (proc, t0) in list(running.items()):
                 rc = proc.poll()
