@@ -259,3 +259,14 @@ def test_claims_are_paired_by_seed(tmp_path):
     assert "| MoE > dense SFT |" in tab and "not resolved" in tab.split("MoE > dense SFT")[1].split("\n")[0]
     one = report.claims_table([("c", [0.1])])
     assert "one seed" in one
+
+
+def test_running_stage_progress_is_read_from_its_log(tmp_path):
+    from xft.pipeline import runner
+
+    (tmp_path / "logs").mkdir()
+    assert runner._stage_progress(str(tmp_path), "moe") == ""  # no log yet
+    log = tmp_path / "logs" / "eval-moe.log"
+    log.write_text("Loading...\n" + "".join(f"\r generate moe:  {i}%|#| {i * 4}/400 [00:0{i % 9}<00:10]"
+                                             for i in range(1, 60)))
+    assert runner._stage_progress(str(tmp_path), "eval/moe") == "236/400"
