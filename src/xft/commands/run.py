@@ -67,14 +67,14 @@ def register(subparsers) -> None:
         "demo", help="the whole XFT experiment on MiniCode on a CPU, with a report and plots",
         description="Run recipes/minicode.yaml (tiny pretrained code model, MiniCode instruction data and "
                     "held-out benchmark): base, dense SFT, MoE, EWA, init / uniform / learned merges; then "
-                    "print the pass@1 table and write DIR/report.md with plots. About 10 minutes on 2 CPU "
+                    "print the pass@1 table and write DIR/report.md with plots. About 6.5 minutes on 2 idle CPU "
                     "cores; re-running skips what is finished.")
     p.add_argument("--out", default="xft-demo", help="output directory (default: ./xft-demo)")
     p.add_argument("--seeds", type=int, default=None,
                    help="fine-tuning seeds, one run each, reported as mean ± 95%% CI (default: 1, or 3 with --full)")
     p.add_argument("--full", action="store_true",
                    help="the larger budget: more training steps and every baseline incl. the ablations, "
-                        "3 seeds (about 90 minutes on 2 CPU cores)")
+                        "3 seeds (about 45 minutes on 2 idle CPU cores)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of the minicode recipe (as xft run --set)")
     p.add_argument("--device", default="auto", help="evaluation device: auto (CUDA if available), cpu, cuda, ...")
