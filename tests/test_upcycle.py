@@ -215,9 +215,11 @@ def test_sparse_top1_is_allowed_without_shared_expert():
     torch.testing.assert_close(_logits(moe, ids), _logits(tiny_model("llama"), ids), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "starcoder2"])
-def test_grouped_mm_path_equals_loop_path(arch):
-    dense = tiny_model(arch)
+def test_grouped_mm_path_equals_loop_path(arch, device):
+    dense = tiny_model(arch).to(device)
     loop = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig(expert_impl="fast", noisy_gating=False))
     grouped = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig(expert_impl="grouped_mm", noisy_gating=False))
     with torch.no_grad():
@@ -225,7 +227,7 @@ def test_grouped_mm_path_equals_loop_path(arch):
             for name in a:
                 a[name].add_(torch.randn_like(a[name]) * 0.05)
                 b[name].copy_(a[name])
-    ids = torch.randint(0, 300, (2, 9))
+    ids = torch.randint(0, 300, (2, 9), device=device)
     la, lb = loop(ids, labels=ids), grouped(ids, labels=ids)
     torch.testing.assert_close(lb.logits, la.logits, rtol=0, atol=1e-5)
     la.loss.backward()

@@ -88,15 +88,19 @@ def resolve_budget(budget: str | BaseBudget) -> BaseBudget:
     return BUDGETS[budget]
 
 
-def cache_key(budget: BaseBudget, seed: int) -> str:
-    """Short hash of everything the built weights depend on."""
+def build_inputs(budget: BaseBudget, seed: int) -> dict:
+    """Everything the built weights depend on: budget, seed, generator, xft and torch versions, threads."""
     import torch
 
     import xft
 
-    payload = {"budget": asdict(budget), "seed": seed, "generator": GENERATOR_VERSION, "xft": xft.__version__,
-               "torch": torch.__version__, "threads": torch.get_num_threads()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return {"budget": asdict(budget), "seed": seed, "generator": GENERATOR_VERSION, "xft": xft.__version__,
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def cache_key(budget: BaseBudget, seed: int) -> str:
+    """Short hash of `build_inputs`."""
+    return hashlib.sha256(json.dumps(build_inputs(budget, seed), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cache_root() -> Path:
@@ -188,13 +192,8 @@ def pretrain(init: Path, data: Path, out: Path, budget: BaseBudget, seed: int, p
 
 
 def build_record(budget: BaseBudget, seed: int) -> dict:
-    """What a model built now from (budget, seed) depends on: written next to it as minicode_base.json."""
-    import torch
-
-    import xft
-
-    return {"budget": asdict(budget), "seed": seed, "generator": GENERATOR_VERSION, "xft": xft.__version__,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cache_key": cache_key(budget, seed)}
+    """What a model built now from (budget, seed) depends on, and its cache key: its minicode_base.json."""
+    return {**build_inputs(budget, seed), "cache_key": cache_key(budget, seed)}
 
 
 def shipped_model(budget: str | BaseBudget = "demo", seed: int = 0) -> str | None:

@@ -134,7 +134,7 @@ def run_pipeline(recipe: Recipe, out: str, device: str = "cpu", progress: bool =
         _run_parallel(stages, ctx, say, jobs, threads)
         return ctx
     for i, stage in enumerate(stages, 1):
-        head = f"[{i}/{len(stages)}] {stage.name}: {stage.description}"
+        head = _headline(i, len(stages), stage)
         if stage.done(ctx):
             say(f"{head} -- finished earlier, skipped")
             continue
@@ -148,6 +148,11 @@ def run_pipeline(recipe: Recipe, out: str, device: str = "cpu", progress: bool =
             _record_time(out, stage.name, seconds)
         say(f"{head} -- done in {seconds:.0f} s")
     return ctx
+
+
+def _headline(i: int, n: int, stage: Stage) -> str:
+    """How the log names a stage: "[i/n] name: description"."""
+    return f"[{i}/{n}] {stage.name}: {stage.description}"
 
 
 def _dependents(stages: list[Stage]) -> dict[str, int]:
@@ -198,7 +203,7 @@ def _run_parallel(stages: list[Stage], ctx: Context, say: Callable[[str], None],
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     priority = _dependents(stages)
     number = {s.name: i for i, s in enumerate(stages, 1)}
-    head = {s.name: f"[{number[s.name]}/{len(stages)}] {s.name}: {s.description}" for s in stages}
+    head = {s.name: _headline(number[s.name], len(stages), s) for s in stages}
     finished = {s.name for s in stages if s.done(ctx)}
     for name in sorted(finished, key=number.get):
         say(f"{head[name]} -- finished earlier, skipped")
