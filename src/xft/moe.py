@@ -53,6 +53,8 @@ class MoEBlock(nn.Module):
             gate = NoisyTopKGate(config.router, hidden_size, config.num_routed, config.noisy_gating)
         self.gate = gate.to(device=ref.device, dtype=ref.dtype)
         self.experts = _stack_parameters(ffn, config.num_experts)
+        # Feature sizes of the stacked matrices (fixed from here on), for `_grouped_mm_fits` on every forward.
+        self._matrix_sizes = sorted({n for p in self.experts.parameters() if p.dim() == 3 for n in p.shape[1:]})
         # Filled by forward, consumed by the model-level hook (balance loss, logging): [T, R] each.
         self._routed_weights: Tensor | None = None
         self._load_per_token: Tensor | None = None
@@ -126,12 +128,12 @@ class MoEBlock(nn.Module):
         bytes". Group offsets need no alignment and empty groups are fine. When the sizes do not fit,
         the block runs the loop kernel, which computes the same, and warns.
         """
-        sizes = {n for p in self.experts.parameters() if p.dim() == 3 for n in p.shape[1:]}
+        sizes = self._matrix_sizes
         if all(n * x.element_size() % 16 == 0 for n in sizes):
             return True
         if warn:
             warnings.warn(f"expert_impl='grouped_mm' needs FFN sizes whose {x.dtype} rows are multiples of "
-                          f"16 bytes (sizes {sorted(sizes)}); running the per-expert loop instead", stacklevel=3)
+                          f"16 bytes (sizes {sizes}); running the per-expert loop instead", stacklevel=3)
         return False
 
     def _run_grouped(self, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:

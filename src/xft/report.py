@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field
 
 from xft.pipeline.recipe import METHODS
@@ -229,8 +230,6 @@ def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None) -> st
     """Bar chart of pass@1 per model with 95% error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    import textwrap
-
     names = ["\n".join(textwrap.wrap(LABELS.get(r.method, r.method), 16)) for r in rows]
     means = [100 * r.mean for r in rows]
     errs = [100 * (r.ci95 if r.ci95 is not None else binomial_ci95(r.mean, n_tasks or 0) if n_tasks else 0)
