@@ -1,0 +1,35 @@
+"""The device a command runs on, chosen once at the entry point (library code follows the data).
+
+`resolve_device("auto")` is the first CUDA GPU when torch sees one, else the
+CPU; an explicit name is checked against what this torch build can use, so
+`--device cuda` on a CPU-only build is a one-line error, not a traceback from
+deep inside a model.
+"""
+
+from __future__ import annotations
+
+from xft.errors import UserError
+
+
+def resolve_device(name: str | None, option: str = "--device") -> str:
+    """`name` ("auto"/None, "cpu", "cuda", "cuda:1", "mps", ...) as a device this machine has; UserError if not."""
+    import torch
+
+    if name in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"{option} {name!r} is not a device name; expected auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only PyTorch build" if torch.version.cuda is None else "no visible CUDA GPU"
+            raise UserError(f"{option} {name}: this machine has {build}; use --device cpu "
+                            "(or install the PyTorch build for your CUDA version)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{option} {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"{option} {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{option} {name!r}: unsupported device type; expected auto, cpu, cuda, cuda:N or mps")
+    return str(device)
