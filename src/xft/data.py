@@ -29,8 +29,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from xft.errors import UserError
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
@@ -371,6 +369,8 @@ def load_dataset(cfg: DataConfig, tokenizer, batch_size: int = 1000):
 
 def _shuffled_subset(n: int, subset: float | None, seed: int) -> list[int]:
     """A seeded permutation of range(n), cut to `subset` (fraction or count)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=g).tolist()
     if subset is None:
@@ -394,6 +394,8 @@ class Collator:
         self.pad = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        import torch
+
         T = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), T), self.pad, dtype=torch.long)
         labels = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
