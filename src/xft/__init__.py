@@ -10,25 +10,20 @@ The core API (XFT_METHOD.md §1 and §3):
     dense = xft.compile_merge(merge_model)          # original class, loads without xft
 """
 
-from xft.checkpoint import is_moe_checkpoint, load
-from xft.config import ConfigError, UpcycleConfig
-from xft.merge import (
-    MERGE_METHODS,
-    average_experts,
-    build_merge_model,
-    compile_merge,
-    merge,
-    merge_coefficients,
-)
-from xft.moe import MoEBlock
-from xft.routing import ROUTERS, ROUTINGS, combine_weights
-from xft.upcycle import expert_weights, ewa_step, is_moe, moe_blocks, routing_stats, upcycle, upcycle_config
+from xft._lazy import export_lazily
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "MERGE_METHODS", "MoEBlock", "ROUTERS", "ROUTINGS", "UpcycleConfig", "average_experts",
-    "build_merge_model", "combine_weights", "compile_merge", "expert_weights", "ewa_step", "is_moe",
-    "is_moe_checkpoint", "load", "merge", "merge_coefficients", "moe_blocks", "routing_stats", "upcycle",
-    "upcycle_config",
-]
+# Public name -> defining module, imported on first use: `import xft`, `xft --help` and the light
+# submodules (xft.errors, xft.data, ...) do not pay for torch and transformers.
+export_lazily(__name__, {
+    "is_moe_checkpoint": "xft.checkpoint", "load": "xft.checkpoint",
+    "ConfigError": "xft.config", "UpcycleConfig": "xft.config",
+    "MERGE_METHODS": "xft.merge", "average_experts": "xft.merge", "build_merge_model": "xft.merge",
+    "compile_merge": "xft.merge", "merge": "xft.merge", "merge_coefficients": "xft.merge",
+    "MoEBlock": "xft.moe",
+    "ROUTERS": "xft.routing", "ROUTINGS": "xft.routing", "combine_weights": "xft.routing",
+    "expert_weights": "xft.upcycle", "ewa_step": "xft.upcycle", "is_moe": "xft.upcycle",
+    "moe_blocks": "xft.upcycle", "routing_stats": "xft.upcycle", "upcycle": "xft.upcycle",
+    "upcycle_config": "xft.upcycle",
+})

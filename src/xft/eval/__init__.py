@@ -11,11 +11,13 @@ processes; `_harness` runs inside them), `groundtruth` (expected outputs),
 `cli` (`xft eval`).
 """
 
-from xft.eval.benchmarks import Benchmark, Task, load_benchmark
-from xft.eval.execute import TimeLimits, Verdict, check_samples
-from xft.eval.metrics import mean_pass_at_k, pass_at_k
-from xft.eval.sandbox import Limits, Sandbox, detect_level
-from xft.eval.sanitize import sanitize
+from xft._lazy import export_lazily
 
-__all__ = ["Benchmark", "Limits", "Sandbox", "Task", "TimeLimits", "Verdict", "check_samples",
-           "detect_level", "load_benchmark", "mean_pass_at_k", "pass_at_k", "sanitize"]
+# Public name -> defining module, imported on first use so that `xft eval --help` stays light.
+export_lazily(__name__, {
+    "Benchmark": "xft.eval.benchmarks", "Task": "xft.eval.benchmarks", "load_benchmark": "xft.eval.benchmarks",
+    "TimeLimits": "xft.eval.execute", "Verdict": "xft.eval.execute", "check_samples": "xft.eval.execute",
+    "mean_pass_at_k": "xft.eval.metrics", "pass_at_k": "xft.eval.metrics",
+    "Limits": "xft.eval.sandbox", "Sandbox": "xft.eval.sandbox", "detect_level": "xft.eval.sandbox",
+    "sanitize": "xft.eval.sanitize",
+})

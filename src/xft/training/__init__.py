@@ -7,10 +7,12 @@
 See docs/training.md for the run-directory layout, resume and distributed runs.
 """
 
-from xft.training.config import CommonConfig, MergeConfig, SFTConfig, add_arguments, from_args, from_dict
-from xft.training.merging import learn_merge
-from xft.training.rundir import resolve_model
-from xft.training.sft import train_sft
+from xft._lazy import export_lazily
 
-__all__ = ["CommonConfig", "MergeConfig", "SFTConfig", "add_arguments", "from_args", "from_dict", "learn_merge",
-           "resolve_model", "train_sft"]
+# Public name -> defining module, imported on first use: the configs and `rundir` are light, the
+# trainers pull in torch and transformers.
+export_lazily(__name__, {
+    "CommonConfig": "xft.training.config", "MergeConfig": "xft.training.config", "SFTConfig": "xft.training.config",
+    "add_arguments": "xft.training.config", "from_args": "xft.training.config", "from_dict": "xft.training.config",
+    "learn_merge": "xft.training.merging", "resolve_model": "xft.training.rundir", "train_sft": "xft.training.sft",
+})
