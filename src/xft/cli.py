@@ -2,49 +2,70 @@
 
 Each subcommand lives next to the library code it drives and exposes
 `register(subparsers)`, which adds its parser and sets `func(args) -> int`.
-Errors meant for the user are raised as `xft.errors.UserError` and printed as
-one line (no traceback), with a non-zero exit code.
+Only the module of the command being run is imported: `xft --help` and
+`xft --version` import none (and so no torch), `xft train --help` only the
+train module. Errors meant for the user are raised as `xft.errors.UserError`
+and printed as one line (no traceback), with exit code 2; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
+from xft import __version__
 from xft.errors import UserError
 
-# Modules that provide `register(subparsers)`; a missing one (work in progress) is skipped.
-_SUBCOMMAND_MODULES = (
-    "xft.commands.core",  # upcycle
-    "xft.commands.train",  # train, merge
-    "xft.eval.cli",  # eval
-    "xft.commands.run",  # run, demo
-)
+# name -> (module providing `register(subparsers)`, one-line help for `xft --help`, resumable).
+# A module that does not exist (work in progress) is left out of the command list.
+COMMANDS = {
+    "upcycle": ("xft.commands.core", "upcycle a dense model into an MoE (every FFN -> N experts)", False),
+    "train": ("xft.commands.train", "instruction-tune a dense or MoE model (SFT, EWA)", True),
+    "merge": ("xft.commands.train", "merge a trained MoE into a dense model (learned, init, uniform)", True),
+    "eval": ("xft.eval.cli", "evaluate a model (or a samples file) on a code benchmark, sandboxed", False),
+    "run": ("xft.commands.run", "run a whole XFT experiment from a YAML recipe (resumable stages)", True),
+    "demo": ("xft.commands.run", "the whole XFT experiment on MiniCode on a CPU, with a report and plots", True),
+    "report": ("xft.commands.report", "summarise a finished run or demo directory", False),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with every available subcommand."""
+def _available(module: str) -> bool:
+    """Whether `module` exists, found without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only `command`'s module is imported to add its full parser."""
     parser = argparse.ArgumentParser(
         prog="xft",
         description="Upcycle a dense code LLM into a shared-expert MoE, instruction-tune it, "
         "and learn to merge it back into a dense model (XFT).",
     )
+    parser.add_argument("--version", action="version", version=f"xft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        module.register(sub)
+    if command in COMMANDS and _available(COMMANDS[command][0]):
+        importlib.import_module(COMMANDS[command][0]).register(sub)
+    # The other commands get a placeholder parser: their name and help line, for `xft --help`.
+    for name, (module, help, _) in COMMANDS.items():
+        if name not in sub.choices and _available(module):
+            sub.add_parser(name, help=help, add_help=False)
     return parser
+
+
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line: the first argument that is not an option."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `xft` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -55,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xft {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"xft {args.command}: interrupted", file=sys.stderr)
+        resumes = COMMANDS.get(args.command, ("", "", False))[2]
+        print(f"xft {args.command}: interrupted" + ("; re-run the same command to resume" if resumes else ""),
+              file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,160 @@
+"""The `xft` command itself: fast help (no heavy imports), --version, Ctrl-C, and `xft eval`'s --out rules.
+
+Startup time is not asserted (flaky on a busy machine); the mechanism is: what a
+fresh interpreter has imported after `xft ... --help`. The measured times are in
+docs/CORE_API.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+import xft
+from xft import cli
+from xft.cli import main
+
+HEAVY = ("torch", "transformers", "datasets", "accelerate")
+
+
+def _heavy_modules_after(argv: list[str]) -> set[str]:
+    """The heavy packages a fresh interpreter has imported after running `xft ARGV` (which exits)."""
+    code = (f"import sys\nfrom xft.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return set(run.stdout.splitlines()[-1].split()) if run.stdout.strip() else set()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"], ["merge", "--help"],
+                                  ["eval", "--help"], ["run", "--help"], ["demo", "--help"]])
+def test_help_imports_no_torch(argv):
+    assert _heavy_modules_after(argv) == set()
+
+
+def test_upcycle_help_imports_no_transformers():
+    # Its --routing/--router choices come from xft.routing's registries, which import torch.
+    assert _heavy_modules_after(["upcycle", "--help"]) <= {"torch"}
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"xft {xft.__version__}\n"
+
+
+def test_help_lists_every_available_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name, (module, help, _) in cli.COMMANDS.items():
+        assert (help in out) == cli._available(module), name
+
+
+def test_command_of_a_missing_module_is_a_clean_error(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "future", ("xft.commands.no_such_module", "not written yet", False))
+    with pytest.raises(SystemExit) as e:
+        main(["future"])
+    assert e.value.code == 2 and "invalid choice: 'future'" in capsys.readouterr().err
+
+
+def test_merge_help_is_its_own(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "merge_coefficients.json" in out and "--method learned" in out
+    assert "-m xft.cli merge" in out and "-m xft.cli train" not in out
+
+
+def _interrupt(args):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("argv,resumes", [
+    (["train", "m", "--data", "d.jsonl", "--out", "o"], True),
+    (["merge", "m", "--method", "init", "--out", "o"], True),
+    (["eval", "m", "--benchmark", "humaneval", "--out", "o"], False),
+])
+def test_ctrl_c_says_whether_to_rerun(monkeypatch, capsys, argv, resumes):
+    module = {"train": "xft.commands.train._train", "merge": "xft.commands.train._merge",
+              "eval": "xft.eval.cli.run"}[argv[0]]
+    monkeypatch.setattr(module, _interrupt)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"xft {argv[0]}: interrupted")
+    assert ("re-run the same command to resume" in err) == resumes
+
+
+# ---------------------------------------------------------------- xft eval --out
+
+def _eval(tmp_path, out, n_tasks: int, *extra: str) -> int:
+    """Score the first `n_tasks` HumanEval canonical solutions into `out` (a few seconds, no model)."""
+    from xft.eval import load_benchmark
+
+    tasks = list(load_benchmark("humaneval").tasks.values())[:n_tasks]
+    samples = tmp_path / f"samples{n_tasks}.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": t.task_id, "completion": t.canonical_solution}) + "\n"
+                               for t in tasks))
+    return main(["eval", "--samples", str(samples), "--benchmark", "humaneval", "--partial", "--workers", "2",
+                 "--out", str(out), *extra])
+
+
+def test_eval_refuses_a_non_empty_out_and_overwrite_replaces_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _eval(tmp_path, out, 2) == 0
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+
+    assert _eval(tmp_path, out, 1) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "--overwrite" in err[0]
+    assert (out / "results.json").read_text() == before
+
+    assert _eval(tmp_path, out, 1, "--overwrite") == 0
+    assert json.loads((out / "results.json").read_text())["n_tasks"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["out", "samples1.jsonl", "samples2.jsonl"]  # no temporary left
+
+
+def test_eval_overwrite_never_deletes_other_files(tmp_path, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert _eval(tmp_path, out, 1, "--overwrite") == 2
+    assert "config.json" in capsys.readouterr().err and os.listdir(out) == ["config.json"]
+
+
+def test_eval_results_have_normal_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert _eval(tmp_path, tmp_path / "out", 1) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
+    for name in ("results.json", "samples.jsonl"):
+        assert stat.S_IMODE(os.stat(tmp_path / "out" / name).st_mode) == 0o644
+
+
+def test_eval_cuda_on_a_cpu_build_is_one_line_before_loading(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    out = tmp_path / "out"
+    # The model does not exist either: the device is checked first, before anything slow.
+    code = main(["eval", str(tmp_path / "no-model"), "--benchmark", "humaneval", "--out", str(out),
+                 "--device", "cuda"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("xft eval: error: --device cuda")
+    assert not out.exists()
+
+
+def test_eval_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("(default: 512)", "(default: auto)", "(default: instruction)", "(default: 0.0)"):
+        assert text in out
