@@ -7,10 +7,18 @@ from __future__ import annotations
 
 from xft.training.config import MergeConfig, SFTConfig, add_arguments, from_args
 
-_EPILOG = ("The finished model is written to OUT/final; checkpoints go to OUT/checkpoints. "
-           "Re-running the same command after an interruption resumes from the last checkpoint. "
-           "Multi-GPU: accelerate launch --config_file $(python -m xft.configs ddp) -m xft.cli train ... "
-           "(also fsdp, deepspeed_zero3; see docs/training.md).")
+_MULTI_GPU = ("Multi-GPU: accelerate launch --config_file $(python -m xft.configs ddp) -m xft.cli {cmd} ... "
+              "(also fsdp, deepspeed_zero3; see docs/training.md).")
+
+_TRAIN_EPILOG = ("The finished model is written to OUT/final; checkpoints go to OUT/checkpoints. "
+                 "Re-running the same command after an interruption resumes from the last checkpoint. "
+                 + _MULTI_GPU.format(cmd="train"))
+
+_MERGE_EPILOG = ("OUT/final holds the dense model (the base architecture, loadable with plain transformers), "
+                 "its tokenizer, and merge_coefficients.json: per layer, the coefficient of each expert "
+                 "(expert 0 is the shared one). --method init and uniform need no --data and take no training "
+                 "steps. --method learned trains with checkpoints in OUT/checkpoints; re-running the same "
+                 "command after an interruption resumes from the last one. " + _MULTI_GPU.format(cmd="merge"))
 
 
 def register(subparsers) -> None:
@@ -18,15 +26,19 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="instruction-tune a dense or MoE model (SFT, EWA)",
                               description="Instruction-tune MODEL (dense or xft MoE, detected) on --data with "
                                           "the paper's settings (Adafactor, lr 5e-5, batch 64, linear schedule).",
-                              epilog=_EPILOG)
+                              epilog=_TRAIN_EPILOG)
     p.add_argument("model", help="dense or MoE model: a local directory, a finished xft run, or a Hub id")
     add_arguments(p, SFTConfig, required=("data", "out"))
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser("merge", help="merge a trained MoE into a dense model (learned, init, uniform)",
-                              description="Merge the MoE back into a dense model of the original architecture; "
-                                          "--method learned trains only the per-layer mixing coefficients.",
-                              epilog=_EPILOG)
+                              description="Merge the trained MoE back into a dense model of the original "
+                                          "architecture (XFT_METHOD.md §3): each FFN becomes a weighted sum of "
+                                          "its experts. --method learned (the paper's) trains only the per-layer "
+                                          "mixing coefficients on --data (the shared expert's weight is "
+                                          "--shared-weight, fixed unless --learn-shared-weight); init uses the "
+                                          "initial coefficients, uniform the plain average of the experts.",
+                              epilog=_MERGE_EPILOG)
     p.add_argument("moe", help="trained MoE: a local directory, a finished xft run, or a Hub id")
     add_arguments(p, MergeConfig, required=("out",))
     p.set_defaults(func=_merge)
