@@ -15,21 +15,39 @@ import time
 from xft.errors import UserError
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Append "(default: X)" to each option whose default is a value and whose help does not name one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        no_value = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if no_value or not action.option_strings or "default" in help:
+            return help
+        return f"{help} (default: %(default)s)"
+
+
 def register(subparsers) -> None:
+    """Add the `eval` subcommand (imports only the light benchmark registry and sandbox levels)."""
     from xft.eval.benchmarks import names
     from xft.eval.sandbox import LEVELS
 
     p = subparsers.add_parser(
         "eval", help="evaluate a model (or a samples file) on a code benchmark, sandboxed",
+        formatter_class=_DefaultsFormatter,
         description="Generate answers with MODEL (or read them from --samples), run each in the "
-        "sandbox against the benchmark's tests, and write DIR/samples.jsonl and DIR/results.json.")
+        "sandbox against the benchmark's tests, and write DIR/samples.jsonl and DIR/results.json.",
+        epilog="An existing non-empty --out is refused unless --overwrite is given; the results are "
+        "written to a temporary directory and renamed into place when complete, so an interrupted or "
+        "failed eval leaves the previous --out as it was. See docs/evaluation.md.")
     p.add_argument("model", nargs="?", help="checkpoint directory or hub id (dense or xft MoE)")
     p.add_argument("--samples", metavar="FILE", help="score this samples .jsonl (task_id + "
                    "solution or completion per line) instead of generating")
     p.add_argument("--benchmark", required=True, choices=names(), help="benchmark to run")
     p.add_argument("--data", metavar="PATH", help="benchmark data file (.jsonl or .jsonl.gz), "
                    "e.g. EvalPlus's HumanEvalPlus/MbppPlus release for humaneval+/mbpp+/mbpp")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier eval in --out (once the new ones are complete)")
     g = p.add_argument_group("generation")
     g.add_argument("--prompt-style", default="instruction", choices=("instruction", "completion"),
                    help="instruction: Magicoder template (instruction-tuned models); "
@@ -45,10 +63,10 @@ def register(subparsers) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--backend", default="hf", choices=("hf", "vllm"),
                    help="hf: transformers generate; vllm: vLLM (GPU, dense models, optional extra)")
-    g.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: checkpoint's)")
-    g.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, mps")
     g.add_argument("--limit", type=int, default=None, help="only the first N tasks (quick checks; "
-                   "implies --partial)")
+                   "implies --partial; default: all)")
     x = p.add_argument_group("execution")
     x.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
     x.add_argument("--sandbox", default="auto", choices=("auto", *LEVELS),
@@ -74,6 +92,8 @@ def _progress(desc: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    """`xft eval`: check every argument (cheap first), then generate or read samples, score, write --out."""
+    from xft.device import resolve_device
     from xft.eval import benchmarks
     from xft.eval.sandbox import Sandbox
 
@@ -81,12 +101,58 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give either MODEL (to generate) or --samples FILE (to score), not both")
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be positive")
+    _check_out(args.out, args.overwrite)
+    device = resolve_device(args.device) if args.model is not None else None
     bench = benchmarks.load_benchmark(args.benchmark, args.data)
     with Sandbox(args.sandbox) as sandbox:  # fail on a bad level before a long generation
-        return _run(args, bench, sandbox)
+        return _run(args, bench, sandbox, device)
 
 
-def _run(args: argparse.Namespace, bench, sandbox) -> int:
+# What `xft eval` writes into --out; --overwrite replaces only a directory holding nothing else.
+_OUTPUTS = ("results.json", "samples.jsonl")
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    """UserError unless `out` is free: missing, empty, or (with --overwrite) an earlier eval's results."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} exists and is not a directory")
+    entries = os.listdir(out) if os.path.isdir(out) else []
+    if entries and not overwrite:
+        raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace its results "
+                        "or choose another --out")
+    others = sorted(set(entries) - set(_OUTPUTS))
+    if others:  # never delete what an eval did not write
+        raise UserError(f"--out {out} holds files xft eval did not write ({', '.join(others[:3])}); "
+                        "choose another --out")
+
+
+def _write(out: str, overwrite: bool, samples: list[dict], results: dict) -> None:
+    """Write samples.jsonl and results.json into a fresh `out`, renamed into place only when complete."""
+    from xft.eval import report
+    from xft.training.rundir import atomic_dir
+
+    _check_out(out, overwrite)  # again: the directory may have appeared during a long generation
+    try:
+        with atomic_dir(out) as tmp:
+            report.write_outputs(tmp, samples, results)
+            _umask_modes(tmp)
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
+
+
+def _umask_modes(path: str) -> None:
+    """Give directory `path` and its files the modes mkdir/open would (0755/0644 under umask 022).
+
+    mkdtemp and mkstemp, which make the writes atomic, create 0700/0600.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    for name in os.listdir(path):
+        os.chmod(os.path.join(path, name), 0o666 & ~umask)
+
+
+def _run(args: argparse.Namespace, bench, sandbox, device: str | None) -> int:
     from xft.eval import execute, generate, report
 
     settings: dict = {"sandbox": sandbox.describe()}
@@ -105,7 +171,7 @@ def _run(args: argparse.Namespace, bench, sandbox) -> int:
         cfg.validate()
         task_ids = list(bench.tasks)[:args.limit] if args.limit else None
         samples = generate.generate_samples(bench, args.model, cfg, dtype=args.dtype,
-                                            device=args.device or _default_device(),
+                                            device=device,
                                             task_ids=task_ids, progress=_progress("generate"))
         settings["decoding"] = dataclasses.asdict(cfg)
         settings["model"] = args.model
@@ -118,7 +184,7 @@ def _run(args: argparse.Namespace, bench, sandbox) -> int:
     settings["time_limits"] = dataclasses.asdict(limits)
     settings["seconds"] = {"generation": round(t1 - t0, 2), "execution": round(time.monotonic() - t1, 2)}
     results = report.build_results(bench, samples, verdicts, settings=settings)
-    report.write_outputs(args.out, samples, results)
+    _write(args.out, args.overwrite, samples, results)
     print(report.summary(results, args.out))
     return 0
 
@@ -130,8 +196,3 @@ def _sanitized(bench, sample: dict) -> str:
     return sanitize(program_for(bench, sample), bench.tasks[sample["task_id"]].entry_point) \
         if sample["task_id"] in bench.tasks else program_for(bench, sample)
 
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
