@@ -19,7 +19,18 @@ Record kinds (`kind`):
 * "instruction": `{"instruction": str, "response": str}` (field names configurable);
 * "chat": `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`,
   loss on every assistant turn;
+* "prompt-completion" (TRL's format): `{"prompt": str, "completion": str}`, the
+  prompt verbatim and loss on the completion; or both lists of messages
+  (conversational), loss on the completion's assistant turns;
 * "text": `{"text": str}`, loss on every token (pretraining).
+
+Template "chat" renders conversations with the tokenizer's own chat template
+(`tokenizer.apply_chat_template`); instruction records become a user and an
+assistant message. The rendered text is cut at each assistant turn, so the
+label mask stays exact.
+
+An optional validation split (`eval_path`, or `eval_fraction` of the records
+held out, seeded) is tokenized the same way (`load_splits`).
 """
 
 from __future__ import annotations
@@ -41,11 +52,14 @@ class Template:
     """A prompt template: `system` once, then per turn `turn.format(instruction=...)`, then the response.
 
     Turns after the first are joined with `separator` (multi-turn chat data).
+    `from_tokenizer`: the conversation is rendered by the tokenizer's own chat
+    template instead (`system` and `turn` unused).
     """
 
     system: str
     turn: str
     separator: str = "\n\n"
+    from_tokenizer: bool = False
 
 
 MAGICODER_SYSTEM = ("You are an exceptionally intelligent coding assistant that consistently "
@@ -61,6 +75,8 @@ TEMPLATES: dict[str, Template] = {
                        turn="### Instruction:\n{instruction}\n\n### Response:\n"),
     # No template: the instruction text is the prompt, verbatim.
     "none": Template(system="", turn="{instruction}", separator=""),
+    # The model's own chat template (tokenizer.apply_chat_template), as HF / TRL chat fine-tuning does.
+    "chat": Template(system="", turn="", separator="", from_tokenizer=True),
 }
 
 
@@ -71,15 +87,44 @@ def get_template(name: str) -> Template:
     return TEMPLATES[name]
 
 
-def format_prompt(instruction: str, template: str = "magicoder", system: str | None = None) -> str:
-    """The prompt a model trained with `template` expects for `instruction` (generation starts after it)."""
+def format_prompt(instruction: str, template: str = "magicoder", system: str | None = None,
+                  tokenizer=None) -> str:
+    """The prompt a model trained with `template` expects for `instruction` (generation starts after it).
+
+    Template "chat" needs the model's `tokenizer` (its chat template renders the prompt).
+    """
     t = get_template(template)
+    if t.from_tokenizer:
+        if tokenizer is None:
+            raise UserError("template 'chat' uses the model's own chat template: pass the tokenizer")
+        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": instruction}]
+        return render_chat(tokenizer, msgs, generation_prompt=True)
     return (t.system if system is None else system + "\n\n") + t.turn.format(instruction=instruction)
+
+
+def check_chat_template(tokenizer, template: str) -> None:
+    """UserError if `template` is "chat" and `tokenizer` has no chat template."""
+    if get_template(template).from_tokenizer and not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise UserError(f"--template chat uses the tokenizer's chat template, but {name} has none "
+                        f"(a base model?); use --template {' / '.join(t for t in TEMPLATES if t != 'chat')}")
+
+
+def render_chat(tokenizer, messages: list[dict], generation_prompt: bool, where: str = "") -> str:
+    """`messages` as text, rendered by the tokenizer's chat template."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # a template may reject a conversation (jinja2 TemplateError, e.g. role order)
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{where + ': ' if where else ''}the tokenizer's chat template rejects this "
+                        f"conversation ({first})") from None
 
 
 # ---------------------------------------------------------------- config
 
-KINDS = ("auto", "instruction", "chat", "text")
+KINDS = ("auto", "instruction", "chat", "prompt-completion", "text")
+PROMPT, COMPLETION = "prompt", "completion"  # TRL's field names (prompt-completion records)
 
 
 @dataclass
@@ -89,8 +134,9 @@ class DataConfig:
     path: str = field(metadata={"help": "JSONL, JSON or Parquet file, or a directory saved with "
                                         "datasets.save_to_disk"})
     kind: str = field(default="auto", metadata={
-        "help": "record kind: instruction (prompt/response fields), chat (a messages list), text "
-                "(pretraining, loss on all tokens), or auto (detected from the first record)"})
+        "help": "record kind: instruction (instruction/response fields), chat (a messages list), "
+                "prompt-completion (TRL), text (pretraining, loss on all tokens), or auto (detected from the "
+                "first record)"})
     instruction_field: str = field(default="instruction", metadata={"help": "field holding the instruction"})
     response_field: str = field(default="response", metadata={"help": "field holding the response"})
     messages_field: str = field(default="messages", metadata={"help": "field holding chat messages"})
@@ -101,6 +147,9 @@ class DataConfig:
     seed: int = field(default=42, metadata={"help": "seed of the shuffle (and of the subset)"})
     subset: float | None = field(default=None, metadata={
         "help": "use only part of the data: a fraction in (0, 1] or a number of records (> 1)"})
+    eval_path: str | None = field(default=None, metadata={"help": "validation data file (same formats)"})
+    eval_fraction: float | None = field(default=None, metadata={
+        "help": "hold out this fraction of the records (seeded) as validation data"})
 
 
 # ---------------------------------------------------------------- reading
@@ -140,7 +189,7 @@ def _read_jsonl(path: str) -> Records:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    raise UserError(_json_error(path, lineno, e)) from None
                 _check_is_record(row, f"{path} line {lineno}")
                 rows.append(row)
                 where.append(f"{path} line {lineno}")
@@ -149,12 +198,18 @@ def _read_jsonl(path: str) -> Records:
     return Records(rows, where)
 
 
+def _json_error(path: str, lineno: int, e: json.JSONDecodeError) -> str:
+    # Some decoder messages already end in "at" ("Unterminated string starting at").
+    at = "" if e.msg.endswith(" at") else " at"
+    return f"{path} line {lineno}: malformed JSON ({e.msg}{at} column {e.colno})"
+
+
 def _read_json(path: str) -> Records:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raise UserError(_json_error(path, e.lineno, e)) from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -209,12 +264,15 @@ def detect_kind(first: dict, cfg: DataConfig) -> str:
         return "instruction"
     if cfg.messages_field in first:
         return "chat"
+    if PROMPT in first and COMPLETION in first:
+        return "prompt-completion"
     if cfg.text_field in first:
         return "text"
     raise UserError(
         f"cannot tell the record kind: the first record has fields {sorted(first)} but none of "
-        f"'{cfg.instruction_field}'/'{cfg.response_field}', '{cfg.messages_field}' or '{cfg.text_field}' "
-        f"(set the field names with --instruction-field/--response-field, --messages-field or --text-field)")
+        f"'{cfg.instruction_field}'/'{cfg.response_field}', '{cfg.messages_field}', '{PROMPT}'/'{COMPLETION}' "
+        f"or '{cfg.text_field}' (set the field names with --instruction-field/--response-field, "
+        f"--messages-field or --text-field)")
 
 
 def _require_str(row: dict, name: str, where: str, flag: str) -> None:
@@ -232,14 +290,16 @@ def validate_records(records: Records, kind: str, cfg: DataConfig) -> None:
             _require_str(row, cfg.response_field, where, "--response-field")
         elif kind == "text":
             _require_str(row, cfg.text_field, where, "--text-field")
+        elif kind == "prompt-completion":
+            _validate_prompt_completion(row, where)
         else:
             _validate_messages(row, cfg.messages_field, where)
 
 
-def _validate_messages(row: dict, name: str, where: str) -> None:
+def _validate_messages(row: dict, name: str, where: str, flag: str = " (set --messages-field)") -> None:
     msgs = row.get(name)
     if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{where}: field '{name}' must be a non-empty list of messages (set --messages-field)")
+        raise UserError(f"{where}: field '{name}' must be a non-empty list of messages{flag}")
     for i, m in enumerate(msgs):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise UserError(f"{where}: '{name}'[{i}] must be an object with string 'role' and 'content'")
@@ -249,31 +309,83 @@ def _validate_messages(row: dict, name: str, where: str) -> None:
         raise UserError(f"{where}: '{name}' has no assistant message to learn from")
 
 
+def _validate_prompt_completion(row: dict, where: str) -> None:
+    for name in (PROMPT, COMPLETION):
+        if name not in row:
+            raise UserError(f"{where}: record has no '{name}' field (fields: {sorted(row)})")
+    prompt, completion = row[PROMPT], row[COMPLETION]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        raise UserError(f"{where}: '{PROMPT}' and '{COMPLETION}' must both be strings or both lists of "
+                        f"messages, got {type(prompt).__name__} and {type(completion).__name__}")
+    if prompt:
+        _validate_messages({PROMPT: prompt + [{"role": "assistant", "content": ""}]}, PROMPT, where, "")
+    _validate_messages(row, COMPLETION, where, "")
+
+
 # ---------------------------------------------------------------- formatting
 
-def to_segments(row: dict, kind: str, cfg: DataConfig) -> list[tuple[str, bool]]:
-    """A record as (text, trained_on) segments, in order; EOS is added at tokenization."""
+def to_segments(row: dict, kind: str, cfg: DataConfig, tokenizer=None,
+                where: str = "") -> list[tuple[str, bool]]:
+    """A record as (text, trained_on) segments, in order; EOS is added at tokenization.
+
+    Template "chat" needs the HF `tokenizer` (its chat template renders the text).
+    """
     if kind == "text":
         return [(row[cfg.text_field], True)]
-    t = get_template(cfg.template)
+    if kind == "prompt-completion" and isinstance(row[PROMPT], str):
+        return [s for s in [(row[PROMPT], False), (row[COMPLETION], True)] if s[0]]  # TRL: prompt verbatim
     if kind == "instruction":
-        return [(t.system + t.turn.format(instruction=row[cfg.instruction_field]), False),
-                (row[cfg.response_field], True)]
-    # chat: a system message replaces the template's system text; user turns become
-    # template turns; assistant turns are trained on.
-    msgs = row[cfg.messages_field]
-    system = t.system
+        msgs = [{"role": "user", "content": row[cfg.instruction_field]},
+                {"role": "assistant", "content": row[cfg.response_field]}]
+        trained_from = 0
+    elif kind == "prompt-completion":  # conversational: train on the completion's assistant turns only
+        msgs, trained_from = row[PROMPT] + row[COMPLETION], len(row[PROMPT])
+    else:
+        msgs, trained_from = row[cfg.messages_field], 0
+    t = get_template(cfg.template)
+    if t.from_tokenizer:
+        return _rendered_segments(tokenizer, msgs, trained_from, where)
+    return _template_segments(t, msgs, trained_from)
+
+
+def _template_segments(t: Template, msgs: list[dict], trained_from: int) -> list[tuple[str, bool]]:
+    """A conversation in an xft template: a system message replaces the template's system text, user
+    turns become template turns, assistant turns (from index `trained_from`) are trained on."""
+    system, start = t.system, 0
     if msgs[0]["role"] == "system":
-        system, msgs = msgs[0]["content"] + "\n\n", msgs[1:]
+        system, start = msgs[0]["content"] + "\n\n", 1
     segments, prompt = [], system
-    for m in msgs:
+    for i, m in enumerate(msgs[start:], start):
         if m["role"] == "user":
             if segments:  # a later turn: separate it from the previous response
                 prompt += t.separator
             prompt += t.turn.format(instruction=m["content"])
         elif m["role"] == "assistant":
-            segments += [(prompt, False), (m["content"], True)]
+            segments += [(prompt, False), (m["content"], i >= trained_from)]
             prompt = ""
+    return [s for s in segments if s[0]]
+
+
+def _rendered_segments(tokenizer, msgs: list[dict], trained_from: int, where: str) -> list[tuple[str, bool]]:
+    """A conversation rendered by the tokenizer's chat template, cut at each assistant turn.
+
+    Turn i's text is render(msgs[:i+1]) minus render(msgs[:i], generation prompt): the template's own
+    end-of-turn marker is part of the trained assistant text, the generation prompt is not.
+    """
+    segments, done = [], ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt = render_chat(tokenizer, msgs[:i], generation_prompt=True, where=where)
+        full = render_chat(tokenizer, msgs[: i + 1], generation_prompt=False, where=where)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UserError(f"{where}: the tokenizer's chat template renders this conversation differently "
+                            "when a turn is added, so the prompt cannot be masked exactly; use another "
+                            "--template")
+        segments += [(prompt[len(done):], False), (full[len(prompt):], i >= trained_from)]
+        done = full
     return [s for s in segments if s[0]]
 
 
@@ -281,7 +393,9 @@ class Tokenizer:
     """Turns segments into `input_ids` / `labels` with a Hugging Face tokenizer.
 
     BOS is prepended when the tokenizer adds one by itself; EOS ends every
-    example and is trained on (so the model learns to stop). No truncation here.
+    example and is trained on (so the model learns to stop). Text that already
+    starts with BOS or ends with EOS (a chat template's) gets no second one.
+    No truncation here.
     """
 
     def __init__(self, tokenizer):
@@ -298,14 +412,16 @@ class Tokenizer:
         ids = self.tok(flat, add_special_tokens=False).input_ids if flat else []
         out, k = [], 0
         for segs in batch:
-            input_ids, labels = list(self.bos), [IGNORE_INDEX] * len(self.bos)
+            bos = [] if segs and self.tok.bos_token and segs[0][0].startswith(self.tok.bos_token) else self.bos
+            input_ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
             for _, trained in segs:
                 piece = ids[k]
                 k += 1
                 input_ids += piece
                 labels += piece if trained else [IGNORE_INDEX] * len(piece)
-            input_ids.append(self.tok.eos_token_id)
-            labels.append(self.tok.eos_token_id)
+            if not (segs and segs[-1][0].rstrip().endswith(self.tok.eos_token)):
+                input_ids.append(self.tok.eos_token_id)
+                labels.append(self.tok.eos_token_id)
             out.append({"input_ids": input_ids, "labels": labels})
         return out
 
@@ -318,7 +434,7 @@ class DataStats:
 
     path: str
     kind: str
-    records: int
+    records: int  # records used (after holding out validation records and taking the subset)
     examples: int
     dropped_no_target: int  # examples whose trained tokens were all truncated away
     truncated: int
@@ -326,28 +442,83 @@ class DataStats:
     target_tokens: int
 
 
+@dataclass
+class Splits:
+    """The tokenized training data and, when asked for, the validation data (`datasets.Dataset`s)."""
+
+    train: Any
+    stats: DataStats
+    eval: Any = None
+    eval_stats: DataStats | None = None
+
+
 def load_dataset(cfg: DataConfig, tokenizer, batch_size: int = 1000):
     """Read, validate, shuffle, subset and tokenize `cfg.path`.
 
     Returns `(dataset, stats)`: a `datasets.Dataset` with `input_ids` and `labels`
     columns (lists of ints, at most `cfg.max_length` long) and a `DataStats`.
+    Records held out by `cfg.eval_fraction` are not in it (see `load_splits`).
     """
-    import datasets
+    splits = load_splits(cfg, tokenizer, batch_size)
+    return splits.train, splits.stats
 
+
+def load_splits(cfg: DataConfig, tokenizer, batch_size: int = 1000) -> Splits:
+    """The training data of `cfg` and its validation data (`cfg.eval_path` or `cfg.eval_fraction` held out).
+
+    Held-out records are the first `eval_fraction` of the seeded permutation of
+    all records; `subset` then applies to the rest, so the validation set does
+    not depend on the subset and never overlaps the training records.
+    """
     if cfg.max_length < 2:
         raise UserError(f"max length must be at least 2 tokens, got {cfg.max_length}")
-    records = read_records(cfg.path)
+    if cfg.eval_path and cfg.eval_fraction:
+        raise UserError("pass validation data as a file or as a held-out fraction, not both")
+    check_chat_template(tokenizer, cfg.template)
+    records, kind = _read_valid(cfg.path, cfg)
+    order = _shuffled_subset(len(records.rows), None, cfg.seed)
+    held_out: list[int] = []
+    if cfg.eval_fraction:
+        if not 0 < cfg.eval_fraction < 1:
+            raise UserError(f"eval fraction must be in (0, 1), got {cfg.eval_fraction}")
+        n_eval = max(1, round(cfg.eval_fraction * len(order)))
+        if n_eval >= len(order):
+            raise UserError(f"eval fraction {cfg.eval_fraction} of {len(order)} records leaves none to train on")
+        held_out, order = order[:n_eval], order[n_eval:]
+    order = _cut(order, cfg.subset)
+    train, stats = _tokenize(records, order, kind, cfg, tokenizer, cfg.path, batch_size)
+    splits = Splits(train, stats)
+    if held_out:
+        splits.eval, splits.eval_stats = _tokenize(records, held_out, kind, cfg, tokenizer,
+                                                   f"{cfg.path} (held out)", batch_size)
+    elif cfg.eval_path:
+        eval_records, eval_kind = _read_valid(cfg.eval_path, cfg)
+        splits.eval, splits.eval_stats = _tokenize(eval_records, list(range(len(eval_records.rows))), eval_kind,
+                                                   cfg, tokenizer, cfg.eval_path, batch_size)
+    return splits
+
+
+def _read_valid(path: str, cfg: DataConfig) -> tuple[Records, str]:
+    """The records of `path` and their kind, every record validated."""
+    records = read_records(path)
     if not records.rows:
-        raise UserError(f"data file {cfg.path} is empty (no records)")
+        raise UserError(f"data file {path} is empty (no records)")
     kind = detect_kind(records.rows[0], cfg)
     validate_records(records, kind, cfg)
+    return records, kind
 
-    order = _shuffled_subset(len(records.rows), cfg.subset, cfg.seed)
+
+def _tokenize(records: Records, order: list[int], kind: str, cfg: DataConfig, tokenizer, label: str,
+              batch_size: int):
+    """(`datasets.Dataset`, DataStats) of the records at `order`, tokenized and cut to max length."""
+    import datasets
+
     tok = Tokenizer(tokenizer)
     columns = {"input_ids": [], "labels": []}
     dropped = truncated = n_tokens = n_target = 0
     for start in range(0, len(order), batch_size):
-        chunk = [to_segments(records.rows[i], kind, cfg) for i in order[start:start + batch_size]]
+        chunk = [to_segments(records.rows[i], kind, cfg, tokenizer, records.where[i])
+                 for i in order[start:start + batch_size]]
         for ex in tok(chunk):
             was_truncated = len(ex["input_ids"]) > cfg.max_length
             ex = {k: v[: cfg.max_length] for k, v in ex.items()}
@@ -361,9 +532,8 @@ def load_dataset(cfg: DataConfig, tokenizer, batch_size: int = 1000):
             columns["input_ids"].append(ex["input_ids"])
             columns["labels"].append(ex["labels"])
     if not columns["input_ids"]:
-        raise UserError(f"{cfg.path}: no example keeps any response token within max length {cfg.max_length}")
-    stats = DataStats(cfg.path, kind, len(records.rows), len(columns["input_ids"]), dropped, truncated,
-                      n_tokens, n_target)
+        raise UserError(f"{label}: no example keeps any response token within max length {cfg.max_length}")
+    stats = DataStats(label, kind, len(order), len(columns["input_ids"]), dropped, truncated, n_tokens, n_target)
     return datasets.Dataset.from_dict(columns), stats
 
 
@@ -372,11 +542,16 @@ def _shuffled_subset(n: int, subset: float | None, seed: int) -> list[int]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g).tolist()
+    return _cut(torch.randperm(n, generator=g).tolist(), subset)
+
+
+def _cut(order: list[int], subset: float | None) -> list[int]:
+    """The first `subset` (a fraction in (0, 1] or a count) of `order`."""
     if subset is None:
         return order
     if subset <= 0:
         raise UserError(f"subset must be a positive fraction or count, got {subset}")
+    n = len(order)
     count = max(1, round(subset * n)) if subset <= 1 else int(subset)
     if subset > 1 and subset != int(subset):
         raise UserError(f"subset above 1 is a number of records and must be whole, got {subset}")

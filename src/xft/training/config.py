@@ -32,15 +32,20 @@ class CommonConfig:
     data: str | None = _f(None, "training data: JSONL, JSON or Parquet file, or a datasets.save_to_disk directory")
     out: str | None = _f(None, "run directory: checkpoints in OUT/checkpoints, the finished model in OUT/final")
     # -- data
-    kind: str = _f("auto", "record kind: instruction, chat (messages), text (pretraining) or auto", KINDS)
+    kind: str = _f("auto", "record kind: instruction, chat (messages), prompt-completion (TRL), text "
+                           "(pretraining) or auto", KINDS)
     instruction_field: str = _f("instruction", "data field holding the instruction")
     response_field: str = _f("response", "data field holding the response")
     messages_field: str = _f("messages", "data field holding a chat message list")
     text_field: str = _f("text", "data field holding plain text (kind text)")
     template: str = _f("magicoder", f"prompt template from xft.data.TEMPLATES ({', '.join(TEMPLATES)}; "
-                                    "the paper's is magicoder)")
+                                    "the paper's is magicoder; chat: the tokenizer's own chat template)")
     max_length: int = _f(1024, "truncate examples to this many tokens (paper: 1024)")
     subset: float | None = _f(None, "train on part of the data: a fraction in (0, 1] or a record count (> 1)")
+    eval_data: str | None = _f(None, "validation data file (same formats as --data): its loss is logged")
+    eval_fraction: float | None = _f(None, "hold out this fraction of --data (seeded) as validation data")
+    eval_steps: int | None = _f(None, "compute the validation loss every this many steps (default: at every "
+                                      "checkpoint save) and at the end")
     # -- optimisation (paper defaults, XFT_METHOD.md §2)
     epochs: float = _f(4.0, "number of passes over the data (ignored when --max-steps is set)")
     max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run --epochs)")
@@ -63,7 +68,8 @@ class CommonConfig:
     save_steps: int = _f(500, "save a resumable checkpoint every this many optimizer steps")
     save_total_limit: int = _f(2, "keep at most this many checkpoints")
     logging_steps: int = _f(10, "log loss, learning rate and expert load every this many steps")
-    report_to: str = _f("none", "where else to log: none, tensorboard, wandb, ... (transformers report_to)")
+    report_to: str = _f("none", "where else to log: none, tensorboard, wandb, ... (transformers report_to; "
+                                "comma-separated for several); TensorBoard logs go to OUT/logs")
     num_workers: int = _f(0, "dataloader worker processes")
     keep_checkpoints: bool = _f(False, "keep OUT/checkpoints after the run finishes (default: delete them)")
     overwrite: bool = _f(False, "replace a finished or differently-configured run in OUT instead of stopping")
@@ -74,7 +80,8 @@ class CommonConfig:
         return DataConfig(path=self.data, kind=self.kind, instruction_field=self.instruction_field,
                           response_field=self.response_field, messages_field=self.messages_field,
                           text_field=self.text_field, template=self.template, max_length=self.max_length,
-                          seed=self.seed, subset=self.subset)
+                          seed=self.seed, subset=self.subset, eval_path=self.eval_data,
+                          eval_fraction=self.eval_fraction)
 
     def validate(self) -> None:
         """Raise UserError on values no run could use (checked before anything is loaded)."""
@@ -86,14 +93,22 @@ class CommonConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         positive = ["batch_size", "max_length", "save_steps", "logging_steps"]
-        for name in positive + [n for n in ("micro_batch_size", "grad_accum") if getattr(self, n) is not None]:
+        optional = ("micro_batch_size", "grad_accum", "eval_steps")
+        for name in positive + [n for n in optional if getattr(self, n) is not None]:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise UserError("set a positive number of epochs or max steps")
+        if self.warmup_steps < 0:
+            raise UserError(f"warmup steps must be 0 or more, got {self.warmup_steps}")
+        if self.eval_data and self.eval_fraction:
+            raise UserError("pass --eval-data or --eval-fraction, not both")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
+            raise UserError(f"eval fraction must be in (0, 1), got {self.eval_fraction}")
         get_template(self.template)  # UserError naming the registered templates
+        check_report_to(self.report_to)
 
 
 @dataclass(kw_only=True)
@@ -145,6 +160,49 @@ class MergeConfig(CommonConfig):
             raise UserError("missing required setting: moe")
         if not 0.0 <= self.shared_weight <= 1.0:
             raise UserError(f"shared weight must be in [0, 1], got {self.shared_weight}")
+
+
+# `report_to` integration -> (modules any one of which makes it work, pip package to install).
+INTEGRATIONS = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"),
+    "comet_ml": (("comet_ml",), "comet-ml"),
+    "neptune": (("neptune",), "neptune"),
+    "clearml": (("clearml",), "clearml"),
+    "dvclive": (("dvclive",), "dvclive"),
+    "codecarbon": (("codecarbon",), "codecarbon"),
+    "swanlab": (("swanlab",), "swanlab"),
+    "trackio": (("trackio",), "trackio"),
+    "dagshub": (("dagshub",), "dagshub"),
+    "azure_ml": (("azureml",), "azureml-core"),
+    "flyte": (("flytekit",), "flytekit"),
+}
+
+
+def report_targets(report_to: str) -> list[str]:
+    """The integrations named by `report_to` ("none" -> [], "a,b" -> ["a", "b"]); "all" stays as is."""
+    names = [n.strip() for n in str(report_to).split(",") if n.strip()]
+    return [] if names in ([], ["none"]) else names
+
+
+def check_report_to(report_to: str) -> None:
+    """UserError unless every integration in `report_to` is known and its package importable.
+
+    Checked before anything is loaded: transformers would fail with a traceback
+    once the model is built.
+    """
+    import importlib.util
+
+    for name in report_targets(report_to):
+        if name == "all":
+            continue
+        if name not in INTEGRATIONS:
+            raise UserError(f"unknown --report-to {name!r}; choose none, all or one or more (comma-separated) "
+                            f"of {', '.join(INTEGRATIONS)}")
+        modules, package = INTEGRATIONS[name]
+        if not any(importlib.util.find_spec(m) for m in modules):
+            raise UserError(f"--report-to {name} needs the {package} package: pip install {package}")
 
 
 # ---------------------------------------------------------------- argparse / dict bridge

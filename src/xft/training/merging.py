@@ -14,6 +14,7 @@ the mixing logits, so `xft.merge(moe, mixing_logits=...)` reproduces it.
 from __future__ import annotations
 
 import time
+import warnings
 
 import transformers
 from accelerate import PartialState
@@ -21,10 +22,12 @@ from accelerate import PartialState
 import xft
 from xft.errors import UserError
 from xft.merge import merge_modules
+from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
 from xft.training.config import MergeConfig
 from xft.training.stage import (
-    common_rows, config_record, finalize, load_tokenizer, prepare_data, run_trainer, summary,
+    common_rows, config_record, finalize, load_tokenizer, loss_curve, prepare_data, run_trainer, summary,
+    validation_curve,
 )
 from xft.training.trainer import resolve_precision
 
@@ -33,6 +36,25 @@ def fixed_coefficients(moe, method: str, shared_weight: float) -> dict[int, list
     """Per-layer coefficients [N] of a fixed merge method ("init" / "uniform")."""
     return {i: xft.MERGE_METHODS[method](block, shared_weight, None).tolist()
             for i, block in xft.moe_blocks(moe).items()}
+
+
+# A learned merge whose coefficients moved less than this from their init is the init merge.
+STILL = 1e-6
+
+
+def coefficient_change(start: dict[int, list[float]], end: dict[int, list[float]]) -> float:
+    """max |end - start| over every layer's coefficients."""
+    return max(abs(b - a) for i in start for a, b in zip(start[i], end[i]))
+
+
+def still_warning(change: float, cfg: MergeConfig, steps: int) -> str:
+    """What to tell the user when learning left the coefficients at their init."""
+    cause = (f"the warm-up ({cfg.warmup_steps} steps) covered {'all' if cfg.warmup_steps >= steps else 'most'} "
+             f"of the {steps} steps" if cfg.warmup_steps >= steps / 2 else
+             f"{steps} steps at lr {cfg.lr:g} are too few or too small")
+    return (f"the learned coefficients did not move from their init (max change {change:.1e}): this is the "
+            f"init merge; likely cause: {cause}; train longer (--epochs / --max-steps), raise --lr, or lower "
+            "--warmup-steps")
 
 
 def coefficients_record(cfg: MergeConfig, moe_config: dict, coefficients: dict[int, list[float]],
@@ -59,23 +81,28 @@ def learn_merge(config: MergeConfig) -> str:
     if not xft.is_moe_checkpoint(path):
         raise UserError(f"{cfg.moe} is a dense model, not an xft MoE; train an upcycled model first")
     tokenizer = load_tokenizer(path)
-    stats = None
+    splits = warning = None
     if cfg.method == "learned":
-        dataset, collator, stats = prepare_data(cfg, tokenizer)
+        splits, collator, warning = prepare_data(cfg, tokenizer)
     dtype, mixed = resolve_precision(cfg.precision)
     transformers.set_seed(cfg.seed)
     moe = xft.load(path, dtype=dtype)
     moe_config = dict(moe.config.xft)
 
     trainer = output = None
-    seconds = 0.0
+    seconds, change = 0.0, None
     if cfg.method == "learned":
         model = xft.build_merge_model(moe, cfg.shared_weight, cfg.learn_shared_weight)
-        trainer, output, seconds = run_trainer(model, cfg, run, resume, dataset, collator, tokenizer,
+        start = xft.merge_coefficients(model)
+        trainer, output, seconds = run_trainer(model, cfg, run, resume, splits, collator, tokenizer,
                                                stage="merge", is_moe=False, mixed=mixed)
         dense = xft.compile_merge(model)
         coefficients = xft.merge_coefficients(model)
         logits = {i: m.mixing_logits.detach().float().cpu().tolist() for i, m in merge_modules(model).items()}
+        change = coefficient_change(start, coefficients)
+        if change < STILL:
+            warning = still_warning(change, cfg, trainer.state.global_step)
+            warnings.warn(warning, stacklevel=2)
     else:
         t0 = time.perf_counter()
         coefficients = fixed_coefficients(moe, cfg.method, cfg.shared_weight)
@@ -84,6 +111,8 @@ def learn_merge(config: MergeConfig) -> str:
         if PartialState().is_main_process:
             rundir.start(run, cfg, "merge")
     record = coefficients_record(cfg, moe_config, coefficients, logits)
+    if change is not None:
+        record["max_change_from_init"] = change
     main = PartialState().is_main_process
 
     def save(tmp: str) -> None:
@@ -91,7 +120,8 @@ def learn_merge(config: MergeConfig) -> str:
             dense.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             rundir.write_json(f"{tmp}/merge_coefficients.json", record)
-            rundir.write_json(f"{tmp}/xft_training.json", config_record(cfg, "merge", stats, trainer, resume))
+            rundir.write_json(f"{tmp}/xft_training.json", config_record(cfg, "merge", splits, trainer, resume))
+            write_card(tmp, cfg, path, trainer, change, run.final)
 
     final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
     if cfg.progress and main:
@@ -104,7 +134,32 @@ def learn_merge(config: MergeConfig) -> str:
                 ("method", f"{cfg.method}, shared weight {cfg.shared_weight}"),
                 ("coefficients", f"expert 0: {min(first):.4f}..{max(first):.4f}; "
                                  f"largest other expert {others:.4f} (merge_coefficients.json)")]
+        if change is not None:
+            rows.append(("learned", f"max change of a coefficient from its init: {change:.2e}"))
         if trainer is not None:
-            rows += common_rows(cfg, trainer, output, seconds, stats, final)[1:]
+            rows += common_rows(cfg, trainer, output, seconds, splits, final, warning)[1:]
         print(summary("xft merge: done", rows), flush=True)
     return final
+
+
+def write_card(directory: str, cfg: MergeConfig, moe_path: str, trainer, change: float | None,
+               location: str) -> None:
+    """The model card (README.md) of an `xft merge` output."""
+    how = {"learned": "per-layer mixing coefficients learned on data (only they were trained)",
+           "init": "the initial coefficients, no training", "uniform": "the plain average of all experts"}
+    details = (f"Merge method `{cfg.method}`: {how[cfg.method]}. Shared expert weight λ = {cfg.shared_weight}"
+               f"{' (learned per layer)' if cfg.learn_shared_weight else ''}; the coefficients are in "
+               "merge_coefficients.json.")
+    settings, results = {"merge method": cfg.method, "shared expert weight": cfg.shared_weight}, {}
+    if trainer is not None:
+        curve, validation = loss_curve(trainer), validation_curve(trainer)
+        settings.update({"learning rate": cfg.lr, "schedule": f"{cfg.lr_scheduler}, {cfg.warmup_steps} warm-up "
+                         "steps", "optimizer": cfg.optimizer, "global batch": cfg.batch_size})
+        results = {"optimizer steps": trainer.state.global_step,
+                   "final training loss": round(curve[-1][1], 4) if curve else None,
+                   "final validation loss": round(validation[-1][1], 4) if validation else None,
+                   "max coefficient change from init": f"{change:.2e}" if change is not None else None}
+    write_model_card(directory, kind="merged", base_model=base_model_of(moe_path), source=cfg.moe,
+                     data=cfg.data or None, settings=settings, results=results, details=details,
+                     location=location)
+

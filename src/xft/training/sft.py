@@ -14,10 +14,12 @@ import transformers
 
 import xft
 from xft.errors import UserError
+from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
 from xft.training.config import SFTConfig
 from xft.training.stage import (
-    common_rows, config_record, finalize, load_tokenizer, prepare_data, run_trainer, summary,
+    common_rows, config_record, finalize, load_tokenizer, loss_curve, prepare_data, run_trainer, summary,
+    validation_curve,
 )
 from xft.training.trainer import resolve_precision
 
@@ -48,17 +50,18 @@ def train_sft(config: SFTConfig) -> str:
     run, resume = rundir.prepare(cfg.out, cfg, "sft")
     path = rundir.resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
-    dataset, collator, stats = prepare_data(cfg, tokenizer)
+    splits, collator, warning = prepare_data(cfg, tokenizer)
     dtype, mixed = resolve_precision(cfg.precision)
     model = build_model(cfg, path, dtype)
     is_moe = xft.is_moe(model)
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
 
-    trainer, output, seconds = run_trainer(model, cfg, run, resume, dataset, collator, tokenizer, stage="sft",
+    trainer, output, seconds = run_trainer(model, cfg, run, resume, splits, collator, tokenizer, stage="sft",
                                            is_moe=is_moe, mixed=mixed, ewa_share_rate=cfg.ewa_share_rate)
     final_model = xft.average_experts(model) if cfg.ewa_share_rate > 0 else None
-    record = config_record(cfg, "sft", stats, trainer, resume)
+    record = config_record(cfg, "sft", splits, trainer, resume)
+    card_kind = "ewa" if final_model is not None else "moe" if is_moe else "dense"
 
     def save(tmp: str) -> None:
         if final_model is not None:  # EWA: the averaged dense model (unsharded, see make_trainer)
@@ -71,12 +74,31 @@ def train_sft(config: SFTConfig) -> str:
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(tmp)
             rundir.write_json(f"{tmp}/xft_training.json", record)
+            write_card(tmp, cfg, card_kind, trainer, run.final)
 
     final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
     if cfg.progress and trainer.is_world_process_zero():
         kind = ("EWA-averaged dense" if final_model is not None else "MoE" if is_moe else "dense")
-        rows = common_rows(cfg, trainer, output, seconds, stats, final)
+        rows = common_rows(cfg, trainer, output, seconds, splits, final, warning)
         rows.insert(1, ("model", f"{kind}, {sum(p.numel() for p in (final_model or model).parameters()):,} "
                                  f"parameters, from {cfg.model}" + (" (resumed)" if resume else "")))
         print(summary("xft train: done", rows), flush=True)
     return final
+
+
+def write_card(directory: str, cfg: SFTConfig, kind: str, trainer, location: str) -> None:
+    """The model card (README.md) of an `xft train` output."""
+    curve, validation = loss_curve(trainer), validation_curve(trainer)
+    settings = {"upcycled here": f"{cfg.num_experts} experts, top-{cfg.top_k}, routing {cfg.routing}"
+                if cfg.upcycle else None,
+                "EWA share rate": cfg.ewa_share_rate if cfg.ewa_share_rate > 0 else None,
+                "template": cfg.template, "epochs": cfg.epochs if cfg.max_steps <= 0 else None,
+                "max steps": cfg.max_steps if cfg.max_steps > 0 else None, "learning rate": cfg.lr,
+                "schedule": f"{cfg.lr_scheduler}, {cfg.warmup_steps} warm-up steps", "optimizer": cfg.optimizer,
+                "global batch": cfg.batch_size, "max length": cfg.max_length}
+    results = {"optimizer steps": trainer.state.global_step,
+               "final training loss": round(curve[-1][1], 4) if curve else None,
+               "final validation loss": round(validation[-1][1], 4) if validation else None}
+    write_model_card(directory, kind=kind, base_model=base_model_of(rundir.resolve_model(cfg.model)),
+                     source=cfg.model, data=cfg.data, settings=settings, results=results, location=location)
+

@@ -1,25 +1,33 @@
 """Plumbing shared by the training stages: inputs, the Trainer run, the final artifacts, the summary.
 
-A stage (`train_sft`, `learn_merge`) is: validate everything (no writes) ->
-build the model -> `run_trainer` (resumes from OUT/checkpoints) -> `finalize`
-(OUT/final written atomically on the main process) -> `summary`.
+A stage (`train_sft`, `learn_merge`) is: validate everything (no writes:
+config, data, `check_schedule`) -> build the model -> `run_trainer` (resumes
+from OUT/checkpoints) -> `finalize` (OUT/final written atomically on the main
+process, with a model card) -> `summary`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict
 
 import torch
 from accelerate import PartialState
 from transformers import AutoTokenizer
 
-from xft.data import Collator, load_dataset, pad_token_id
+from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.training import rundir
-from xft.training.trainer import batch_plan, make_trainer, training_arguments, world_size
+from xft.training.config import report_targets
+from xft.training.trainer import batch_plan, make_trainer, planned_steps, training_arguments, world_size
+
+LOGS = "logs"  # OUT/logs: TensorBoard (and other file-based) logs, kept after the run
+# A warm-up longer than this share of the run leaves little of it at the full learning rate.
+WARMUP_WARN_SHARE = 0.5
 
 
 def load_tokenizer(path: str):
@@ -31,26 +39,90 @@ def load_tokenizer(path: str):
 
 
 def prepare_data(cfg, tokenizer):
-    """Tokenized dataset, collator and stats for `cfg` (validated before any training)."""
-    dataset, stats = load_dataset(cfg.data_config(), tokenizer)
-    return dataset, Collator(pad_token_id(tokenizer)), stats
+    """Tokenized data (`xft.data.Splits`: training and optional validation) and collator for `cfg`.
+
+    Validated before any training, including the schedule (`check_schedule`).
+    Returns (splits, collator, schedule warning or None).
+    """
+    splits = load_splits(cfg.data_config(), tokenizer)
+    return splits, Collator(pad_token_id(tokenizer)), check_schedule(cfg, splits.stats.examples)
 
 
-def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, dataset, collator, tokenizer, *,
+def check_schedule(cfg, examples: int, processes: int | None = None) -> str | None:
+    """UserError when the warm-up takes the whole run; a warning (returned, and warned) when most of it.
+
+    With an epoch-based run the number of steps follows from the data, and a
+    warm-up at least that long means the learning rate never reaches `cfg.lr`:
+    an error. With an explicit `max_steps` (e.g. a smoke test) the same case is
+    only a warning, as is a warm-up longer than half the run.
+    """
+    steps = planned_steps(examples, cfg, processes or world_size())
+    if cfg.warmup_steps <= 0:
+        return None
+    how = (f"--max-steps {cfg.max_steps}" if cfg.max_steps > 0 else
+           f"{examples} examples, batch {cfg.batch_size}, {cfg.epochs:g} epochs")
+    fix = f"--warmup-steps {max(0, steps // 10)} (~10% of the run)"
+    if cfg.warmup_steps >= steps and cfg.max_steps <= 0:
+        raise UserError(f"the learning-rate warm-up ({cfg.warmup_steps} steps) is as long as the whole run "
+                        f"({steps} optimizer steps: {how}), so the learning rate would never reach {cfg.lr:g}; "
+                        f"pass {fix}, or train longer with --epochs / --max-steps")
+    if cfg.warmup_steps > WARMUP_WARN_SHARE * steps:
+        message = (f"the learning-rate warm-up ({cfg.warmup_steps} steps) takes "
+                   f"{min(cfg.warmup_steps / steps, 1):.0%} of the run ({steps} optimizer steps: {how}); "
+                   f"the learning rate {'never reaches' if cfg.warmup_steps >= steps else 'barely stays at'} "
+                   f"{cfg.lr:g}; consider {fix}")
+        warnings.warn(message, stacklevel=2)
+        return message
+    return None
+
+
+def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, splits, collator, tokenizer, *,
                 stage: str, is_moe: bool, mixed: str | None, ewa_share_rate: float = 0.0):
-    """Create the run directory, train (resuming from `resume`), return (trainer, train output, seconds)."""
+    """Create the run directory, train (resuming from `resume`), return (trainer, train output, seconds).
+
+    With validation data its loss is computed every `cfg.eval_steps` and once more at the end.
+    """
     micro, accum = batch_plan(cfg.batch_size, cfg.micro_batch_size, cfg.grad_accum, world_size())
-    args = training_arguments(cfg, run.checkpoints, micro, accum, mixed)
+    logs = os.path.join(run.root, LOGS)
+    args = training_arguments(cfg, run.checkpoints, micro, accum, mixed, evaluate=splits.eval is not None,
+                              logging_dir=logs)
+    routing_log = os.path.join(run.root, "routing.jsonl") if is_moe else None
     state = PartialState()
     if state.is_main_process:
         rundir.start(run, cfg, stage)
+        if resume and routing_log:
+            truncate_log(routing_log, checkpoint_step(resume))
     state.wait_for_everyone()
-    trainer = make_trainer(model, args, dataset, collator, tokenizer, ewa_share_rate=ewa_share_rate,
-                           routing_log=os.path.join(run.root, "routing.jsonl") if is_moe else None,
-                           progress=cfg.progress)
+    trainer = make_trainer(model, args, splits.train, collator, tokenizer, ewa_share_rate=ewa_share_rate,
+                           routing_log=routing_log, progress=cfg.progress, eval_dataset=splits.eval,
+                           logging_dir=logs)
     t0 = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
+    if splits.eval is not None and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h
+                                           for h in trainer.state.log_history):
+        trainer.evaluate()  # the final validation loss, unless the last step already computed it
     return trainer, output, time.perf_counter() - t0
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The optimizer step a Trainer checkpoint was saved at."""
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        return int(json.load(f)["global_step"])
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Drop the lines of JSONL log `path` logged after `step` (a resumed run logs those steps again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    # A line cut off by the kill that interrupted the run is dropped too.
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def finalize(run: rundir.RunDir, save, keep_checkpoints: bool = True) -> str:
@@ -89,10 +161,17 @@ def summary(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def common_rows(cfg, trainer, output, seconds: float, data_stats, final: str) -> list[tuple[str, str]]:
-    """Summary rows every stage reports."""
+def validation_curve(trainer) -> list[tuple[int, float]]:
+    """(step, validation loss) pairs of the run."""
+    return [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
+
+
+def common_rows(cfg, trainer, output, seconds: float, splits, final: str,
+                warning: str | None = None) -> list[tuple[str, str]]:
+    """Summary rows every stage reports (`warning`: the schedule warning of `check_schedule`)."""
     curve = loss_curve(trainer)
     tokens = trainer.state.num_input_tokens_seen or 0
+    data_stats = splits.stats
     rows = [("model saved to", final),
             ("data", f"{data_stats.path}: {data_stats.examples} examples ({data_stats.kind}), "
                      f"{data_stats.truncated} truncated, {data_stats.dropped_no_target} dropped"),
@@ -102,15 +181,32 @@ def common_rows(cfg, trainer, output, seconds: float, data_stats, final: str) ->
         mean = getattr(output, "training_loss", None)
         rows.append(("training loss", f"{curve[0][1]:.4f} (step {curve[0][0]}) -> {curve[-1][1]:.4f} "
                                       f"(step {curve[-1][0]})" + (f"; mean {mean:.4f}" if mean else "")))
+    validation = validation_curve(trainer)
+    if validation:
+        first = f"{validation[0][1]:.4f} (step {validation[0][0]}) -> " if len(validation) > 1 else ""
+        rows.append(("validation loss", f"{first}{validation[-1][1]:.4f} (step {validation[-1][0]}) on "
+                                        f"{splits.eval_stats.examples} examples of {splits.eval_stats.path}"))
+    if warning:
+        rows.append(("WARNING", warning))
+    targets = report_targets(cfg.report_to)
+    if targets:
+        where = "; TensorBoard logs in " + os.path.join(os.path.dirname(final), LOGS) if (
+            "tensorboard" in targets or "all" in targets) else ""
+        rows.append(("logged to", ", ".join(targets) + where))
     rows.append(("time", f"{seconds:.1f} s this session"
                          + (f", {tokens / seconds:,.0f} tokens/s" if tokens and seconds > 0 else "")))
     return rows
 
 
-def config_record(cfg, stage: str, data_stats, trainer, resumed_from: str | None = None) -> dict:
-    """What goes into OUT/final/xft_training.json: config, data stats, log history, resume point."""
-    return {"stage": stage, "config": asdict(cfg), "data": asdict(data_stats) if data_stats else None,
-            "resumed_from": resumed_from,
+def config_record(cfg, stage: str, splits, trainer, resumed_from: str | None = None) -> dict:
+    """What goes into OUT/final/xft_training.json: config, data stats, validation, log history, resume point."""
+    validation = None
+    if splits is not None and splits.eval_stats is not None and trainer is not None:
+        curve = validation_curve(trainer)
+        validation = {"data": asdict(splits.eval_stats), "loss": curve[-1][1] if curve else None,
+                      "curve": curve}
+    return {"stage": stage, "config": asdict(cfg), "data": asdict(splits.stats) if splits else None,
+            "validation": validation, "resumed_from": resumed_from,
             "log_history": trainer.state.log_history if trainer else [],
             "processes": trainer.args.world_size if trainer else 1,
             "torch": torch.__version__}

@@ -10,7 +10,10 @@ precision, checkpointing and resume comes from `Trainer`; this module only
   `OUT/routing.jsonl` (the balance loss itself is already inside
   `outputs.loss`, added by the core's forward hook, token-weighted over the
   accumulation window);
-* runs EWA's expert averaging step after every optimizer step (callback).
+* runs EWA's expert averaging step after every optimizer step (callback);
+* plans the run before it starts (`planned_steps`: the optimizer steps Trainer
+  will take, from the data size) and keeps TensorBoard logs out of the
+  checkpoint folder (`OUT/logs`, which survives the run).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import xft
 from xft.errors import UserError
+from xft.training.config import report_targets
 
 
 # ---------------------------------------------------------------- arguments
@@ -63,6 +67,21 @@ def batch_plan(batch_size: int, micro: int | None, accum: int | None, processes:
     return micro, per // micro
 
 
+def planned_steps(examples: int, cfg, processes: int) -> int:
+    """Optimizer steps `Trainer` will run for `examples` training examples under config `cfg`.
+
+    Trainer's own arithmetic: each process gets ceil(batches / processes) micro
+    batches per epoch (accelerate repeats a few to even the last round), an
+    epoch is ceil(micro batches / accumulation) steps, the run ceil(epochs x that).
+    """
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    micro, accum = batch_plan(cfg.batch_size, cfg.micro_batch_size, cfg.grad_accum, processes)
+    batches = math.ceil(math.ceil(examples / micro) / processes)
+    per_epoch = max(math.ceil(batches / accum), 1)
+    return math.ceil(cfg.epochs * per_epoch)
+
+
 def resolve_precision(precision: str) -> tuple[torch.dtype, str | None]:
     """(dtype to load weights in, mixed-precision mode or None) for a config's `precision`.
 
@@ -74,8 +93,14 @@ def resolve_precision(precision: str) -> tuple[torch.dtype, str | None]:
             "bf16-pure": (torch.bfloat16, None)}[precision]
 
 
-def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str | None) -> TrainingArguments:
-    """`TrainingArguments` for config `cfg` (an `xft.training.config.CommonConfig`)."""
+def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str | None,
+                       evaluate: bool = False, logging_dir: str | None = None) -> TrainingArguments:
+    """`TrainingArguments` for config `cfg` (an `xft.training.config.CommonConfig`).
+
+    `evaluate`: compute the validation loss every `cfg.eval_steps` (default:
+    every checkpoint save). `logging_dir`: where TensorBoard writes (transformers
+    4.x field; 5.x sets it on the callback, see `make_trainer`).
+    """
     # Recompute activations in backward; non-reentrant so DDP's unused-parameter detection works.
     # (`activation_checkpointing` is the newer name of `gradient_checkpointing`.)
     ckpt = "activation_checkpointing" if "activation_checkpointing" in _ARG_FIELDS else "gradient_checkpointing"
@@ -84,8 +109,14 @@ def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str 
     # Several processes on a machine without CUDA (torchrun, accelerate launch --multi_gpu): without
     # use_cpu they would not join a process group and would each train alone; with it they use gloo.
     use_cpu = world_size() > 1 and not torch.cuda.is_available()
+    extra = dict(checkpointing)
+    if evaluate:
+        extra.update(eval_strategy="steps", eval_steps=cfg.eval_steps or cfg.save_steps,
+                     per_device_eval_batch_size=micro, prediction_loss_only=True)  # loss only: no logits kept
+    if logging_dir and "logging_dir" in _ARG_FIELDS:
+        extra["logging_dir"] = logging_dir
     try:
-        args = _training_arguments(cfg, output_dir, micro, accum, mixed, checkpointing, use_cpu)
+        args = _training_arguments(cfg, output_dir, micro, accum, mixed, extra, use_cpu)
     except ValueError as e:  # e.g. an unknown --optimizer or --lr-scheduler name
         raise UserError(f"invalid training setting: {str(e).splitlines()[0]}") from None
     if args.world_size != world_size():
@@ -94,9 +125,9 @@ def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str 
     return args
 
 
-def _training_arguments(cfg, output_dir, micro, accum, mixed, checkpointing, use_cpu) -> TrainingArguments:
+def _training_arguments(cfg, output_dir, micro, accum, mixed, extra, use_cpu) -> TrainingArguments:
     return TrainingArguments(
-        **checkpointing,
+        **extra,
         use_cpu=use_cpu,
         output_dir=output_dir,
         per_device_train_batch_size=micro,
@@ -121,7 +152,7 @@ def _training_arguments(cfg, output_dir, micro, accum, mixed, checkpointing, use
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        report_to=cfg.report_to,
+        report_to=report_targets(cfg.report_to),
         disable_tqdm=not cfg.progress,
         dataloader_num_workers=cfg.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -209,11 +240,16 @@ class EWACallback(TrainerCallback):
 class CompactProgress(ProgressCallback):
     """The Trainer's progress bar (with ETA), printing one short line per log step."""
 
-    KEYS = (("loss", "loss {:.4f}"), ("learning_rate", "lr {:.2e}"), ("balance_loss", "balance {:.4f}"),
-            ("max_expert_load", "max load {:.2f}x"), ("grad_norm", "grad {:.3f}"))
+    # Grad norms print in 3 significant digits: a learned merge's are ~1e-5, which a fixed-point
+    # format would show as 0.000 while the model is changing.
+    KEYS = (("loss", "loss {:.4f}"), ("eval_loss", "validation loss {:.4f}"), ("learning_rate", "lr {:.2e}"),
+            ("balance_loss", "balance {:.4f}"), ("max_expert_load", "max load {:.2f}x"),
+            ("grad_norm", "grad {:.3g}"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or self.training_bar is None or not logs or "loss" not in logs:
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "loss" not in logs and "eval_loss" not in logs:
             return
         parts = [f"step {state.global_step}/{state.max_steps}"]
         parts += [fmt.format(logs[k]) for k, fmt in self.KEYS
@@ -222,11 +258,20 @@ class CompactProgress(ProgressCallback):
 
 
 def make_trainer(model, args: TrainingArguments, dataset, collator, tokenizer, *, ewa_share_rate: float = 0.0,
-                 routing_log: str | None = None, progress: bool = True) -> XFTTrainer:
-    """An `XFTTrainer` with the compact progress display and, if asked, EWA."""
+                 routing_log: str | None = None, progress: bool = True, eval_dataset=None,
+                 logging_dir: str | None = None) -> XFTTrainer:
+    """An `XFTTrainer` with the compact progress display and, if asked, EWA and a validation set.
+
+    TensorBoard writes to `logging_dir` (unless TENSORBOARD_LOGGING_DIR says otherwise): its default
+    is inside `args.output_dir`, the checkpoint folder, which is deleted when the run finishes.
+    """
     callbacks = [EWACallback(ewa_share_rate)] if ewa_share_rate > 0 else []
     trainer = XFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                         processing_class=tokenizer, callbacks=callbacks, routing_log=routing_log)
+                         eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
+                         routing_log=routing_log)
+    for cb in trainer.callback_handler.callbacks:
+        if type(cb).__name__ == "TensorBoardCallback" and logging_dir and getattr(cb, "logging_dir", None) is None:
+            cb.logging_dir = logging_dir
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if progress:
