@@ -52,16 +52,20 @@ def _quiet_io() -> None:
 
 
 def _train(args) -> int:
+    config = from_args(SFTConfig, args)
+    config.validate()  # a bad setting fails here, before torch and transformers load
     from xft.training import train_sft
 
     _quiet_io()
-    train_sft(from_args(SFTConfig, args))
+    train_sft(config)
     return 0
 
 
 def _merge(args) -> int:
+    config = from_args(MergeConfig, args)
+    config.validate()  # a bad setting fails here, before torch and transformers load
     from xft.training import learn_merge
 
     _quiet_io()
-    learn_merge(from_args(MergeConfig, args))
+    learn_merge(config)
     return 0
