@@ -39,11 +39,6 @@ def register(subparsers) -> None:
 def _upcycle(args) -> int:
     import xft
     from xft.training.rundir import atomic_dir, resolve_model
-    from transformers.utils import logging
-
-    from xft.training.stage import load_tokenizer
-
-    logging.disable_progress_bar()  # per-file load/save bars
 
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists and is not empty; pass --overwrite or choose another --out")
@@ -52,6 +47,12 @@ def _upcycle(args) -> int:
     config = xft.UpcycleConfig(num_experts=args.num_experts, top_k=args.top_k, routing=args.routing,
                                router=args.router, noisy_gating=not args.no_noise, seed=args.seed)
     path = resolve_model(args.model)
+    # Only now transformers (seconds to import): every check above fails fast.
+    from transformers.utils import logging
+
+    from xft.training.stage import load_tokenizer
+
+    logging.disable_progress_bar()  # per-file load/save bars
     tokenizer = load_tokenizer(path)
     model = xft.load(path)
     if xft.is_moe(model):
