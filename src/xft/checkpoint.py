@@ -2,10 +2,12 @@
 
 An MoE is saved with the ordinary `model.save_pretrained(dir)` (safetensors;
 the stacked expert tensors `[N, *shape]` are ordinary tensors) and its
-`config.json` carries the `UpcycleConfig` under ``"xft"``. Loading rebuilds the
+`config.json` (model type ``xft_moe``, see `xft.hfconfig`) carries the
+`UpcycleConfig` under ``"xft"``. Loading rebuilds the
 original dense class from that config, upcycles it (structure only), then
 loads every tensor, checking that each key and shape matches — nothing is
-skipped silently. A checkpoint without the ``"xft"`` entry is a plain
+skipped silently; an LM head tied to the embeddings is tied again before the
+one saved tensor is loaded. A checkpoint without the ``"xft"`` entry is a plain
 `transformers` model and is loaded with `AutoModelForCausalLM.from_pretrained`.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import torch
 from safetensors import safe_open
@@ -22,48 +23,49 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 from transformers.utils import cached_file
 
+from xft.artifacts import resolve_model
 from xft.config import UpcycleConfig
 from xft.errors import UserError
-from xft.upcycle import CONFIG_KEY, upcycle
+from xft.hfconfig import CONFIG_KEY, dense_config
+from xft.upcycle import upcycle
 
 _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 
 
 def is_moe_checkpoint(path: str) -> bool:
-    """Whether the checkpoint at `path` (dir or hub id) is an xft MoE."""
-    return hasattr(_config(path), CONFIG_KEY)
+    """Whether the checkpoint at `path` (model dir, finished run dir or hub id) is an xft MoE."""
+    return hasattr(_config(resolve_model(path)), CONFIG_KEY)
 
 
 def load(path: str, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
          **kwargs) -> nn.Module:
-    """Load a dense or MoE causal LM from a local directory or hub id (detected from its config).
+    """Load a dense or MoE causal LM from a model directory, a finished xft run or a hub id (detected).
 
     `dtype`: None keeps the checkpoint's dtype; `device`: where to put the model
     (default CPU). Extra `kwargs` go to `from_pretrained` for dense models.
     """
+    path = resolve_model(path)
     config = _config(path)
     if not hasattr(config, CONFIG_KEY):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
         return model.to(device) if device is not None else model
     xft_config = UpcycleConfig.from_dict(getattr(config, CONFIG_KEY))
-    dense_config = copy.deepcopy(config)
-    delattr(dense_config, CONFIG_KEY)
     dtype = _resolve_dtype(dtype, config)
     with no_init_weights(), torch.device(device or "cpu"):  # every tensor is overwritten below
-        model = AutoModelForCausalLM.from_config(dense_config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(dense_config(copy.deepcopy(config)), dtype=dtype)
+    # no_init_weights also skips tying: alias a tied LM head to the embeddings now, so that the one saved
+    # tensor fills both (Qwen2.5 0.5-3B, Llama-3.2, Gemma tie them; their checkpoints hold no lm_head).
+    model.tie_weights()
     upcycle(model, xft_config)
     _load_weights(model, _weight_files(path))
     return model.eval()
 
 
 def _config(path: str):
-    if os.path.sep in str(path) or str(path).startswith("."):
-        if not os.path.isdir(path):
-            raise UserError(f"model path {path!r} does not exist or is not a directory")
     try:
         return AutoConfig.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model config from {path!r}: {str(e).splitlines()[0]}") from None
 
 

@@ -31,7 +31,8 @@ from torch.func import functional_call
 
 from xft.ffn import FFNSpec
 from xft.moe import MoEBlock
-from xft.upcycle import CONFIG_KEY, _add_balance_loss, moe_blocks
+from xft.hfconfig import dense_config
+from xft.upcycle import _add_balance_loss, moe_blocks
 
 
 def coefficients(num_experts: int, shared_expert: bool, shared_weight: float | Tensor,
@@ -127,8 +128,7 @@ def _dense_copy(model: nn.Module, replacements: dict[nn.Module, nn.Module]) -> n
     for key in [k for k, h in dense._forward_hooks.items() if h is _add_balance_loss]:
         for hooks in (dense._forward_hooks, dense._forward_hooks_with_kwargs, dense._forward_hooks_always_called):
             hooks.pop(key, None)
-    if hasattr(dense.config, CONFIG_KEY):
-        delattr(dense.config, CONFIG_KEY)
+    dense_config(dense.config)
     for p in dense.parameters():
         p.requires_grad_(True)
     return dense

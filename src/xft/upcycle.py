@@ -2,8 +2,10 @@
 
 `upcycle(model, config)` swaps each decoder layer's FFN for an `MoEBlock` in
 place; attention, norms, caches and `generate` stay `transformers`'. The model
-keeps its class; its config gains an ``"xft"`` entry (the `UpcycleConfig`), so
-`save_pretrained` records how to rebuild it and `xft.load` does.
+keeps its class; its config gains an ``"xft"`` entry (the `UpcycleConfig`) and
+is written as model type ``xft_moe`` (see `xft.hfconfig`), so `save_pretrained`
+records how to rebuild it, `xft.load` does, and tools that do not know xft
+refuse it instead of loading the dense architecture.
 
 The load-balancing loss is added to `outputs.loss` by a forward hook on the
 model when labels are given: the sum over layers of each block's loss,
@@ -18,9 +20,8 @@ from torch import Tensor, nn
 
 from xft.config import UpcycleConfig
 from xft.ffn import decoder_layers, find_ffn
+from xft.hfconfig import CONFIG_KEY, mark_moe
 from xft.moe import MoEBlock
-
-CONFIG_KEY = "xft"
 
 
 def upcycle(model: nn.Module, config: UpcycleConfig | None = None) -> nn.Module:
@@ -38,7 +39,7 @@ def upcycle(model: nn.Module, config: UpcycleConfig | None = None) -> nn.Module:
     targets = [find_ffn(layer, name) for layer in layers]  # find all before changing any
     for layer, (attr, ffn) in zip(layers, targets):
         setattr(layer, attr, MoEBlock(ffn, hidden, config).train(ffn.training))
-    model.config.xft = config.to_dict()
+    mark_moe(model.config, config.to_dict())  # config.json then says "xft_moe", never the dense type
     model.register_forward_hook(_add_balance_loss, with_kwargs=True)
     return model
 

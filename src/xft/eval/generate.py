@@ -85,10 +85,13 @@ class RowSampler:
 
 
 def load_model(path: str, dtype: str | None = None, device: str | None = None):
-    """(model, tokenizer) from a checkpoint directory or hub id; dense or xft MoE."""
+    """(model, tokenizer) from a model directory, a finished xft run or a hub id; dense or xft MoE."""
     import xft
     from transformers import AutoTokenizer
 
+    from xft.artifacts import resolve_model
+
+    path = resolve_model(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = xft.load(path, dtype=dtype, device=device)

@@ -29,6 +29,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 
+from xft.artifacts import resolve_model  # noqa: F401  (re-exported: model arguments of every command)
 from xft.errors import UserError
 
 RUN_FILE = "run.json"
@@ -150,6 +151,7 @@ def atomic_dir(target: str):
     parent = os.path.dirname(os.path.abspath(target)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the finished directory follows the umask
     try:
         yield tmp
         if os.path.exists(target):
@@ -164,6 +166,12 @@ def atomic_dir(target: str):
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_json(path: str, obj) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -174,26 +182,3 @@ def _write_json(path: str, obj) -> None:
 def write_json(path: str, obj) -> None:
     """Write `obj` as indented JSON atomically (temp file + rename)."""
     _write_json(path, obj)
-
-
-def resolve_model(path: str) -> str:
-    """A model location as given, or the finished model inside an xft run directory.
-
-    `runs/moe` (a run directory) -> `runs/moe/final`. Raises UserError for a
-    local path that does not exist or a run that has not finished.
-    """
-    if os.path.isdir(path):
-        run = RunDir(path)
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return path
-        if run.is_finished():
-            return run.final
-        if os.path.isfile(run.run_file):
-            raise UserError(f"{path} is an unfinished xft run; resume it by re-running its command")
-        raise UserError(f"{path} is not a model directory (no config.json)")
-    if os.path.exists(path):
-        raise UserError(f"model path {path} is a file, expected a model directory")
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-    if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
-        raise UserError(f"model path {path} does not exist")
-    return path  # a Hub id; loading it reports its own errors

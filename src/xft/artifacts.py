@@ -1,0 +1,71 @@
+"""Where models are: one rule for every command and `xft.load` that takes a model argument.
+
+`resolve_model(arg)` accepts
+
+* a model directory (holds `config.json`), as `from_pretrained` does;
+* a finished xft run directory (`xft train/merge --out D`): its model in `D/final`;
+* a Hugging Face Hub id (`org/name`, or a legacy bare name such as `gpt2`).
+
+and fails fast with one line saying what is wrong: a local path that does not
+exist, a run that has not finished, a directory that holds no model, or a Hub
+id that is neither in the local cache nor reachable (checked with a single
+request instead of the Hub client's retries, which take ~25–50 s offline).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from xft.errors import UserError
+
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def resolve_model(path: str) -> str:
+    """`path` as a loadable location: a model directory, a finished run's model, or a Hub id; UserError if not."""
+    import xft.hfconfig  # noqa: F401  (AutoConfig/AutoTokenizer know model type xft_moe from here on)
+    from xft.training.rundir import RunDir
+
+    path = str(path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path
+        run = RunDir(path)
+        if run.is_finished():
+            return run.final
+        if os.path.isfile(run.run_file):
+            raise UserError(f"{path} is an unfinished xft run (no model yet); resume it by re-running its command")
+        raise UserError(f"{path} is not a model directory (no config.json)")
+    if os.path.exists(path):
+        raise UserError(f"model path {path} is a file; expected a model directory or a Hub id")
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
+    if looks_local or not _HUB_ID.fullmatch(path):
+        raise UserError(f"model path {path} does not exist")
+    _check_hub_id(path)
+    return path
+
+
+def _check_hub_id(repo_id: str) -> None:
+    """Raise UserError unless `repo_id` is in the local Hub cache or the Hub answers for it."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    where = f"{repo_id} is not a local directory"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{where} and is not in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return  # exists; loading reports the access problem in its own words
+    except RepositoryNotFoundError:
+        raise UserError(f"{where}, and the Hugging Face Hub has no model {repo_id} "
+                        "(or it is private: log in with `hf auth login`)") from None
+    except Exception as e:  # no network, DNS, timeout, proxy: one line, not the client's retries
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{where}, and the Hugging Face Hub could not be reached to fetch it ({reason}); "
+                        "give a local model directory, or check the network") from None

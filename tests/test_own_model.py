@@ -1,0 +1,201 @@
+"""A newcomer's own model through the CLI: tied embeddings end to end, MoE checkpoints that never pose as
+dense models, and one rule for model arguments in every command.
+
+Qwen2.5(-Coder) 0.5-3B, Llama-3.2 and Gemma tie the LM head to the input embeddings; their checkpoints
+hold no `lm_head.weight`. Every stage must carry the tie through: upcycle -> MoE SFT -> learned merge ->
+eval, and the merged model must load in plain transformers with exactly the base's parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import xft
+from xft.artifacts import resolve_model
+from xft.cli import main as cli
+from xft.errors import UserError
+from xft.testing import tiny_model, tiny_tokenizer
+
+TIED = ("llama", "qwen2", "gemma")
+STEPS = ["--batch-size", "4", "--warmup-steps", "0", "--no-progress"]
+TASKS = [{"task_id": f"Tiny/{i}", "prompt": f"def add{i}(a, b):\n    \"\"\"Return a + b.\"\"\"\n",
+          "entry_point": f"add{i}", "canonical_solution": "    return a + b\n",
+          "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"} for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rows = [{"instruction": f"Write add{i}", "response": f"def add{i}(a, b):\n    return a + b\n"} for i in range(16)]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "tasks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in TASKS))
+    return root
+
+
+def tied_base(root, arch: str) -> str:
+    """A tiny `arch` model with tied embeddings and its tokenizer, saved under `root`."""
+    model = tiny_model(arch, tie_word_embeddings=True)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    path = str(root / f"base-{arch}")
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def plain_load(path: str) -> dict:
+    """In a process that never imports xft: parameter count, tie, and logits on fixed ids."""
+    code = textwrap.dedent(f"""
+        import json, sys, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({path!r}).eval()
+        ids = torch.arange(3, 12).reshape(1, 9)
+        with torch.no_grad():
+            logits = m(ids).logits
+        assert "xft" not in sys.modules
+        print(json.dumps({{"params": sum(p.numel() for p in m.parameters()), "class": type(m).__name__,
+                          "tied": m.lm_head.weight is m.get_input_embeddings().weight,
+                          "logits": logits.flatten().tolist()}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def logits_of(model) -> list[float]:
+    with torch.no_grad():
+        return model(torch.arange(3, 12).reshape(1, 9)).logits.flatten().tolist()
+
+
+@pytest.mark.parametrize("arch", TIED)
+def test_tied_model_upcycle_train_merge_eval(arch, data, tmp_path):
+    base = tied_base(tmp_path, arch)
+    moe0, moe, merged, ev = (str(tmp_path / n) for n in ("moe0", "moe", "merged", "eval"))
+    assert cli(["upcycle", base, "--out", moe0, "--num-experts", "4", "--top-k", "3"]) == 0
+    upcycled = xft.load(moe0)
+    assert upcycled.lm_head.weight is upcycled.get_input_embeddings().weight
+    torch.testing.assert_close(logits_of(upcycled), logits_of(xft.load(base)), rtol=0, atol=1e-5)
+
+    assert cli(["train", moe0, "--data", str(data / "train.jsonl"), "--out", moe, "--max-steps", "2", *STEPS]) == 0
+    trained = xft.load(moe)
+    assert xft.is_moe(trained) and trained.lm_head.weight is trained.get_input_embeddings().weight
+    assert cli(["merge", moe, "--data", str(data / "train.jsonl"), "--out", merged, "--max-steps", "2",
+                *STEPS]) == 0
+    assert cli(["eval", merged, "--benchmark", "humaneval", "--data", str(data / "tasks.jsonl"), "--out", ev,
+                "--max-new-tokens", "4", "--device", "cpu", "--workers", "1"]) == 0
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["n_tasks"] == len(TASKS)
+
+    dense = xft.load(merged)
+    plain = plain_load(resolve_model(merged))
+    base_params = sum(p.numel() for p in xft.load(base).parameters())
+    assert plain["params"] == base_params and plain["tied"] and plain["class"] == type(dense).__name__
+    torch.testing.assert_close(plain["logits"], logits_of(dense), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", TIED)
+def test_tied_model_train_with_upcycle_then_merge(arch, data, tmp_path):
+    base = tied_base(tmp_path, arch)
+    moe, merged = str(tmp_path / "moe"), str(tmp_path / "merged")
+    assert cli(["train", base, "--upcycle", "--num-experts", "4", "--top-k", "3", "--data",
+                str(data / "train.jsonl"), "--out", moe, "--max-steps", "2", *STEPS]) == 0
+    assert xft.is_moe_checkpoint(moe)
+    assert cli(["merge", moe, "--method", "init", "--out", merged, "--no-progress"]) == 0
+    plain = plain_load(resolve_model(merged))
+    assert plain["tied"] and plain["params"] == sum(p.numel() for p in xft.load(base).parameters())
+
+
+# ---------------------------------------------------------------- MoE checkpoints never pose as dense models
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("moe")
+    moe = xft.upcycle(tiny_model("qwen2", tie_word_embeddings=True), xft.UpcycleConfig(num_experts=4, top_k=3))
+    with torch.no_grad():  # experts that differ, so a wrongly loaded FFN could not pass by accident
+        for stacks in xft.expert_weights(moe).values():
+            for p in stacks.values():
+                p.add_(torch.randn_like(p) * 0.1)
+    moe.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_plain_transformers_refuses_an_moe_checkpoint(moe_dir):
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({moe_dir!r})"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and "xft_moe" in out.stderr
+    config = json.loads(open(os.path.join(moe_dir, "config.json")).read())
+    assert config["architectures"] == ["XFTMoEForCausalLM"]  # what vLLM dispatches on: not a dense class
+
+
+def test_auto_classes_load_an_moe_exactly_once_xft_is_imported(moe_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    auto = AutoModelForCausalLM.from_pretrained(moe_dir)
+    assert xft.is_moe(auto)
+    torch.testing.assert_close(logits_of(auto), logits_of(xft.load(moe_dir)), rtol=0, atol=0)
+    assert AutoConfig.from_pretrained(moe_dir).model_type == "qwen2"
+    AutoTokenizer.from_pretrained(moe_dir)
+
+
+def test_merged_and_dense_copies_are_written_as_the_base_type(moe_dir, tmp_path):
+    dense = xft.merge(xft.load(moe_dir))
+    dense.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and "xft" not in config and "base_model_type" not in config
+
+
+def test_checkpoints_of_the_old_format_still_load(moe_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(moe_dir, tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    config["model_type"], config["architectures"] = config.pop("base_model_type"), config.pop("base_architectures")
+    del config["xft_note"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(logits_of(xft.load(str(tmp_path / "old"))), logits_of(xft.load(moe_dir)),
+                               rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- one rule for model arguments
+
+def _commands(model: str, tmp_path, data) -> dict[str, list[str]]:
+    return {
+        "upcycle": ["upcycle", model, "--out", str(tmp_path / "u")],
+        "train": ["train", model, "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "t")],
+        "merge": ["merge", model, "--method", "init", "--out", str(tmp_path / "m")],
+        "eval": ["eval", model, "--benchmark", "humaneval", "--data", str(data / "tasks.jsonl"),
+                 "--out", str(tmp_path / "e")],
+    }
+
+
+@pytest.mark.parametrize("command", ["upcycle", "train", "merge", "eval"])
+@pytest.mark.parametrize("model,message", [
+    ("./no_such_model", "does not exist"),
+    ("no_such_bare_model_name", "is not a local directory"),
+])
+def test_missing_model_is_the_same_one_line_error_everywhere(command, model, message, data, tmp_path, capsys):
+    code = cli(_commands(model, tmp_path, data)[command])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and model in err and len(err.strip().splitlines()) == 1
+    assert not any((tmp_path / d).exists() for d in "utme")
+
+
+def test_run_directories_are_accepted_wherever_a_model_is(data, tmp_path):
+    base = tied_base(tmp_path, "llama")
+    run = str(tmp_path / "run")
+    assert cli(["train", base, "--data", str(data / "train.jsonl"), "--out", run, "--max-steps", "1", *STEPS]) == 0
+    assert not xft.is_moe(xft.load(run))
+    assert cli(["eval", run, "--benchmark", "humaneval", "--data", str(data / "tasks.jsonl"),
+                "--out", str(tmp_path / "e"), "--max-new-tokens", "2", "--device", "cpu", "--workers", "1"]) == 0
+
+
+def test_an_unfinished_run_is_named_as_such(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    with pytest.raises(UserError, match="unfinished xft run"):
+        xft.load(str(tmp_path / "run"))
