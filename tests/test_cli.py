@@ -31,9 +31,10 @@ def _heavy_modules_after(argv: list[str]) -> set[str]:
     return set(run.stdout.splitlines()[-1].split()) if run.stdout.strip() else set()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"], ["merge", "--help"],
-                                  ["eval", "--help"], ["run", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]] + [[c, "--help"] for c in cli.COMMANDS if c != "upcycle"])
 def test_help_imports_no_torch(argv):
+    if argv[0] in cli.COMMANDS and not cli._available(cli.COMMANDS[argv[0]][0]):
+        pytest.skip(f"xft {argv[0]} is not written yet")
     assert _heavy_modules_after(argv) == set()
 
 

@@ -19,7 +19,8 @@ from xft import __version__
 from xft.errors import UserError
 
 # name -> (module providing `register(subparsers)`, one-line help for `xft --help`, resumable).
-# A module that does not exist (work in progress) is left out of the command list.
+# The help here is what `xft --help` shows (keep it equal to the module's own add_parser help);
+# a module that does not exist (work in progress) is left out of the command list.
 COMMANDS = {
     "upcycle": ("xft.commands.core", "upcycle a dense model into an MoE (every FFN -> N experts)", False),
     "train": ("xft.commands.train", "instruction-tune a dense or MoE model (SFT, EWA)", True),
@@ -27,7 +28,8 @@ COMMANDS = {
     "eval": ("xft.eval.cli", "evaluate a model (or a samples file) on a code benchmark, sandboxed", False),
     "run": ("xft.commands.run", "run a whole XFT experiment from a YAML recipe (resumable stages)", True),
     "demo": ("xft.commands.run", "the whole XFT experiment on MiniCode on a CPU, with a report and plots", True),
-    "report": ("xft.commands.report", "summarise a finished run or demo directory", False),
+    "report": ("xft.commands.report", "write the report (report.md + plots) of an xft run / xft demo directory",
+               False),
 }
 
 
