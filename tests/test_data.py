@@ -5,7 +5,7 @@ import json
 import pytest
 
 from xft.data import (
-    IGNORE_INDEX, MAGICODER_SYSTEM, Collator, DataConfig, format_prompt, load_dataset, read_records,
+    IGNORE_INDEX, MAGICODER_SYSTEM, Collator, DataConfig, format_prompt, load_dataset, load_splits, read_records,
 )
 from xft.errors import UserError
 from xft.testing import tiny_tokenizer
@@ -139,3 +139,102 @@ def test_missing_file_and_malformed_json_array(tmp_path, tok):
     (tmp_path / "d.json").write_text('[\n{"instruction": "a", "response": "b"},\n{"instruction": }\n]')
     with pytest.raises(UserError, match=r"d.json line 3: malformed JSON"):
         load_dataset(DataConfig(path=str(tmp_path / "d.json")), tok)
+
+
+def test_malformed_json_message_says_at_once(tmp_path, tok):
+    # Python's decoder ends some messages with "at" ("Unterminated string starting at").
+    for content, expected in (('{"instruction": "a", "response": "b', "Unterminated string starting at column 34"),
+                              ('{"instruction": "a", "response": "b\n', "Invalid control character at column 36"),
+                              ('{"instruction": "a",,}\n', "Expecting property name enclosed in double quotes "
+                                                           "at column 21")):
+        (tmp_path / "d.jsonl").write_text(content)
+        with pytest.raises(UserError) as e:
+            load_dataset(DataConfig(path=str(tmp_path / "d.jsonl")), tok)
+        assert expected in str(e.value) and "at at" not in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------- the tokenizer's chat template, TRL records
+
+CHATML = ("{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def chat_tok(tok):
+    t = tiny_tokenizer([MAGICODER_SYSTEM + "\nuser\nassistant\nsystem\nadd one\nreturn x + 1"] * 4)
+    t.chat_template = CHATML
+    return t
+
+
+def test_chat_template_masks_all_but_assistant_turns(tmp_path, chat_tok):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "two"},
+            {"role": "assistant", "content": "A2"}]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}])
+    ex = load_dataset(DataConfig(path=path, template="chat"), chat_tok)[0][0]
+    # The whole example is exactly the template's rendering: no second BOS, no extra EOS.
+    assert ex["input_ids"] == chat_tok(chat_tok.apply_chat_template(msgs, tokenize=False),
+                                       add_special_tokens=False).input_ids
+    # Trained: each assistant answer and the template's end-of-turn marker after it, nothing else.
+    assert trained_text(chat_tok, ex) == "A1<|eos|>\nA2<|eos|>\n"
+
+
+def test_chat_template_wraps_instruction_records_and_builds_prompts(tmp_path, chat_tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "add one", "response": "return x + 1"}])
+    ex = load_dataset(DataConfig(path=path, template="chat"), chat_tok)[0][0]
+    prompt = format_prompt("add one", "chat", tokenizer=chat_tok)
+    assert prompt == "<|bos|>user\nadd one<|eos|>\n<|bos|>assistant\n"
+    assert chat_tok.decode(ex["input_ids"]) == prompt + "return x + 1<|eos|>\n"
+    assert trained_text(chat_tok, ex) == "return x + 1<|eos|>\n"
+
+
+def test_chat_template_missing_is_one_clear_error(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}])
+    with pytest.raises(UserError, match="--template chat uses the tokenizer's chat template, but .* has none"):
+        load_dataset(DataConfig(path=path, template="chat"), tok)
+    with pytest.raises(UserError, match="pass the tokenizer"):
+        format_prompt("a", "chat")
+
+
+def test_trl_prompt_completion_strings_and_conversations(tmp_path, tok, chat_tok):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "def add(a, b):\n", "completion": "    return a + b"}])
+    ds, stats = load_dataset(DataConfig(path=path), tok)
+    assert stats.kind == "prompt-completion"  # detected
+    assert tok.decode(ds[0]["input_ids"]) == "def add(a, b):\n    return a + b" + tok.eos_token  # prompt verbatim
+    assert trained_text(tok, ds[0]) == "    return a + b" + tok.eos_token
+    conv = {"prompt": [{"role": "user", "content": "one"}, {"role": "assistant", "content": "A1"},
+                       {"role": "user", "content": "two"}],
+            "completion": [{"role": "assistant", "content": "A2"}]}
+    path = write_jsonl(tmp_path / "c.jsonl", [conv])
+    ex = load_dataset(DataConfig(path=path, template="chat"), chat_tok)[0][0]
+    assert trained_text(chat_tok, ex) == "A2<|eos|>\n"  # the prompt's assistant turn is context only
+    ex = load_dataset(DataConfig(path=path), tok)[0][0]  # an xft template works too
+    assert trained_text(tok, ex) == "A2" + tok.eos_token and "@@ Instruction\ntwo" in tok.decode(ex["input_ids"])
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}])
+    with pytest.raises(UserError, match="must both be strings or both lists of messages"):
+        load_dataset(DataConfig(path=path), tok)
+
+
+# ---------------------------------------------------------------- validation split
+
+def test_held_out_records_are_not_trained_on_and_stay_put(tmp_path, tok):
+    rows = [{"instruction": f"task {i}", "response": f"r{i}"} for i in range(20)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    splits = load_splits(DataConfig(path=path, eval_fraction=0.25, seed=3), tok)
+    train = {trained_text(tok, e) for e in splits.train}
+    held = {trained_text(tok, e) for e in splits.eval}
+    assert len(held) == 5 and len(train) == 15 and not train & held
+    assert splits.eval_stats.path.endswith("(held out)") and splits.stats.records == 15
+    # The held-out set does not depend on the subset, and the subset never reaches into it.
+    again = load_splits(DataConfig(path=path, eval_fraction=0.25, seed=3, subset=4), tok)
+    assert {trained_text(tok, e) for e in again.eval} == held and len(again.train) == 4
+    with pytest.raises(UserError, match="leaves none to train on"):
+        load_splits(DataConfig(path=write_jsonl(tmp_path / "one.jsonl", rows[:1]), eval_fraction=0.5), tok)
+
+
+def test_validation_file(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "response": "b"}] * 3)
+    val = write_jsonl(tmp_path / "v.jsonl", [{"prompt": "x", "completion": "y"}] * 2)
+    splits = load_splits(DataConfig(path=path, eval_path=val), tok)
+    assert len(splits.train) == 3 and len(splits.eval) == 2 and splits.eval_stats.path == val
+    assert load_splits(DataConfig(path=path), tok).eval is None

@@ -131,4 +131,4 @@ def _body(directory, is_moe, what, base_model, source, data, settings, results, 
 
 
 def _value(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else f"`{v}`" if isinstance(v, str) else str(v)
+    return f"{v:.5g}" if isinstance(v, float) else f"`{v}`" if isinstance(v, str) else str(v)

@@ -30,7 +30,8 @@ class CommonConfig:
     """Fields shared by both training stages: data, optimisation, run directory."""
 
     data: str | None = _f(None, "training data: JSONL, JSON or Parquet file, or a datasets.save_to_disk directory")
-    out: str | None = _f(None, "run directory: checkpoints in OUT/checkpoints, the finished model in OUT/final")
+    out: str | None = _f(None, "run directory: checkpoints in OUT/checkpoints, the finished model in OUT/final, "
+                                "logs in OUT/logs")
     # -- data
     kind: str = _f("auto", "record kind: instruction, chat (messages), prompt-completion (TRL), text "
                            "(pretraining) or auto", KINDS)

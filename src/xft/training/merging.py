@@ -47,9 +47,16 @@ def coefficient_change(start: dict[int, list[float]], end: dict[int, list[float]
     return max(abs(b - a) for i in start for a, b in zip(start[i], end[i]))
 
 
-def still_warning(change: float, cfg: MergeConfig, steps: int) -> str:
+def experts_identical(moe) -> bool:
+    """Whether every layer's experts are equal (an upcycled MoE not trained yet): every merge is the same."""
+    return all(bool((w == w[:1]).all()) for stacks in xft.expert_weights(moe).values() for w in stacks.values())
+
+
+def still_warning(change: float, cfg: MergeConfig, steps: int, identical: bool = False) -> str:
     """What to tell the user when learning left the coefficients at their init."""
-    cause = (f"the warm-up ({cfg.warmup_steps} steps) covered {'all' if cfg.warmup_steps >= steps else 'most'} "
+    cause = ("the MoE's experts are identical (an upcycled model not trained yet?), so every mixture is the "
+             "same model and the coefficients get no gradient; merge the trained MoE" if identical else
+             f"the warm-up ({cfg.warmup_steps} steps) covered {'all' if cfg.warmup_steps >= steps else 'most'} "
              f"of the {steps} steps" if cfg.warmup_steps >= steps / 2 else
              f"{steps} steps at lr {cfg.lr:g} are too few or too small")
     return (f"the learned coefficients did not move from their init (max change {change:.1e}): this is the "
@@ -92,6 +99,7 @@ def learn_merge(config: MergeConfig) -> str:
     trainer = output = None
     seconds, change = 0.0, None
     if cfg.method == "learned":
+        identical = experts_identical(moe)
         model = xft.build_merge_model(moe, cfg.shared_weight, cfg.learn_shared_weight)
         start = xft.merge_coefficients(model)
         trainer, output, seconds = run_trainer(model, cfg, run, resume, splits, collator, tokenizer,
@@ -101,7 +109,7 @@ def learn_merge(config: MergeConfig) -> str:
         logits = {i: m.mixing_logits.detach().float().cpu().tolist() for i, m in merge_modules(model).items()}
         change = coefficient_change(start, coefficients)
         if change < STILL:
-            warning = still_warning(change, cfg, trainer.state.global_step)
+            warning = still_warning(change, cfg, trainer.state.global_step, identical)
             warnings.warn(warning, stacklevel=2)
     else:
         t0 = time.perf_counter()

@@ -61,7 +61,7 @@ def check_schedule(cfg, examples: int, processes: int | None = None) -> str | No
         return None
     how = (f"--max-steps {cfg.max_steps}" if cfg.max_steps > 0 else
            f"{examples} examples, batch {cfg.batch_size}, {cfg.epochs:g} epochs")
-    fix = f"--warmup-steps {max(0, steps // 10)} (~10% of the run)"
+    fix = f"--warmup-steps {steps // 10}" + (" (about 10% of the run)" if steps >= 10 else " (no warm-up)")
     if cfg.warmup_steps >= steps and cfg.max_steps <= 0:
         raise UserError(f"the learning-rate warm-up ({cfg.warmup_steps} steps) is as long as the whole run "
                         f"({steps} optimizer steps: {how}), so the learning rate would never reach {cfg.lr:g}; "
