@@ -21,7 +21,7 @@ import xft
 from xft.artifacts import resolve_model
 from xft.cli import main as cli
 from xft.errors import UserError
-from xft.testing import tiny_model, tiny_tokenizer
+from xft.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 TIED = ("llama", "qwen2", "gemma")
 STEPS = ["--batch-size", "4", "--warmup-steps", "0", "--no-progress"]
@@ -107,6 +107,22 @@ def test_tied_model_train_with_upcycle_then_merge(arch, data, tmp_path):
     assert cli(["merge", moe, "--method", "init", "--out", merged, "--no-progress"]) == 0
     plain = plain_load(resolve_model(merged))
     assert plain["tied"] and plain["params"] == sum(p.numel() for p in xft.load(base).parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tied_moe_round_trips_and_merges_on_every_architecture(arch, tmp_path):
+    base = tiny_model(arch, tie_word_embeddings=True)
+    moe = xft.upcycle(tiny_model(arch, tie_word_embeddings=True), xft.UpcycleConfig(num_experts=4, top_k=3))
+    moe.save_pretrained(tmp_path / "moe")
+    loaded = xft.load(str(tmp_path / "moe"))
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    torch.testing.assert_close(logits_of(loaded), logits_of(base), rtol=0, atol=1e-5)
+    xft.merge(loaded).save_pretrained(tmp_path / "dense")
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in base.parameters())
+    torch.testing.assert_close(logits_of(plain), logits_of(base), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- MoE checkpoints never pose as dense models
