@@ -121,6 +121,23 @@ def test_eval_refuses_a_non_empty_out_and_overwrite_replaces_it(tmp_path, capsys
     assert sorted(os.listdir(tmp_path)) == ["out", "samples1.jsonl", "samples2.jsonl"]  # no temporary left
 
 
+def test_eval_interrupted_while_writing_leaves_the_old_results(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert _eval(tmp_path, out, 2) == 0
+    before = (out / "results.json").read_text()
+
+    def half_write(out_dir, samples, results):
+        (tmp_path / "seen").write_text(str(out_dir))
+        open(os.path.join(out_dir, "samples.jsonl"), "w").write("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("xft.eval.report.write_outputs", half_write)
+    assert _eval(tmp_path, out, 1, "--overwrite") == 130
+    assert (out / "results.json").read_text() == before
+    assert (out / "samples.jsonl").read_text() != "half"
+    assert not os.path.exists((tmp_path / "seen").read_text())  # the temporary directory is gone
+
+
 def test_eval_overwrite_never_deletes_other_files(tmp_path, capsys):
     out = tmp_path / "model"
     out.mkdir()
