@@ -238,6 +238,10 @@ def test_resumed_moe_run_logs_each_step_once_and_its_card_names_xft(ws):
     routing = [json.loads(line) for line in (ws / "moe_run" / "routing.jsonl").read_text().splitlines()]
     assert [r["step"] for r in routing] == [1, 2, 3, 4]
 
+    # Starting over (--overwrite) starts the routing log over too.
+    train_sft(SFTConfig(**{**cfg, "max_steps": 2, "overwrite": True}))
+    assert [json.loads(line)["step"] for line in (ws / "moe_run" / "routing.jsonl").read_text().splitlines()] == [1, 2]
+
     meta, text = front_matter(final)
     assert meta["library_name"] == "xft" and "moe" in meta["tags"]
     assert f'xft.load("{final}")' in text and "Plain `transformers` does not load it" in text

@@ -1,4 +1,5 @@
-"""Resume: kill -9 an `xft train` after its first checkpoint, re-run the same command, get the same weights.
+"""Resume: kill -9 an `xft train` after its first checkpoint, re-run the same command, get the same weights
+(and a routing log with every step once).
 
 MoE with noisy gating (router noise comes from the global RNG the Trainer
 checkpoints), checkpoint in the middle of an epoch, gradient accumulation.
@@ -56,6 +57,10 @@ def test_kill_9_then_rerun_gives_identical_weights(tmp_path):
     record = json.loads((interrupted / "final" / "xft_training.json").read_text())
     assert record["resumed_from"].endswith(f"checkpoint-{SAVE}")
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+
+    # The resumed run replayed the steps after checkpoint-3; the routing log has each step once, in order.
+    steps = [json.loads(line)["step"] for line in (interrupted / "routing.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
 
     a = load_file(interrupted / "final" / "model.safetensors")
     b = load_file(tmp_path / "reference" / "final" / "model.safetensors")

@@ -90,8 +90,12 @@ def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, splits, coll
     state = PartialState()
     if state.is_main_process:
         rundir.start(run, cfg, stage)
-        if resume and routing_log:
-            truncate_log(routing_log, checkpoint_step(resume))
+        # Logs of steps this session will (re)run are stale: after the resumed checkpoint's step, or all
+        # of them when starting over (an --overwrite, or an interrupted run that saved no checkpoint).
+        if routing_log:
+            truncate_log(routing_log, checkpoint_step(resume) if resume else 0)
+        if not resume:
+            shutil.rmtree(logs, ignore_errors=True)
     state.wait_for_everyone()
     trainer = make_trainer(model, args, splits.train, collator, tokenizer, ewa_share_rate=ewa_share_rate,
                            routing_log=routing_log, progress=cfg.progress, eval_dataset=splits.eval,
