@@ -74,7 +74,7 @@ def test_score_samples_file(tmp_path, capsys):
      "--partial"),
     (lambda p: [str(p / "no-model"), "--samples", str(p / "x.jsonl")], "not both"),
     (lambda p: [], "either MODEL"),
-    (lambda p: [str(p / "no-model")], "cannot load model"),
+    (lambda p: [str(p / "no-model")], "does not exist"),
     (lambda p: ["--samples", str(p / "x.jsonl"), "--data", str(p / "nodata.jsonl")], "no such file"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, make_args, message):

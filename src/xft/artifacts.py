@@ -1,4 +1,6 @@
-"""Where models are: one rule for every command and `xft.load` that takes a model argument.
+"""Artifacts on disk: where models are, and writing outputs so that they appear only whole.
+
+Model arguments: one rule for every command and `xft.load` that takes a model.
 
 `resolve_model(arg)` accepts
 
@@ -20,6 +22,36 @@ import re
 from xft.errors import UserError
 
 _HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:  # open(), not mkstemp: the file follows the umask
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def follow_umask(root: str) -> None:
+    """Give `root` and everything under it the modes plain mkdir/open would (0755/0644 under umask 022).
+
+    Temporary directories (0700) and some writers (safetensors: 0600) are private by default; an output
+    directory renamed into place from them would otherwise stay unreadable to the group and others.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for here, dirs, files in os.walk(root):
+        os.chmod(here, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(here, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def resolve_model(path: str) -> str:

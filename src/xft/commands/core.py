@@ -59,9 +59,13 @@ def _upcycle(args) -> int:
         raise UserError(f"{args.model} is already an xft MoE")
     n_dense = sum(p.numel() for p in model.parameters())
     xft.upcycle(model, config)
+    from xft.modelcard import base_model_of, write_model_card
+
     with atomic_dir(args.out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_model_card(tmp, kind="upcycled", base_model=base_model_of(path), source=args.model,
+                         settings=config.to_dict(), location=args.out)
     n_moe = sum(p.numel() for p in model.parameters())
     print(f"xft upcycle: {type(model).__name__} with {len(xft.moe_blocks(model))} MoE layers "
           f"({config.num_experts} experts, top-{config.top_k}, routing {config.routing}, router {config.router}); "

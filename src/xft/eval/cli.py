@@ -135,21 +135,8 @@ def _write(out: str, overwrite: bool, samples: list[dict], results: dict) -> Non
     try:
         with atomic_dir(out) as tmp:
             report.write_outputs(tmp, samples, results)
-            _umask_modes(tmp)
     except OSError as e:
         raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
-
-
-def _umask_modes(path: str) -> None:
-    """Give directory `path` and its files the modes mkdir/open would (0755/0644 under umask 022).
-
-    mkdtemp and mkstemp, which make the writes atomic, create 0700/0600.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-    for name in os.listdir(path):
-        os.chmod(os.path.join(path, name), 0o666 & ~umask)
 
 
 def _run(args: argparse.Namespace, bench, sandbox, device: str | None) -> int:

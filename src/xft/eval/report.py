@@ -12,10 +12,10 @@ from __future__ import annotations
 import collections
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from xft import __version__
+from xft.artifacts import atomic_write_text
 from xft.errors import UserError
 from xft.eval.benchmarks import Benchmark
 from xft.eval.execute import Verdict
@@ -99,19 +99,8 @@ def write_outputs(out_dir: str, samples: list[dict], results: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create --out {out_dir}: {e.strerror}") from None
-    _atomic_write(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-    _atomic_write(out / "results.json", json.dumps(results, indent=1) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
 
 
 def summary(results: dict, out_dir: str, max_failures: int = 5) -> str:

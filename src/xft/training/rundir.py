@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 
-from xft.artifacts import resolve_model  # noqa: F401  (re-exported: model arguments of every command)
+from xft.artifacts import atomic_write_text, follow_umask, resolve_model  # noqa: F401  (resolve_model re-exported)
 from xft.errors import UserError
 
 RUN_FILE = "run.json"
@@ -151,9 +151,9 @@ def atomic_dir(target: str):
     parent = os.path.dirname(os.path.abspath(target)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the finished directory follows the umask
     try:
         yield tmp
+        follow_umask(tmp)  # mkdtemp made it 0700, safetensors writes 0600: the result follows the umask
         if os.path.exists(target):
             trash = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
             os.rename(target, os.path.join(trash, "x"))
@@ -166,17 +166,8 @@ def atomic_dir(target: str):
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def write_json(path: str, obj) -> None:
