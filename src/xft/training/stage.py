@@ -60,7 +60,7 @@ def check_schedule(cfg, examples: int, processes: int | None = None) -> str | No
     if cfg.warmup_steps <= 0:
         return None
     how = (f"--max-steps {cfg.max_steps}" if cfg.max_steps > 0 else
-           f"{examples} examples, batch {cfg.batch_size}, {cfg.epochs:g} epochs")
+           f"{examples} examples, batch {cfg.batch_size}, {cfg.epochs:g} epoch{'s' if cfg.epochs != 1 else ''}")
     fix = f"--warmup-steps {steps // 10}" + (" (about 10% of the run)" if steps >= 10 else " (no warm-up)")
     if cfg.warmup_steps >= steps and cfg.max_steps <= 0:
         raise UserError(f"the learning-rate warm-up ({cfg.warmup_steps} steps) is as long as the whole run "
@@ -69,8 +69,9 @@ def check_schedule(cfg, examples: int, processes: int | None = None) -> str | No
     if cfg.warmup_steps > WARMUP_WARN_SHARE * steps:
         message = (f"the learning-rate warm-up ({cfg.warmup_steps} steps) takes "
                    f"{min(cfg.warmup_steps / steps, 1):.0%} of the run ({steps} optimizer steps: {how}); "
-                   f"the learning rate {'never reaches' if cfg.warmup_steps >= steps else 'barely stays at'} "
-                   f"{cfg.lr:g}; consider {fix}")
+                   + (f"the learning rate never reaches {cfg.lr:g}" if cfg.warmup_steps >= steps else
+                      f"the learning rate reaches {cfg.lr:g} only at step {cfg.warmup_steps}")
+                   + f"; consider {fix}")
         warnings.warn(message, stacklevel=2)
         return message
     return None
