@@ -270,3 +270,99 @@ def test_running_stage_progress_is_read_from_its_log(tmp_path):
     log.write_text("Loading...\n" + "".join(f"\r generate moe:  {i}%|#| {i * 4}/400 [00:0{i % 9}<00:10]"
                                              for i in range(1, 60)))
     assert runner._stage_progress(str(tmp_path), "eval/moe") == "236/400"
+
+
+# ---------------------------------------------------------------- run directories: upfront checks, changes, overwrite
+
+@pytest.fixture(scope="module")
+def finished_sft_run(tiny_base, tmp_path_factory):
+    """A finished run of dense SFT + its evaluation (copy it before changing it)."""
+    root = tmp_path_factory.mktemp("finished") / "run"
+    run_pipeline(load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]")), str(root), progress=False)
+    return root
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    return shutil.copytree(run, tmp_path / "run")
+
+
+def test_eval_only_changes_keep_training_and_rerun_only_changed_evaluations(tiny_base, finished_sft_run, tmp_path):
+    run = _copy(finished_sft_run, tmp_path)
+    weights = (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    minicode = (run / "eval" / "sft" / "minicode" / "samples.jsonl").read_text()
+    lines = []
+    # a new benchmark: only it is evaluated, MiniCode's results are kept as they are
+    run_pipeline(load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]", "eval.benchmarks=[minicode, "
+                                                        "humaneval]", "eval.workers=1")),
+                 str(run), progress=False, log=lines.append)
+    assert any("sft: dense SFT baseline -- finished earlier, skipped" in line for line in lines), lines
+    assert any("eval/sft" in line and "done" in line for line in lines), lines
+    assert "eval.benchmarks" in lines[0] and "finished training stages are kept" in lines[0]
+    assert (run / "eval" / "sft" / "minicode" / "samples.jsonl").read_text() == minicode
+    assert json.loads((run / "eval" / "sft" / "humaneval" / "results.json").read_text())["n_tasks"] == 3
+    # another limit: both evaluations re-run with it; the trained model is never touched
+    run_pipeline(load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]", "eval.benchmarks=[minicode, "
+                                                        "humaneval]", "eval.limit=2")), str(run), progress=False)
+    for bench in ("minicode", "humaneval"):
+        assert json.loads((run / "eval" / "sft" / bench / "results.json").read_text())["n_tasks"] == 2
+    assert (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_none_empty_and_missing_sections_are_the_same_recipe(tiny_base, finished_sft_run):
+    import yaml
+
+    from xft.pipeline.runner import recipe_differences
+
+    recipe = load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]"))
+    saved = yaml.safe_load((finished_sft_run / "recipe.yaml").read_text())
+    assert recipe_differences(saved, recipe) == ([], [])
+    saved["eval"]["data"], saved["dense"] = None, None
+    del saved["upcycle"]["noisy_gating"], saved["data"]["size"]  # a default left out, None -> missing
+    saved["upcycle"]["noisy_gating"] = True
+    assert recipe_differences(saved, recipe) == ([], [])
+    changed = load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]", "eval.data.humaneval=/x.jsonl"))
+    assert recipe_differences(saved, changed) == ([], ["eval.data.humaneval: None -> '/x.jsonl'"])
+
+
+def test_training_change_is_refused_with_the_diff_and_overwrite_replaces_the_run(tiny_base, finished_sft_run,
+                                                                                 tmp_path):
+    run = _copy(finished_sft_run, tmp_path)
+    (run / "notes.txt").write_text("mine")
+    other = load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]", "train.lr=0.01"))
+    with pytest.raises(UserError, match=r"another recipe \(train.lr: 0.003 -> 0.01\).*--overwrite"):
+        run_pipeline(other, str(run), progress=False)
+    run_pipeline(other, str(run), progress=False, overwrite=True)
+    config = json.loads((run / "sft" / "final" / "xft_training.json").read_text())["config"]
+    assert config["lr"] == 0.01
+    assert (run / "notes.txt").read_text() == "mine"  # only what xft wrote is deleted
+
+
+def test_a_run_that_failed_before_any_stage_finished_does_not_block_the_fix(tiny_base, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(Exception):
+        run_pipeline(load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]", f"model={broken}")),
+                     str(tmp_path / "run"), progress=False)
+    assert (tmp_path / "run" / "recipe.yaml").is_file()
+    run_pipeline(load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]")), str(tmp_path / "run"),
+                 progress=False)  # another model: accepted, nothing had finished
+    assert (tmp_path / "run" / "eval" / "sft" / "minicode" / "results.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model=/no/such/model"], "model path /no/such/model does not exist"),
+    (["train.lr=-1"], "lr must be positive"),
+    (["upcycle.top_k=9"], "invalid upcycle config"),
+    (["train.response_field=output"], "--set train.response_field=NAME"),
+    (["eval.benchmarks=[minicode, humaneval_plus]"], "unknown benchmark 'humaneval_plus'"),
+    (["eval.data.humaneval=/no/such.jsonl"], "eval.data.humaneval: /no/such.jsonl: no such file"),
+])
+def test_inputs_are_checked_before_the_run_directory_exists(tiny_base, tmp_path, extra, message):
+    recipe = load_recipe("minicode", tiny_overrides(tiny_base, "methods=[xft, sft]", *extra))
+    with pytest.raises(UserError) as err:
+        run_pipeline(recipe, str(tmp_path / "run"), progress=False)
+    assert message in str(err.value), str(err.value)
+    assert not (tmp_path / "run").exists()

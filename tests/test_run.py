@@ -24,12 +24,16 @@ def paper_overrides(tiny):
             "eval.max_new_tokens=8", "eval.workers=2", "precision=fp32"]
 
 
-def test_paper_recipe_runs_end_to_end_with_tiny_overrides(tiny, tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = ["run", "deepseek-coder-1.3b", "--out", str(out), "--no-progress"]
+def test_paper_recipe_runs_end_to_end_with_tiny_overrides(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "deepseek-coder-1.3b"  # the default --out keeps the whole recipe name
+    argv = ["run", "deepseek-coder-1.3b", "--no-progress"]
     for o in paper_overrides(tiny):
         argv += ["--set", o]
     assert cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| model | minicode (2 tasks) | humaneval (2 tasks) |" in printed and "| XFT learned merge |" in printed
+    assert (out / "report.md").is_file() and "Report: runs/deepseek-coder-1.3b/report.md" in printed
     recipe = load_recipe("deepseek-coder-1.3b", paper_overrides(tiny))
     assert set(recipe.methods) >= {"sft", "moe", "ewa", "xft_init", "xft", "sparse"}
     for method in recipe.methods:
@@ -68,6 +72,57 @@ def test_run_cli_reports_bad_overrides_as_one_line(capsys):
     assert "--threads must be at least 1" in capsys.readouterr().err
     assert cli(["run", "minicode", "--jobs", "0"]) == 2
     assert "jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_default_run_name_strips_only_a_yaml_suffix():
+    from xft.commands.run import run_name
+
+    assert run_name("deepseek-coder-1.3b") == "deepseek-coder-1.3b"
+    assert run_name("recipes/my-run.v2.yaml") == "my-run.v2" and run_name("a/b.yml") == "b"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_before_anything_runs(tmp_path, capsys):
+    assert cli(["run", "minicode", "--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--device cuda" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_eval_data_fails_before_any_stage_with_the_recipe_fix(tiny, tmp_path, capsys, monkeypatch):
+    """MBPP+ without its data file (or the evalplus extra): exit 2 in seconds, nothing created, the fix named."""
+    import sys
+    import time
+
+    monkeypatch.delenv("MBPP_OVERRIDE_PATH", raising=False)
+    monkeypatch.setitem(sys.modules, "evalplus.data.utils", None)  # as if offline / without the extra
+    out = tmp_path / "run"
+    argv = ["run", "deepseek-coder-1.3b", "--out", str(out), "--no-progress"]
+    for o in paper_overrides(tiny) + ["eval.benchmarks=[minicode, mbpp+]"]:
+        argv += ["--set", o]
+    t0 = time.monotonic()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "benchmark mbpp+" in err and "--set eval.data.mbpp+=PATH" in err and "--data" not in err, err
+    assert not out.exists()  # no run directory, so no stage and no training started
+    assert cli(argv + ["--set", f"eval.data.mbpp+={tmp_path / 'missing.jsonl.gz'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"eval.data.mbpp+: {tmp_path / 'missing.jsonl.gz'}: no such file" in err and not out.exists()
+    print(f"two refused runs: {time.monotonic() - t0:.1f} s")
+
+
+def test_register_imports_nothing_heavy():
+    """`xft run --help` / `xft report --help` build their parsers without torch, transformers or the pipeline."""
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys, xft.commands.run as r, xft.commands.report as rep\n"
+            "sub = argparse.ArgumentParser().add_subparsers()\n"
+            "r.register(sub); rep.register(sub)\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'xft.pipeline') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "assert 'deepseek-coder-1.3b' in sub.choices['run'].epilog, sub.choices['run'].epilog\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.slow

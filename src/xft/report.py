@@ -1,7 +1,13 @@
 """Tables and plots of finished pipeline runs (one run directory per seed).
 
+    report_path, summary = build_report("runs/minicode")   # a run of xft run, or xft demo's folder of seeds
     rows = collect(["runs/seed-0", "runs/seed-1"])    # per method: pass@1 per seed, sizes, compute
-    write_report("runs", ["runs/seed-0", ...], title="xft demo")   # report.md + plots/*.png
+
+`build_report` works on finished and partial runs alike (it reports what was
+evaluated) and writes `report.md` and `plots/*.png` into the directory it is
+given. The report says what one seed cannot show, defines the names it uses,
+captions every plot and takes its wall times from the runs' own records
+(`sessions.json`, `timings.json`), so rebuilding it changes none of them.
 
 Compute is counted as training tokens (the Trainer's `num_input_tokens_seen`,
 padding included) and approximate training FLOPs `6 · N_active · tokens`,
@@ -16,10 +22,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import textwrap
 from dataclasses import dataclass, field
 
 from xft.pipeline.recipe import METHODS
+from xft.training import rundir
+
+REPORT_SETTINGS = "report.json"  # title and preamble of report.md, so that `xft report` rebuilds the same one
 
 LABELS = {"base": "base model", "sft": "dense SFT", "moe": "MoE (unmerged)", "ewa": "EWA",
           "xft_init": "XFT init merge", "xft_uniform": "uniform merge", "xft": "XFT learned merge",
@@ -79,8 +89,10 @@ def eval_results(run: str, method: str, benchmark: str) -> dict | None:
 def model_dir(run: str, method: str) -> str | None:
     """Directory of the model a method produced in `run` (the base: as evaluated)."""
     if method == "base":
-        res = next((r for b in ("minicode",) if (r := eval_results(run, "base", b))), None)
-        return res["model"] if res else os.path.join(run, "base")
+        evaluated = os.path.join(run, "eval", "base")
+        names = sorted(os.listdir(evaluated)) if os.path.isdir(evaluated) else []
+        res = next((r for b in names if (r := eval_results(run, "base", b))), None)
+        return (res or {}).get("model") or os.path.join(run, "base")
     return os.path.join(run, method, "final")
 
 
@@ -143,6 +155,8 @@ def collect(runs: list[str], benchmark: str = "minicode", methods: list[str] | N
 # ---------------------------------------------------------------- table
 
 def _si(x: float) -> str:
+    if not x:
+        return "-"  # not measured (e.g. a Hub base model that is not on disk)
     for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.2f}{unit}"
@@ -226,7 +240,7 @@ def _pyplot():
     return plt
 
 
-def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None) -> str:
+def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None, benchmark: str = "MiniCode") -> str:
     """Bar chart of pass@1 per model with 95% error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -243,8 +257,8 @@ def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None) -> st
     ax.set_xticks(range(len(rows)), names, fontsize=8, rotation=30, ha="right")
     ax.set_ylabel("pass@1 (%)")
     seeds = max(len(r.scores) for r in rows)
-    ax.set_title("MiniCode pass@1 by model" + (f" (mean ± 95% CI, {seeds} seeds)" if seeds > 1
-                                                else " (± 95% CI over tasks)"))
+    ax.set_title(f"{benchmark} pass@1 by model" + (f" (mean ± 95% CI, {seeds} seeds)" if seeds > 1
+                                                   else " (± 95% CI over tasks)"))
     ax.set_ylim(0, max([m + e for m, e in zip(means, errs)] + [1]) * 1.08 + 4)  # room for bars, CIs, labels
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -328,47 +342,280 @@ def plot_merge_coefficients(record: dict | None, path: str) -> str | None:
     return path
 
 
+# ---------------------------------------------------------------- finding runs
+
+def find_runs(path: str) -> list[str]:
+    """The run directories in `path`: `path` itself (xft run) or its sub-directories that are runs (xft demo)."""
+    from xft.errors import UserError
+    from xft.pipeline.runner import RECIPE_FILE
+
+    if os.path.isfile(os.path.join(path, RECIPE_FILE)):
+        return [path]
+    subs = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    runs = [os.path.join(path, d) for d in subs if os.path.isfile(os.path.join(path, d, RECIPE_FILE))]
+    if not runs:
+        what = "does not exist" if not os.path.exists(path) else f"holds no {RECIPE_FILE} (nor do its folders)"
+        raise UserError(f"{path} is not a run directory of xft run or xft demo: it {what}")
+    return runs
+
+
+def _saved_recipe(run: str) -> dict:
+    import yaml
+
+    from xft.pipeline.runner import RECIPE_FILE
+
+    try:
+        with open(os.path.join(run, RECIPE_FILE)) as f:
+            return yaml.safe_load(f) or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def benchmarks_of(runs: list[str]) -> list[str]:
+    """Benchmarks evaluated in the runs: the recipes' order first, then any other found on disk."""
+    order = [b for run in runs for b in (_saved_recipe(run).get("eval") or {}).get("benchmarks", [])]
+    for run in runs:
+        evaluated = os.path.join(run, "eval")
+        for method in sorted(os.listdir(evaluated)) if os.path.isdir(evaluated) else []:
+            order += sorted(os.listdir(os.path.join(evaluated, method)))
+    return [b for b in dict.fromkeys(order) if any(eval_results(run, m, b) for run in runs for m in METHODS)]
+
+
+# ---------------------------------------------------------------- summary table
+
+def _score(scores: list[float], n_tasks: int | None) -> str:
+    """pass@1 in %: mean ± t interval over seeds, or ± the binomial interval over tasks for one seed."""
+    row = Row("", scores)
+    if row.ci95 is not None:
+        return f"{100 * row.mean:.1f} ± {100 * row.ci95:.1f}"
+    if n_tasks:
+        return f"{100 * row.mean:.1f} ± {100 * binomial_ci95(row.mean, n_tasks):.1f}"
+    return f"{100 * row.mean:.1f}"
+
+
+def summary_table(runs: list[str], benchmarks: list[str], methods: list[str] | None = None) -> str:
+    """Markdown table of pass@1, model × benchmark, with each benchmark's number of tasks ("" if none)."""
+    cells: dict[str, dict[str, str]] = {}
+    tasks: dict[str, int] = {}
+    for bench in benchmarks:
+        for method in methods or list(METHODS):
+            results = [r for run in runs if (r := eval_results(run, method, bench))]
+            if not results:
+                continue
+            n = results[0].get("n_tasks")
+            tasks.setdefault(bench, n)
+            note = f" (n={n})" if n != tasks[bench] else ""  # evaluated with another eval.limit
+            cells.setdefault(method, {})[bench] = _score([r["pass@1"] for r in results], n) + note
+    if not cells:
+        return ""
+    seeds = len(runs)
+    what = f"mean ± 95% CI over {seeds} seeds" if seeds > 1 else "± 95% CI over tasks, one seed"
+    head = " | ".join(f"{b} ({tasks[b]} tasks)" for b in benchmarks if b in tasks)
+    lines = [f"| model | {head} |", "|---|" + "---|" * len(tasks),
+             *(f"| {LABELS.get(m, m)} | " + " | ".join(c.get(b, "-") for b in benchmarks if b in tasks) + " |"
+               for m, c in cells.items())]
+    return f"Greedy pass@1 in % ({what}):\n\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------- what the report says around the numbers
+
+ONE_SEED = (
+    "**One seed cannot order these models.** Every number here comes from one fine-tuning seed. Another "
+    "seed changes the data order, the router initialisation and the router noise, and that alone can move a "
+    "model's pass@1 by as much as the gaps between methods ([results](RESULTS) measures it on MiniCode); the "
+    "± intervals count only the sampling of tasks. Read the table as \"which models learned\", not as "
+    "\"method A beats method B\". To compare methods, run several seeds (`xft demo --seeds 3`, or one "
+    "`xft run ... --set seed=N --out DIR/seed-N` per seed, then `xft report DIR`) and read the paired "
+    "differences.")
+SEVERAL_SEEDS = (
+    "**{n} seeds.** The tables give the mean and its 95% interval over seeds. A difference between two "
+    "methods is resolved only when the interval of its paired difference (below) excludes 0; overlapping "
+    "intervals in the first table do not settle it either way.")
+
+CAPTIONS = {
+    "pass_at_1": (
+        "**Figure {i}. pass@1 by model on {bench}.** One bar per model: the share of {bench}'s tasks whose "
+        "single greedy answer passes all of the task's tests in the sandbox. Error bars: the 95% interval "
+        "(over seeds with several seeds, dots marking each seed; over tasks with one seed). Grey: the base "
+        "model; red: the XFT learned merge."),
+    "expert_load": (
+        "**Figure {i}. Expert load during MoE SFT** (the first run's `moe` stage). For each layer, the share "
+        "of the routed tokens that each routed expert received, over the training steps; the shared expert "
+        "sees every token and is not shown. The dashed line is an even split. Lines that stay near it mean "
+        "the balance loss kept every expert in use; a line falling to 0 is an expert the router abandoned."),
+    "merge_coefficients": (
+        "**Figure {i}. Learned merge coefficients** (the first run's `xft` stage). Left: the shared "
+        "expert's weight λ in each layer (fixed unless merge.learn_shared_weight). Right: each routed "
+        "expert's coefficient in the merged FFN (the numbers); the colour is log2 of its ratio to the init "
+        "merge's (1 − λ)/(N − 1). All white means the learning step left the init merge as it was."),
+}
+
+GLOSSARY = {
+    "base": "**base model**: the pretrained model before instruction tuning; every other model starts from it.",
+    "sft": "**dense SFT** (SFT_DS): the base model instruction-tuned as it is, the baseline XFT must beat.",
+    "moe": "**MoE (unmerged)** (MoE_DS): the base model *upcycled* — each FFN copied into N experts, one of "
+           "them the *shared expert* every token uses, the others chosen per token by a router (top-k) — then "
+           "instruction-tuned. XFT's routing normalizes the expert weights to sum to 1.",
+    "ewa": "**EWA** (expert weight averaging, EWA_DS): MoE SFT in which, after every optimizer step, each "
+           "expert moves a fraction β (ewa.share_rate) toward the experts' mean; at the end the experts are "
+           "averaged into one dense FFN. A baseline for merging.",
+    "xft_init": "**XFT init merge**: the trained MoE merged back into the base architecture without learning: "
+                "per layer, the shared expert's FFN weighted λ plus each of the N − 1 routed experts weighted "
+                "(1 − λ)/(N − 1).",
+    "xft_uniform": "**uniform merge**: the trained MoE merged with every expert weighted 1/N (no λ), to show "
+                   "what weighting the shared expert adds.",
+    "xft": "**XFT learned merge** (XFT_DS): starts from the init merge and learns, on the instruction data, "
+           "one vector of mixing logits per layer (routed experts weighted (1 − λ)·softmax(logits)), then "
+           "compiles them into an ordinary dense model: the method's final model, the size of the base model.",
+    "sparse": "**sparse upcycling** (ablation, MoE_SS): an upcycled MoE with no shared expert, every expert "
+              "routed; not merged.",
+    "unnormalized": "**shared expert, unnormalized** (ablation): the shared expert weighted 1 − (top routing "
+                    "probability) and the routed experts their raw probabilities, so the weights do not sum to "
+                    "1 (the paper's scale mismatch); not merged.",
+}
+TERMS = [
+    "**λ (shared expert weight)**: the weight of the shared expert's FFN in a merge (merge.shared_weight, "
+    "{lam} here; the paper's 0.75); the routed experts share the remaining 1 − λ.",
+    "**pass@1**: the share of a benchmark's tasks whose single greedy answer passes all of the task's tests, "
+    "run in a sandbox.",
+    "**seed**: the fine-tuning seed (data order, router initialisation, router noise); with several seeds, "
+    "the 95% interval of the mean is Student's t over seeds.",
+    "**training tokens / FLOPs**: tokens the Trainer saw (padding included) and ≈ 6 · active parameters · "
+    "tokens; a merged model carries the compute of the MoE it came from.",
+]
+MINICODE_TERMS = [
+    "**composition** (MiniCode): held-out *compositions* — combinations of primitives that never occur in "
+    "training, although each primitive does ([MiniCode](MINICODE)).",
+    "**phrasing** (MiniCode): held-out *phrasings* — problems worded with sentence frames that never occur in "
+    "training.",
+]
+PAIRED_TERM = ("**paired difference**: within each seed, the first method's pass@1 minus the second's; the "
+               "mean over seeds and its 95% t interval decide whether a claim holds.")
+
+# Documentation the report links, relative to the repository (linked when this is a checkout that has them).
+DOCS = {"README": "README.md", "RESULTS": "docs/results.md", "MINICODE": "docs/minicode.md",
+        "METHOD": "docs/method.md", "EVALUATION": "docs/evaluation.md", "TRAINING": "docs/training.md"}
+
+
+def _doc_links(out: str) -> dict[str, str]:
+    """DOCS key -> link target relative to `out`, for the docs this checkout has (none in a plain install)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above src/xft/
+    return {key: os.path.relpath(os.path.join(repo, rel), os.path.abspath(out)) for key, rel in DOCS.items()
+            if os.path.isfile(os.path.join(repo, rel))}
+
+
+def _link(text: str, links: dict[str, str]) -> str:
+    """Point "[text](KEY)" at the doc's file, or name the doc in the repository when it is not here."""
+    for key, rel in DOCS.items():
+        target = links.get(key)
+        text = re.sub(rf"\[([^\]]+)\]\({key}\)", (lambda m, t=target: f"[{m.group(1)}]({t})") if target
+                      else (lambda m, r=rel: f"{m.group(1)} ({r} in the xft repository)"), text)
+    return text
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _header(runs: list[str]) -> str:
+    """Command, machine and wall time, from what the runs recorded (unchanged by a re-run that skips all)."""
+    from xft.pipeline.runner import read_sessions, read_timings
+
+    sessions = [s for run in runs for s in read_sessions(run)]
+    stage = sum(sum(read_timings(run).values()) for run in runs)
+    lines = []
+    if sessions:
+        last = sessions[-1]
+        if last.get("command"):
+            lines.append(f"Command: `{last['command']}`" + (f", {len(runs)} runs (seeds)" if len(runs) > 1 else "")
+                         + ".")
+        lines.append(f"Machine: {last.get('machine')}, device {last.get('device')}.")
+        wall = sum(s.get("seconds", 0.0) for s in sessions)
+        lines.append(f"Wall time: **{_duration(wall)}**, summed over the {len(sessions)} invocation(s) that ran "
+                     f"stages (sessions.json in each run); the stages themselves add up to {_duration(stage)} "
+                     "(timings.json; with --jobs they run side by side).")
+    elif stage:
+        lines.append(f"The stages add up to {_duration(stage)} (timings.json in each run).")
+    return " ".join(lines)
+
+
+def _glossary(methods: list[str], runs: list[str], breakdown: bool, claims: bool) -> list[str]:
+    lam = (_saved_recipe(runs[0]).get("merge") or {}).get("shared_weight", 0.75)
+    items = [GLOSSARY[m] for m in METHODS if m in methods]
+    items += [t.format(lam=lam) for t in TERMS] + (MINICODE_TERMS if breakdown else []) + (
+        [PAIRED_TERM] if claims else [])
+    return [f"* {item}" for item in items]
+
+
 # ---------------------------------------------------------------- report.md
 
-def write_report(out: str, runs: list[str], title: str, benchmark: str = "minicode",
-                 preamble: str = "", methods: list[str] | None = None) -> tuple[str, str]:
-    """Write `out/report.md` and `out/plots/*.png` for the runs; returns (report path, the table)."""
-    rows = collect(runs, benchmark, methods)
-    first = eval_results(runs[0], rows[0].method, benchmark) if rows else None
+def write_report(out: str, runs: list[str], title: str, preamble: str = "", methods: list[str] | None = None,
+                 benchmarks: list[str] | None = None) -> tuple[str, str]:
+    """Write `out/report.md` and `out/plots/*.png` for the runs; returns (report path, the pass@1 summary)."""
+    benchmarks = benchmarks or benchmarks_of(runs)
+    summary = summary_table(runs, benchmarks, methods)
+    bench = benchmarks[0] if benchmarks else "minicode"  # the benchmark of the detailed tables and plot
+    rows = collect(runs, bench, methods)
+    first = eval_results(runs[0], rows[0].method, bench) if rows else None
     n_tasks = first["n_tasks"] if first else None
-    tab = table(rows, n_tasks)
+    links = _doc_links(out)
     plots_dir = os.path.join(out, "plots")
     os.makedirs(plots_dir, exist_ok=True)
-    plots = []
+    plots = [("pass_at_1", f"pass@1 by model on {bench}",
+              plot_pass_at_1(rows, os.path.join(plots_dir, "pass_at_1.png"), n_tasks, bench) if rows else None),
+             ("expert_load", "expert load per layer during MoE SFT",
+              plot_expert_load(read_routing_log(os.path.join(runs[0], "moe")),
+                               os.path.join(plots_dir, "expert_load.png"))),
+             ("merge_coefficients", "learned merge coefficients per layer",
+              plot_merge_coefficients(_read_json(os.path.join(runs[0], "xft", "final", "merge_coefficients.json")),
+                                      os.path.join(plots_dir, "merge_coefficients.png")))]
+    seeds = max((len(r.scores) for r in rows), default=len(runs))
+    lines = [f"# {title}", "", preamble.strip(), "", _header(runs), "",
+             ONE_SEED if seeds <= 1 else SEVERAL_SEEDS.format(n=seeds), "", "## pass@1", "",
+             summary or "No evaluation has finished yet: re-run the run's command to continue it.", ""]
     if rows:
-        plots.append(("pass@1 by model", plot_pass_at_1(rows, os.path.join(plots_dir, "pass_at_1.png"), n_tasks)))
-    plots.append(("expert load per layer during MoE SFT (seed of the first run)",
-                  plot_expert_load(read_routing_log(os.path.join(runs[0], "moe")),
-                                   os.path.join(plots_dir, "expert_load.png"))))
-    plots.append(("learned mixing coefficients per layer",
-                  plot_merge_coefficients(_read_json(os.path.join(runs[0], "xft", "final", "merge_coefficients.json")),
-                                          os.path.join(plots_dir, "merge_coefficients.png"))))
-    lines = [f"# {title}", "", preamble.strip(), "",
-             f"Greedy pass@1 on {benchmark}" + (f" ({n_tasks} held-out tasks)" if n_tasks else "") + ".", "", tab, ""]
-    claims = claims_table(paired_differences(runs, benchmark))
+        lines += [f"## Size and compute (pass@1 on {bench})", "", table(rows, n_tasks), ""]
+    claims = claims_table(paired_differences(runs, bench))
     if claims:
-        lines += ["The paper's claims, as paired differences (same seed, first method minus second; "
-                  "\"holds\" when the 95% interval of the mean difference is above 0):", "", claims, ""]
-    breakdown = _breakdown_table(runs, [r.method for r in rows], benchmark)
+        lines += ["## The paper's claims", "", f"As paired differences on {bench} (same seed, first method minus "
+                  "second; \"holds\" when the 95% interval of the mean difference is above 0):", "", claims, ""]
+    breakdown = _breakdown_table(runs, [r.method for r in rows], bench)
     if breakdown:
-        lines += ["Pass@1 by generalization kind (mean over seeds):", "", breakdown, ""]
-    for caption, path in plots:
-        if path:
-            lines += [f"![{caption}](plots/{os.path.basename(path)})", ""]
+        lines += ["## By generalization kind", "", "Pass@1 on held-out compositions and held-out phrasings "
+                  "(mean over seeds; see the glossary):", "", breakdown, ""]
+    drawn = [(key, alt, path) for key, alt, path in plots if path]
+    if drawn:
+        lines += ["## Plots", ""]
+    for i, (key, alt, path) in enumerate(drawn, 1):
+        lines += [f"![{alt}](plots/{os.path.basename(path)})", "", CAPTIONS[key].format(i=i, bench=bench), ""]
     timing = _timings_table(runs)
     if timing:
-        lines += ["Wall time per stage (seconds, summed over the runs; timings.json):", "", timing, ""]
+        lines += ["## Stage times", "", "Wall time per stage (seconds, summed over the runs; timings.json):", "",
+                  timing, ""]
+    lines += ["## Glossary", "", *_glossary([r.method for r in rows], runs, bool(breakdown), bool(claims)), ""]
+    docs = [f"[{rel}]({links[key]})" for key, rel in DOCS.items() if key in links]
+    lines += ["## Further reading", "", ("In this checkout: " + ", ".join(docs) + ".") if docs else
+              "In the xft repository: README.md, docs/results.md (measured results and how to read them), "
+              "docs/minicode.md (the benchmark).", ""]
     report = os.path.join(out, "report.md")
     tmp = report + ".tmp"
     with open(tmp, "w") as f:
-        f.write("\n".join(lines).replace("\n\n\n", "\n\n"))
+        f.write(re.sub(r"\n{3,}", "\n\n", _link("\n".join(lines), links)))
     os.replace(tmp, report)
-    return report, tab
+    # what `build_report` needs to write this same report again (xft report DIR)
+    rundir.write_json(os.path.join(out, REPORT_SETTINGS), {"title": title, "preamble": preamble})
+    return report, summary
+
+
+def build_report(path: str) -> tuple[str, str]:
+    """(Re)build `path/report.md` and plots for the run(s) in `path`; returns (report path, pass@1 summary).
+
+    The title and preamble are the ones the report was first written with (xft demo's), if any.
+    """
+    runs = find_runs(path)
+    saved = _read_json(os.path.join(path, REPORT_SETTINGS)) or {}
+    title = saved.get("title") or f"XFT report: {os.path.basename(os.path.abspath(path))}"
+    return write_report(path, runs, title, preamble=saved.get("preamble", ""))
 
 
 def _breakdown_table(runs: list[str], methods: list[str], benchmark: str) -> str:

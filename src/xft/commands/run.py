@@ -1,18 +1,36 @@
-"""`xft run RECIPE` and `xft demo`: thin wrappers over `xft.pipeline`."""
+"""`xft run RECIPE` and `xft demo`: thin wrappers over `xft.pipeline` and `xft.report`.
+
+`register` imports nothing heavy (no torch, transformers or the pipeline), so
+`xft --help` and `xft run --help` stay fast; the commands import what they run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+from pathlib import Path
+
+_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
-def _device(name: str) -> str:
-    """The evaluation device, chosen once here: "auto" is CUDA when available, else CPU."""
-    if name != "auto":
-        return name
-    import torch
+def _bundled_recipes() -> list[str]:
+    """Names of the recipes shipped in the package (the same files `xft.pipeline.recipe` reads)."""
+    return sorted(p.stem for p in _RECIPES_DIR.glob("*.yaml"))
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def run_name(recipe: str) -> str:
+    """The default run directory name of RECIPE: the bundled recipe's name, or the file name without .yaml/.yml."""
+    name = os.path.basename(recipe.rstrip("/\\"))
+    for suffix in (".yaml", ".yml"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name  # "deepseek-coder-1.3b" is a name, not a file with extension ".3b"
+
+
+def _command(*words: str, overrides: list[str] = ()) -> str:
+    """The command line as a user would retype it (recorded in the run for its report)."""
+    return shlex.join([*words, *(w for o in overrides for w in ("--set", o))])
 
 
 def _threads(n: int | None) -> None:
@@ -40,20 +58,24 @@ def _quiet_loading() -> None:
 
 def register(subparsers) -> None:
     """Add the `run` and `demo` subcommands."""
-    from xft.pipeline.recipe import bundled_recipes
-
     p = subparsers.add_parser(
         "run", help="run a whole XFT experiment from a YAML recipe (resumable stages)",
         description="Run every stage of RECIPE (base -> upcycle -> MoE SFT -> merge -> evaluate, plus the "
                     "baselines it lists) into --out. Finished stages are skipped, an interrupted one resumes; "
-                    "re-run the same command after an interruption.",
-        epilog=f"Bundled recipes: {', '.join(bundled_recipes())} (xft/recipes/*.yaml). Multi-GPU: "
+                    "re-run the same command after an interruption. Everything the run needs (model, data, "
+                    "benchmark data, settings) is checked before any stage starts. Changing only eval.* "
+                    "settings keeps the finished training stages and re-runs the evaluations they change. "
+                    "Ends with a pass@1 table and OUT/report.md (rebuild it any time with xft report OUT).",
+        epilog=f"Bundled recipes: {', '.join(_bundled_recipes())} (xft/recipes/*.yaml). Multi-GPU: "
                "accelerate launch --config_file CONFIG -m xft.cli run RECIPE ...")
     p.add_argument("recipe", help="recipe file, or the name of a bundled recipe (e.g. minicode)")
     p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe setting, e.g. --set train.max_steps=2 --set model=/path "
-                        "(values are read as YAML; repeatable)")
+                        "--set eval.data.mbpp+=FILE (values are read as YAML; repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what xft wrote in --out (stages, report, logs) and start over; needed to run "
+                        "other training settings in a directory with finished or started stages")
     p.add_argument("--device", default="auto", help="evaluation device: auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("--jobs", type=int, default=1,
@@ -77,6 +99,8 @@ def register(subparsers) -> None:
                         "3 seeds (about 45 minutes on 2 idle CPU cores)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of the minicode recipe (as xft run --set)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what xft wrote in each seed's run directory and start over (as xft run --overwrite)")
     p.add_argument("--device", default="auto", help="evaluation device: auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for training and generation (default: 1, what the demo's time budget was "
@@ -89,31 +113,41 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from xft.device import resolve_device
     from xft.pipeline import load_recipe, run_pipeline
+    from xft.report import build_report
 
     recipe = load_recipe(args.recipe, args.overrides)
+    device = resolve_device(args.device)
     _threads(args.threads)
     _quiet_loading()
-    name = os.path.splitext(os.path.basename(args.recipe))[0]
-    out = args.out or os.path.join("runs", name)
-    run_pipeline(recipe, out, device=_device(args.device), progress=args.progress, log=print, jobs=args.jobs,
-                 threads=args.threads)
-    print(f"xft run: finished; results in {out}/eval/<method>/<benchmark>/results.json")
+    out = args.out or os.path.join("runs", run_name(args.recipe))
+    run_pipeline(recipe, out, device=device, progress=args.progress, log=print, jobs=args.jobs,
+                 threads=args.threads, overwrite=args.overwrite,
+                 command=_command("xft", "run", args.recipe, "--out", out, overrides=args.overrides))
+    report, summary = build_report(out)
+    print(f"\nxft run: finished.\n\n{summary}\n\nReport: {report} (plots in {os.path.dirname(report)}/plots; "
+          f"results in {out}/eval/<method>/<benchmark>/results.json)")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from xft.device import resolve_device
     from xft.errors import UserError
     from xft.pipeline.demo import FULL_SEEDS, run_demo
 
     seeds = args.seeds if args.seeds is not None else (FULL_SEEDS if args.full else 1)
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
+    device = resolve_device(args.device)
     _threads(args.threads)
     _quiet_loading()
     jobs = args.jobs if args.jobs is not None else max(1, min(4, os.cpu_count() or 1))
-    report, table = run_demo(args.out, seeds=seeds, full=args.full, device=_device(args.device),
+    words = ["xft", "demo", "--out", args.out] + (["--full"] if args.full else []) + (
+        ["--seeds", str(seeds)] if args.seeds is not None else [])
+    report, table = run_demo(args.out, seeds=seeds, full=args.full, device=device,
                              progress=args.progress, extra_overrides=args.overrides, jobs=jobs,
-                             threads=args.threads)
+                             threads=args.threads, overwrite=args.overwrite,
+                             command=_command(*words, overrides=args.overrides))
     print("\n" + table + f"\n\nReport: {report} (plots in {os.path.dirname(report)}/plots)")
     return 0

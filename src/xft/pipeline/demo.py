@@ -12,12 +12,10 @@ pretrained model, as in the paper where one base model is fine-tuned.
 from __future__ import annotations
 
 import os
-import platform
-import time
 from typing import Callable
 
 from xft.pipeline.recipe import METHODS, load_recipe
-from xft.pipeline.runner import read_timings, run_pipeline
+from xft.pipeline.runner import run_pipeline
 
 RECIPE = "minicode"
 # The --full budget, as recipe overrides on top of recipes/minicode.yaml.
@@ -35,15 +33,16 @@ def seed_overrides(seed: int, first_run: str | None) -> list[str]:
 
 def run_demo(out: str, seeds: int = 1, full: bool = False, device: str = "cpu",
              log: Callable[[str], None] = print, progress: bool = True,
-             extra_overrides: list[str] = (), jobs: int = 1, threads: int | None = None) -> tuple[str, str]:
-    """Run the demo into `out`; returns (report.md path, the results table).
+             extra_overrides: list[str] = (), jobs: int = 1, threads: int | None = None,
+             overwrite: bool = False, command: str | None = None) -> tuple[str, str]:
+    """Run the demo into `out`; returns (report.md path, the pass@1 summary table).
 
-    `jobs` / `threads`: stages at once and torch threads per stage (`run_pipeline`).
+    `jobs` / `threads`: stages at once and torch threads per stage (`run_pipeline`);
+    `overwrite`: start every seed's run over; `command` is recorded for the report.
     """
     from xft.report import write_report
 
     overrides = (FULL if full else []) + list(extra_overrides)
-    t0 = time.perf_counter()
     runs = []
     for i in range(seeds):
         run = os.path.join(out, f"seed-{i}")
@@ -51,15 +50,10 @@ def run_demo(out: str, seeds: int = 1, full: bool = False, device: str = "cpu",
         if runs:  # the base model is the first run's; it was evaluated there
             recipe.methods = [m for m in recipe.methods if m != "base"]
         log(f"== seed {i} ({i + 1}/{seeds}): {run}")
-        run_pipeline(recipe, run, device=device, progress=progress, log=log, jobs=jobs, threads=threads)
+        run_pipeline(recipe, run, device=device, progress=progress, log=log, jobs=jobs, threads=threads,
+                     overwrite=overwrite, command=command)
         runs.append(run)
-    minutes = (time.perf_counter() - t0) / 60
-    stage_minutes = sum(sum(read_timings(r).values()) for r in runs) / 60
-    command = "xft demo" + (" --full" if full else "") + (f" --seeds {seeds}" if seeds != (FULL_SEEDS if full
-                                                                                          else 1) else "")
-    preamble = (f"Command: `{command} --out {out}` (recipe `{RECIPE}`"
-                + (f", overrides {' '.join(overrides)}" if overrides else "") + f"), {seeds} seed(s).\n\n"
-                f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, device {device}. "
-                f"Wall time of this invocation: {minutes:.1f} min; all stages of these runs, over every "
-                f"invocation that worked on them: {stage_minutes:.1f} min (timings.json in each run).")
+    preamble = (f"The MiniCode recipe (`{RECIPE}`"
+                + (f", overrides {' '.join(overrides)}" if overrides else "") + f"), {seeds} seed(s): "
+                "one run directory per seed (seed-N/), all starting from the first run's base model.")
     return write_report(out, runs, "XFT on MiniCode: `xft demo` report", preamble=preamble)

@@ -80,7 +80,8 @@ class EvalSection:
     max_new_tokens: int = _f(384, "generation length limit per task (greedy decoding)")
     batch_size: int = _f(16, "prompts generated together")
     workers: int | None = _f(None, "parallel sandboxed test runs (default: the CPU count)")
-    data: dict = _f({}, "benchmark name -> data file, for benchmarks that are not bundled (EvalPlus)")
+    data: dict = _f({}, "benchmark name -> data file, for benchmarks that are not bundled (EvalPlus), e.g. "
+                        "--set eval.data.mbpp+=MbppPlus.jsonl.gz (mbpp reads the mbpp+ file unless given its own)")
 
 
 @dataclass
@@ -127,7 +128,9 @@ def _type_ok(value, tp) -> bool:
 
 
 def _coerce(value, tp):
-    """YAML 1.1 reads `5e-5` as a string: give float fields their number back."""
+    """YAML 1.1 reads `5e-5` as a string: give float fields their number back; an empty section is {}."""
+    if value is None and tp is dict:
+        return {}
     if isinstance(value, str) and float in (typing.get_args(tp) or (tp,)):
         try:
             return float(value)

@@ -3,12 +3,18 @@
     from xft.pipeline import load_recipe, run_pipeline
     run_pipeline(load_recipe("minicode"), "runs/minicode")
 
-The run directory records the recipe it was started with (`recipe.yaml`);
-running a recipe with other settings there is a `UserError` listing the
-differences (adding methods is allowed: their stages simply run). Stage wall
-times accumulate in `timings.json`. Under `accelerate launch` every process
-runs the training stages together; the other stages run on the main process
-while the rest wait.
+Before anything is created, the recipe's inputs (base model, data, every
+benchmark's data, every stage's settings) are checked (`preflight`). The run
+directory records the recipe it was started with (`recipe.yaml`). Running
+another recipe there: added methods simply run; changed `eval.*` settings
+re-run the evaluations they change and keep the training stages; changed
+training settings are a `UserError` listing the differences, unless no stage
+has finished or checkpointed yet (the run restarts) or `overwrite` is set
+(what xft wrote there is deleted). Stage wall times accumulate in
+`timings.json`; every invocation that ran stages is listed in
+`sessions.json` (command, device, wall time) for the report. Under
+`accelerate launch` every process runs the training stages together; the
+other stages run on the main process while the rest wait.
 
 With `jobs=N > 1` up to N independent stages run at once, each in its own
 process (`xft.pipeline.worker`, log in `logs/<stage>.log`). On 2 idle CPU
@@ -32,46 +38,105 @@ from typing import Callable
 import yaml
 
 from xft.errors import UserError
-from xft.pipeline.recipe import Recipe, to_dict
-from xft.pipeline.stages import Context, Stage, plan
+from xft.pipeline.recipe import METHODS, Recipe, to_dict
+from xft.pipeline.stages import Context, Stage, all_stages, plan
 from xft.training import rundir
 
 RECIPE_FILE = "recipe.yaml"
 TIMINGS_FILE = "timings.json"
+SESSIONS_FILE = "sessions.json"
 # Recipe keys that do not change what the stages compute.
 _NON_SEMANTIC = {"methods", "eval.workers"} | {f"{s}.{k}" for s in ("train", "dense", "ewa", "merge")
                                               for k in rundir.NON_SEMANTIC}
+# What xft writes at the top of a run directory besides the stage directories (all deleted by overwrite).
+_BOOKKEEPING = (RECIPE_FILE, TIMINGS_FILE, SESSIONS_FILE, "logs", "report.md", "report.json", "plots")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; empty sections and None values are dropped (None, {} and a
+    missing key all mean "the default")."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict):
             out.update(_flatten(v, f"{prefix}{k}."))
-        else:
+        elif v is not None:
             out[f"{prefix}{k}"] = v
     return out
 
 
-def check_run_dir(root: str, recipe: Recipe) -> None:
-    """Refuse a run directory started with other settings; record the recipe in a new one."""
+def recipe_differences(saved: dict, recipe: Recipe) -> tuple[list[str], list[str]]:
+    """(training differences, evaluation-only differences) between a run's saved recipe and `recipe`.
+
+    Each is a list of "key: old -> new". Evaluation settings (`eval.*`) change
+    only the evaluation stages, which re-run where their settings changed.
+    """
+    old = {k: v for k, v in _flatten(saved).items() if k not in _NON_SEMANTIC}
+    new = {k: v for k, v in _flatten(to_dict(recipe)).items() if k not in _NON_SEMANTIC}
+    diff = [(k, f"{k}: {old.get(k)!r} -> {new.get(k)!r}") for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+    return [d for k, d in diff if not k.startswith("eval.")], [d for k, d in diff if k.startswith("eval.")]
+
+
+def _every_stage() -> dict[str, Stage]:
+    """Every stage any recipe could run, by name: the directories a run directory can hold."""
+    return all_stages(Recipe(methods=list(METHODS)))
+
+
+def finished_work(root: str) -> list[str]:
+    """Stage directories of `root` that hold work: a finished stage or a training checkpoint to resume."""
+    work = []
+    for name, stage in _every_stage().items():
+        path = os.path.join(root, name)
+        run = rundir.RunDir(path)
+        if (run.is_finished() or run.last_checkpoint()) if stage.training else os.path.isdir(path):
+            work.append(name)
+    return work
+
+
+def clear_run_dir(root: str) -> None:
+    """Delete what xft wrote in run directory `root` (stage directories, their temporaries, bookkeeping)."""
+    import shutil
+
+    for path in [os.path.join(root, name) for name in [*_every_stage(), *_BOOKKEEPING]]:
+        parent, base = os.path.split(path)
+        leftovers = [os.path.join(parent, n) for n in (os.listdir(parent) if os.path.isdir(parent) else [])
+                     if n.startswith((f".{base}.tmp-", f".{base}.old-"))]  # rundir.atomic_dir's temporaries
+        for p in [path] + leftovers:
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+    eval_dir = os.path.join(root, "eval")
+    if os.path.isdir(eval_dir) and not os.listdir(eval_dir):
+        os.rmdir(eval_dir)
+
+
+def check_run_dir(root: str, recipe: Recipe, overwrite: bool = False) -> list[str]:
+    """Prepare run directory `root` for `recipe` and record the recipe there; returns eval-only changes.
+
+    A run of the same training settings continues (methods may be added,
+    evaluation settings changed). Other training settings are a UserError,
+    unless no stage has finished or checkpointed yet (the directory is
+    restarted) or `overwrite` is set (everything xft wrote there is deleted).
+    A non-empty directory without a recipe file is never touched.
+    """
     path = os.path.join(root, RECIPE_FILE)
     mine = to_dict(recipe)
+    eval_changes: list[str] = []
     if os.path.isfile(path):
         with open(path) as f:
             saved = yaml.safe_load(f) or {}
-        old = {k: v for k, v in _flatten(saved).items() if k not in _NON_SEMANTIC}
-        new = {k: v for k, v in _flatten(mine).items() if k not in _NON_SEMANTIC}
-        diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k)]
-        if diff:
-            raise UserError(f"{root} holds a run of another recipe ({'; '.join(diff[:4])}"
-                            f"{'; ...' if len(diff) > 4 else ''}); choose another --out to run this one")
-        saved_methods = saved.get("methods", [])
-        if all(m in saved_methods for m in recipe.methods):
-            return
-        mine = dict(mine, methods=list(dict.fromkeys(saved_methods + recipe.methods)))
+        training, eval_changes = recipe_differences(saved, recipe)
+        work = finished_work(root)
+        if overwrite:
+            clear_run_dir(root)
+            eval_changes = []
+        elif training and work:
+            raise UserError(f"{root} holds a run of another recipe ({'; '.join(training[:4])}"
+                            f"{'; ...' if len(training) > 4 else ''}) with {len(work)} finished or started "
+                            f"stage(s); pass --overwrite to delete them and start over, or choose another --out")
+        elif not training:
+            mine = dict(mine, methods=list(dict.fromkeys(saved.get("methods", []) + recipe.methods)))
     elif os.path.isdir(root) and os.listdir(root):
         raise UserError(f"{root} is not empty and holds no {RECIPE_FILE}; choose a new or empty --out")
     os.makedirs(root, exist_ok=True)
@@ -79,6 +144,7 @@ def check_run_dir(root: str, recipe: Recipe) -> None:
     with open(tmp, "w") as f:
         yaml.safe_dump(mine, f, sort_keys=False)
     os.replace(tmp, path)
+    return eval_changes
 
 
 def _record_time(root: str, stage: str, seconds: float) -> None:
@@ -97,6 +163,25 @@ def read_timings(root: str) -> dict[str, float]:
         return {}
 
 
+def read_sessions(root: str) -> list[dict]:
+    """The invocations that ran stages in `root`: command, device, machine, wall seconds, stages run."""
+    try:
+        with open(os.path.join(root, SESSIONS_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return []
+
+
+def _record_session(root: str, command: str | None, device: str, seconds: float, stages: list[str]) -> None:
+    """Append this invocation to sessions.json (only when it ran a stage: a re-run that skips all is no session)."""
+    import platform
+
+    session = {"command": command, "device": device, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+               "seconds": round(seconds, 2), "stages": stages,
+               "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    rundir.write_json(os.path.join(root, SESSIONS_FILE), read_sessions(root) + [session])
+
+
 def run_stage(stage: Stage, ctx: Context) -> None:
     """Run one stage so that its directory appears only complete."""
     out = ctx.path(stage.name)
@@ -108,15 +193,21 @@ def run_stage(stage: Stage, ctx: Context) -> None:
 
 
 def run_pipeline(recipe: Recipe, out: str, device: str = "cpu", progress: bool = True,
-                 log: Callable[[str], None] | None = None, jobs: int = 1, threads: int | None = None) -> Context:
+                 log: Callable[[str], None] | None = None, jobs: int = 1, threads: int | None = None,
+                 overwrite: bool = False, command: str | None = None) -> Context:
     """Run every stage the recipe needs into run directory `out`; returns the run's context.
 
-    Finished stages are skipped; an interrupted training stage resumes from
-    its last checkpoint. `log` receives one line per stage (None: silent).
-    `jobs`: stages run at once, each in its own process with `threads` torch
-    threads (default: this process's threads divided among the jobs).
+    The recipe's inputs are checked first (`preflight.check_inputs`), before
+    `out` is created. Finished stages are skipped; an interrupted training
+    stage resumes from its last checkpoint. `log` receives one line per stage
+    (None: silent). `jobs`: stages run at once, each in its own process with
+    `threads` torch threads (default: this process's threads divided among
+    the jobs). `overwrite`: delete what xft wrote in `out` and start over.
+    `command` is recorded in sessions.json for the report.
     """
     from accelerate import PartialState
+
+    from xft.pipeline.preflight import check_inputs
 
     if jobs < 1:
         raise UserError(f"jobs must be at least 1, got {jobs}")
@@ -125,29 +216,44 @@ def run_pipeline(recipe: Recipe, out: str, device: str = "cpu", progress: bool =
         raise UserError("--jobs > 1 runs stages in separate processes; under accelerate launch use --jobs 1")
     main = state.is_main_process
     say = log if (log and main) else (lambda _: None)
+    t0, ran = time.perf_counter(), []
     if main:
-        check_run_dir(out, recipe)
+        check_inputs(recipe)
+        changed = check_run_dir(out, recipe, overwrite)
+        if changed:
+            say(f"evaluation settings changed ({'; '.join(changed)}): finished training stages are kept, "
+                "evaluations re-run where their settings changed")
     state.wait_for_everyone()
     ctx = Context(recipe=recipe, root=out, device=device, progress=progress and main)
     stages = plan(recipe)
-    if jobs > 1:
-        _run_parallel(stages, ctx, say, jobs, threads)
-        return ctx
+    try:
+        if jobs > 1:
+            _run_parallel(stages, ctx, say, jobs, threads, ran)
+        else:
+            _run_sequential(stages, ctx, say, state, ran)
+    finally:
+        if main and ran:
+            _record_session(out, command, device, time.perf_counter() - t0, ran)
+    return ctx
+
+
+def _run_sequential(stages: list[Stage], ctx: Context, say: Callable[[str], None], state, ran: list[str]) -> None:
+    """Run `stages` one after the other in this process (all processes for training stages)."""
     for i, stage in enumerate(stages, 1):
         head = _headline(i, len(stages), stage)
         if stage.done(ctx):
             say(f"{head} -- finished earlier, skipped")
             continue
         say(f"{head} ...")
+        ran.append(stage.name)
         t0 = time.perf_counter()
-        if stage.training or main:
+        if stage.training or state.is_main_process:
             run_stage(stage, ctx)
         state.wait_for_everyone()
         seconds = time.perf_counter() - t0
-        if main:
-            _record_time(out, stage.name, seconds)
+        if state.is_main_process:
+            _record_time(ctx.root, stage.name, seconds)
         say(f"{head} -- done in {seconds:.0f} s")
-    return ctx
 
 
 def _headline(i: int, n: int, stage: Stage) -> str:
@@ -194,8 +300,11 @@ def _tail(path: str, lines: int = 15) -> str:
 
 
 def _run_parallel(stages: list[Stage], ctx: Context, say: Callable[[str], None], jobs: int,
-                  threads: int | None) -> None:
-    """Run `stages` (in plan order) as up to `jobs` worker processes, each once its dependencies are done."""
+                  threads: int | None, ran: list[str]) -> None:
+    """Run `stages` (in plan order) as up to `jobs` worker processes, each once its dependencies are done.
+
+    Appends the name of every stage it starts to `ran`.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -225,6 +334,7 @@ def _run_parallel(stages: list[Stage], ctx: Context, say: Callable[[str], None],
                 stage = max(ready, key=lambda s: (priority[s.name], -number[s.name]))
                 ready.remove(stage)
                 pending.remove(stage)
+                ran.append(stage.name)
                 cmd = [sys.executable, "-m", "xft.pipeline.worker", ctx.root, stage.name, "--device", ctx.device,
                        "--threads", str(threads)] + (["--progress"] if ctx.progress else [])
                 with open(_log_path(ctx.root, stage.name), "a") as logf:

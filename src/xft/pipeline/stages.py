@@ -7,13 +7,17 @@ Every stage owns one directory under the run directory, named after the stage:
     upcycle/, upcycle-sparse/, upcycle-unnormalized/    upcycled MoEs, untrained
     sft/, moe/, ewa/, sparse/, unnormalized/             training runs (xft.train: final/ + checkpoints/)
     xft/, xft_init/, xft_uniform/                        merge runs (xft.train.learn_merge: final/)
-    eval/<method>/results.json                          evaluation of each method's model
+    eval/<method>/<benchmark>/results.json              evaluation of each method's model (+ eval_settings.json)
 
 A stage is finished when its directory holds a finished artifact: the
 training stages use `xft.training.rundir` (`final/` appears only complete and
 re-running resumes from the last checkpoint); the other stages write into a
 temporary sibling and rename it into place, so an interrupted stage leaves
-nothing that looks finished.
+nothing that looks finished. An evaluation stage is finished only while every
+benchmark's results were computed with the recipe's current `eval` settings
+(`eval_settings.json`): changing them re-runs just the evaluations they
+change. Each training stage's config is built by `config(ctx, out)`, so it
+can be validated before anything runs (`xft.pipeline.preflight`).
 """
 
 from __future__ import annotations
@@ -59,11 +63,15 @@ class Stage:
     run: Callable[[Context, str], None]
     description: str
     training: bool = False
+    finished: Callable[[Context, str], bool] | None = None  # done(ctx) beyond "its directory exists"
+    config: Callable[[Context, str], object] | None = None  # training: its SFTConfig / MergeConfig
 
     def done(self, ctx: Context) -> bool:
         path = ctx.path(self.name)
         if self.training:
             return rundir.RunDir(path).is_finished()
+        if self.finished is not None:
+            return os.path.isdir(path) and self.finished(ctx, path)
         return os.path.isdir(path)
 
 
@@ -81,6 +89,16 @@ def train_data(ctx: Context) -> str:
     if ctx.recipe.data.path == "minicode":
         return os.path.join(ctx.path("data"), "train.jsonl")
     return ctx.recipe.data.path
+
+
+def benchmark_data(recipe: Recipe, bench: str) -> str | None:
+    """The data file of benchmark `bench` from `eval.data` (None: the benchmark's own data).
+
+    MBPP is scored on MBPP+'s tasks with their base tests only, so it reads the
+    MBPP+ file when `eval.data` names only that one.
+    """
+    data = recipe.eval.data
+    return data.get(bench) or (data.get("mbpp+") if bench == "mbpp" else None)
 
 
 def model_of(ctx: Context, method: str) -> str:
@@ -134,46 +152,99 @@ def _settings(ctx: Context, *sections: dict) -> dict:
     return merged
 
 
-def _sft(source: Callable[[Context], str], *, ewa: bool = False, dense: bool = False):
-    def run(ctx: Context, out: str) -> None:
-        from xft.train import SFTConfig, train_sft
+def sft_config(ctx: Context, out: str, source: Callable[[Context], str], *, ewa: bool = False,
+               dense: bool = False):
+    """The `SFTConfig` of one instruction-tuning stage (built, not validated)."""
+    from xft.train import SFTConfig
 
-        r = ctx.recipe
-        extra = {k: v for k, v in r.ewa.items() if k != "share_rate"} if ewa else {}
-        settings = _settings(ctx, r.train, r.dense if dense else {}, extra)
-        train_sft(SFTConfig(model=source(ctx), data=train_data(ctx), out=out, kind="instruction",
-                            ewa_share_rate=r.ewa["share_rate"] if ewa else 0.0, **settings))
-    return run
+    r = ctx.recipe
+    extra = {k: v for k, v in r.ewa.items() if k != "share_rate"} if ewa else {}
+    settings = _settings(ctx, r.train, r.dense if dense else {}, extra)
+    return SFTConfig(model=source(ctx), data=train_data(ctx), out=out, kind="instruction",
+                     ewa_share_rate=r.ewa["share_rate"] if ewa else 0.0, **settings)
+
+
+def _sft(source: Callable[[Context], str], *, ewa: bool = False, dense: bool = False):
+    return lambda ctx, out: sft_config(ctx, out, source, ewa=ewa, dense=dense)
+
+
+def merge_config(ctx: Context, out: str, method: str):
+    """The `MergeConfig` of one merge stage (built, not validated)."""
+    from xft.train import MergeConfig
+
+    r = ctx.recipe
+    settings = _settings(ctx, r.train if method == "learned" else {}, r.merge)
+    # The merge stage has its own paper schedule (MergeConfig defaults); only the shared knobs of `train`
+    # (batch, length, optimizer, ...) carry over, never its lr / epochs / warm-up / steps.
+    for key in ("lr", "epochs", "warmup_steps", "max_steps", "lr_scheduler"):
+        if key in r.train and key not in r.merge:
+            settings.pop(key, None)
+    if method == "learned" and r.data.merge_subset is not None:
+        settings["subset"] = r.data.merge_subset
+    return MergeConfig(moe=ctx.path("moe"), data=train_data(ctx) if method == "learned" else None,
+                       out=out, method=method, kind="instruction", **settings)
 
 
 def _merger(method: str):
-    def run(ctx: Context, out: str) -> None:
-        from xft.train import MergeConfig, learn_merge
+    return lambda ctx, out: merge_config(ctx, out, method)
 
-        r = ctx.recipe
-        settings = _settings(ctx, r.train if method == "learned" else {}, r.merge)
-        # The merge stage has its own paper schedule (MergeConfig defaults); only the shared knobs of `train`
-        # (batch, length, optimizer, ...) carry over, never its lr / epochs / warm-up / steps.
-        for key in ("lr", "epochs", "warmup_steps", "max_steps", "lr_scheduler"):
-            if key in r.train and key not in r.merge:
-                settings.pop(key, None)
-        if method == "learned" and r.data.merge_subset is not None:
-            settings["subset"] = r.data.merge_subset
-        learn_merge(MergeConfig(moe=ctx.path("moe"), data=train_data(ctx) if method == "learned" else None,
-                                out=out, method=method, kind="instruction", **settings))
-    return run
+
+def _training(name: str, deps: tuple[str, ...], config: Callable, description: str) -> Stage:
+    """A stage that runs `xft.train` on the config `config(ctx, out)` builds."""
+    def run(ctx: Context, out: str) -> None:
+        from xft.train import MergeConfig, learn_merge, train_sft
+
+        cfg = config(ctx, out)
+        (learn_merge if isinstance(cfg, MergeConfig) else train_sft)(cfg)
+    return Stage(name, deps, run, description, training=True, config=config)
+
+
+EVAL_SETTINGS = "eval_settings.json"  # in eval/<method>/<benchmark>/: what the results were computed with
+
+
+def eval_settings(recipe: Recipe, bench: str) -> dict:
+    """The settings that decide what an evaluation on `bench` computes (not `workers`: it only sets speed)."""
+    e = recipe.eval
+    return {"benchmark": bench, "data": benchmark_data(recipe, bench), "limit": e.limit,
+            "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size}
+
+
+def _evaluated_with(path: str, settings: dict) -> bool:
+    """Whether `path` (eval/<method>/<benchmark>) holds results computed with `settings`."""
+    try:
+        with open(os.path.join(path, EVAL_SETTINGS)) as f:
+            return json.load(f) == settings and os.path.isfile(os.path.join(path, "results.json"))
+    except (OSError, ValueError):
+        return False
+
+
+def _evaluations_current(ctx: Context, path: str) -> bool:
+    benchmarks = ctx.recipe.eval.benchmarks
+    return all(_evaluated_with(os.path.join(path, b), eval_settings(ctx.recipe, b)) for b in benchmarks)
 
 
 def _evaluator(method: str):
     def run(ctx: Context, out: str) -> None:
+        import shutil
+
         from xft.pipeline.evaluate import evaluate_model
 
         e = ctx.recipe.eval
+        before = ctx.path(f"eval/{method}")
+        # `out` replaces `before` as a whole: carry over every benchmark whose results still hold
+        # (an eval-only change re-runs only what it changed; results of benchmarks no longer listed stay).
+        for bench in sorted(os.listdir(before)) if os.path.isdir(before) else []:
+            settings = eval_settings(ctx.recipe, bench) if bench in e.benchmarks else None
+            if settings is None or _evaluated_with(os.path.join(before, bench), settings):
+                shutil.copytree(os.path.join(before, bench), os.path.join(out, bench))
         for bench in e.benchmarks:
+            if os.path.isdir(os.path.join(out, bench)):
+                continue
             evaluate_model(model_of(ctx, method), bench, os.path.join(out, bench), limit=e.limit,
                            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, workers=e.workers,
-                           data=e.data.get(bench), device=ctx.device, progress=ctx.progress, label=method,
-                           base_model=method == "base")
+                           data=benchmark_data(ctx.recipe, bench), device=ctx.device, progress=ctx.progress,
+                           label=method, base_model=method == "base")
+            rundir.write_json(os.path.join(out, bench, EVAL_SETTINGS), eval_settings(ctx.recipe, bench))
     return run
 
 
@@ -189,24 +260,24 @@ def all_stages(recipe: Recipe) -> dict[str, Stage]:
     ]
     for routing, name in UPCYCLE_STAGE.items():
         stages.append(Stage(name, base_deps, _upcycler(routing), f"upcycle the base model ({routing} routing)"))
+    up = {routing: (lambda c, name=name: c.path(name)) for routing, name in UPCYCLE_STAGE.items()}
     stages += [
-        Stage("sft", base_deps + data_deps, _sft(base_model, dense=True), "dense SFT baseline", training=True),
-        Stage("moe", ("upcycle",) + data_deps, _sft(lambda c: c.path("upcycle")), "MoE SFT (shared expert, "
-              "normalized routing)", training=True),
-        Stage("ewa", ("upcycle",) + data_deps, _sft(lambda c: c.path("upcycle"), ewa=True),
-              "MoE SFT with EWA, experts averaged", training=True),
-        Stage("sparse", ("upcycle-sparse",) + data_deps, _sft(lambda c: c.path("upcycle-sparse")),
-              "MoE SFT, sparse upcycling (no shared expert)", training=True),
-        Stage("unnormalized", ("upcycle-unnormalized",) + data_deps,
-              _sft(lambda c: c.path("upcycle-unnormalized")), "MoE SFT, shared expert, unnormalized routing",
-              training=True),
-        Stage("xft", ("moe",) + data_deps, _merger("learned"), "learn the merge (XFT)", training=True),
-        Stage("xft_init", ("moe",), _merger("init"), "init merge (no learning)", training=True),
-        Stage("xft_uniform", ("moe",), _merger("uniform"), "uniform merge of all experts", training=True),
+        _training("sft", base_deps + data_deps, _sft(base_model, dense=True), "dense SFT baseline"),
+        _training("moe", ("upcycle",) + data_deps, _sft(up["xft"]),
+                  "MoE SFT (shared expert, normalized routing)"),
+        _training("ewa", ("upcycle",) + data_deps, _sft(up["xft"], ewa=True), "MoE SFT with EWA, experts averaged"),
+        _training("sparse", ("upcycle-sparse",) + data_deps, _sft(up["sparse"]),
+                  "MoE SFT, sparse upcycling (no shared expert)"),
+        _training("unnormalized", ("upcycle-unnormalized",) + data_deps, _sft(up["unnormalized"]),
+                  "MoE SFT, shared expert, unnormalized routing"),
+        _training("xft", ("moe",) + data_deps, _merger("learned"), "learn the merge (XFT)"),
+        _training("xft_init", ("moe",), _merger("init"), "init merge (no learning)"),
+        _training("xft_uniform", ("moe",), _merger("uniform"), "uniform merge of all experts"),
     ]
     for method in recipe.methods:
         deps = base_deps if method == "base" else (method,)
-        stages.append(Stage(f"eval/{method}", deps, _evaluator(method), f"evaluate {method}"))
+        stages.append(Stage(f"eval/{method}", deps, _evaluator(method), f"evaluate {method}",
+                            finished=_evaluations_current))
     return {s.name: s for s in stages}
 
 

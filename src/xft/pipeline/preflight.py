@@ -1,0 +1,107 @@
+"""What a run needs from outside its run directory, checked before any stage starts.
+
+    check_inputs(load_recipe("deepseek-coder-1.3b", ["data.path=evol.jsonl"]))   # UserError, or None
+
+A paper-scale run trains for hours before its first evaluation, so everything
+a later stage would fail on is checked first, in seconds, and before the run
+directory is created:
+
+* the base model location (`xft.training.rundir.resolve_model`, as the stages resolve it);
+* every planned training stage's config (built by the stage's own `config` and validated)
+  and the upcycling settings of every planned upcycle stage;
+* the instruction data: read and validated as `xft.data.load_dataset` reads it;
+* every benchmark, loaded by `xft.eval.benchmarks.load_benchmark` with the data the
+  evaluation stage will pass (so a missing MBPP+ file or the missing `evalplus` extra is
+  reported now, with the recipe key that fixes it).
+
+Not checked: that a Hub model id exists (that needs the network; the first
+stage that loads it reports it), and what only training can tell (memory, speed).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+
+from xft.errors import UserError
+from xft.pipeline.recipe import Recipe
+from xft.pipeline.stages import UPCYCLE_STAGE, Context, benchmark_data, plan
+
+_PLACEHOLDER_ROOT = "<run directory>"  # configs are built and validated, never run, so no path is touched
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Raise UserError on anything in `recipe`'s inputs that a stage of its run would fail on."""
+    ctx = Context(recipe=recipe, root=_PLACEHOLDER_ROOT, progress=False)
+    if recipe.model != "minicode":
+        from xft.training.rundir import resolve_model
+
+        resolve_model(recipe.model)
+    stages = plan(recipe)
+    _check_upcycling(recipe, {s.name for s in stages})
+    configs = [s.config(ctx, ctx.path(s.name)) for s in stages if s.config is not None]
+    for cfg in configs:
+        _for_recipe(cfg.validate)
+    if recipe.data.path != "minicode":
+        _check_data(configs)
+    _check_benchmarks(recipe)
+
+
+def _for_recipe(check, *args) -> None:
+    """Run `check`; its UserError names command-line flags of `xft train`: name the recipe keys instead."""
+    try:
+        check(*args)
+    except UserError as e:
+        message = re.sub(r"--(\w+)-field", lambda m: f"--set train.{m.group(1)}_field=NAME", str(e))
+        raise UserError(message) from None
+
+
+def _check_upcycling(recipe: Recipe, stage_names: set[str]) -> None:
+    import xft
+
+    for routing, name in UPCYCLE_STAGE.items():
+        if name in stage_names:
+            xft.UpcycleConfig(**{**recipe.upcycle, "routing": routing, "seed": recipe.seed})
+
+
+def _check_data(configs: list) -> None:
+    """Read the instruction data once per file and check the records every training stage will use."""
+    from xft.data import detect_kind, read_records, validate_records
+
+    seen: dict[str, object] = {}
+    for cfg in configs:
+        data = cfg.data_config()
+        if not data.path:  # init / uniform merges read no data
+            continue
+        if data.path not in seen:
+            seen[data.path] = records = read_records(data.path)
+            if not records.rows:
+                raise UserError(f"data.path: {data.path} is empty (no records)")
+        records = seen[data.path]
+        _for_recipe(validate_records, records, detect_kind(records.rows[0], data), data)
+
+
+def _require_known(bench: str, where: str, known: list[str]) -> None:
+    if bench not in known:
+        match = difflib.get_close_matches(bench, known, n=1)
+        raise UserError(f"{where}: unknown benchmark {bench!r}"
+                        + (f" (did you mean {match[0]!r}?)" if match else f"; choose from {', '.join(known)}"))
+
+
+def _check_benchmarks(recipe: Recipe) -> None:
+    """Load every benchmark as the evaluation stage will; the error says which recipe key fixes it."""
+    from xft.eval.benchmarks import load_benchmark, names
+
+    for bench, path in recipe.eval.data.items():
+        _require_known(bench, f"eval.data.{bench}", names())
+        if not isinstance(path, str) or not os.path.isfile(path):
+            raise UserError(f"eval.data.{bench}: {path}: no such file")
+    for bench in recipe.eval.benchmarks:
+        _require_known(bench, "eval.benchmarks", names())
+        try:
+            load_benchmark(bench, benchmark_data(recipe, bench))
+        except UserError as e:
+            # The loader speaks to `xft eval` users (--data PATH); `xft run` takes the file as a recipe key.
+            message = str(e).replace("--data PATH", f"--set eval.data.{bench}=PATH")
+            raise UserError(f"benchmark {bench}: {message}; no stage was started") from None
