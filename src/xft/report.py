@@ -494,7 +494,8 @@ PAIRED_TERM = ("**paired difference**: within each seed, the first method's pass
 
 # Documentation the report links, relative to the repository (linked when this is a checkout that has them).
 DOCS = {"README": "README.md", "RESULTS": "docs/results.md", "MINICODE": "docs/minicode.md",
-        "METHOD": "docs/method.md", "EVALUATION": "docs/evaluation.md", "TRAINING": "docs/training.md"}
+        "METHOD": "docs/method.md", "PIPELINE": "docs/pipeline.md", "EVALUATION": "docs/evaluation.md",
+        "TRAINING": "docs/training.md"}
 
 
 def _doc_links(out: str) -> dict[str, str]:

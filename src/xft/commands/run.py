@@ -80,8 +80,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
     p.add_argument("--jobs", type=int, default=1,
                    help="stages run at once, each in its own process with --threads divided among them (default: "
-                        "1). On 2 idle cores --jobs 2 --threads 1 takes 1.08x the time of one stage at a time on 2 "
-                        "threads and 0.75x on 1 thread (benchmarks/bench_pipeline.py); it never oversubscribes")
+                        "1); it never oversubscribes the cores. Measured speed-ups: README, "
+                        "benchmarks/bench_pipeline.py")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_run)
 
@@ -89,14 +89,15 @@ def register(subparsers) -> None:
         "demo", help="the whole XFT experiment on MiniCode on a CPU, with a report and plots",
         description="Run recipes/minicode.yaml (tiny pretrained code model, MiniCode instruction data and "
                     "held-out benchmark): base, dense SFT, MoE, EWA, init / uniform / learned merges; then "
-                    "print the pass@1 table and write DIR/report.md with plots. About 6.5 minutes on 2 idle CPU "
-                    "cores; re-running skips what is finished.")
+                    "print the pass@1 table and write DIR/report.md with plots (rebuild it with xft report DIR). "
+                    "Minutes on a laptop CPU (measured times: docs/results.md); re-running skips what is "
+                    "finished.")
     p.add_argument("--out", default="xft-demo", help="output directory (default: ./xft-demo)")
     p.add_argument("--seeds", type=int, default=None,
                    help="fine-tuning seeds, one run each, reported as mean ± 95%% CI (default: 1, or 3 with --full)")
     p.add_argument("--full", action="store_true",
                    help="the larger budget: more training steps and every baseline incl. the ablations, "
-                        "3 seeds (about 45 minutes on 2 idle CPU cores)")
+                        "3 seeds (several times the default's time; docs/results.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of the minicode recipe (as xft run --set)")
     p.add_argument("--overwrite", action="store_true",
