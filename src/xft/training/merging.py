@@ -53,15 +53,17 @@ def experts_identical(moe) -> bool:
 
 
 def still_warning(change: float, cfg: MergeConfig, steps: int, identical: bool = False) -> str:
-    """What to tell the user when learning left the coefficients at their init."""
-    cause = ("the MoE's experts are identical (an upcycled model not trained yet?), so every mixture is the "
-             "same model and the coefficients get no gradient; merge the trained MoE" if identical else
-             f"the warm-up ({cfg.warmup_steps} steps) covered {'all' if cfg.warmup_steps >= steps else 'most'} "
-             f"of the {steps} steps" if cfg.warmup_steps >= steps / 2 else
-             f"{steps} steps at lr {cfg.lr:g} are too few or too small")
+    """What to tell the user when learning left the coefficients at their init: the likely cause and fix."""
+    if identical:
+        cause = ("the MoE's experts are identical (the upcycled model, not yet trained?), so every mixture is the "
+                 "same model and the coefficients get no gradient; merge the trained MoE")
+    elif cfg.warmup_steps >= steps / 2:
+        cause = (f"the warm-up ({cfg.warmup_steps} steps) covered {'all' if cfg.warmup_steps >= steps else 'most'} "
+                 f"of the {steps} steps; lower --warmup-steps or train longer (--epochs / --max-steps)")
+    else:
+        cause = f"{steps} steps at lr {cfg.lr:g} are too few or too small; train longer or raise --lr"
     return (f"the learned coefficients did not move from their init (max change {change:.1e}): this is the "
-            f"init merge; likely cause: {cause}; train longer (--epochs / --max-steps), raise --lr, or lower "
-            "--warmup-steps")
+            f"init merge; likely cause: {cause}")
 
 
 def coefficients_record(cfg: MergeConfig, moe_config: dict, coefficients: dict[int, list[float]],
@@ -155,10 +157,13 @@ def write_card(directory: str, cfg: MergeConfig, moe_path: str, trainer, change:
     """The model card (README.md) of an `xft merge` output."""
     how = {"learned": "per-layer mixing coefficients learned on data (only they were trained)",
            "init": "the initial coefficients, no training", "uniform": "the plain average of all experts"}
-    details = (f"Merge method `{cfg.method}`: {how[cfg.method]}. Shared expert weight λ = {cfg.shared_weight}"
-               f"{' (learned per layer)' if cfg.learn_shared_weight else ''}; the coefficients are in "
+    shared = ("" if cfg.method == "uniform" else f" Shared expert weight λ = {cfg.shared_weight}"
+              f"{' (learned per layer)' if cfg.learn_shared_weight else ''}.")
+    details = (f"Merge method `{cfg.method}`: {how[cfg.method]}.{shared} The coefficients are in "
                "merge_coefficients.json.")
-    settings, results = {"merge method": cfg.method, "shared expert weight": cfg.shared_weight}, {}
+    settings = {"merge method": cfg.method, "shared expert weight": None if cfg.method == "uniform" else
+                cfg.shared_weight}
+    results = {}
     if trainer is not None:
         curve, validation = loss_curve(trainer), validation_curve(trainer)
         settings.update({"learning rate": cfg.lr, "schedule": f"{cfg.lr_scheduler}, {cfg.warmup_steps} warm-up "
