@@ -120,8 +120,8 @@ def _body(directory, is_moe, what, base_model, source, data, settings, results, 
         out += ["This is an xft MoE checkpoint. Plain `transformers` does not load it (its FFNs are xft "
                 "modules); load it with xft:", "", "```python", "import xft", "",
                 f'model = xft.load("{directory}")', "```", "",
-                "(After `import xft`, `AutoModelForCausalLM.from_pretrained` loads it the same way.) "
-                "`xft merge` turns it into a dense model of the base architecture.", ""]
+                "`xft merge` turns it into a dense model of the base architecture, which plain "
+                "`transformers` loads.", ""]
     else:
         out += ["A plain dense model of the base architecture; no xft needed:", "", "```python",
                 "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
