@@ -114,6 +114,8 @@ def register(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
     from xft.device import resolve_device
     from xft.pipeline import load_recipe, run_pipeline
     from xft.report import build_report
@@ -126,6 +128,8 @@ def _run(args: argparse.Namespace) -> int:
     run_pipeline(recipe, out, device=device, progress=args.progress, log=print, jobs=args.jobs,
                  threads=args.threads, overwrite=args.overwrite,
                  command=_command("xft", "run", args.recipe, "--out", out, overrides=args.overrides))
+    if not PartialState().is_main_process:  # under accelerate launch: one report, written by the main process
+        return 0
     report, summary = build_report(out)
     print(f"\nxft run: finished.\n\n{summary}\n\nReport: {report} (plots in {os.path.dirname(report)}/plots; "
           f"results in {out}/eval/<method>/<benchmark>/results.json)")
