@@ -375,9 +375,9 @@ def benchmarks_of(runs: list[str]) -> list[str]:
     """Benchmarks evaluated in the runs: the recipes' order first, then any other found on disk."""
     order = [b for run in runs for b in (_saved_recipe(run).get("eval") or {}).get("benchmarks", [])]
     for run in runs:
-        evaluated = os.path.join(run, "eval")
-        for method in sorted(os.listdir(evaluated)) if os.path.isdir(evaluated) else []:
-            order += sorted(os.listdir(os.path.join(evaluated, method)))
+        for method in METHODS:
+            evaluated = os.path.join(run, "eval", method)
+            order += sorted(os.listdir(evaluated)) if os.path.isdir(evaluated) else []
     return [b for b in dict.fromkeys(order) if any(eval_results(run, m, b) for run in runs for m in METHODS)]
 
 
@@ -397,8 +397,8 @@ def summary_table(runs: list[str], benchmarks: list[str], methods: list[str] | N
     """Markdown table of pass@1, model × benchmark, with each benchmark's number of tasks ("" if none)."""
     cells: dict[str, dict[str, str]] = {}
     tasks: dict[str, int] = {}
-    for bench in benchmarks:
-        for method in methods or list(METHODS):
+    for method in methods or list(METHODS):
+        for bench in benchmarks:
             results = [r for run in runs if (r := eval_results(run, method, bench))]
             if not results:
                 continue
