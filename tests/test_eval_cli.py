@@ -128,3 +128,34 @@ def test_vllm_backend_missing_is_a_clear_error(checkpoint, tiny_data, tmp_path, 
     code = main(["eval", checkpoint, "--benchmark", "humaneval", "--data", tiny_data,
                  "--out", str(tmp_path / "o"), "--backend", "vllm"])
     assert code == 2 and "vLLM" in capsys.readouterr().err
+
+
+CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_template_prompts_come_from_the_tokenizer(tmp_path, tiny_data):
+    from transformers import AutoTokenizer
+
+    from xft.eval.generate import _prompts
+
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    model.save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    tok.chat_template = CHAT
+    model.save_pretrained(tmp_path / "chat")
+    tok.save_pretrained(tmp_path / "chat")
+    bench = load_benchmark("humaneval", tiny_data)
+    cfg = DecodingConfig(template="chat")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "chat")
+    prompt = _prompts(bench, [("Tiny/0", 0)], cfg, tok)[0]
+    assert prompt.startswith("<|bos|><|user|>Write a solution") and prompt.endswith("<|assistant|>```python\n")
+    code = main(["eval", str(tmp_path / "chat"), "--benchmark", "humaneval", "--data", tiny_data, "--template",
+                 "chat", "--out", str(tmp_path / "out"), "--max-new-tokens", "4", "--device", "cpu",
+                 "--workers", "1"])
+    assert code == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["decoding"]["template"] == "chat"
+    code = main(["eval", str(tmp_path / "plain"), "--benchmark", "humaneval", "--data", tiny_data, "--template",
+                 "chat", "--out", str(tmp_path / "out2"), "--max-new-tokens", "4", "--device", "cpu"])
+    assert code == 2 and not (tmp_path / "out2").exists()

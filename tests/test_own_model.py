@@ -215,3 +215,19 @@ def test_an_unfinished_run_is_named_as_such(tmp_path):
     (tmp_path / "run" / "run.json").write_text("{}")
     with pytest.raises(UserError, match="unfinished xft run"):
         xft.load(str(tmp_path / "run"))
+
+
+def test_outputs_follow_the_umask(data, tmp_path):
+    base = tied_base(tmp_path, "llama")
+    old = os.umask(0o022)
+    try:
+        assert cli(["upcycle", base, "--out", str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "3"]) == 0
+        assert cli(["train", base, "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "run"),
+                    "--max-steps", "1", *STEPS]) == 0
+    finally:
+        os.umask(old)
+    for root in (tmp_path / "moe", tmp_path / "run"):
+        for here, _, files in os.walk(root):
+            assert os.stat(here).st_mode & 0o777 == 0o755, here
+            for name in files:
+                assert os.stat(os.path.join(here, name)).st_mode & 0o777 == 0o644, os.path.join(here, name)

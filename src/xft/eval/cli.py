@@ -27,6 +27,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 
 def register(subparsers) -> None:
+    from xft.data import TEMPLATES
     """Add the `eval` subcommand (imports only the light benchmark registry and sandbox levels)."""
     from xft.eval.benchmarks import names
     from xft.eval.sandbox import LEVELS
@@ -52,8 +53,9 @@ def register(subparsers) -> None:
     g.add_argument("--prompt-style", default="instruction", choices=("instruction", "completion"),
                    help="instruction: Magicoder template (instruction-tuned models); "
                    "completion: continue the code prompt (base models)")
-    g.add_argument("--template", default="magicoder",
-                   help="instruction style: the training template (xft.data: magicoder, alpaca, none)")
+    g.add_argument("--template", default="magicoder", choices=list(TEMPLATES),
+                   help="instruction style: the template the model was trained with (chat: the tokenizer's own "
+                        "chat template)")
     g.add_argument("--n-samples", type=int, default=1, help="samples per task (pass@k needs n >= k)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass when sampling")

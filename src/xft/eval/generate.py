@@ -113,13 +113,16 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 def generate_hf(model, tokenizer, prompts: list[str], seeds: list[int], stops: list[str],
                 cfg: DecodingConfig, progress: Callable[[Iterable, int], Iterable] | None = None) -> list[str]:
     """Generated text (prompt excluded, not yet cut at stops) for each prompt, in order."""
-    lengths = [len(tokenizer(p).input_ids) for p in prompts]
+    # A chat template's text may already start with BOS; the tokenizer must not add a second one.
+    special = not (tokenizer.bos_token and prompts and prompts[0].startswith(tokenizer.bos_token))
+    lengths = [len(tokenizer(p, add_special_tokens=special).input_ids) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
     batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(prompts)
     for batch in (progress(batches, len(batches)) if progress else batches):
-        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
+        enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                        add_special_tokens=special).to(device)
         extra = {}
         if cfg.temperature > 0:
             extra["logits_processor"] = [RowSampler([seeds[i] for i in batch], cfg.temperature,
@@ -169,6 +172,27 @@ def make_sample(bench: Benchmark, task_id: str, prompt_style: str, text: str, st
     return {"task_id": task_id, "solution": solution, "completion": completion, "raw": prefix + text}
 
 
+def _prompts(bench: Benchmark, rows: list[tuple[str, int]], cfg: DecodingConfig, tokenizer) -> list[str]:
+    from xft.data import check_chat_template
+
+    if tokenizer is not None:
+        check_chat_template(tokenizer, cfg.template)
+    return [build_prompt(bench, bench.tasks[t], cfg.prompt_style, cfg.template, tokenizer) for t, _ in rows]
+
+
+def _chat_tokenizer(model_path: str, cfg: DecodingConfig):
+    """The tokenizer, when the prompts need its chat template (vLLM loads its own for generation)."""
+    from xft.data import get_template
+
+    if cfg.prompt_style != "instruction" or not get_template(cfg.template).from_tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    from xft.artifacts import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model_path))
+
+
 def generate_samples(bench: Benchmark, model_path: str, cfg: DecodingConfig, *, dtype: str | None = None,
                      device: str | None = None, task_ids: list[str] | None = None,
                      progress: Callable[[Iterable, int], Iterable] | None = None) -> list[dict]:
@@ -176,12 +200,13 @@ def generate_samples(bench: Benchmark, model_path: str, cfg: DecodingConfig, *, 
     cfg.validate()
     ids = task_ids or list(bench.tasks)
     rows = [(t, k) for t in ids for k in range(cfg.n_samples)]
-    prompts = [build_prompt(bench, bench.tasks[t], cfg.prompt_style, cfg.template) for t, _ in rows]
     seeds = [row_seed(cfg.seed, t, k) for t, k in rows]
     stops = stop_strings(bench, cfg.prompt_style)
     if cfg.backend == "vllm":
+        prompts = _prompts(bench, rows, cfg, _chat_tokenizer(model_path, cfg))
         texts = generate_vllm(model_path, prompts, seeds, stops, cfg, dtype)
     else:
         model, tokenizer = load_model(model_path, dtype, device)
+        prompts = _prompts(bench, rows, cfg, tokenizer)
         texts = generate_hf(model, tokenizer, prompts, seeds, stops, cfg, progress)
     return [make_sample(bench, t, cfg.prompt_style, text, stops) for (t, _), text in zip(rows, texts)]

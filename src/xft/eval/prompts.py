@@ -1,8 +1,8 @@
 """What the model is asked, for each benchmark and prompt style.
 
 * ``instruction`` (default; instruction-tuned models): a training template of
-  `xft.data` (default: the Magicoder template the paper trains and evaluates with,
-  XFT_METHOD.md §2). A code prompt (HumanEval, MBPP) becomes "Write a solution to
+  `xft.data` (default: the Magicoder template the paper trains and evaluates with;
+  ``chat``: the model's own chat template). A code prompt (HumanEval, MBPP) becomes "Write a solution to
   the following problem:" plus the prompt in a Python block; an instruction
   benchmark (minicode) uses its instruction as is. The response is started with
   an open ```python fence, as the project's training responses are written.
@@ -28,8 +28,8 @@ def response_prefix(bench: Benchmark, style: str) -> str:
     return "```python\n" if style == "instruction" else ""
 
 
-def build_prompt(bench: Benchmark, task: Task, style: str, template: str = "magicoder") -> str:
-    """The full text given to the model for `task`."""
+def build_prompt(bench: Benchmark, task: Task, style: str, template: str = "magicoder", tokenizer=None) -> str:
+    """The full text given to the model for `task` (template "chat" renders with `tokenizer`'s chat template)."""
     if style == "completion":
         if bench.prompt_kind != "code":
             raise UserError(f"{bench.name} gives natural-language instructions: use "
@@ -41,7 +41,7 @@ def build_prompt(bench: Benchmark, task: Task, style: str, template: str = "magi
         instruction = f"Write a solution to the following problem:\n```python\n{task.prompt.strip()}\n```"
     else:
         instruction = task.prompt.strip()
-    return format_prompt(instruction, template) + response_prefix(bench, style)
+    return format_prompt(instruction, template, tokenizer=tokenizer) + response_prefix(bench, style)
 
 
 def stop_strings(bench: Benchmark, style: str) -> list[str]:

@@ -4,8 +4,11 @@ Layout of `--out OUT`:
 
     OUT/run.json               the stage's config, written when training starts
     OUT/checkpoints/checkpoint-N/   resumable Trainer checkpoints (model, optimizer, RNG, ...)
-    OUT/final/                 the finished model + tokenizer (+ merge_coefficients.json),
-                               loadable with AutoModelForCausalLM.from_pretrained(OUT/final)
+    OUT/final/                 the finished model + tokenizer + model card README.md
+                               (+ merge_coefficients.json), loadable with xft.load(OUT) and, for
+                               dense models, AutoModelForCausalLM.from_pretrained(OUT/final)
+    OUT/logs/                  TensorBoard (and other file-based) logs, kept after the run
+    OUT/routing.jsonl          per-layer expert loads of an MoE run, one line per logging step
 
 Guarantees:
 * `OUT/final` appears only complete: it is written to a temporary sibling and
@@ -35,9 +38,10 @@ from xft.errors import UserError
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+LOGS = "logs"
 # Fields that do not change what a run computes; they may differ when resuming.
 NON_SEMANTIC = {"overwrite", "progress", "report_to", "logging_steps", "save_total_limit", "num_workers",
-                "save_steps", "keep_checkpoints"}
+                "save_steps", "keep_checkpoints", "eval_steps"}
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -58,6 +62,10 @@ class RunDir:
     @property
     def final(self) -> str:
         return os.path.join(self.root, FINAL)
+
+    @property
+    def logs(self) -> str:
+        return os.path.join(self.root, LOGS)
 
     def is_finished(self) -> bool:
         return os.path.isfile(os.path.join(self.final, "config.json"))

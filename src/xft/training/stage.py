@@ -25,7 +25,6 @@ from xft.training import rundir
 from xft.training.config import report_targets
 from xft.training.trainer import batch_plan, make_trainer, planned_steps, training_arguments, world_size
 
-LOGS = "logs"  # OUT/logs: TensorBoard (and other file-based) logs, kept after the run
 # A warm-up longer than this share of the run leaves little of it at the full learning rate.
 WARMUP_WARN_SHARE = 0.5
 
@@ -84,7 +83,7 @@ def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, splits, coll
     With validation data its loss is computed every `cfg.eval_steps` and once more at the end.
     """
     micro, accum = batch_plan(cfg.batch_size, cfg.micro_batch_size, cfg.grad_accum, world_size())
-    logs = os.path.join(run.root, LOGS)
+    logs = run.logs
     args = training_arguments(cfg, run.checkpoints, micro, accum, mixed, evaluate=splits.eval is not None,
                               logging_dir=logs)
     routing_log = os.path.join(run.root, "routing.jsonl") if is_moe else None
@@ -145,6 +144,7 @@ def finalize(run: rundir.RunDir, save, keep_checkpoints: bool = True) -> str:
     save(tmp)
     state.wait_for_everyone()
     if state.is_main_process:
+        rundir.follow_umask(tmp)  # safetensors writes 0600: the finished model follows the umask
         if os.path.exists(run.final):  # only with --overwrite: replace it now the new one is complete
             shutil.rmtree(run.final)
         os.rename(tmp, run.final)
@@ -195,7 +195,7 @@ def common_rows(cfg, trainer, output, seconds: float, splits, final: str,
         rows.append(("WARNING", warning))
     targets = report_targets(cfg.report_to)
     if targets:
-        where = "; TensorBoard logs in " + os.path.join(os.path.dirname(final), LOGS) if (
+        where = "; TensorBoard logs in " + os.path.join(os.path.dirname(final), rundir.LOGS) if (
             "tensorboard" in targets or "all" in targets) else ""
         rows.append(("logged to", ", ".join(targets) + where))
     rows.append(("time", f"{seconds:.1f} s this session"
