@@ -532,9 +532,9 @@ def _header(runs: list[str]) -> str:
                          + ".")
         lines.append(f"Machine: {last.get('machine')}, device {last.get('device')}.")
         wall = sum(s.get("seconds", 0.0) for s in sessions)
-        lines.append(f"Wall time: **{_duration(wall)}**, summed over the {len(sessions)} invocation(s) that ran "
-                     f"stages (sessions.json in each run); the stages themselves add up to {_duration(stage)} "
-                     "(timings.json; with --jobs they run side by side).")
+        lines.append(f"Wall time: **{_duration(wall)}** (every invocation that ran stages, summed over the runs; "
+                     f"sessions.json); the stages themselves add up to {_duration(stage)} (timings.json; with "
+                     "--jobs they run side by side).")
     elif stage:
         lines.append(f"The stages add up to {_duration(stage)} (timings.json in each run).")
     return " ".join(lines)
