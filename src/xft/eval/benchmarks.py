@@ -67,13 +67,28 @@ def names() -> list[str]:
     return list(_LOADERS)
 
 
-def load_benchmark(name: str, data: str | None = None) -> Benchmark:
-    """Load benchmark `name`, from `data` (a .jsonl or .jsonl.gz file) when given."""
+class _NeedsData(Exception):
+    """A benchmark's data is missing; `hint` names the way to give it as "{option}"."""
+
+    def __init__(self, hint: str):
+        super().__init__(hint)
+        self.hint = hint
+
+
+def load_benchmark(name: str, data: str | None = None, data_option: str = "--data PATH") -> Benchmark:
+    """Load benchmark `name`, from `data` (a .jsonl or .jsonl.gz file) when given.
+
+    `data_option`: how the caller's user passes the file (e.g. `--set eval.data.mbpp+=PATH` for
+    `xft run`), named in the error when the data is missing.
+    """
     if name not in _LOADERS:
         raise UserError(f"unknown benchmark {name!r}; choose one of: {', '.join(_LOADERS)}")
     if data is not None and not Path(data).is_file():
-        raise UserError(f"--data {data}: no such file")
-    return _LOADERS[name](data)
+        raise UserError(f"{data_option.replace('PATH', data)}: no such file")
+    try:
+        return _LOADERS[name](data)
+    except _NeedsData as e:
+        raise UserError(e.hint.format(option=data_option)) from None
 
 
 # ----------------------------------------------------------------- file helpers
@@ -138,18 +153,18 @@ def _evalplus_file(name: str, data: str | None) -> str:
             raise UserError(f"{env}={os.environ[env]}: no such file")
         return os.environ[env]
     hint = (f"{name} needs EvalPlus's {dataset} data, which is not available offline here: "
-            f"download {dataset}.jsonl.gz ({version}) from {url} and pass --data PATH "
+            f"download {dataset}.jsonl.gz ({version}) from {url} and pass {{option}} "
             f"(or set {env}=PATH, or run once online with `pip install 'xft[evalplus]'`)")
     try:
         from evalplus.data.utils import get_dataset_metadata, make_cache
     except ImportError:
-        raise UserError(hint) from None
+        raise _NeedsData(hint) from None
     url_gz, cache_path = get_dataset_metadata(dataset, version, mini=False)
     if not Path(cache_path).is_file():
         try:
             make_cache(url_gz, cache_path)  # EvalPlus's own downloader
         except Exception:  # offline or blocked: one clear line instead of a traceback
-            raise UserError(hint) from None
+            raise _NeedsData(hint) from None
     return cache_path
 
 

@@ -100,8 +100,6 @@ def _check_benchmarks(recipe: Recipe) -> None:
     for bench in recipe.eval.benchmarks:
         _require_known(bench, "eval.benchmarks", names())
         try:
-            load_benchmark(bench, benchmark_data(recipe, bench))
+            load_benchmark(bench, benchmark_data(recipe, bench), data_option=f"--set eval.data.{bench}=PATH")
         except UserError as e:
-            # The loader speaks to `xft eval` users (--data PATH); `xft run` takes the file as a recipe key.
-            message = str(e).replace("--data PATH", f"--set eval.data.{bench}=PATH")
-            raise UserError(f"benchmark {bench}: {message}; no stage was started") from None
+            raise UserError(f"benchmark {bench}: {e}; no stage was started") from None
