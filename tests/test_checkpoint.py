@@ -93,3 +93,18 @@ def test_merged_model_loads_in_plain_transformers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert int(proc.stdout.split()[-1]) == sum(p.numel() for p in tiny_model("llama").parameters())
     assert "xft" not in (tmp_path / "config.json").read_text()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_skeleton_has_the_checkpoints_parameters_without_reading_them(tmp_path, tied):
+    from xft.checkpoint import skeleton
+
+    dense = tiny_model("qwen2", tie_word_embeddings=tied)
+    dense.save_pretrained(tmp_path / "dense")
+    moe = xft.upcycle(tiny_model("qwen2", tie_word_embeddings=tied), xft.UpcycleConfig(num_experts=4, top_k=3))
+    moe.save_pretrained(tmp_path / "moe")
+    for model, path in ((dense, "dense"), (moe, "moe")):
+        shell = skeleton(str(tmp_path / path))
+        assert all(p.is_meta for p in shell.parameters()) and xft.is_moe(shell) == (path == "moe")
+        assert {k: v.shape for k, v in shell.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+        assert sum(p.numel() for p in shell.parameters()) == sum(p.numel() for p in model.parameters())

@@ -62,6 +62,21 @@ def load(path: str, dtype: torch.dtype | str | None = None, device: str | torch.
     return model.eval()
 
 
+def skeleton(path: str) -> nn.Module:
+    """The model at `path` (dense or MoE) built on the meta device from its config alone: shapes, no weights.
+
+    For counting parameters or planning memory without reading (or having room for) the weights.
+    """
+    path = resolve_model(path)
+    config = _config(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(dense_config(copy.deepcopy(config)))
+        model.tie_weights()
+        if hasattr(config, CONFIG_KEY):
+            upcycle(model, UpcycleConfig.from_dict(getattr(config, CONFIG_KEY)))
+    return model
+
+
 def _config(path: str):
     try:
         return AutoConfig.from_pretrained(path)

@@ -106,8 +106,9 @@ def training_tokens(model_path: str) -> int:
 def parameter_counts(model_path: str) -> tuple[int, int]:
     """(total, active per token) parameters of the model at `model_path`."""
     import xft
+    from xft.checkpoint import skeleton
 
-    model = xft.load(model_path)
+    model = skeleton(model_path)  # shapes only: a 7B MoE costs no memory and no weight reads here
     total = sum(p.numel() for p in model.parameters())
     if not xft.is_moe(model):
         return total, total
