@@ -144,3 +144,36 @@ def test_demo_within_budget_beats_base(tmp_path):
         assert score[method] >= score["base"] + 0.10, score
     # The time budget (<= 10 min on 2 idle cores) is measured, not asserted: CI machines are noisy.
     print(f"demo: {minutes:.1f} min", score)
+
+
+def test_chat_data_trains_and_evaluates_with_the_tokenizers_chat_template(tiny, tmp_path):
+    """A newcomer's chat-format data: `messages` records, `train.template=chat` for training and evaluation."""
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "chat-model"
+    AutoTokenizer.from_pretrained(tiny / "model").save_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|eos|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(model)
+    for name in os.listdir(tiny / "model"):
+        if not os.path.exists(model / name):
+            os.link(tiny / "model" / name, model / name)
+    rows = [json.loads(line) for line in (tiny / "train.jsonl").read_text().splitlines()]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": r["instruction"]},
+                                                     {"role": "assistant", "content": r["response"]}]}) + "\n"
+                            for r in rows))
+    out = tmp_path / "run"
+    argv = ["run", "deepseek-coder-1.3b", "--no-progress", "--out", str(out), "--set", f"model={model}",
+            "--set", f"data.path={chat}", "--set", "methods=[sft, xft]", "--set", "train.template=chat",
+            "--set", "train.max_steps=1", "--set", "train.batch_size=4", "--set", "train.warmup_steps=0",
+            "--set", "dense.max_steps=1", "--set", "dense.warmup_steps=0", "--set", "merge.max_steps=1",
+            "--set", "merge.warmup_steps=0", "--set", "eval.benchmarks=[minicode]", "--set", "eval.limit=2",
+            "--set", "eval.max_new_tokens=4", "--set", "precision=fp32"]
+    assert cli(argv) == 0
+    for method in ("sft", "xft"):
+        results = json.loads((out / "eval" / method / "minicode" / "results.json").read_text())
+        assert results["decoding"]["template"] == "chat" and results["n_tasks"] == 2
+    train = json.loads((out / "sft" / "final" / "xft_training.json").read_text())
+    assert train["config"]["template"] == "chat" and train["data"]["kind"] == "chat"

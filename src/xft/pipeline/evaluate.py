@@ -1,7 +1,7 @@
 """The evaluation stage: `xft.eval` (generation, sandboxed tests, results files) for one model.
 
-Greedy decoding with the paper's Magicoder template for instruction-tuned
-models. The base model is asked the same way on instruction benchmarks
+Greedy decoding with the template the models were trained with (the
+paper's Magicoder template by default; `chat`: the tokenizer's own). The base model is asked the same way on instruction benchmarks
 (MiniCode), and gets the plain code prompt to continue on code benchmarks
 (HumanEval, MBPP), the fair way to score a model that was never
 instruction-tuned. Writes `samples.jsonl` and `results.json` into `out`
@@ -42,14 +42,15 @@ def _minicode_labels(ids: list[str]) -> dict[str, dict]:
 def evaluate_model(model_path: str, benchmark: str, out: str, *, limit: int | None = None,
                    max_new_tokens: int = 512, batch_size: int = 16, workers: int | None = None,
                    data: str | None = None, device: str = "cpu", progress: bool = False,
-                   label: str | None = None, base_model: bool = False) -> dict:
+                   label: str | None = None, base_model: bool = False, template: str = "magicoder") -> dict:
     """Greedy pass@1 of the model at `model_path` on `benchmark`; writes samples and results.json to `out`."""
     from xft.eval import Sandbox, check_samples, load_benchmark
     from xft.eval import generate, report
 
     bench = load_benchmark(benchmark, data)
     style = "completion" if base_model and bench.prompt_kind == "code" else "instruction"
-    cfg = generate.DecodingConfig(prompt_style=style, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    cfg = generate.DecodingConfig(prompt_style=style, template=template, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
     task_ids = list(bench.tasks)[:limit] if limit else list(bench.tasks)
     sandbox = Sandbox()
     t0 = time.monotonic()

@@ -40,7 +40,7 @@ METHODS: dict[str, str] = {
 
 # Fields the pipeline fills in itself (paths between stages); a recipe may not set them.
 _PIPELINE_OWNED = {"model", "moe", "data", "out", "upcycle", "num_experts", "top_k", "routing", "router",
-                   "ewa_share_rate", "method", "overwrite", "kind"}
+                   "ewa_share_rate", "method", "overwrite"}
 
 
 def _f(default, help: str):

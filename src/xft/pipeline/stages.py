@@ -160,7 +160,7 @@ def sft_config(ctx: Context, out: str, source: Callable[[Context], str], *, ewa:
     r = ctx.recipe
     extra = {k: v for k, v in r.ewa.items() if k != "share_rate"} if ewa else {}
     settings = _settings(ctx, r.train, r.dense if dense else {}, extra)
-    return SFTConfig(model=source(ctx), data=train_data(ctx), out=out, kind="instruction",
+    return SFTConfig(model=source(ctx), data=train_data(ctx), out=out,
                      ewa_share_rate=r.ewa["share_rate"] if ewa else 0.0, **settings)
 
 
@@ -182,7 +182,7 @@ def merge_config(ctx: Context, out: str, method: str):
     if method == "learned" and r.data.merge_subset is not None:
         settings["subset"] = r.data.merge_subset
     return MergeConfig(moe=ctx.path("moe"), data=train_data(ctx) if method == "learned" else None,
-                       out=out, method=method, kind="instruction", **settings)
+                       out=out, method=method, **settings)
 
 
 def _merger(method: str):
@@ -206,7 +206,14 @@ def eval_settings(recipe: Recipe, bench: str) -> dict:
     """The settings that decide what an evaluation on `bench` computes (not `workers`: it only sets speed)."""
     e = recipe.eval
     return {"benchmark": bench, "data": benchmark_data(recipe, bench), "limit": e.limit,
-            "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size}
+            "max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "template": eval_template(recipe)}
+
+
+def eval_template(recipe: Recipe) -> str:
+    """The prompt template of every evaluation: the one the models were trained with (`train.template`)."""
+    from xft.training.config import CommonConfig
+
+    return recipe.train.get("template", CommonConfig.__dataclass_fields__["template"].default)
 
 
 def _evaluated_with(path: str, settings: dict) -> bool:
@@ -243,7 +250,7 @@ def _evaluator(method: str):
             evaluate_model(model_of(ctx, method), bench, os.path.join(out, bench), limit=e.limit,
                            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, workers=e.workers,
                            data=benchmark_data(ctx.recipe, bench), device=ctx.device, progress=ctx.progress,
-                           label=method, base_model=method == "base")
+                           label=method, base_model=method == "base", template=eval_template(ctx.recipe))
             rundir.write_json(os.path.join(out, bench, EVAL_SETTINGS), eval_settings(ctx.recipe, bench))
     return run
 
