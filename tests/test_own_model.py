@@ -231,3 +231,16 @@ def test_outputs_follow_the_umask(data, tmp_path):
             assert os.stat(here).st_mode & 0o777 == 0o755, here
             for name in files:
                 assert os.stat(os.path.join(here, name)).st_mode & 0o777 == 0o644, os.path.join(here, name)
+
+
+def test_model_cards_name_the_base_only_through_xft_cards(tmp_path):
+    from xft.modelcard import base_model_of, write_model_card
+
+    hub_card = tmp_path / "downloaded"  # a Hub model's own card names *its* base, e.g. the non-instruct model
+    hub_card.mkdir()
+    (hub_card / "README.md").write_text("---\nbase_model: Qwen/Qwen2.5-Coder-0.5B\ntags:\n- code\n---\n# card\n")
+    assert base_model_of(str(hub_card)) == str(hub_card)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    write_model_card(str(ours), kind="moe", base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct")
+    assert base_model_of(str(ours)) == "Qwen/Qwen2.5-Coder-0.5B-Instruct"

@@ -60,13 +60,15 @@ def write_model_card(directory: str, *, kind: str, base_model: str | None = None
 
 
 def base_model_of(model: str) -> str:
-    """The original base of `model`: its card's `base_model` if it is an xft output, else `model` itself."""
+    """The original base of `model`: the `base_model` of its card if xft wrote that card, else `model` itself."""
     try:
         with open(os.path.join(model, CARD), encoding="utf-8") as f:
             text = f.read()
     except OSError:
         return model
     front = text.split("---", 2)[1] if text.startswith("---") and text.count("---") >= 2 else ""
+    if "- xft" not in front.splitlines():  # another tool's card: its base_model is *its* base, not this model
+        return model
     for line in front.splitlines():
         if line.startswith("base_model:"):
             value = line.split(":", 1)[1].strip()
