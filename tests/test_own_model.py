@@ -149,13 +149,26 @@ def test_plain_transformers_refuses_an_moe_checkpoint(moe_dir):
 
 
 def test_auto_classes_load_an_moe_exactly_once_xft_is_imported(moe_dir):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    auto = AutoModelForCausalLM.from_pretrained(moe_dir)
-    assert xft.is_moe(auto)
-    torch.testing.assert_close(logits_of(auto), logits_of(xft.load(moe_dir)), rtol=0, atol=0)
-    assert AutoConfig.from_pretrained(moe_dir).model_type == "qwen2"
-    AutoTokenizer.from_pretrained(moe_dir)
+    # A fresh process, as a user's script: `import xft` first, then plain transformers.
+    code = textwrap.dedent(f"""
+        import json, torch, xft
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        auto = AutoModelForCausalLM.from_pretrained({moe_dir!r})
+        with torch.no_grad():
+            logits = auto(torch.arange(3, 12).reshape(1, 9)).logits.flatten().tolist()
+        AutoTokenizer.from_pretrained({moe_dir!r})
+        try:
+            AutoModelForCausalLM.from_pretrained({moe_dir!r}, revision="other")
+            refused = False
+        except ValueError:
+            refused = True
+        print(json.dumps({{"moe": xft.is_moe(auto), "logits": logits, "refused": refused,
+                          "type": AutoConfig.from_pretrained({moe_dir!r}).model_type}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["moe"] and got["type"] == "qwen2" and got["refused"]  # an argument it cannot honour: refused
+    torch.testing.assert_close(got["logits"], logits_of(xft.load(moe_dir)), rtol=0, atol=0)
 
 
 def test_merged_and_dense_copies_are_written_as_the_base_type(moe_dir, tmp_path):

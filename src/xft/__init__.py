@@ -10,7 +10,7 @@ The core API (XFT_METHOD.md §1 and §3):
     dense = xft.compile_merge(merge_model)          # original class, loads without xft
 """
 
-from xft._lazy import export_lazily
+from xft._lazy import after_import, export_lazily
 
 __version__ = "0.1.0"
 
@@ -27,3 +27,14 @@ export_lazily(__name__, {
     "moe_blocks": "xft.upcycle", "routing_stats": "xft.upcycle", "upcycle": "xft.upcycle",
     "upcycle_config": "xft.upcycle",
 })
+
+
+def _know_moe_checkpoints() -> None:
+    """Teach transformers' Auto classes the `xft_moe` model type (xft.hfconfig) as soon as it is imported."""
+    import importlib
+
+    importlib.import_module("xft.hfconfig")
+
+
+# Not now: importing transformers' Auto classes costs seconds (torch), which `xft --help` must not pay.
+after_import("transformers", _know_moe_checkpoints)

@@ -9,6 +9,7 @@ it) is imported only when a name is first used.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -41,3 +42,33 @@ def export_lazily(package: str, exports: dict[str, str]) -> None:
     module._lazy_exports = exports
     module.__all__ = sorted(exports)
     module.__class__ = LazyPackage
+
+
+class _AfterImport:
+    """Meta-path finder that runs `callback` right after module `name` is first imported (then retires)."""
+
+    def __init__(self, name: str, callback):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)  # the real spec, from the finders after this one
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            run, callback = spec.loader.exec_module, self.callback
+
+            def exec_module(module):
+                run(module)
+                callback()
+
+            spec.loader.exec_module = exec_module  # this module's own loader instance only
+        return spec
+
+
+def after_import(name: str, callback) -> None:
+    """Call `callback()` once module `name` is imported: now if it already is, else right after its import."""
+    if name in sys.modules:
+        callback()
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, callback))

@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         resumes = COMMANDS.get(args.command, ("", "", False))[2]
-        print(f"xft {args.command}: interrupted" + ("; re-run the same command to resume" if resumes else ""),
-              file=sys.stderr)
+        # With --overwrite the same command would start over and delete what was done: say how to resume.
+        again = "re-run it without --overwrite" if getattr(args, "overwrite", False) else "re-run the same command"
+        print(f"xft {args.command}: interrupted" + (f"; {again} to resume" if resumes else ""), file=sys.stderr)
         return 130
 
 

@@ -113,13 +113,20 @@ class XFTMoEConfig(PretrainedConfig):
 class _AutoLoader:
     """`AutoModelForCausalLM.from_pretrained` on an xft MoE directory, in a process that imported xft."""
 
+    # What AutoModelForCausalLM passes along that xft.load honours; anything else is refused, not ignored
+    # (an ignored `revision` or `quantization_config` would load something other than what was asked).
+    _PASSED = {"config", "trust_remote_code", "code_revision", "_commit_hash", "adapter_kwargs"}
+
     @classmethod
-    def from_pretrained(cls, path, *args, config=None, **kwargs):
+    def from_pretrained(cls, path, *args, config=None, dtype=None, torch_dtype=None, device_map=None, **kwargs):
         from xft.checkpoint import load
 
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        return load(str(path), dtype=dtype, device=kwargs.get("device_map") if isinstance(
-            kwargs.get("device_map"), str) and kwargs.get("device_map") != "auto" else None)
+        unsupported = sorted(k for k, v in kwargs.items() if k not in cls._PASSED and v is not None)
+        if args or unsupported or (device_map is not None and not isinstance(device_map, str)):
+            raise ValueError(f"{path} is an xft MoE: from_pretrained loads it through xft.load(path, dtype, "
+                             f"device), which does not take {unsupported or 'these arguments'}")
+        device = None if device_map in (None, "auto") else device_map
+        return load(str(path), dtype=dtype or torch_dtype, device=device)
 
 
 AutoConfig.register(MODEL_TYPE, XFTMoEConfig, exist_ok=True)

@@ -27,8 +27,8 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 
 def register(subparsers) -> None:
-    from xft.data import TEMPLATES
     """Add the `eval` subcommand (imports only the light benchmark registry and sandbox levels)."""
+    from xft.data import TEMPLATES
     from xft.eval.benchmarks import names
     from xft.eval.sandbox import LEVELS
 

@@ -37,6 +37,7 @@ from typing import Callable
 
 import yaml
 
+from xft.artifacts import atomic_write_text
 from xft.errors import UserError
 from xft.pipeline.recipe import METHODS, Recipe, to_dict
 from xft.pipeline.stages import Context, Stage, all_stages, plan
@@ -128,8 +129,8 @@ def check_run_dir(root: str, recipe: Recipe, overwrite: bool = False) -> list[st
             saved = yaml.safe_load(f) or {}
         training, eval_changes = recipe_differences(saved, recipe)
         work = finished_work(root)
-        if overwrite:
-            clear_run_dir(root)
+        if overwrite or (training and not work):
+            clear_run_dir(root)  # with no work to keep, a changed recipe starts over (a stage that failed early)
             eval_changes = []
         elif training and work:
             raise UserError(f"{root} holds a run of another recipe ({'; '.join(training[:4])}"
@@ -140,10 +141,7 @@ def check_run_dir(root: str, recipe: Recipe, overwrite: bool = False) -> list[st
     elif os.path.isdir(root) and os.listdir(root):
         raise UserError(f"{root} is not empty and holds no {RECIPE_FILE}; choose a new or empty --out")
     os.makedirs(root, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(mine, f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False))
     return eval_changes
 
 
