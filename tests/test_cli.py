@@ -57,6 +57,20 @@ def test_help_lists_every_available_command(capsys):
         assert (help in out) == cli._available(module), name
 
 
+def test_the_command_table_says_what_each_module_says():
+    """`xft --help` shows COMMANDS' help lines without importing the modules: they must not drift apart."""
+    import argparse
+    import importlib
+
+    for name, (module, help, _) in cli.COMMANDS.items():
+        if not cli._available(module):
+            continue
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(sub)
+        own = {a.dest: a.help for a in sub._choices_actions}
+        assert own[name] == help, name
+
+
 def test_command_of_a_missing_module_is_a_clean_error(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "future", ("xft.commands.no_such_module", "not written yet", False))
     with pytest.raises(SystemExit) as e:

@@ -98,15 +98,19 @@ def test_tied_model_upcycle_train_merge_eval(arch, data, tmp_path):
 
 
 @pytest.mark.parametrize("arch", TIED)
-def test_tied_model_train_with_upcycle_then_merge(arch, data, tmp_path):
+def test_tied_model_train_with_upcycle_then_merge_and_eval(arch, data, tmp_path):
     base = tied_base(tmp_path, arch)
-    moe, merged = str(tmp_path / "moe"), str(tmp_path / "merged")
+    moe, merged, ev = str(tmp_path / "moe"), str(tmp_path / "merged"), str(tmp_path / "eval")
     assert cli(["train", base, "--upcycle", "--num-experts", "4", "--top-k", "3", "--data",
                 str(data / "train.jsonl"), "--out", moe, "--max-steps", "2", *STEPS]) == 0
     assert xft.is_moe_checkpoint(moe)
-    assert cli(["merge", moe, "--method", "init", "--out", merged, "--no-progress"]) == 0
+    assert cli(["merge", moe, "--data", str(data / "train.jsonl"), "--out", merged, "--max-steps", "2",
+                *STEPS]) == 0
+    assert cli(["eval", merged, "--benchmark", "humaneval", "--data", str(data / "tasks.jsonl"), "--out", ev,
+                "--max-new-tokens", "4", "--device", "cpu", "--workers", "1"]) == 0
     plain = plain_load(resolve_model(merged))
     assert plain["tied"] and plain["params"] == sum(p.numel() for p in xft.load(base).parameters())
+    torch.testing.assert_close(plain["logits"], logits_of(xft.load(merged)), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -343,7 +343,7 @@ def test_a_run_that_failed_before_any_stage_finished_does_not_block_the_fix(tiny
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
-    with pytest.raises(Exception):
+    with pytest.raises(UserError):
         run_pipeline(load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]", f"model={broken}")),
                      str(tmp_path / "run"), progress=False)
     assert (tmp_path / "run" / "recipe.yaml").is_file()
@@ -365,4 +365,13 @@ def test_inputs_are_checked_before_the_run_directory_exists(tiny_base, tmp_path,
     with pytest.raises(UserError) as err:
         run_pipeline(recipe, str(tmp_path / "run"), progress=False)
     assert message in str(err.value), str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_warm_up_that_swallows_a_later_stage_fails_before_any_stage(tiny_base, tmp_path):
+    # 32 records, batch 4, one epoch: the merge stage (after hours of SFT at scale) would have 8 steps.
+    recipe = load_recipe("minicode", tiny_overrides(tiny_base, "methods=[xft]", "merge.max_steps=-1",
+                                                    "merge.epochs=1", "merge.warmup_steps=500"))
+    with pytest.raises(UserError, match=r"stage xft: .*--set merge\.warmup_steps=0.*no stage was started"):
+        run_pipeline(recipe, str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()

@@ -21,7 +21,7 @@ import re
 
 from xft.errors import UserError
 
-_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -38,14 +38,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def _umask() -> int:
+    """This process's umask: read from /proc where it can be (setting it, even briefly, affects every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def follow_umask(root: str) -> None:
     """Give `root` and everything under it the modes plain mkdir/open would (0755/0644 under umask 022).
 
     Temporary directories (0700) and some writers (safetensors: 0600) are private by default; an output
     directory renamed into place from them would otherwise stay unreadable to the group and others.
     """
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     for here, dirs, files in os.walk(root):
         os.chmod(here, 0o777 & ~mask)
         for name in files:
@@ -72,7 +85,7 @@ def resolve_model(path: str) -> str:
     if os.path.exists(path):
         raise UserError(f"model path {path} is a file; expected a model directory or a Hub id")
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
-    if looks_local or not _HUB_ID.fullmatch(path):
+    if looks_local or not HUB_ID.fullmatch(path):
         raise UserError(f"model path {path} does not exist")
     _check_hub_id(path)
     return path

@@ -476,16 +476,7 @@ def load_splits(cfg: DataConfig, tokenizer, batch_size: int = 1000) -> Splits:
         raise UserError("pass validation data as a file or as a held-out fraction, not both")
     check_chat_template(tokenizer, cfg.template)
     records, kind = _read_valid(cfg.path, cfg)
-    order = _shuffled_subset(len(records.rows), None, cfg.seed)
-    held_out: list[int] = []
-    if cfg.eval_fraction:
-        if not 0 < cfg.eval_fraction < 1:
-            raise UserError(f"eval fraction must be in (0, 1), got {cfg.eval_fraction}")
-        n_eval = max(1, round(cfg.eval_fraction * len(order)))
-        if n_eval >= len(order):
-            raise UserError(f"eval fraction {cfg.eval_fraction} of {len(order)} records leaves none to train on")
-        held_out, order = order[:n_eval], order[n_eval:]
-    order = _cut(order, cfg.subset)
+    held_out, order = _split(_shuffled_subset(len(records.rows), None, cfg.seed), cfg)
     train, stats = _tokenize(records, order, kind, cfg, tokenizer, cfg.path, batch_size)
     splits = Splits(train, stats)
     if held_out:
@@ -496,6 +487,24 @@ def load_splits(cfg: DataConfig, tokenizer, batch_size: int = 1000) -> Splits:
         splits.eval, splits.eval_stats = _tokenize(eval_records, list(range(len(eval_records.rows))), eval_kind,
                                                    cfg, tokenizer, cfg.eval_path, batch_size)
     return splits
+
+
+def _split(order: list[int], cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """(held-out, training) records of `order`: the first `eval_fraction` held out, `subset` of the rest."""
+    held_out: list[int] = []
+    if cfg.eval_fraction:
+        if not 0 < cfg.eval_fraction < 1:
+            raise UserError(f"eval fraction must be in (0, 1), got {cfg.eval_fraction}")
+        n_eval = max(1, round(cfg.eval_fraction * len(order)))
+        if n_eval >= len(order):
+            raise UserError(f"eval fraction {cfg.eval_fraction} of {len(order)} records leaves none to train on")
+        held_out, order = order[:n_eval], order[n_eval:]
+    return held_out, _cut(order, cfg.subset)
+
+
+def training_records(n: int, cfg: DataConfig) -> int:
+    """How many of `n` records `load_splits` trains on (before dropping those with no response token left)."""
+    return len(_split(list(range(n)), cfg)[1])
 
 
 def _read_valid(path: str, cfg: DataConfig) -> tuple[Records, str]:

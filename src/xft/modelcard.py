@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
+
+from xft.artifacts import HUB_ID
 
 CARD = "README.md"
 
@@ -32,7 +33,6 @@ KINDS = {
     "merged": (False, "a dense model merged from an XFT mixture-of-experts model: every FFN is a weighted "
                       "sum of the experts' FFNs"),
 }
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def write_model_card(directory: str, *, kind: str, base_model: str | None = None, source: str | None = None,
@@ -80,8 +80,8 @@ def base_model_of(model: str) -> str:
 
 
 def is_hub_id(name: str | None) -> bool:
-    """Whether `name` looks like a Hub repo id ("owner/name") and is not a local path."""
-    return bool(name) and bool(_HUB_ID.fullmatch(name)) and not os.path.exists(name)
+    """Whether `name` looks like a Hub repo id ("owner/name", as the Hub's base_model field wants it)."""
+    return bool(name) and "/" in name and bool(HUB_ID.fullmatch(name)) and not os.path.exists(name)
 
 
 def _front_matter(kind: str, is_moe: bool, base_model: str | None) -> str:

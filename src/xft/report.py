@@ -26,6 +26,7 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 
+from xft.artifacts import atomic_write_text
 from xft.pipeline.recipe import METHODS
 from xft.training import rundir
 
@@ -183,7 +184,7 @@ def table(rows: list[Row], n_tasks: int | None = None) -> str:
     return "\n".join(lines)
 
 
-# The paper's claims as paired comparisons (first minus second), in the order XFT_METHOD.md states them.
+# The paper's claims as paired comparisons (first minus second), in the order the paper states them.
 CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("xft", "moe", "XFT ≥ MoE (merging keeps the MoE's gains)"),
     ("moe", "sft", "MoE > dense SFT"),
@@ -495,7 +496,7 @@ PAIRED_TERM = ("**paired difference**: within each seed, the first method's pass
 
 # Documentation the report links, relative to the repository (linked when this is a checkout that has them).
 DOCS = {"README": "README.md", "RESULTS": "docs/results.md", "MINICODE": "docs/minicode.md",
-        "METHOD": "docs/method.md", "PIPELINE": "docs/pipeline.md", "EVALUATION": "docs/evaluation.md",
+        "PIPELINE": "docs/pipeline.md", "EVALUATION": "docs/evaluation.md",
         "TRAINING": "docs/training.md"}
 
 
@@ -600,10 +601,7 @@ def write_report(out: str, runs: list[str], title: str, preamble: str = "", meth
               "In the xft repository: README.md, docs/results.md (measured results and how to read them), "
               "docs/minicode.md (the benchmark).", ""]
     report = os.path.join(out, "report.md")
-    tmp = report + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(re.sub(r"\n{3,}", "\n\n", _link("\n".join(lines), links)))
-    os.replace(tmp, report)
+    atomic_write_text(report, re.sub(r"\n{3,}", "\n\n", _link("\n".join(lines), links)))
     # what `build_report` needs to write this same report again (xft report DIR)
     rundir.write_json(os.path.join(out, REPORT_SETTINGS), {"title": title, "preamble": preamble})
     return report, summary

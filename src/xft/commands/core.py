@@ -18,8 +18,8 @@ def register(subparsers) -> None:
     defaults = xft.UpcycleConfig()
     p = subparsers.add_parser("upcycle", help="upcycle a dense model into an MoE (every FFN -> N experts)",
                               description="Copy every FFN of MODEL into N experts behind a router "
-                                          "(XFT_METHOD.md §1) and save the MoE with the tokenizer.")
-    p.add_argument("model", help="dense model: a local directory or a Hugging Face Hub id")
+                                          "(docs/CORE_API.md) and save the MoE with the tokenizer and a model card.")
+    p.add_argument("model", help="dense model: a local directory, a finished xft run, or a Hugging Face Hub id")
     p.add_argument("--out", required=True, help="directory to write the MoE to (must not exist or be empty)")
     p.add_argument("--num-experts", type=int, default=defaults.num_experts,
                    help=f"experts per layer, the shared one included (default: {defaults.num_experts})")
@@ -38,7 +38,8 @@ def register(subparsers) -> None:
 
 def _upcycle(args) -> int:
     import xft
-    from xft.training.rundir import atomic_dir, resolve_model
+    from xft.artifacts import resolve_model
+    from xft.training.rundir import atomic_dir
 
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists and is not empty; pass --overwrite or choose another --out")

@@ -19,11 +19,8 @@ def register(subparsers) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
     from xft.report import build_report
 
-    hf_logging.disable_progress_bar()  # parameter counts load each model: no "Loading weights" bar per model
     report, summary = build_report(args.dir)
     print((summary or "No evaluation has finished yet.") + f"\n\nReport: {report} "
           f"(plots in {os.path.dirname(report)}/plots)")

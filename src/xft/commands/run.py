@@ -9,15 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-from pathlib import Path
 
-_RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-
-
-def _bundled_recipes() -> list[str]:
-    """Names of the recipes shipped in the package (the same files `xft.pipeline.recipe` reads)."""
-    return sorted(p.stem for p in _RECIPES_DIR.glob("*.yaml"))
-
+from xft import recipes
 
 def run_name(recipe: str) -> str:
     """The default run directory name of RECIPE: the bundled recipe's name, or the file name without .yaml/.yml."""
@@ -66,7 +59,7 @@ def register(subparsers) -> None:
                     "benchmark data, settings) is checked before any stage starts. Changing only eval.* "
                     "settings keeps the finished training stages and re-runs the evaluations they change. "
                     "Ends with a pass@1 table and OUT/report.md (rebuild it any time with xft report OUT).",
-        epilog=f"Bundled recipes: {', '.join(_bundled_recipes())} (xft/recipes/*.yaml). Multi-GPU: "
+        epilog=f"Bundled recipes: {', '.join(recipes.names())} (xft/recipes/*.yaml). Multi-GPU: "
                "accelerate launch --config_file CONFIG -m xft.cli run RECIPE ...")
     p.add_argument("recipe", help="recipe file, or the name of a bundled recipe (e.g. minicode)")
     p.add_argument("--out", help="run directory (default: runs/<recipe name>)")

@@ -33,7 +33,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("merge", help="merge a trained MoE into a dense model (learned, init, uniform)",
                               description="Merge the trained MoE back into a dense model of the original "
-                                          "architecture (XFT_METHOD.md §3): each FFN becomes a weighted sum of "
+                                          "architecture (docs/training.md): each FFN becomes a weighted sum of "
                                           "its experts. --method learned (the paper's) trains only the per-layer "
                                           "mixing coefficients on --data (the shared expert's weight is "
                                           "--shared-weight, fixed unless --learn-shared-weight); init uses the "

@@ -151,6 +151,10 @@ def generate_vllm(model_path: str, prompts: list[str], seeds: list[int], stops: 
     llm = LLM(model=model_path, dtype=dtype or "auto", seed=cfg.seed)
     params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p if cfg.temperature else 1.0,
                              max_tokens=cfg.max_new_tokens, stop=stops, seed=s) for s in seeds]
+    tokenizer = llm.get_tokenizer()
+    if tokenizer.bos_token and prompts and prompts[0].startswith(tokenizer.bos_token):
+        # A chat template's text already starts with BOS: give token ids, so none is added (as generate_hf).
+        prompts = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False).input_ids} for p in prompts]
     return [o.outputs[0].text for o in llm.generate(prompts, params)]
 
 
@@ -188,9 +192,7 @@ def _chat_tokenizer(model_path: str, cfg: DecodingConfig):
         return None
     from transformers import AutoTokenizer
 
-    from xft.artifacts import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(model_path))
+    return AutoTokenizer.from_pretrained(model_path)
 
 
 def generate_samples(bench: Benchmark, model_path: str, cfg: DecodingConfig, *, dtype: str | None = None,
@@ -202,6 +204,9 @@ def generate_samples(bench: Benchmark, model_path: str, cfg: DecodingConfig, *, 
     rows = [(t, k) for t in ids for k in range(cfg.n_samples)]
     seeds = [row_seed(cfg.seed, t, k) for t, k in rows]
     stops = stop_strings(bench, cfg.prompt_style)
+    from xft.artifacts import resolve_model
+
+    model_path = resolve_model(model_path)  # one rule for both backends: model dir, finished run, Hub id
     if cfg.backend == "vllm":
         prompts = _prompts(bench, rows, cfg, _chat_tokenizer(model_path, cfg))
         texts = generate_vllm(model_path, prompts, seeds, stops, cfg, dtype)

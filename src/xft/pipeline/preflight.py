@@ -6,16 +6,16 @@ A paper-scale run trains for hours before its first evaluation, so everything
 a later stage would fail on is checked first, in seconds, and before the run
 directory is created:
 
-* the base model location (`xft.training.rundir.resolve_model`, as the stages resolve it);
+* the base model location (`xft.artifacts.resolve_model`, as the stages resolve it);
 * every planned training stage's config (built by the stage's own `config` and validated)
   and the upcycling settings of every planned upcycle stage;
-* the instruction data: read and validated as `xft.data.load_dataset` reads it;
+* the instruction data: read and validated as `xft.data.load_dataset` reads it, and each
+  training stage's schedule on it (a warm-up that would take the whole run);
 * every benchmark, loaded by `xft.eval.benchmarks.load_benchmark` with the data the
   evaluation stage will pass (so a missing MBPP+ file or the missing `evalplus` extra is
   reported now, with the recipe key that fixes it).
 
-Not checked: that a Hub model id exists (that needs the network; the first
-stage that loads it reports it), and what only training can tell (memory, speed).
+Not checked: what only training can tell (memory, speed).
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ def check_inputs(recipe: Recipe) -> None:
     """Raise UserError on anything in `recipe`'s inputs that a stage of its run would fail on."""
     ctx = Context(recipe=recipe, root=_PLACEHOLDER_ROOT, progress=False)
     if recipe.model != "minicode":
-        from xft.training.rundir import resolve_model
+        from xft.artifacts import resolve_model
 
         resolve_model(recipe.model)
     stages = plan(recipe)
     _check_upcycling(recipe, {s.name for s in stages})
-    configs = [s.config(ctx, ctx.path(s.name)) for s in stages if s.config is not None]
-    for cfg in configs:
+    configs = {s.name: s.config(ctx, ctx.path(s.name)) for s in stages if s.config is not None}
+    for cfg in configs.values():
         _for_recipe(cfg.validate)
     if recipe.data.path != "minicode":
         _check_data(configs)
@@ -65,12 +65,19 @@ def _check_upcycling(recipe: Recipe, stage_names: set[str]) -> None:
             xft.UpcycleConfig(**{**recipe.upcycle, "routing": routing, "seed": recipe.seed})
 
 
-def _check_data(configs: list) -> None:
-    """Read the instruction data once per file and check the records every training stage will use."""
-    from xft.data import detect_kind, read_records, validate_records
+# The recipe section whose settings a training stage's schedule comes from (the others: `train`).
+_SCHEDULE_SECTION = {"sft": "dense", "xft": "merge"}
+
+
+def _check_data(configs: dict) -> None:
+    """Read the instruction data once per file; check the records and the schedule of every training stage."""
+    import warnings
+
+    from xft.data import detect_kind, read_records, training_records, validate_records
+    from xft.training.stage import check_schedule
 
     seen: dict[str, object] = {}
-    for cfg in configs:
+    for stage, cfg in configs.items():
         data = cfg.data_config()
         if not data.path:  # init / uniform merges read no data
             continue
@@ -80,6 +87,17 @@ def _check_data(configs: list) -> None:
                 raise UserError(f"data.path: {data.path} is empty (no records)")
         records = seen[data.path]
         _for_recipe(validate_records, records, detect_kind(records.rows[0], data), data)
+        # A warm-up that swallows the run fails its stage, maybe hours in: fail now. (Counted in records;
+        # the stage counts examples, which drops records with no response token left: it checks again.)
+        section = _SCHEDULE_SECTION.get(stage, "train")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the stage itself warns about a long warm-up, once
+            try:
+                check_schedule(cfg, training_records(len(records.rows), data),
+                               flag=lambda name, value=None: f"--set {section}.{name}"
+                               + ("" if value is None else f"={value}"))
+            except UserError as e:
+                raise UserError(f"stage {stage}: {e}; no stage was started") from None
 
 
 def _require_known(bench: str, where: str, known: list[str]) -> None:

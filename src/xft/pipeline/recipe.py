@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from xft.errors import UserError
+from xft import recipes
 
 # Models a recipe can produce, in report order: name -> what it is.
 METHODS: dict[str, str] = {
@@ -280,13 +281,12 @@ def read_yaml(path: str | Path) -> dict:
 
 def bundled_recipes() -> list[str]:
     """Names of the recipes shipped in the package."""
-    return sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+    return recipes.names()
 
 
 def recipe_path(name: str) -> Path:
     """The file of bundled recipe `name` (e.g. "minicode" or "minicode.yaml")."""
-    name = name[:-5] if name.endswith(".yaml") else name
-    return Path(__file__).resolve().parent.parent / "recipes" / f"{name}.yaml"
+    return recipes.path(name)
 
 
 def from_dict(values: dict) -> Recipe:

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+from xft.artifacts import resolve_model
 from xft.errors import UserError
 from xft.pipeline.recipe import Recipe
 from xft.training import rundir
@@ -81,7 +82,7 @@ def base_model(ctx: Context) -> str:
     """The base model's directory (or Hub id)."""
     if ctx.recipe.model == "minicode":
         return ctx.path("base")
-    return rundir.resolve_model(ctx.recipe.model)
+    return resolve_model(ctx.recipe.model)
 
 
 def train_data(ctx: Context) -> str:

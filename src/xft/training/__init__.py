@@ -14,5 +14,5 @@ from xft._lazy import export_lazily
 export_lazily(__name__, {
     "CommonConfig": "xft.training.config", "MergeConfig": "xft.training.config", "SFTConfig": "xft.training.config",
     "add_arguments": "xft.training.config", "from_args": "xft.training.config", "from_dict": "xft.training.config",
-    "learn_merge": "xft.training.merging", "resolve_model": "xft.training.rundir", "train_sft": "xft.training.sft",
+    "learn_merge": "xft.training.merging", "resolve_model": "xft.artifacts", "train_sft": "xft.training.sft",
 })

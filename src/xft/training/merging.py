@@ -20,14 +20,14 @@ import transformers
 from accelerate import PartialState
 
 import xft
+from xft.artifacts import resolve_model
 from xft.errors import UserError
 from xft.merge import merge_modules
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
 from xft.training.config import MergeConfig
 from xft.training.stage import (
-    common_rows, config_record, finalize, load_tokenizer, loss_curve, prepare_data, run_trainer, summary,
-    validation_curve,
+    card_results, common_rows, config_record, finalize, load_tokenizer, prepare_data, run_trainer, summary,
 )
 from xft.training.trainer import resolve_precision
 
@@ -86,7 +86,7 @@ def learn_merge(config: MergeConfig) -> str:
     cfg = config
     cfg.validate()
     run, resume = rundir.prepare(cfg.out, cfg, "merge")
-    path = rundir.resolve_model(cfg.moe)
+    path = resolve_model(cfg.moe)
     if not xft.is_moe_checkpoint(path):
         raise UserError(f"{cfg.moe} is a dense model, not an xft MoE; train an upcycled model first")
     tokenizer = load_tokenizer(path)
@@ -165,12 +165,9 @@ def write_card(directory: str, cfg: MergeConfig, moe_path: str, trainer, change:
                 cfg.shared_weight}
     results = {}
     if trainer is not None:
-        curve, validation = loss_curve(trainer), validation_curve(trainer)
         settings.update({"learning rate": cfg.lr, "schedule": f"{cfg.lr_scheduler}, {cfg.warmup_steps} warm-up "
                          "steps", "optimizer": cfg.optimizer, "global batch": cfg.batch_size})
-        results = {"optimizer steps": trainer.state.global_step,
-                   "final training loss": round(curve[-1][1], 4) if curve else None,
-                   "final validation loss": round(validation[-1][1], 4) if validation else None,
+        results = {**card_results(trainer),
                    "max coefficient change from init": f"{change:.2e}" if change is not None else None}
     write_model_card(directory, kind="merged", base_model=base_model_of(moe_path), source=cfg.moe,
                      data=cfg.data or None, settings=settings, results=results, details=details,

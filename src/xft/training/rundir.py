@@ -32,7 +32,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 
-from xft.artifacts import atomic_write_text, follow_umask, resolve_model  # noqa: F401  (resolve_model re-exported)
+from xft.artifacts import atomic_write_text, follow_umask  # noqa: F401  (follow_umask: for stage.finalize)
 from xft.errors import UserError
 
 RUN_FILE = "run.json"

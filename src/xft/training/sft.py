@@ -13,13 +13,13 @@ import os
 import transformers
 
 import xft
+from xft.artifacts import resolve_model
 from xft.errors import UserError
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
 from xft.training.config import SFTConfig
 from xft.training.stage import (
-    common_rows, config_record, finalize, load_tokenizer, loss_curve, prepare_data, run_trainer, summary,
-    validation_curve,
+    card_results, common_rows, config_record, finalize, load_tokenizer, prepare_data, run_trainer, summary,
 )
 from xft.training.trainer import resolve_precision
 
@@ -48,7 +48,7 @@ def train_sft(config: SFTConfig) -> str:
     cfg = config
     cfg.validate()
     run, resume = rundir.prepare(cfg.out, cfg, "sft")
-    path = rundir.resolve_model(cfg.model)
+    path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     splits, collator, warning = prepare_data(cfg, tokenizer)
     dtype, mixed = resolve_precision(cfg.precision)
@@ -74,7 +74,7 @@ def train_sft(config: SFTConfig) -> str:
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(tmp)
             rundir.write_json(f"{tmp}/xft_training.json", record)
-            write_card(tmp, cfg, card_kind, trainer, run.final)
+            write_card(tmp, cfg, path, card_kind, trainer, run.final)
 
     final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
     if cfg.progress and trainer.is_world_process_zero():
@@ -86,9 +86,8 @@ def train_sft(config: SFTConfig) -> str:
     return final
 
 
-def write_card(directory: str, cfg: SFTConfig, kind: str, trainer, location: str) -> None:
-    """The model card (README.md) of an `xft train` output."""
-    curve, validation = loss_curve(trainer), validation_curve(trainer)
+def write_card(directory: str, cfg: SFTConfig, model_path: str, kind: str, trainer, location: str) -> None:
+    """The model card (README.md) of an `xft train` output (`model_path`: the resolved `cfg.model`)."""
     settings = {"upcycled here": f"{cfg.num_experts} experts, top-{cfg.top_k}, routing {cfg.routing}"
                 if cfg.upcycle else None,
                 "EWA share rate": cfg.ewa_share_rate if cfg.ewa_share_rate > 0 else None,
@@ -96,9 +95,6 @@ def write_card(directory: str, cfg: SFTConfig, kind: str, trainer, location: str
                 "max steps": cfg.max_steps if cfg.max_steps > 0 else None, "learning rate": cfg.lr,
                 "schedule": f"{cfg.lr_scheduler}, {cfg.warmup_steps} warm-up steps", "optimizer": cfg.optimizer,
                 "global batch": cfg.batch_size, "max length": cfg.max_length}
-    results = {"optimizer steps": trainer.state.global_step,
-               "final training loss": round(curve[-1][1], 4) if curve else None,
-               "final validation loss": round(validation[-1][1], 4) if validation else None}
-    write_model_card(directory, kind=kind, base_model=base_model_of(rundir.resolve_model(cfg.model)),
-                     source=cfg.model, data=cfg.data, settings=settings, results=results, location=location)
+    write_model_card(directory, kind=kind, base_model=base_model_of(model_path), source=cfg.model, data=cfg.data,
+                     settings=settings, results=card_results(trainer), location=location)
 

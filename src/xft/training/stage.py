@@ -47,7 +47,13 @@ def prepare_data(cfg, tokenizer):
     return splits, Collator(pad_token_id(tokenizer)), check_schedule(cfg, splits.stats.examples)
 
 
-def check_schedule(cfg, examples: int, processes: int | None = None) -> str | None:
+def cli_flag(name: str, value=None) -> str:
+    """How `xft train`/`xft merge` spell setting `name` (with `value`): `--warmup-steps 3`."""
+    flag = "--" + name.replace("_", "-")
+    return flag if value is None else f"{flag} {value}"
+
+
+def check_schedule(cfg, examples: int, processes: int | None = None, flag=cli_flag) -> str | None:
     """UserError when the warm-up takes the whole run; a warning (returned, and warned) when most of it.
 
     With an epoch-based run the number of steps follows from the data, and a
@@ -58,13 +64,13 @@ def check_schedule(cfg, examples: int, processes: int | None = None) -> str | No
     steps = planned_steps(examples, cfg, processes or world_size())
     if cfg.warmup_steps <= 0:
         return None
-    how = (f"--max-steps {cfg.max_steps}" if cfg.max_steps > 0 else
+    how = (f"{flag('max_steps', cfg.max_steps)}" if cfg.max_steps > 0 else
            f"{examples} examples, batch {cfg.batch_size}, {cfg.epochs:g} epoch{'s' if cfg.epochs != 1 else ''}")
-    fix = f"--warmup-steps {steps // 10}" + (" (about 10% of the run)" if steps >= 10 else " (no warm-up)")
+    fix = flag("warmup_steps", steps // 10) + (" (about 10% of the run)" if steps >= 10 else " (no warm-up)")
     if cfg.warmup_steps >= steps and cfg.max_steps <= 0:
         raise UserError(f"the learning-rate warm-up ({cfg.warmup_steps} steps) is as long as the whole run "
                         f"({steps} optimizer steps: {how}), so the learning rate would never reach {cfg.lr:g}; "
-                        f"pass {fix}, or train longer with --epochs / --max-steps")
+                        f"pass {fix}, or train longer with {flag('epochs')} / {flag('max_steps')}")
     if cfg.warmup_steps > WARMUP_WARN_SHARE * steps:
         message = (f"the learning-rate warm-up ({cfg.warmup_steps} steps) takes "
                    f"{min(cfg.warmup_steps / steps, 1):.0%} of the run ({steps} optimizer steps: {how}); "
@@ -123,10 +129,7 @@ def truncate_log(path: str, step: int) -> None:
     # A line cut off by the kill that interrupted the run is dropped too.
     kept = [line for line in lines if line.endswith("\n") and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        rundir.atomic_write_text(path, "".join(kept))
 
 
 def finalize(run: rundir.RunDir, save, keep_checkpoints: bool = True) -> str:
@@ -152,6 +155,14 @@ def finalize(run: rundir.RunDir, save, keep_checkpoints: bool = True) -> str:
             shutil.rmtree(run.checkpoints, ignore_errors=True)
     state.wait_for_everyone()
     return run.final
+
+
+def card_results(trainer) -> dict:
+    """What a model card reports of a finished training run: steps, final training and validation loss."""
+    curve, validation = loss_curve(trainer), validation_curve(trainer)
+    return {"optimizer steps": trainer.state.global_step,
+            "final training loss": round(curve[-1][1], 4) if curve else None,
+            "final validation loss": round(validation[-1][1], 4) if validation else None}
 
 
 def loss_curve(trainer) -> list[tuple[int, float]]:
