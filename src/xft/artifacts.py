@@ -69,7 +69,6 @@ def follow_umask(root: str) -> None:
 
 def resolve_model(path: str) -> str:
     """`path` as a loadable location: a model directory, a finished run's model, or a Hub id; UserError if not."""
-    import xft.hfconfig  # noqa: F401  (AutoConfig/AutoTokenizer know model type xft_moe from here on)
     from xft.training.rundir import RunDir
 
     path = str(path)

@@ -5,6 +5,7 @@ Every flag is a field of `SFTConfig` / `MergeConfig` (help text lives there).
 
 from __future__ import annotations
 
+from xft.artifacts import resolve_model
 from xft.training.config import MergeConfig, SFTConfig, add_arguments, from_args
 
 _MULTI_GPU = ("Multi-GPU: accelerate launch --config_file $(python -m xft.configs ddp) -m xft.cli {cmd} ... "
@@ -53,7 +54,8 @@ def _quiet_io() -> None:
 
 def _train(args) -> int:
     config = from_args(SFTConfig, args)
-    config.validate()  # a bad setting fails here, before torch and transformers load
+    config.validate()  # a bad setting or a missing model fails here, before torch and transformers load
+    resolve_model(config.model)
     from xft.training import train_sft
 
     _quiet_io()
@@ -63,7 +65,8 @@ def _train(args) -> int:
 
 def _merge(args) -> int:
     config = from_args(MergeConfig, args)
-    config.validate()  # a bad setting fails here, before torch and transformers load
+    config.validate()  # a bad setting or a missing model fails here, before torch and transformers load
+    resolve_model(config.moe)
     from xft.training import learn_merge
 
     _quiet_io()
