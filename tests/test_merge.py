@@ -1,4 +1,4 @@
-"""Merging invariants: the formula of XFT_METHOD.md §3, learnable == compiled, untrained merge == dense."""
+"""Merging invariants: the formula of docs/method.md §3, learnable == compiled, untrained merge == dense."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""combine_weights against a per-token reference written straight from XFT_METHOD.md §1."""
+"""combine_weights against a per-token reference written straight from docs/method.md §1."""
 
 import math
 

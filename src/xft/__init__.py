@@ -1,6 +1,6 @@
 """xft: upcycle a dense code LLM into a shared-expert MoE, instruction-tune it, merge it back.
 
-The core API (XFT_METHOD.md §1 and §3):
+The core API (docs/method.md §1 and §3):
 
     moe = xft.upcycle(model, xft.UpcycleConfig(num_experts=8, top_k=6, routing="xft"))
     ...train moe...

@@ -20,7 +20,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class UpcycleConfig:
-    """How to upcycle every FFN of a dense model into an MoE block (XFT_METHOD.md §1)."""
+    """How to upcycle every FFN of a dense model into an MoE block (docs/method.md §1)."""
 
     num_experts: int = field(default=8, metadata={
         "help": "experts per layer N, each a copy of the dense FFN (the shared expert counts as one)"})

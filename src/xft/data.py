@@ -1,6 +1,6 @@
 """Instruction (and plain-text) training data: read, validate, format, tokenize.
 
-XFT_METHOD.md §2: supervised fine-tuning with the loss on response tokens only,
+docs/method.md §2: supervised fine-tuning with the loss on response tokens only,
 prompts in the Magicoder template. This module turns a user's file into a
 `datasets.Dataset` of `input_ids` / `labels` (labels are -100 on prompt and
 padding tokens) and a collator that pads batches.
@@ -67,7 +67,7 @@ MAGICODER_SYSTEM = ("You are an exceptionally intelligent coding assistant that 
 
 # Registry of prompt templates, chosen by name (`--template`).
 TEMPLATES: dict[str, Template] = {
-    # The paper's template (XFT_METHOD.md §2), used for training and evaluation.
+    # The paper's template (docs/method.md §2), used for training and evaluation.
     "magicoder": Template(system=MAGICODER_SYSTEM + "\n\n",
                           turn="@@ Instruction\n{instruction}\n\n@@ Response\n"),
     "alpaca": Template(system="Below is an instruction that describes a task. "

@@ -1,4 +1,4 @@
-"""Merging (MoE -> dense, XFT_METHOD.md §3): fixed-coefficient merges and the learnable merge.
+"""Merging (MoE -> dense, docs/method.md §3): fixed-coefficient merges and the learnable merge.
 
 For each layer `l` the experts are mixed with coefficients `c^l ∈ R^N`:
 

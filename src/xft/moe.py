@@ -1,4 +1,4 @@
-"""`MoEBlock`: the drop-in replacement for a dense FFN (XFT_METHOD.md §1).
+"""`MoEBlock`: the drop-in replacement for a dense FFN (docs/method.md §1).
 
 router -> routing weights -> experts -> weighted sum. Every FFN parameter of
 the `N` experts is stored as one stacked tensor `[N, *shape]` inside

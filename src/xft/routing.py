@@ -1,6 +1,6 @@
 """Routing: router modules, combine weights, noisy top-k and the load-balancing loss.
 
-All routing math of XFT_METHOD.md §1 lives here. Shapes: `T` tokens, `N` experts,
+All routing math of docs/method.md §1 lives here. Shapes: `T` tokens, `N` experts,
 `R` routed experts (`N-1` with a shared expert, `N` without), `k` routed experts
 selected per token (`K-1` with a shared expert, `K` without).
 
@@ -84,7 +84,7 @@ def routed_k(routing: str, top_k: int) -> int:
 
 
 def combine_weights(logits: Tensor, top_k: int, routing: str = "xft") -> Tensor:
-    """Expert weights `[T, N]` from router logits `[T, R]` (XFT_METHOD.md §1).
+    """Expert weights `[T, N]` from router logits `[T, R]` (docs/method.md §1).
 
     `top_k` counts the shared expert for the shared-expert schemes (``"xft"``,
     ``"unnormalized"``: R = N-1, column 0 is the shared expert) and is the

@@ -1,6 +1,6 @@
 """Typed configs of the training stages, one source of truth for the library, CLI and recipes.
 
-`SFTConfig` (instruction tuning, XFT_METHOD.md §2) and `MergeConfig` (learning
+`SFTConfig` (instruction tuning, docs/method.md §2) and `MergeConfig` (learning
 the merge, §3) default to the paper's settings. Every field carries help text;
 `add_arguments` turns a config class into argparse flags and `from_args` /
 `from_dict` build a validated config from parsed flags or a YAML mapping.
@@ -47,7 +47,7 @@ class CommonConfig:
     eval_fraction: float | None = _f(None, "hold out this fraction of --data (seeded) as validation data")
     eval_steps: int | None = _f(None, "compute the validation loss every this many steps (default: at every "
                                       "checkpoint save) and at the end")
-    # -- optimisation (paper defaults, XFT_METHOD.md §2)
+    # -- optimisation (paper defaults, docs/method.md §2)
     epochs: float = _f(4.0, "number of passes over the data (ignored when --max-steps is set)")
     max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run --epochs)")
     lr: float = _f(5e-5, "peak learning rate")
@@ -143,7 +143,7 @@ class MergeConfig(CommonConfig):
                                 "uniform (plain average of all experts)", MERGE_METHODS)
     shared_weight: float = _f(0.75, "merge weight of the shared expert (lambda; paper: 0.75)")
     learn_shared_weight: bool = _f(False, "also learn the shared expert's weight (paper: fixed)")
-    # Paper settings for the merge stage (XFT_METHOD.md §3) override the SFT defaults.
+    # Paper settings for the merge stage (docs/method.md §3) override the SFT defaults.
     epochs: float = _f(1.0, "passes over the data (paper: 1; ignored when --max-steps is set)")
     lr: float = _f(1e-5, "peak learning rate of the mixing logits (paper: 1e-5)")
     warmup_steps: int = _f(125, "linear warm-up steps (paper: 125)")

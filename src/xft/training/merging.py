@@ -1,4 +1,4 @@
-"""`learn_merge`: merge a trained MoE back into a dense model (XFT_METHOD.md §3).
+"""`learn_merge`: merge a trained MoE back into a dense model (docs/method.md §3).
 
 * "learned": `xft.build_merge_model` -> train only the mixing logits with the
   LM loss (paper: 1 epoch, lr 1e-5, 125 warm-up steps) -> `xft.compile_merge`;

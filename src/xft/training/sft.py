@@ -1,4 +1,4 @@
-"""`train_sft`: instruction-tune a dense or MoE model (XFT_METHOD.md §2), and the EWA baseline.
+"""`train_sft`: instruction-tune a dense or MoE model (docs/method.md §2), and the EWA baseline.
 
 The model at `config.model` is trained as it is: dense (the SFT baseline) or
 an xft MoE (detected from its config). With `upcycle=True` a dense model is

@@ -228,7 +228,7 @@ class XFTTrainer(Trainer):
 # ---------------------------------------------------------------- callbacks
 
 class EWACallback(TrainerCallback):
-    """EWA (XFT_METHOD.md §3): after every optimizer step, pull each expert toward the experts' mean."""
+    """EWA (docs/method.md §3): after every optimizer step, pull each expert toward the experts' mean."""
 
     def __init__(self, share_rate: float):
         self.share_rate = share_rate
