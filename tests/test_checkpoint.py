@@ -108,3 +108,16 @@ def test_skeleton_has_the_checkpoints_parameters_without_reading_them(tmp_path, 
         assert all(p.is_meta for p in shell.parameters()) and xft.is_moe(shell) == (path == "moe")
         assert {k: v.shape for k, v in shell.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
         assert sum(p.numel() for p in shell.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_load_can_choose_the_expert_kernel(tmp_path):
+    moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(num_experts=4, top_k=3))
+    moe.save_pretrained(tmp_path)
+    generic = xft.load(str(tmp_path), expert_impl="generic")
+    assert xft.upcycle_config(generic).expert_impl == "generic"
+    assert all(block.spec is None for block in xft.moe_blocks(generic).values())  # the functional_call path
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(generic(ids).logits, moe(ids).logits, rtol=0, atol=1e-5)
+    with pytest.raises(xft.ConfigError, match="expert_impl"):
+        xft.load(str(tmp_path), expert_impl="nope")

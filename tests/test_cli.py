@@ -190,3 +190,26 @@ def test_eval_help_shows_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for text in ("(default: 512)", "(default: auto)", "(default: instruction)", "(default: 0.0)"):
         assert text in out
+
+
+def test_upcycle_offers_every_upcycle_config_field(tmp_path, capsys):
+    import dataclasses
+    import json
+
+    from xft.config import UpcycleConfig
+    from xft.testing import tiny_model, tiny_tokenizer
+
+    with pytest.raises(SystemExit):
+        main(["upcycle", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(UpcycleConfig):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    assert main(["upcycle", str(tmp_path / "base"), "--out", str(tmp_path / "moe"), "--num-experts", "4",
+                 "--top-k", "2", "--balance-loss-weight", "0.02", "--load-estimate", "faithful",
+                 "--expert-impl", "generic", "--no-noise"]) == 0  # --no-noise: the flag's earlier name
+    saved = json.loads((tmp_path / "moe" / "config.json").read_text())["xft"]
+    assert saved == dataclasses.asdict(UpcycleConfig(num_experts=4, top_k=2, balance_loss_weight=0.02,
+                                                     load_estimate="faithful", expert_impl="generic",
+                                                     noisy_gating=False))

@@ -14,6 +14,7 @@ one saved tensor is loaded. A checkpoint without the ``"xft"`` entry is a plain
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import torch
@@ -39,11 +40,13 @@ def is_moe_checkpoint(path: str) -> bool:
 
 
 def load(path: str, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-         **kwargs) -> nn.Module:
+         expert_impl: str | None = None, **kwargs) -> nn.Module:
     """Load a dense or MoE causal LM from a model directory, a finished xft run or a hub id (detected).
 
     `dtype`: None keeps the checkpoint's dtype; `device`: where to put the model
-    (default CPU). Extra `kwargs` go to `from_pretrained` for dense models.
+    (default CPU); `expert_impl`: an MoE's expert kernel instead of the recorded one
+    (`UpcycleConfig.expert_impl`; it changes speed, not results). Extra `kwargs` go
+    to `from_pretrained` for dense models.
     """
     path = resolve_model(path)
     config = _config(path)
@@ -51,6 +54,8 @@ def load(path: str, dtype: torch.dtype | str | None = None, device: str | torch.
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
         return model.to(device) if device is not None else model
     xft_config = UpcycleConfig.from_dict(getattr(config, CONFIG_KEY))
+    if expert_impl is not None:
+        xft_config = dataclasses.replace(xft_config, expert_impl=expert_impl)  # validated again
     dtype = _resolve_dtype(dtype, config)
     with no_init_weights(), torch.device(device or "cpu"):  # every tensor is overwritten below
         model = AutoModelForCausalLM.from_config(dense_config(copy.deepcopy(config)), dtype=dtype)

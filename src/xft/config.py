@@ -27,19 +27,19 @@ class UpcycleConfig:
     top_k: int = field(default=6, metadata={
         "help": "experts active per token K, counting the shared expert when there is one"})
     routing: str = field(default="xft", metadata={
-        "help": "'xft' (shared expert + routing-weight normalization), 'sparse' (no shared expert, "
+        "choices": tuple(ROUTINGS), "help": "'xft' (shared expert + routing-weight normalization), 'sparse' (no shared expert, "
                 "Mixtral-style top-k), or 'unnormalized' (shared expert, raw probabilities)"})
     router: str = field(default="mlp", metadata={
-        "help": "'mlp' (Linear -> tanh -> Linear, as in the paper's code) or 'linear'"})
+        "choices": tuple(ROUTERS), "help": "'mlp' (Linear -> tanh -> Linear, as in the paper's code) or 'linear'"})
     noisy_gating: bool = field(default=True, metadata={
         "help": "add learned Gaussian noise to the router logits during training (Shazeer et al.)"})
     balance_loss_weight: float = field(default=0.01, metadata={
         "help": "weight of the per-layer load-balancing loss cv²(importance) + cv²(load); 0 disables it"})
     load_estimate: str = field(default="corrected", metadata={
-        "help": "noisy-gate load estimate: 'corrected' (Shazeer et al.) or 'faithful' (the paper's code, "
+        "choices": tuple(LOAD_ESTIMATES), "help": "noisy-gate load estimate: 'corrected' (Shazeer et al.) or 'faithful' (the paper's code, "
                 "which compares the noise term alone with the top-k threshold)"})
     expert_impl: str = field(default="auto", metadata={
-        "help": "expert compute: 'fast' (recognised gated/plain MLPs, a matmul loop over experts), "
+        "choices": EXPERT_IMPLS, "help": "expert compute: 'fast' (recognised gated/plain MLPs, a matmul loop over experts), "
                 "'grouped_mm' (recognised MLPs, one torch._grouped_mm per layer: the GPU fast path), "
                 "'generic' (torch.func.functional_call on any FFN module), or 'auto' (recognised MLPs: grouped_mm on CUDA when the sizes fit, fast elsewhere; generic otherwise)"})
     seed: int = field(default=0, metadata={"help": "seed for the routers' random initialisation"})
