@@ -122,9 +122,18 @@ class SFTConfig(CommonConfig):
     upcycle: bool = _f(False, "upcycle a dense MODEL to an MoE before training (else train it as it is)")
     num_experts: int = _f(8, "experts per layer when upcycling (paper: 8)")
     top_k: int = _f(6, "active experts per token, counting the shared one, when upcycling (paper: 6)")
-    routing: str = _f("xft", "routing when upcycling: xft, sparse (no shared expert), unnormalized",
-                      ("xft", "sparse", "unnormalized"))
-    router: str = _f("mlp", "router when upcycling: mlp (paper) or linear", ("mlp", "linear"))
+    # Checked against the registries (xft.ROUTINGS / xft.ROUTERS) in validate(): listing them here would need
+    # torch, which `xft train --help` does not load; `xft upcycle --help` lists them.
+    routing: str = _f("xft", "routing when upcycling (an xft.ROUTINGS name: xft = the paper's shared expert with "
+                             "normalized weights; see xft upcycle --help)")
+    router: str = _f("mlp", "router when upcycling (an xft.ROUTERS name: mlp = the paper's)")
+
+    def upcycle_config(self):
+        """The `xft.UpcycleConfig` of `upcycle=True` (ConfigError on a bad value; imports torch)."""
+        from xft.config import UpcycleConfig
+
+        return UpcycleConfig(num_experts=self.num_experts, top_k=self.top_k, routing=self.routing,
+                             router=self.router, seed=self.seed)
 
     def validate(self) -> None:
         super().validate()
@@ -132,6 +141,8 @@ class SFTConfig(CommonConfig):
             raise UserError("missing required setting: model")
         if not 0.0 <= self.ewa_share_rate <= 1.0:
             raise UserError(f"ewa share rate must be in [0, 1], got {self.ewa_share_rate}")
+        if self.upcycle:
+            self.upcycle_config()
 
 
 @dataclass(kw_only=True)

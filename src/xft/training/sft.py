@@ -31,8 +31,7 @@ def build_model(cfg: SFTConfig, path: str, dtype):
     if cfg.upcycle:
         if xft.is_moe(model):
             raise UserError(f"{path} is already an MoE; drop --upcycle to train it")
-        xft.upcycle(model, xft.UpcycleConfig(num_experts=cfg.num_experts, top_k=cfg.top_k, routing=cfg.routing,
-                                             router=cfg.router, seed=cfg.seed))
+        xft.upcycle(model, cfg.upcycle_config())
     if cfg.ewa_share_rate > 0 and not xft.is_moe(model):
         raise UserError("EWA (--ewa-share-rate) trains an MoE; upcycle the model first (or pass --upcycle)")
     return model
