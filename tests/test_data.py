@@ -238,3 +238,36 @@ def test_validation_file(tmp_path, tok):
     splits = load_splits(DataConfig(path=path, eval_path=val), tok)
     assert len(splits.train) == 3 and len(splits.eval) == 2 and splits.eval_stats.path == val
     assert load_splits(DataConfig(path=path), tok).eval is None
+
+
+def test_alpaca_input_is_part_of_the_instruction(tmp_path):
+    from xft.data import to_segments
+
+    cfg = DataConfig(path="x", response_field="output")
+    with_input = to_segments({"instruction": "Add x", "input": "x = 1", "output": "x + 1"}, "instruction", cfg)
+    without = to_segments({"instruction": "Add x", "input": " ", "output": "x + 1"}, "instruction", cfg)
+    assert "Add x\n\nx = 1\n" in with_input[0][0] and "Add x\n" in without[0][0] and "x = 1" not in without[0][0]
+    assert with_input[-1] == ("x + 1", True)
+
+
+def test_a_missing_field_names_the_one_that_looks_like_it(tmp_path):
+    from xft.data import read_records, validate_records
+
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add x", "output": "x + 1"}])
+    with pytest.raises(UserError, match=r"no 'response' field .*set --response-field; 'output' looks like it"):
+        validate_records(read_records(str(path)), "instruction", DataConfig(path=str(path)))
+
+
+def test_sharegpt_conversations_train_as_chat_messages(tmp_path, tok):
+    from xft.data import read_records
+
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Add 1 and 2"},
+                               {"from": "gpt", "value": "3"}]}]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    assert read_records(str(path)).rows[0]["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1 and 2"},
+        {"role": "assistant", "content": "3"}]
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": read_records(str(path)).rows[0]["messages"]}])
+    ours, _ = load_dataset(DataConfig(path=str(path)), tok)
+    theirs, _ = load_dataset(DataConfig(path=str(chat)), tok)
+    assert ours[0] == theirs[0]

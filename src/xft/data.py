@@ -170,13 +170,33 @@ def read_records(path: str) -> Records:
     if not os.path.exists(path):
         raise UserError(f"data file {path} does not exist")
     if os.path.isdir(path):
-        return _read_datasets_dir(path)
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".parquet":
-        return _read_parquet(path)
-    if ext == ".json":
-        return _read_json(path)
-    return _read_jsonl(path)  # .jsonl, .ndjson, anything else: one JSON object per line
+        records = _read_datasets_dir(path)
+    else:
+        ext = os.path.splitext(path)[1].lower()
+        reader = {".parquet": _read_parquet, ".json": _read_json}.get(ext, _read_jsonl)  # else: JSON lines
+        records = reader(path)
+    for row in records.rows:
+        _from_sharegpt(row)
+    return records
+
+
+# ShareGPT's speaker names -> chat roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "model": "assistant"}
+
+
+def _from_sharegpt(row: dict) -> None:
+    """A ShareGPT record (`conversations`: [{"from": "human"|"gpt"|..., "value": ...}]) gains `messages`.
+
+    The usual role/content form, so chat records of either format train alike; unknown speakers are kept
+    as they are and reported by the messages check.
+    """
+    turns = row.get("conversations")
+    if "messages" in row or not isinstance(turns, list) or not all(
+            isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+        return
+    row["messages"] = [{"role": SHAREGPT_ROLES.get(str(t["from"]).lower(), t["from"]), "content": t["value"]}
+                       for t in turns]
 
 
 def _read_jsonl(path: str) -> Records:
@@ -275,9 +295,16 @@ def detect_kind(first: dict, cfg: DataConfig) -> str:
         f"--messages-field or --text-field)")
 
 
+# Field names other data sets use for an instruction-tuning record's two parts (for hints, never guessed).
+_LIKELY = {"--instruction-field": ("instruction", "prompt", "question", "query", "problem"),
+           "--response-field": ("response", "output", "completion", "answer", "solution")}
+
+
 def _require_str(row: dict, name: str, where: str, flag: str) -> None:
     if name not in row:
-        raise UserError(f"{where}: record has no '{name}' field (fields: {sorted(row)}; set {flag})")
+        likely = next((f for f in _LIKELY.get(flag, ()) if f in row and f != name), None)
+        hint = f"; '{likely}' looks like it" if likely else ""
+        raise UserError(f"{where}: record has no '{name}' field (fields: {sorted(row)}; set {flag}{hint})")
     if not isinstance(row[name], str):
         raise UserError(f"{where}: field '{name}' must be a string, got {type(row[name]).__name__}")
 
@@ -326,6 +353,16 @@ def _validate_prompt_completion(row: dict, where: str) -> None:
 
 # ---------------------------------------------------------------- formatting
 
+# Alpaca-style records put the instruction's data in a separate field, appended to the instruction when set.
+ALPACA_INPUT = "input"
+
+
+def _instruction(row: dict, cfg: DataConfig) -> str:
+    """The instruction of an instruction record, with an Alpaca-style non-empty `input` appended."""
+    extra = row.get(ALPACA_INPUT) if cfg.instruction_field != ALPACA_INPUT else None
+    return row[cfg.instruction_field] + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+
+
 def to_segments(row: dict, kind: str, cfg: DataConfig, tokenizer=None,
                 where: str = "") -> list[tuple[str, bool]]:
     """A record as (text, trained_on) segments, in order; EOS is added at tokenization.
@@ -337,7 +374,7 @@ def to_segments(row: dict, kind: str, cfg: DataConfig, tokenizer=None,
     if kind == "prompt-completion" and isinstance(row[PROMPT], str):
         return [s for s in [(row[PROMPT], False), (row[COMPLETION], True)] if s[0]]  # TRL: prompt verbatim
     if kind == "instruction":
-        msgs = [{"role": "user", "content": row[cfg.instruction_field]},
+        msgs = [{"role": "user", "content": _instruction(row, cfg)},
                 {"role": "assistant", "content": row[cfg.response_field]}]
         trained_from = 0
     elif kind == "prompt-completion":  # conversational: train on the completion's assistant turns only
