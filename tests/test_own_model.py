@@ -261,3 +261,23 @@ def test_model_cards_name_the_base_only_through_xft_cards(tmp_path):
     ours.mkdir()
     write_model_card(str(ours), kind="moe", base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct")
     assert base_model_of(str(ours)) == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+
+
+def test_merged_model_is_servable_with_the_bases_files(data, tmp_path):
+    """Tokenizer and generation-config files travel byte for byte base -> MoE -> SFT -> merge; config has both
+    `dtype` and `torch_dtype` (older tools read the latter)."""
+    from transformers import GenerationConfig
+
+    base = tied_base(tmp_path, "qwen2")
+    GenerationConfig(max_new_tokens=7, do_sample=False, eos_token_id=2).save_pretrained(base)
+    moe0, moe, merged = (str(tmp_path / n) for n in ("moe0", "moe", "merged"))
+    assert cli(["upcycle", base, "--out", moe0, "--num-experts", "4", "--top-k", "3"]) == 0
+    assert cli(["train", moe0, "--data", str(data / "train.jsonl"), "--out", moe, "--max-steps", "1", *STEPS]) == 0
+    assert cli(["merge", moe, "--method", "init", "--out", merged, "--no-progress"]) == 0
+    final = resolve_model(merged)
+    names = [n for n in os.listdir(base) if n.startswith(("tokenizer", "special_tokens", "generation_config"))]
+    assert "tokenizer.json" in names and "generation_config.json" in names
+    for name in names:
+        assert open(os.path.join(base, name), "rb").read() == open(os.path.join(final, name), "rb").read(), name
+    config = json.loads(open(os.path.join(final, "config.json")).read())
+    assert config["torch_dtype"] == config["dtype"] == "float32"

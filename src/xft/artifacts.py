@@ -24,6 +24,44 @@ from xft.errors import UserError
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
+# Files of a model directory that are not the weights or the model config: the tokenizer in its several
+# formats, the chat template, the generation defaults. Outputs carry them byte for byte, so a merged model
+# tokenizes, chats and generates exactly as the base did (a re-save may rewrite them).
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+
+def copy_companions(source: str, dst: str, tokenizer=None) -> None:
+    """Put `source`'s tokenizer and generation-config files into `dst`, byte for byte.
+
+    `source` is a resolved model location; for a Hub id (no local directory) the
+    loaded `tokenizer` is saved instead. Files of `dst` with those names (e.g.
+    a generation_config.json `save_pretrained` just wrote) are replaced.
+    """
+    import shutil
+
+    found = [n for n in COMPANION_FILES if os.path.isfile(os.path.join(source, n))] if os.path.isdir(source) else []
+    if not any(n != "generation_config.json" for n in found):
+        if tokenizer is None:
+            raise UserError(f"{source} holds no tokenizer files to copy")
+        tokenizer.save_pretrained(dst)
+    for name in found:
+        shutil.copyfile(os.path.join(source, name), os.path.join(dst, name))
+
+
+def servable_config(directory: str) -> None:
+    """Make `directory`/config.json readable by older tools too: `torch_dtype` beside transformers 5's `dtype`."""
+    import json
+
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    if "dtype" in config and "torch_dtype" not in config:
+        config["torch_dtype"] = config["dtype"]
+        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
     path = os.fspath(path)

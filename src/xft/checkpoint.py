@@ -67,6 +67,35 @@ def load(path: str, dtype: torch.dtype | str | None = None, device: str | torch.
     return model.eval()
 
 
+def upcycle_checkpoint(model: str, out: str, config: UpcycleConfig, location: str | None = None) -> nn.Module:
+    """Upcycle the dense checkpoint `model` and write the MoE into directory `out`; return the MoE.
+
+    `out` gets the MoE's weights and config, the source's tokenizer and
+    generation-config files byte for byte, and a model card (`location`: the path
+    the card shows, when `out` is a temporary directory renamed afterwards).
+    """
+    from transformers import AutoTokenizer
+
+    from xft.artifacts import copy_companions
+    from xft.modelcard import base_model_of, write_model_card
+    from xft.upcycle import is_moe
+
+    path = resolve_model(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    moe = load(path)
+    if is_moe(moe):
+        raise UserError(f"{model} is already an xft MoE; XFT upcycles a dense model")
+    upcycle(moe, config)
+    moe.save_pretrained(out)
+    copy_companions(path, out, tokenizer)
+    write_model_card(out, kind="upcycled", base_model=base_model_of(path), source=model,
+                     settings=config.to_dict(), location=location or out)
+    return moe
+
+
 def skeleton(path: str) -> nn.Module:
     """The model at `path` (dense or MoE) built on the meta device from its config alone: shapes, no weights.
 

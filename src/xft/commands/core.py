@@ -43,22 +43,12 @@ def _upcycle(args) -> int:
     # Only now transformers (seconds to import): every check above fails fast.
     from transformers.utils import logging
 
-    from xft.training.stage import load_tokenizer
+    from xft.checkpoint import skeleton, upcycle_checkpoint
 
     logging.disable_progress_bar()  # per-file load/save bars
-    tokenizer = load_tokenizer(path)
-    model = xft.load(path)
-    if xft.is_moe(model):
-        raise UserError(f"{args.model} is already an xft MoE")
-    n_dense = sum(p.numel() for p in model.parameters())
-    xft.upcycle(model, config)
-    from xft.modelcard import base_model_of, write_model_card
-
+    n_dense = sum(p.numel() for p in skeleton(path).parameters())
     with atomic_dir(args.out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_model_card(tmp, kind="upcycled", base_model=base_model_of(path), source=args.model,
-                         settings=config.to_dict(), location=args.out)
+        model = upcycle_checkpoint(path, tmp, config, location=args.out)
     n_moe = sum(p.numel() for p in model.parameters())
     print(f"xft upcycle: {type(model).__name__} with {len(xft.moe_blocks(model))} MoE layers "
           f"({config.num_experts} experts, top-{config.top_k}, routing {config.routing}, router {config.router}); "

@@ -132,16 +132,10 @@ def _write_data(ctx: Context, out: str) -> None:
 def _upcycler(routing: str):
     def run(ctx: Context, out: str) -> None:
         import xft
-        from transformers import AutoTokenizer
+        from xft.checkpoint import upcycle_checkpoint
 
-        path = base_model(ctx)
-        model = xft.load(path)
-        if xft.is_moe(model):
-            raise UserError(f"model {ctx.recipe.model} is already an MoE; XFT upcycles a dense model")
         config = xft.UpcycleConfig(**{**ctx.recipe.upcycle, "routing": routing, "seed": ctx.recipe.seed})
-        xft.upcycle(model, config)
-        model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(path).save_pretrained(out)
+        upcycle_checkpoint(base_model(ctx), out, config)
     return run
 
 

@@ -20,7 +20,7 @@ import transformers
 from accelerate import PartialState
 
 import xft
-from xft.artifacts import resolve_model
+from xft.artifacts import copy_companions, resolve_model, servable_config
 from xft.errors import UserError
 from xft.merge import merge_modules
 from xft.modelcard import base_model_of, write_model_card
@@ -128,7 +128,8 @@ def learn_merge(config: MergeConfig) -> str:
     def save(tmp: str) -> None:
         if main:
             dense.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            copy_companions(path, tmp, tokenizer)  # the MoE's (so the base's) tokenizer files, byte for byte
+            servable_config(tmp)
             rundir.write_json(f"{tmp}/merge_coefficients.json", record)
             rundir.write_json(f"{tmp}/xft_training.json", config_record(cfg, "merge", splits, trainer, resume))
             write_card(tmp, cfg, path, trainer, change, run.final)

@@ -13,7 +13,7 @@ import os
 import transformers
 
 import xft
-from xft.artifacts import resolve_model
+from xft.artifacts import copy_companions, resolve_model, servable_config
 from xft.errors import UserError
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
@@ -71,7 +71,9 @@ def train_sft(config: SFTConfig) -> str:
             if trainer.is_world_process_zero() and os.path.exists(f"{tmp}/training_args.bin"):
                 os.remove(f"{tmp}/training_args.bin")  # a pickle; the config is in xft_training.json
         if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(tmp)
+            copy_companions(path, tmp, tokenizer)  # the source's tokenizer and generation config, byte for byte
+            if not is_moe or final_model is not None:
+                servable_config(tmp)
             rundir.write_json(f"{tmp}/xft_training.json", record)
             write_card(tmp, cfg, path, card_kind, trainer, run.final)
 
