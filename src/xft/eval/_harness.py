@@ -273,11 +273,15 @@ def _first_line(exc):
 # exception it raised. Every frame carries the job's nonce. Nothing here decides pass
 # or fail: the judge does, outside, against expected outputs the sandbox never sees.
 
-def _result(i, fn, args, seconds):
-    """One call's report (a dict); `seconds` arms the per-call alarm (None: no alarm)."""
+def _result(i, fn, args, seconds, not_none=False):
+    """One call's report (a dict); `seconds` arms the per-call alarm (None: no alarm).
+    `not_none`: EvalPlus checks only a bool result or else whether it is None (e.g. an
+    `re.Match`), so that bool is all that is sent."""
     try:
         with _swallow_io(), (_time_limit(seconds) if seconds else contextlib.nullcontext()):
             out = fn(*args)
+            if not_none and type(out) is not bool:
+                out = out is not None
     except _Timeout:
         return {"i": i, "e": "timed out", "t": True}
     except BaseException as e:  # SystemExit included: exiting is not an answer
@@ -286,7 +290,7 @@ def _result(i, fn, args, seconds):
         return {"i": i, "v": plain.encode(out)}
     except plain.PlainError as e:
         if str(e) != "too large":
-            return {"i": i, "e": f"the result is {e}"}
+            return {"i": i, "x": f"the result is {e}"}  # "x": an answer that is no answer
     try:
         return {"i": i, "d": plain.digest(out)}
     except BaseException as e:
@@ -309,7 +313,7 @@ def _run_io(job, phase, send):
         send({"load_error": _first_line(e)})
         return
     for i, inp in enumerate(phase["inputs"]):
-        r = _result(i, fn, inp, phase["time_limits"][i])
+        r = _result(i, fn, inp, phase["time_limits"][i], job.get("output_not_none", False))
         send(r)
         if "e" in r:
             return
@@ -344,6 +348,8 @@ def _serve(job, phase, send):
     pipes; each request is answered with the plain result. Requests carrying another
     job's nonce (left in the pipe by an earlier program) are skipped."""
     req, rep = job["call_fds"]
+    os.set_blocking(req, True)  # an earlier program may have changed these shared pipes' flags
+    os.set_blocking(rep, True)
     out = lambda msg: _send_message(rep, json.dumps(dict(msg, n=job["nonce"])).encode())  # noqa: E731
     try:
         fn = _load_program(job)
@@ -549,6 +555,32 @@ def _sweep(runner_pid):
         time.sleep(0.001)
 
 
+def _drain(fd):
+    """Discard what an earlier program left unread (or half read) in the request pipe."""
+    os.set_blocking(fd, False)
+    with contextlib.suppress(OSError):
+        while os.read(fd, 1 << 16):
+            pass
+    os.set_blocking(fd, True)
+
+
+def _stops_on_request(pid):
+    """SIGTERM the runner; True if that is what ended it (so it was alive and well, and
+    not killed by its program: a fatal signal sent earlier keeps its exit status)."""
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if done:
+            return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        time.sleep(0.0005)
+    return False
+
+
 def _await_end(host, rfd, deadline):
     """A "serve" job lasts until the judge says "end" (b"end"), the runner reports that
     the program ended (its report), or the deadline (None)."""
@@ -574,6 +606,8 @@ def serve(job, setup, base, n, host):
     os.mkdir(workdir, 0o700)
     if setup.get("uid") is not None:
         os.chown(workdir, setup["uid"], setup["uid"])
+    if job["kind"] == "serve":
+        _drain(setup["call_fds"][0])
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -583,6 +617,8 @@ def serve(job, setup, base, n, host):
     deadline = time.monotonic() + job["deadline"]
     if job["kind"] == "serve":
         data = _await_end(host, rfd, deadline)
+        if data == b"end" and not _stops_on_request(pid):
+            data = None  # the runner was already gone: the program killed it
     else:
         data = _read_message(rfd, deadline)
     os.close(rfd)

@@ -29,6 +29,7 @@ from xft.errors import UserError
 from xft.eval import judge
 from xft.eval.benchmarks import Benchmark
 from xft.eval.groundtruth import GroundTruth, expected_outputs
+from xft.eval.oracles import MBPP_NOT_NONE
 from xft.eval.sandbox import Sandbox
 
 
@@ -76,7 +77,7 @@ def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth, tl: TimeLimits) 
                        "time_limits": limits, "deadline": deadline})
         total += deadline
     job = {"kind": "io", "code": program_for(bench, sample), "entry_point": task.entry_point,
-           "phases": phases}
+           "phases": phases, "output_not_none": bench.oracle == "mbpp" and task.entry_point in MBPP_NOT_NONE}
     return job, total
 
 

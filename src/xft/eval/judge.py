@@ -70,8 +70,8 @@ def judge_io_phase(phase: dict | None, nonce: str, inputs: list, expected: list,
             if msg.get("done") is True and i == len(inputs):
                 break
             return _verdict("fail", f"input #{i}: garbled report")
-        if "e" in msg:
-            return _verdict("fail", f"input #{i}: {str(msg['e'])[:300]}")
+        if "e" in msg or "x" in msg:
+            return _verdict("fail", f"input #{i}: {str(msg.get('e') or msg.get('x'))[:300]}")
         problem = _mismatch(msg, expected[i], inputs[i], entry_point, oracle, atol)
         if isinstance(problem, str):
             return _verdict("fail", f"input #{i}: {problem}")
@@ -159,6 +159,8 @@ class _Candidate:
         if "e" in reply:
             exc = _raised(str(reply["e"])[:300])
             raise self._gone(exc) if isinstance(exc, _Gone) else exc
+        if "x" in reply:
+            raise self._gone(_Gone(str(reply["x"])[:300]))
         if "d" in reply:
             raise self._gone(_Gone("the result is larger than the wire limit"))
         raise self._gone(_Gone("the program garbled its reply"))
