@@ -21,10 +21,11 @@ the program ends or the deadline passes.
 Per job the worker forks a *runner*: it makes a fresh scratch directory, sets
 resource limits, drops privileges (a dedicated uid when we are real root, else every
 capability) and runs each test phase in a forked child that applies the reliability
-guard; the runner kills the child's process group at the phase deadline. After the
-job the worker kills every process left below it (it is pid 1 of its pid namespace,
-or a subreaper) and deletes the scratch directory, so nothing a program starts
-survives its job.
+guard; the runner kills the child's process group at the phase deadline. A "serve"
+job (one phase, deadline kept by the worker) skips the runner: the forked process
+sets itself up the same way and becomes the program. After the job the worker kills
+every process left below it (it is pid 1 of its pid namespace, or a subreaper) and
+deletes the scratch directory, so nothing a program starts survives its job.
 
 Job kinds: "io" (EvalPlus style: call the entry point on every input of a phase and
 report each output), "serve" (answer the judge's calls one by one) and "reference"
@@ -315,7 +316,7 @@ def _run_io(job, phase, send):
     for i, inp in enumerate(phase["inputs"]):
         r = _result(i, fn, inp, phase["time_limits"][i], job.get("output_not_none", False))
         send(r)
-        if "e" in r:
+        if "e" in r or "x" in r:
             return
     send({"done": True})
 
@@ -361,8 +362,11 @@ def _serve(job, phase, send):
         data = _read_blocking(req)
         if data is None:
             return
-        msg = json.loads(data)
-        if msg.get("n") != job["nonce"]:
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            continue
+        if not isinstance(msg, dict) or msg.get("n") != job["nonce"]:
             continue
         try:
             args, kwargs = plain.decode(msg["a"]), plain.decode(msg["k"])
@@ -470,7 +474,7 @@ def _read_frames(fd, deadline, pid, budget, limit=None):
             buf += chunk
 
 
-_PHASE_BYTES = 256 << 20  # what one phase may report (outputs over 8 MiB travel as digests)
+_PHASE_BYTES = 128 << 20  # what one phase may report (outputs over 8 MiB travel as digests)
 
 
 def run_phase(job, phase, out_fd, runner_fd):
@@ -540,7 +544,7 @@ def _reap():
 def _sweep(runner_pid):
     """Kill and reap everything the job started (fork bombs included: repeated rounds)."""
     _kill_group(runner_pid)
-    deadline = time.monotonic() + 10.0
+    deadline, pause = time.monotonic() + 10.0, 0.0001
     while time.monotonic() < deadline:
         try:
             alive = _descendants()
@@ -552,7 +556,8 @@ def _sweep(runner_pid):
         _reap()
         if not alive:
             return
-        time.sleep(0.001)
+        time.sleep(pause)  # the killed take a moment to die (usually < 0.1 ms): look again soon
+        pause = min(2 * pause, 0.005)
 
 
 def _drain(fd):
@@ -564,9 +569,49 @@ def _drain(fd):
     os.set_blocking(fd, True)
 
 
+def _served(job, setup, workdir, wfd):
+    """A "serve" job's process: set up as a runner would be, then become the program
+    (one phase, and the worker keeps the deadline: no runner needed in between)."""
+    try:
+        os.chdir(workdir)
+        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
+        out_fd = os.open(".output", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        _set_limits(job["limits"], setup, int(job["deadline"]) + 2)
+        _drop_privileges(setup)
+        job["call_fds"] = setup["call_fds"]
+    except BaseException:
+        os._exit(1)
+    _child(job, job["phases"][0], wfd, out_fd, ())
+
+
+def _await_end(host, rfd, deadline):
+    """How a "serve" job ends: "end" (the judge is done), "ended" (the program ended
+    first: its pipe to us closed) or "deadline"."""
+    while True:
+        frame = host.read(0)
+        if frame is not False:  # b"end", or None: the host went away (we exit after this job)
+            return "ended" if select.select([rfd], [], [], 0)[0] else "end"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return "deadline"
+        ready, _, _ = select.select([host.fd, rfd], [], [], left)
+        if rfd in ready:
+            return "ended"
+        if host.fd in ready:
+            host.fill()
+
+
+def _serve_verdict(how, pid):
+    if how == "deadline":
+        return {"killed": True}
+    if how == "end" and _stops_on_request(pid):
+        return {"phases": {}}  # still serving when the judge was done: nothing to report
+    return {"phases": {"serve": {"frames": [], "end": "exit"}}}
+
+
 def _stops_on_request(pid):
-    """SIGTERM the runner; True if that is what ended it (so it was alive and well, and
-    not killed by its program: a fatal signal sent earlier keeps its exit status)."""
+    """SIGTERM the program; True if that is what ended it, i.e. it was still running
+    (a fatal signal or exit that came first keeps its status)."""
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 1.0
@@ -577,31 +622,12 @@ def _stops_on_request(pid):
             return False
         if done:
             return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
-        time.sleep(0.0005)
+        time.sleep(0.0002)
     return False
 
 
-def _await_end(host, rfd, deadline):
-    """A "serve" job lasts until the judge says "end" (b"end"), the runner reports that
-    the program ended (its report), or the deadline (None)."""
-    while True:
-        frame = host.read(0)
-        if frame is not False:
-            if frame is not None and select.select([rfd], [], [], 0)[0]:
-                return _read_message(rfd, deadline)  # the program had ended (or killed its runner) first
-            return b"end" if frame is not None else None
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        ready, _, _ = select.select([host.fd, rfd], [], [], left)
-        if rfd in ready:
-            return _read_message(rfd, deadline)
-        if host.fd in ready and host.fill() is None:
-            return None  # the host went away
-
-
 def serve(job, setup, base, n, host):
-    """Run one job in a forked runner; returns (verdict dict, {name: bytes} kept files)."""
+    """Run one job in a forked runner (or served process); returns (verdict dict, {name: bytes} kept files)."""
     workdir = os.path.join(base, f"job{n}")
     os.mkdir(workdir, 0o700)
     if setup.get("uid") is not None:
@@ -612,19 +638,17 @@ def serve(job, setup, base, n, host):
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
-        _runner(job, setup, workdir, wfd)
+        (_served if job["kind"] == "serve" else _runner)(job, setup, workdir, wfd)
     os.close(wfd)
     deadline = time.monotonic() + job["deadline"]
     if job["kind"] == "serve":
-        data = _await_end(host, rfd, deadline)
-        if data == b"end" and not _stops_on_request(pid):
-            data = None  # the runner was already gone: the program killed it
+        verdict, data = _serve_verdict(_await_end(host, rfd, deadline), pid), None
     else:
-        data = _read_message(rfd, deadline)
+        verdict, data = None, _read_message(rfd, deadline)
     os.close(rfd)
     _sweep(pid)
-    if data == b"end":  # the judge is done with the program (it was still running)
-        verdict = {"phases": {}}
+    if verdict is not None:
+        pass
     elif data is None:  # missed the deadline, or the runner was killed (by the program?)
         verdict = {"killed": True} if time.monotonic() >= deadline else \
             {"harness_error": "the test runner died before reporting (killed by the program?)"}

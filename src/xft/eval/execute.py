@@ -124,12 +124,11 @@ def _judge_check(bench: Benchmark, sample: dict, sandbox: Sandbox, tl: TimeLimit
            "phases": [{"name": "serve", "deadline": tl.check_seconds + 2.0}]}
     with sandbox.serve(job, deadline=tl.check_seconds + 2.0) as session:
         verdict = judge.judge_check(session, compiled, task.entry_point, tl.check_seconds + 1.0)
-    # A program still waiting for calls when the judge was done reports no phases; one
-    # that ended on its own, or killed its runner, before that did not finish its tests.
-    ended = _failed(session.result, ("base",)) or (
-        session.result.verdict.get("phases") and
-        {"base": {"status": "error", "error": "the program ended before its tests finished"}})
-    return ended or {"base": verdict}, session.result.seconds
+    if verdict["status"] == "pass":  # only if the program was still serving when the judge was done
+        ended = _failed(session.result, ("base",)) or (session.result.verdict.get("phases") and {
+            "base": {"status": "error", "error": "the program ended before its tests finished"}})
+        verdict = ended["base"] if ended else verdict
+    return {"base": verdict}, session.result.seconds
 
 
 def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None = None,

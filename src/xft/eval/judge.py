@@ -46,7 +46,8 @@ def _verdict(status: str, error: str | None = None) -> dict:
 
 def _frames(phase: dict, nonce: str):
     """The phase's frames as dicts carrying our nonce; a malformed one ends the list."""
-    for text in phase.get("frames") or ():
+    frames = phase.get("frames")
+    for text in frames if isinstance(frames, list) else [None]:
         try:
             msg = json.loads(text)
         except (ValueError, TypeError, RecursionError):
@@ -132,7 +133,10 @@ def _raised(line: str) -> BaseException:
     if name in ("SystemExit", "KeyboardInterrupt", "GeneratorExit"):
         return _Gone(f"the program {'exited' if name == 'SystemExit' else 'stopped'}: {line}")
     if isinstance(cls, type) and issubclass(cls, Exception):
-        return cls(message)
+        try:
+            return cls(message)
+        except Exception:  # a built-in that wants other arguments (ExceptionGroup, ...)
+            pass
     return CandidateError(line)
 
 

@@ -24,11 +24,16 @@ size-capped file of which the first `output_bytes` are kept, and every process a
 job started killed when it ends. As root, each worker also gets a memory and a pids
 cgroup (v1 or v2), which bound all its processes together, even a root fork bomb.
 
+Verdicts are not decided here: a program's results leave the sandbox as plain data
+and the judge (`xft.eval.judge`), outside, compares them with expected outputs that
+never enter it: whatever a program does in here, only right answers pass.
+
 Not protected against, at any level: reading world-readable files that are part
 of the bound system directories (/usr, the Python installation); CPU and memory
-bandwidth contention with other work on the machine; kernel exploits; a program
-that deliberately forges the harness's report (it runs in the same process tree).
-This is a defense for benchmarks, not for adversaries with a kernel 0-day.
+bandwidth contention with other work on the machine; kernel exploits. At the
+`rlimits` level without root, a program runs as your uid and can read your files
+(the ground-truth cache included). This is a defense for benchmarks, not for
+adversaries with a kernel 0-day.
 """
 
 from __future__ import annotations
@@ -218,6 +223,7 @@ class Sandbox:
             if name in files:
                 Path(dest).write_bytes(files[name])
         output = verdict.pop("output", "") if verdict else ""
+        output = output if isinstance(output, str) else ""
         return RunResult(verdict=None if reason else verdict, output=output, killed=reason is not None,
                          seconds=seconds, reason=reason, nonce=job["nonce"])
 
@@ -478,6 +484,8 @@ class Session:
                     chunk = os.read(fd, 1 << 20)
                 except BlockingIOError:
                     continue
+                if not chunk:  # every writer is gone: the worker and the program
+                    raise Ended("the program ended before its tests finished")
                 self._buf += chunk
             elif report in ready:  # the worker reports the job over: the program is gone
                 raise Ended("the program ended before its tests finished")
