@@ -171,8 +171,11 @@ def _check_all(bench, samples, sandbox, workers, tl, progress) -> list[Verdict]:
             phases, seconds = _judge_io(bench, sample, job, truth, result), result.seconds
         return _verdict(sample["task_id"], bench.phases, phases, seconds)
 
-    # Longest first, so a slow task does not start last and stretch the wall time.
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1])
+    # Longest first (by the reference's time, then the deadline), so that a slow task
+    # does not start last and stretch the wall time.
+    cost = [sum(sum(truth.times[s["task_id"]][p]) for p in bench.phases) if truth else 0.0
+            for s in samples]
+    order = sorted(range(len(jobs)), key=lambda i: (-cost[i], -jobs[i][1]))
     verdicts: list[Verdict | None] = [None] * len(jobs)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = {pool.submit(run, i): i for i in order}

@@ -59,7 +59,8 @@ def _tree(v, depth, budget):
         raise PlainError(f"nested deeper than {MAX_DEPTH} levels (a recursive value?)")
     if t is list or t is tuple or t is set or t is frozenset:
         tag = {list: "l", tuple: "t", set: "s", frozenset: "f"}[t]
-        return [tag, *(_tree(x, depth + 1, budget) for x in v)]
+        flat = _flat(v, budget)
+        return [tag, *(flat if flat is not None else (_tree(x, depth + 1, budget) for x in v))]
     if t is dict or t is collections.Counter:
         out = ["d" if t is dict else "C"]
         for k, x in v.items():
@@ -70,6 +71,22 @@ def _tree(v, depth, budget):
     if t is bytes:
         return ["b", _spend(budget, v.hex())]
     raise PlainError(f"not plain data: {t.__module__}.{t.__qualname__}")
+
+
+_FLAT = {int, float, str, bool, type(None)}
+
+
+def _flat(v, budget):
+    """`v`'s items as they go on the wire when they need no per-item work (scalars, no
+    strs mixed with other types, ints only alone and within 64 bits): the common large
+    outputs, recognised at C speed. None otherwise."""
+    types = set(map(type, v))
+    if not types <= _FLAT or (int in types or str in types) and len(types) > 1:
+        return None
+    if int in types and not (-_INT64 <= min(v) and max(v) < _INT64):
+        return None
+    budget.spend(8 * len(v) + (sum(map(len, v)) if str in types else 0))
+    return v
 
 
 def _spend(budget, s):
@@ -92,6 +109,11 @@ def _build(node, depth):
     if t is not list or not node or depth >= MAX_DEPTH:
         raise PlainError("malformed wire value")
     tag, items = node[0], node[1:]
+    if set(map(type, items)) <= _FLAT:  # scalars only (checked at C speed): nothing to build
+        if tag == "l":
+            return items
+        if tag == "t":
+            return tuple(items)
     if tag == "l":
         return [_build(x, depth + 1) for x in items]
     if tag == "t":
