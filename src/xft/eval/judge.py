@@ -226,9 +226,9 @@ def judge_check(session: Session, compiled: tuple, entry_point: str, seconds: fl
         return _verdict("timeout", "timed out")
     except _Gone as e:
         return _verdict(e.status, str(e))
-    except BaseException as e:
-        if isinstance(e, (KeyboardInterrupt, MemoryError)) and not candidate.gone:
-            raise
+    except KeyboardInterrupt:  # the user's Ctrl-C (the program's own comes back as _Gone)
+        raise
+    except BaseException as e:  # the test failed (MemoryError included: it is not ours)
         return _verdict(candidate.gone.status if candidate.gone else "fail",
                         str(candidate.gone) if candidate.gone else _first_line(e))
     finally:

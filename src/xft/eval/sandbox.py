@@ -83,7 +83,7 @@ class Limits:
     processes: int = 64  # RLIMIT_NPROC above what the uid already runs
     open_files: int = 256
     output_bytes: int = 64 << 10  # captured program output; the rest is discarded
-    verdict_bytes: int = 512 << 20  # the harness's report (reference outputs can be big)
+    verdict_bytes: int = 512 << 20  # a job's report (each phase's outputs: up to 128 MiB)
 
 
 @dataclasses.dataclass
