@@ -21,11 +21,11 @@ the program ends or the deadline passes.
 Per job the worker forks a *runner*: it makes a fresh scratch directory, sets
 resource limits, drops privileges (a dedicated uid when we are real root, else every
 capability) and runs each test phase in a forked child that applies the reliability
-guard; the runner kills the child's process group at the phase deadline. A "serve"
-job (one phase, deadline kept by the worker) skips the runner: the forked process
-sets itself up the same way and becomes the program. After the job the worker kills
-every process left below it (it is pid 1 of its pid namespace, or a subreaper) and
-deletes the scratch directory, so nothing a program starts survives its job.
+guard; the runner kills the child's process group at the phase deadline (for a
+"serve" job, one phase, the worker keeps the deadline and the runner only waits).
+After the job the worker kills every process left below it (it is pid 1 of its pid
+namespace, or a subreaper) and deletes the scratch directory, so nothing a program
+starts survives its job.
 
 Job kinds: "io" (EvalPlus style: call the entry point on every input of a phase and
 report each output), "serve" (answer the judge's calls one by one) and "reference"
@@ -590,18 +590,24 @@ def _drain(fd):
 
 
 def _served(job, setup, workdir, wfd):
-    """A "serve" job's process: set up as a runner would be, then become the program
-    (one phase, and the worker keeps the deadline: no runner needed in between)."""
+    """A "serve" job's runner: set up as for any job, fork the program and wait for it.
+    It does nothing else (the worker keeps the deadline), but it must be alive when the
+    judge is done: a program that killed it, or ended, fails (see `_serve_verdict`)."""
     try:
+        os.setpgid(0, 0)
         os.chdir(workdir)
         os.environ["HOME"] = os.environ["TMPDIR"] = workdir
         out_fd = os.open(".output", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         _set_limits(job["limits"], setup, int(job["deadline"]) + 2)
         _drop_privileges(setup)
         job["call_fds"] = setup["call_fds"]
-    except BaseException:
-        os._exit(1)
-    _child(job, job["phases"][0], wfd, out_fd, ())
+        pid = os.fork()
+        if pid == 0:
+            _child(job, job["phases"][0], wfd, out_fd, ())
+        os.close(wfd)  # the worker's pipe closes when the program (and all it started) ends
+        os.waitpid(pid, 0)
+    finally:
+        os._exit(0)
 
 
 def _await_end(host, rfd, deadline):
@@ -622,6 +628,7 @@ def _await_end(host, rfd, deadline):
 
 
 def _serve_verdict(how, pid):
+    """The report of a "serve" job that ended `how`; `pid` is its runner."""
     if how == "deadline":
         return {"killed": True}
     if how == "end" and _stops_on_request(pid):
@@ -630,8 +637,8 @@ def _serve_verdict(how, pid):
 
 
 def _stops_on_request(pid):
-    """SIGTERM the program; True if that is what ended it, i.e. it was still running
-    (a fatal signal or exit that came first keeps its status)."""
+    """SIGTERM the runner; True if that is what ended it, i.e. it was still waiting for
+    its program (a fatal signal or exit that came first keeps its status)."""
     with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 1.0
