@@ -6,9 +6,10 @@
 
 Modules, one concept each: `benchmarks` (registry and loaders), `prompts`,
 `generate` (HF / vLLM decoding), `sanitize` (code extraction), `sandbox` (isolated
-processes; `_harness` runs inside them), `groundtruth` (expected outputs),
-`execute` (tests in parallel), `metrics` (pass@k), `report` (files, summary),
-`cli` (`xft eval`).
+processes; `_harness` runs inside them), `plain` (the only data that leaves the
+sandbox), `judge` (verdicts, outside the sandbox) with `oracles` (EvalPlus's output
+checks), `groundtruth` (expected outputs), `execute` (tests in parallel),
+`metrics` (pass@k), `report` (files, summary), `cli` (`xft eval`).
 """
 
 from xft._lazy import export_lazily

