@@ -35,3 +35,16 @@ def tiny_minicode_base(root, rows: int):
     tiny_model("llama").save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     return root
+
+
+def private_cache(tmp_path_factory):
+    """A fixture body: XDG_CACHE_HOME in a fresh directory while a test module runs (register it per module)."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME")
+    else:
+        os.environ["XDG_CACHE_HOME"] = old

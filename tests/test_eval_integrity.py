@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from xft.eval import Benchmark, Sandbox, Task, TimeLimits, check_samples, detect_level, load_benchmark
-from conftest import shared_data
+from conftest import private_cache, shared_data
 
 MBPP_PLUS = Path(os.environ.get("XFT_MBPP_PLUS", shared_data("MbppPlus-2023-11.jsonl")))
 needs_mbpp = pytest.mark.skipif(not MBPP_PLUS.is_file(), reason="MBPP+ data file not present")
@@ -234,15 +234,7 @@ def mbpp_few(tmp_path_factory):
     return load_benchmark("mbpp+", str(path))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _private_cache(tmp_path_factory):
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME")
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+_private_cache = pytest.fixture(autouse=True, scope="module")(private_cache)  # ground truth computed afresh
 
 
 @pytest.fixture(scope="module", params=LEVELS)

@@ -515,15 +515,21 @@ def run_phase(job, phase, out_fd, runner_fd):
     return {"frames": [f.decode("ascii", "replace") for f in frames], "end": end}
 
 
+def _enter_job(job, setup, workdir):
+    """A runner's set-up for `job`: own process group, work dir, limits, privilege drop; the output fd."""
+    os.setpgid(0, 0)
+    os.chdir(workdir)
+    os.environ["HOME"] = os.environ["TMPDIR"] = workdir
+    out_fd = os.open(".output", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _set_limits(job["limits"], setup, int(job["deadline"]) + 2)
+    _drop_privileges(setup)
+    return out_fd
+
+
 def _runner(job, setup, workdir, wfd):
     """Per job: limits, privilege drop, phases; writes the JSON report to `wfd`."""
     try:
-        os.setpgid(0, 0)
-        os.chdir(workdir)
-        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
-        out_fd = os.open(".output", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        _set_limits(job["limits"], setup, int(job["deadline"]) + 2)
-        _drop_privileges(setup)
+        out_fd = _enter_job(job, setup, workdir)
         job["call_fds"] = setup.get("call_fds", ())
         report = {"phases": {p["name"]: run_phase(job, p, out_fd, wfd) for p in job["phases"]}}
     except BaseException as e:
@@ -594,12 +600,7 @@ def _served(job, setup, workdir, wfd):
     It does nothing else (the worker keeps the deadline), but it must be alive when the
     judge is done: a program that killed it, or ended, fails (see `_serve_verdict`)."""
     try:
-        os.setpgid(0, 0)
-        os.chdir(workdir)
-        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
-        out_fd = os.open(".output", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        _set_limits(job["limits"], setup, int(job["deadline"]) + 2)
-        _drop_privileges(setup)
+        out_fd = _enter_job(job, setup, workdir)
         job["call_fds"] = setup["call_fds"]
         pid = os.fork()
         if pid == 0:
