@@ -213,3 +213,16 @@ def test_upcycle_offers_every_upcycle_config_field(tmp_path, capsys):
     assert saved == dataclasses.asdict(UpcycleConfig(num_experts=4, top_k=2, balance_loss_weight=0.02,
                                                      load_estimate="faithful", expert_impl="generic",
                                                      noisy_gating=False))
+    capsys.readouterr()
+    # --out is the model: the same command again does nothing; another one needs --overwrite.
+    again = ["upcycle", str(tmp_path / "base"), "--out", str(tmp_path / "moe"), "--num-experts", "4", "--top-k",
+             "2", "--balance-loss-weight", "0.02", "--load-estimate", "faithful", "--expert-impl", "generic",
+             "--no-noisy-gating"]
+    before = (tmp_path / "moe" / "model.safetensors").stat().st_mtime_ns
+    assert main(again) == 0 and "nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "moe" / "model.safetensors").stat().st_mtime_ns == before
+    assert main(again[:4] + ["--num-experts", "3", "--top-k", "2"]) == 2
+    assert "another command (balance_loss_weight: 0.02 -> 0.01" in capsys.readouterr().err
+    assert main(again[:4] + ["--num-experts", "3", "--top-k", "2", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["xft"]["num_experts"] == 3
+    assert sorted(p.name for p in (tmp_path / "moe").iterdir() if p.name.startswith(".")) == []

@@ -229,7 +229,7 @@ def test_run_directories_are_accepted_wherever_a_model_is(data, tmp_path):
 
 def test_an_unfinished_run_is_named_as_such(tmp_path):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run.json").write_text("{}")
+    (tmp_path / "run" / "xft_run.json").write_text("{}")
     with pytest.raises(UserError, match="unfinished xft run"):
         xft.load(str(tmp_path / "run"))
 

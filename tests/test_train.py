@@ -112,14 +112,15 @@ def test_moe_sft_learns_and_logs_routing(workspace, trained_moe):
     curve = losses(trained_moe)
     assert len(curve) == 16 and curve[-1] < 0.75 * curve[0], curve
     assert xft.is_moe_checkpoint(trained_moe)
-    record = json.loads((workspace / "moe_sft" / "final" / "xft_training.json").read_text())
+    record = json.loads((workspace / "moe_sft" / "xft_training.json").read_text())
     logged = [h for h in record["log_history"] if "loss" in h]
     assert all(h["balance_loss"] > 0 and h["max_expert_load"] >= 1.0 for h in logged)
     routing = [json.loads(line) for line in (workspace / "moe_sft" / "routing.jsonl").read_text().splitlines()]
     assert len(routing) == 16 and set(routing[-1]["layers"]) == {"0", "1"}
     share = routing[-1]["layers"]["0"]["load_share"]
     assert len(share) == 3 and abs(sum(share) - 1) < 1e-3  # 3 routed experts
-    assert not (workspace / "moe_sft" / "checkpoints").exists()  # deleted once final is in place
+    assert not list(workspace.glob("moe_sft/checkpoint-*"))  # deleted once the model is in place
+    assert not (workspace / "moe_sft" / ".final.tmp").exists()
 
 
 def test_learned_merge_downweights_bad_experts_and_loads_without_xft(workspace, trained_moe):
@@ -139,7 +140,7 @@ def test_learned_merge_downweights_bad_experts_and_loads_without_xft(workspace, 
     curve = losses(learned)
     assert min(curve[-3:]) < curve[0], curve
     assert data_loss(learned, ws / "data.jsonl") < data_loss(init, ws / "data.jsonl") - 0.05
-    coeffs = json.loads((ws / "m_learned" / "final" / "merge_coefficients.json").read_text())
+    coeffs = json.loads((ws / "m_learned" / "merge_coefficients.json").read_text())
     for layer in coeffs["coefficients"].values():
         assert layer[0] == pytest.approx(0.5) and sum(layer) == pytest.approx(1.0)
         assert max(layer[2:]) < 0.5 / 3 < layer[1]  # the ruined experts lost weight to the good one
@@ -155,17 +156,21 @@ def test_learned_merge_downweights_bad_experts_and_loads_without_xft(workspace, 
 def test_fixed_merges_via_cli(workspace, trained_moe, capsys):
     ws = workspace
     assert cli(["merge", str(ws / "moe_sft"), "--out", str(ws / "m_uniform"), "--method", "uniform"]) == 0
-    coeffs = json.loads((ws / "m_uniform" / "final" / "merge_coefficients.json").read_text())
+    coeffs = json.loads((ws / "m_uniform" / "merge_coefficients.json").read_text())
     assert coeffs["coefficients"]["0"] == [0.25] * 4
     assert "xft merge: done" in capsys.readouterr().out
-    dense = xft.load(str(ws / "m_uniform" / "final"))
+    dense = xft.load(str(ws / "m_uniform"))
     assert not xft.is_moe(dense) and sum(p.numel() for p in dense.parameters()) == n_params(ws / "llama")
     # A finished run is replaced only when asked to.
     init = ["merge", str(ws / "moe_sft"), "--out", str(ws / "m_uniform"), "--method", "init"]
-    assert cli(init) == 2 and "already holds a finished model" in capsys.readouterr().err
+    assert cli(init) == 2 and "already holds the finished model of another command" in capsys.readouterr().err
+    (ws / "m_uniform" / "notes.txt").write_text("mine")
     assert cli(init + ["--overwrite"]) == 0
-    coeffs = json.loads((ws / "m_uniform" / "final" / "merge_coefficients.json").read_text())
+    coeffs = json.loads((ws / "m_uniform" / "merge_coefficients.json").read_text())
     assert coeffs["method"] == "init" and coeffs["coefficients"]["0"] == pytest.approx([0.75] + [0.25 / 3] * 3)
+    assert (ws / "m_uniform" / "notes.txt").read_text() == "mine"  # --overwrite deletes only what xft wrote
+    written = json.loads((ws / "m_uniform" / "xft_run.json").read_text())["outputs"]
+    assert written[-1] == "config.json" and "model.safetensors" in written
 
 
 def test_dense_sft_gpt2_learns_and_loads_without_xft(workspace):
@@ -191,19 +196,27 @@ def test_ewa_trains_moe_and_saves_averaged_dense(workspace):
 
 def test_finished_run_is_never_silently_overwritten(workspace, trained_moe, capsys):
     ws = workspace
-    before = os.path.getmtime(ws / "moe_sft" / "final" / "model.safetensors")
+    before = os.path.getmtime(ws / "moe_sft" / "model.safetensors")
     argv = ["train", str(ws / "moe"), "--data", str(ws / "data.jsonl"), "--out", str(ws / "moe_sft")]
-    assert cli(argv) == 2
-    assert "already holds a finished model" in capsys.readouterr().err
-    assert os.path.getmtime(ws / "moe_sft" / "final" / "model.safetensors") == before
+    assert cli(argv) == 2  # another command (the default max_steps and lr)
+    err = capsys.readouterr().err
+    assert "already holds the finished model of another command" in err and "max_steps: 16 -> -1" in err
+    assert os.path.getmtime(ws / "moe_sft" / "model.safetensors") == before
+    # The same command again: nothing to do, exit 0, the model untouched.
+    same = argv + ["--max-steps", "16", "--lr", "1e-2", "--batch-size", "8", "--micro-batch-size", "8",
+                   "--warmup-steps", "0"]
+    assert cli(same) == 0
+    assert "already holds the finished model of this command" in capsys.readouterr().out
+    assert os.path.getmtime(ws / "moe_sft" / "model.safetensors") == before
 
 
 def test_interrupted_run_with_other_settings_is_refused(tmp_path):
     cfg = SFTConfig(model="m", data="d.jsonl", out=str(tmp_path / "run"), lr=1e-3)
-    run, resume = rundir.prepare(cfg.out, cfg, "sft")
-    assert resume is None
-    rundir.start(run, cfg, "sft")
-    assert rundir.prepare(cfg.out, cfg, "sft")[1] is None  # same settings, no checkpoint yet: starts over
+    plan = rundir.prepare(cfg.out, cfg, "sft")
+    assert plan.resume is None and not plan.done
+    rundir.start(plan.run, cfg, "sft")
+    again = rundir.prepare(cfg.out, cfg, "sft")
+    assert again.resume is None and not again.done  # same settings, no checkpoint yet: starts over
     cfg.progress = False  # not a setting that changes the result
     rundir.prepare(cfg.out, cfg, "sft")
     cfg.lr = 2e-3
@@ -211,7 +224,7 @@ def test_interrupted_run_with_other_settings_is_refused(tmp_path):
         rundir.prepare(cfg.out, cfg, "sft")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not an xft run directory"):
+    with pytest.raises(UserError, match="not an xft output directory"):
         rundir.prepare(str(tmp_path / "other"), SFTConfig(model="m", data="d", out="x", overwrite=True), "sft")
 
 
@@ -220,7 +233,7 @@ def test_last_checkpoint_skips_a_save_that_was_cut_off(tmp_path):
     for step, complete in ((3, True), (6, False)):
         os.makedirs(f"{run.checkpoints}/checkpoint-{step}")
         if complete:
-            (tmp_path / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert run.last_checkpoint().endswith("checkpoint-3")
     assert [os.path.basename(p) for p in run.incomplete_checkpoints()] == ["checkpoint-6"]
 
@@ -301,15 +314,15 @@ def test_sparse_upcycling_trains_and_merges(workspace):
 
 
 def test_merge_learning_resumes_from_its_checkpoint(workspace, trained_moe):
-    """An interrupted `xft merge` (final missing, last checkpoint lost) re-runs to the same logits."""
+    """An interrupted `xft merge` (no config.json yet, last checkpoint lost) re-runs to the same logits."""
     ws = workspace
     cfg = dict(moe=str(ws / "moe_sft"), data=str(ws / "data.jsonl"), out=str(ws / "m_resume"), max_steps=4,
                lr=0.1, keep_checkpoints=True, **{**FAST, "save_steps": 2})
     first = json.loads(open(os.path.join(learn_merge(MergeConfig(**cfg)), "merge_coefficients.json")).read())
-    shutil.rmtree(ws / "m_resume" / "final")
-    shutil.rmtree(ws / "m_resume" / "checkpoints" / "checkpoint-4")
+    os.remove(ws / "m_resume" / "config.json")  # as if killed while moving the model in
+    shutil.rmtree(ws / "m_resume" / "checkpoint-4")
     again = json.loads(open(os.path.join(learn_merge(MergeConfig(**cfg)), "merge_coefficients.json")).read())
     assert again["mixing_logits"] == first["mixing_logits"]
-    record = json.loads((ws / "m_resume" / "final" / "xft_training.json").read_text())
+    record = json.loads((ws / "m_resume" / "xft_training.json").read_text())
     assert record["resumed_from"].endswith("checkpoint-2")
     assert first["mixing_logits"]["0"] != [0.0, 0.0, 0.0]

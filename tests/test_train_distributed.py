@@ -31,7 +31,7 @@ ARGS = ["--max-steps", "6", "--batch-size", "8", "--micro-batch-size", "2", "--w
 
 def curve(run):
     """(number of training processes, logged losses) of a finished run."""
-    with open(run / "final" / "xft_training.json") as f:
+    with open(run / "xft_training.json") as f:
         record = json.load(f)
     return record["processes"], [h["loss"] for h in record["log_history"] if "loss" in h]
 
@@ -69,6 +69,6 @@ def test_two_processes_match_one_process_with_idle_experts(tmp_path):
     assert (n1, n2) == (1, 2)  # really two processes in one process group
     assert len(c1) == len(c2) == 6 and c1[-1] < c1[0]
     assert c2 == pytest.approx(c1, rel=1e-3), (c1, c2)
-    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

@@ -27,7 +27,7 @@ def command(ws, out):
 
 
 def wait_for_checkpoint(proc, out, timeout=240):
-    state = out / "checkpoints" / f"checkpoint-{SAVE}" / "trainer_state.json"
+    state = out / f"checkpoint-{SAVE}" / "trainer_state.json"
     t0 = time.time()
     while not state.exists():
         assert proc.poll() is None, "training ended before its first checkpoint"
@@ -49,12 +49,12 @@ def test_kill_9_then_rerun_gives_identical_weights(tmp_path):
     wait_for_checkpoint(proc, interrupted)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (interrupted / "final").exists()  # an interrupted run never looks finished
+    assert not (interrupted / "config.json").exists()  # an interrupted run never looks finished
 
     resumed = subprocess.run(command(ws, interrupted), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "(resumed)" in resumed.stdout  # it did resume: the summary says so
-    record = json.loads((interrupted / "final" / "xft_training.json").read_text())
+    record = json.loads((interrupted / "xft_training.json").read_text())
     assert record["resumed_from"].endswith(f"checkpoint-{SAVE}")
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
 
@@ -62,8 +62,8 @@ def test_kill_9_then_rerun_gives_identical_weights(tmp_path):
     steps = [json.loads(line)["step"] for line in (interrupted / "routing.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
 
-    a = load_file(interrupted / "final" / "model.safetensors")
-    b = load_file(tmp_path / "reference" / "final" / "model.safetensors")
+    a = load_file(interrupted / "model.safetensors")
+    b = load_file(tmp_path / "reference" / "model.safetensors")
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= 1e-5, worst

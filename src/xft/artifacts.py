@@ -4,8 +4,9 @@ Model arguments: one rule for every command and `xft.load` that takes a model.
 
 `resolve_model(arg)` accepts
 
-* a model directory (holds `config.json`), as `from_pretrained` does;
-* a finished xft run directory (`xft train/merge --out D`): its model in `D/final`;
+* a model directory (holds `config.json`), as `from_pretrained` does; the
+  `--out D` of every xft command is one once the command has finished (a run
+  of xft 0.1 kept its model in `D/final`: found too);
 * a Hugging Face Hub id (`org/name`, or a legacy bare name such as `gpt2`).
 
 and fails fast with one line saying what is wrong: a local path that does not
@@ -107,16 +108,15 @@ def follow_umask(root: str) -> None:
 
 def resolve_model(path: str) -> str:
     """`path` as a loadable location: a model directory, a finished run's model, or a Hub id; UserError if not."""
-    from xft.training.rundir import RunDir
+    from xft.training.rundir import LEGACY_FINAL, RunDir
 
     path = str(path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
-        run = RunDir(path)
-        if run.is_finished():
-            return run.final
-        if os.path.isfile(run.run_file):
+        if os.path.isfile(os.path.join(path, LEGACY_FINAL, "config.json")):
+            return os.path.join(path, LEGACY_FINAL)
+        if os.path.isfile(RunDir(path).run_file):
             raise UserError(f"{path} is an unfinished xft run (no model yet); resume it by re-running its command")
         raise UserError(f"{path} is not a model directory (no config.json)")
     if os.path.exists(path):

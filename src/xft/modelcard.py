@@ -100,8 +100,6 @@ def _front_matter(kind: str, is_moe: bool, base_model: str | None) -> str:
 
 def _body(directory, is_moe, what, base_model, source, data, settings, results, details) -> str:
     name = os.path.basename(os.path.normpath(directory))
-    if name == "final":  # a run's OUT/final: the run's name says more
-        name = os.path.basename(os.path.dirname(os.path.normpath(directory))) or name
     out = [f"# {name}", "", f"This is {what}, made with xft (XFT: upcycle a dense code LLM into an MoE, "
            "instruction-tune it, merge it back into a dense model).", ""]
     if details:

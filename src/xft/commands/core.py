@@ -1,15 +1,18 @@
 """`xft upcycle`: turn a dense model into an XFT MoE and save it with its tokenizer.
 
-A thin wrapper over `xft.load` + `xft.upcycle` + `save_pretrained`; the output
-directory is written atomically and never silently replaced.
+A thin wrapper over `xft.load` + `xft.upcycle` + `save_pretrained`. `--out` follows
+the training commands' convention (`xft.training.rundir`): it becomes the model,
+config.json last; the same command again does nothing; another command there
+is refused unless `--overwrite`, which deletes only what xft wrote.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 
-from xft.errors import UserError
+from xft.artifacts import follow_umask
 
 
 def register(subparsers) -> None:
@@ -21,24 +24,26 @@ def register(subparsers) -> None:
                               description="Copy every FFN of MODEL into N experts behind a router "
                                           "(docs/CORE_API.md) and save the MoE with the tokenizer and a model card.")
     p.add_argument("model", help="dense model: a local directory, a finished xft run, or a Hugging Face Hub id")
-    p.add_argument("--out", required=True, help="directory to write the MoE to (must not exist or be empty)")
+    p.add_argument("--out", required=True, help="output directory: becomes the MoE (new, empty, or holding "
+                                                "this same command's output)")
     add_arguments(p, UpcycleConfig)  # every UpcycleConfig field, its help and choices from the config
     p.add_argument("--no-noise", dest="noisy_gating", action="store_false", help=argparse.SUPPRESS)  # old name
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the output of another xft command in --out")
     p.set_defaults(func=_upcycle)
 
 
 def _upcycle(args) -> int:
     import xft
-    from xft.training.config import from_args
     from xft.artifacts import resolve_model
-    from xft.training.rundir import atomic_dir
+    from xft.training import rundir
+    from xft.training.config import from_args
 
-    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise UserError(f"{args.out} exists and is not empty; pass --overwrite or choose another --out")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"{args.out} exists and is not a directory")
     config = from_args(xft.UpcycleConfig, args)
+    record = {"stage": "upcycle", "model": args.model, **config.to_dict()}
+    plan = rundir.claim(args.out, record, args.overwrite)
+    if plan.done:
+        print(rundir.already_done(plan.run, "upcycle"))
+        return 0
     path = resolve_model(args.model)
     # Only now transformers (seconds to import): every check above fails fast.
     from transformers.utils import logging
@@ -47,8 +52,15 @@ def _upcycle(args) -> int:
 
     logging.disable_progress_bar()  # per-file load/save bars
     n_dense = sum(p.numel() for p in skeleton(path).parameters())
-    with atomic_dir(args.out) as tmp:
+    rundir.begin(plan.run, record, args.overwrite)
+    tmp = os.path.join(args.out, ".final.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         model = upcycle_checkpoint(path, tmp, config, location=args.out)
+        follow_umask(tmp)
+        rundir.publish(plan.run, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     n_moe = sum(p.numel() for p in model.parameters())
     print(f"xft upcycle: {type(model).__name__} with {len(xft.moe_blocks(model))} MoE layers "
           f"({config.num_experts} experts, top-{config.top_k}, routing {config.routing}, router {config.router}); "

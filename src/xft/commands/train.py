@@ -11,15 +11,17 @@ from xft.training.config import MergeConfig, SFTConfig, add_arguments, from_args
 _MULTI_GPU = ("Multi-GPU: accelerate launch --config_file $(python -m xft.configs ddp) -m xft.cli {cmd} ... "
               "(also fsdp, deepspeed_zero3; see docs/training.md).")
 
-_TRAIN_EPILOG = ("The finished model is written to OUT/final; checkpoints go to OUT/checkpoints. "
-                 "Re-running the same command after an interruption resumes from the last checkpoint. "
+_TRAIN_EPILOG = ("OUT is the finished model (AutoModelForCausalLM.from_pretrained(OUT) for a dense one, "
+                 "xft.load(OUT) for an MoE); checkpoints go to OUT/checkpoint-N while training. Re-running the "
+                 "same command after an interruption resumes from the last checkpoint; after it finished, it "
+                 "does nothing. "
                  + _MULTI_GPU.format(cmd="train"))
 
-_MERGE_EPILOG = ("OUT/final holds the dense model (the base architecture, loadable with plain transformers), "
+_MERGE_EPILOG = ("OUT is the dense model (the base architecture, loadable with plain transformers), "
                  "its tokenizer, and merge_coefficients.json: per layer, the coefficient of each expert "
                  "(expert 0 is the shared one). --method init and uniform need no --data and take no training "
-                 "steps. --method learned trains with checkpoints in OUT/checkpoints; re-running the same "
-                 "command after an interruption resumes from the last one. " + _MULTI_GPU.format(cmd="merge"))
+                 "steps. --method learned trains with checkpoints in OUT/checkpoint-N; re-running the same "
+                 "command after an interruption resumes from the last one, and after it finished does nothing. " + _MULTI_GPU.format(cmd="merge"))
 
 
 def register(subparsers) -> None:

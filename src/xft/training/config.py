@@ -30,8 +30,8 @@ class CommonConfig:
     """Fields shared by both training stages: data, optimisation, run directory."""
 
     data: str | None = _f(None, "training data: JSONL, JSON or Parquet file, or a datasets.save_to_disk directory")
-    out: str | None = _f(None, "run directory: checkpoints in OUT/checkpoints, the finished model in OUT/final, "
-                                "logs in OUT/logs")
+    out: str | None = _f(None, "output directory: the finished model (from_pretrained(OUT) loads it), with "
+                                "checkpoints in OUT/checkpoint-N while training and logs in OUT/logs")
     # -- data
     kind: str = _f("auto", "record kind: instruction, chat (messages), prompt-completion (TRL), text "
                            "(pretraining) or auto", KINDS)
@@ -72,7 +72,7 @@ class CommonConfig:
     report_to: str = _f("none", "where else to log: none, tensorboard, wandb, ... (transformers report_to; "
                                 "comma-separated for several); TensorBoard logs go to OUT/logs")
     num_workers: int = _f(0, "dataloader worker processes")
-    keep_checkpoints: bool = _f(False, "keep OUT/checkpoints after the run finishes (default: delete them)")
+    keep_checkpoints: bool = _f(False, "keep OUT/checkpoint-N after the run finishes (default: delete them)")
     overwrite: bool = _f(False, "replace a finished or differently-configured run in OUT instead of stopping")
     progress: bool = _f(True, "show progress bars and the end-of-run summary")
 

@@ -6,7 +6,7 @@
 * "uniform": the plain average of all experts, no training.
 
 The result is a dense model of the MoE's original class and config, saved with
-the tokenizer in `<out>/final`, and `merge_coefficients.json` next to its
+the tokenizer in `<out>` itself, and `merge_coefficients.json` next to its
 weights: per layer the N coefficients (expert 0 = shared) and, for "learned",
 the mixing logits, so `xft.merge(moe, mixing_logits=...)` reproduces it.
 """
@@ -85,7 +85,12 @@ def learn_merge(config: MergeConfig) -> str:
     """
     cfg = config
     cfg.validate()
-    run, resume = rundir.prepare(cfg.out, cfg, "merge")
+    plan = rundir.prepare(cfg.out, cfg, "merge")
+    run, resume = plan.run, plan.resume
+    if plan.done:
+        if PartialState().is_main_process:
+            print(rundir.already_done(run, "merge"), flush=True)
+        return run.final
     path = resolve_model(cfg.moe)
     if not xft.is_moe_checkpoint(path):
         raise UserError(f"{cfg.moe} is a dense model, not an xft MoE; train an upcycled model first")

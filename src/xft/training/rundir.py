@@ -1,25 +1,28 @@
-"""The run directory: where a training stage keeps its checkpoints and its finished model.
+"""The run directory of a training stage: the finished model itself, with its checkpoints beside it.
 
-Layout of `--out OUT`:
+Layout of `--out OUT` (the ecosystem's convention: the output directory *is* the model):
 
-    OUT/run.json               the stage's config, written when training starts
-    OUT/checkpoints/checkpoint-N/   resumable Trainer checkpoints (model, optimizer, RNG, ...)
-    OUT/final/                 the finished model + tokenizer + model card README.md
-                               (+ merge_coefficients.json), loadable with xft.load(OUT) and, for
-                               dense models, AutoModelForCausalLM.from_pretrained(OUT/final)
+    OUT/config.json, *.safetensors, tokenizer files, README.md, xft_training.json
+                               the finished model (+ merge_coefficients.json for a merge):
+                               `AutoModelForCausalLM.from_pretrained(OUT)` for dense models,
+                               `xft.load(OUT)` (or the Auto classes after `import xft`) for MoEs
+    OUT/checkpoint-N/          resumable Trainer checkpoints, where Trainer writes them
+    OUT/xft_run.json           the stage's config, written when training starts
     OUT/logs/                  TensorBoard (and other file-based) logs, kept after the run
     OUT/routing.jsonl          per-layer expert loads of an MoE run, one line per logging step
 
 Guarantees:
-* `OUT/final` appears only complete: it is written to a temporary sibling and
-  renamed in one step, so an interrupted run never looks finished.
-* A finished run is never silently replaced: starting again on it is a
-  UserError unless `overwrite` is set.
+* An interrupted run never leaves a top-level `config.json`: the model is
+  written to a temporary sibling, its files are moved in, and `config.json`
+  moves last, so anything that loads `OUT` sees a whole model or none.
+* Re-running the command of a finished run is a no-op that says so
+  (`prepare` returns `done`); a run with *other* settings on a finished or
+  interrupted `OUT` is a UserError unless `overwrite` is set.
 * Re-running the same stage on an interrupted run resumes from its newest
-  complete checkpoint; running a *different* config there is a UserError
-  (resuming under other settings would silently change the schedule).
-* `overwrite` deletes only what this module writes (run.json, checkpoints,
-  final); a directory that is not a run directory is never deleted.
+  complete checkpoint.
+* `overwrite` deletes only what this module wrote (the run file, checkpoints,
+  logs and the model files it recorded); a directory that is not a run
+  directory is never deleted.
 """
 
 from __future__ import annotations
@@ -32,16 +35,20 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 
-from xft.artifacts import atomic_write_text, follow_umask  # noqa: F401  (follow_umask: for stage.finalize)
+from xft.artifacts import atomic_write_text, follow_umask
 from xft.errors import UserError
 
-RUN_FILE = "run.json"
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
+RUN_FILE = "xft_run.json"
 LOGS = "logs"
-# Fields that do not change what a run computes; they may differ when resuming.
+ROUTING_LOG = "routing.jsonl"
+MODEL_CONFIG = "config.json"  # moved into OUT last: its presence means "finished"
+# Where runs of xft 0.1 kept their model (OUT/final/): still found by `resolve_model`, never written.
+LEGACY_FINAL = "final"
+# Fields that do not change what a run computes; they may differ when resuming or re-running.
 NON_SEMANTIC = {"overwrite", "progress", "report_to", "logging_steps", "save_total_limit", "num_workers",
                 "save_steps", "keep_checkpoints", "eval_steps"}
+# Entries of the run file that record what happened, not settings.
+RECORD_ONLY = {"outputs"}
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -57,27 +64,39 @@ class RunDir:
 
     @property
     def checkpoints(self) -> str:
-        return os.path.join(self.root, CHECKPOINTS)
+        """Where Trainer writes `checkpoint-N/` (its `output_dir`): the run directory itself."""
+        return self.root
 
     @property
     def final(self) -> str:
-        return os.path.join(self.root, FINAL)
+        """Where the finished model is: the run directory itself."""
+        return self.root
 
     @property
     def logs(self) -> str:
         return os.path.join(self.root, LOGS)
 
     def is_finished(self) -> bool:
-        return os.path.isfile(os.path.join(self.final, "config.json"))
+        return os.path.isfile(self.run_file) and os.path.isfile(os.path.join(self.root, MODEL_CONFIG))
+
+    def read_record(self) -> dict:
+        """The run file's content (UserError if unreadable)."""
+        try:
+            with open(self.run_file) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            raise UserError(f"{self.run_file} is unreadable; pass --overwrite to start over") from None
+
+    def checkpoint_dirs(self) -> list[tuple[int, str]]:
+        """(step, path) of every `checkpoint-N` folder, oldest first."""
+        if not os.path.isdir(self.root):
+            return []
+        return sorted((int(m.group(1)), os.path.join(self.root, name)) for name in os.listdir(self.root)
+                      if (m := _CKPT.match(name)))
 
     def last_checkpoint(self) -> str | None:
         """The newest checkpoint whose save completed (trainer_state.json is written last)."""
-        if not os.path.isdir(self.checkpoints):
-            return None
-        steps = sorted((int(m.group(1)), name) for name in os.listdir(self.checkpoints)
-                       if (m := _CKPT.match(name)))
-        for _, name in reversed(steps):
-            path = os.path.join(self.checkpoints, name)
+        for _, path in reversed(self.checkpoint_dirs()):
             try:
                 with open(os.path.join(path, "trainer_state.json")) as f:
                     json.load(f)
@@ -90,63 +109,127 @@ class RunDir:
         """Checkpoint folders newer than the last complete one (a save that was cut off)."""
         last = self.last_checkpoint()
         last_step = int(_CKPT.match(os.path.basename(last)).group(1)) if last else -1
-        if not os.path.isdir(self.checkpoints):
-            return []
-        return [os.path.join(self.checkpoints, n) for n in os.listdir(self.checkpoints)
-                if (m := _CKPT.match(n)) and int(m.group(1)) > last_step]
+        return [path for step, path in self.checkpoint_dirs() if step > last_step]
+
+    def remove_checkpoints(self) -> None:
+        for _, path in self.checkpoint_dirs():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _semantic(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in NON_SEMANTIC}
 
 
-def prepare(root: str, config, stage: str) -> tuple[RunDir, str | None]:
-    """Decide what to do with run directory `root` for `config`, touching nothing.
+def record_of(config, stage: str) -> dict:
+    """What the run file records of `config`: JSON-plain, as it will read back."""
+    return json.loads(json.dumps({"stage": stage, **asdict(config)}, default=str))
 
-    Returns the RunDir and the checkpoint to resume from (None: start fresh).
-    Raises UserError for a finished run, a run of another config, or a
-    directory that is not a run directory, unless `config.overwrite` allows it.
+
+def settings_diff(old: dict, new: dict, ignore=NON_SEMANTIC | RECORD_ONLY) -> list[str]:
+    """`key: old -> new` for every setting that differs between two records, `ignore`d keys aside."""
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+@dataclass
+class Plan:
+    """What `prepare` decided: start fresh, resume from `resume`, or nothing to do (`done`)."""
+
+    run: RunDir
+    resume: str | None = None
+    done: bool = False
+
+
+def prepare(root: str, config, stage: str) -> Plan:
+    """Decide what to do with run directory `root` for training `config` of `stage`, touching nothing."""
+    return claim(root, record_of(config, stage), config.overwrite)
+
+
+def claim(root: str, record: dict, overwrite: bool = False) -> Plan:
+    """Decide what to do with output directory `root` for the command `record` describes, touching nothing.
+
+    A finished run of the same settings is `done`; an interrupted one resumes
+    from its last complete checkpoint. UserError for a run of other settings
+    unless `overwrite`, and for a non-empty directory xft did not write.
     """
     run = RunDir(root)
     if os.path.exists(root) and not os.path.isdir(root):
         raise UserError(f"output path {root} exists and is not a directory")
     if not os.path.isdir(root) or not os.listdir(root):
-        return run, None
+        return Plan(run)
     if not os.path.isfile(run.run_file):
-        raise UserError(f"output directory {root} is not empty and is not an xft run directory; "
+        legacy = " (a run of xft 0.1: its model is in final/)" if os.path.isdir(
+            os.path.join(root, LEGACY_FINAL)) else ""
+        raise UserError(f"output directory {root} is not empty and is not an xft output directory{legacy}; "
                         "choose a new or empty --out")
-    if config.overwrite:
-        return run, None
+    if overwrite:
+        return Plan(run)
+    diff = settings_diff(run.read_record(), record)
     if run.is_finished():
-        raise UserError(f"{root} already holds a finished model ({run.final}); "
-                        "pass --overwrite to replace it, or choose another --out")
-    try:
-        with open(run.run_file) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        raise UserError(f"{run.run_file} is unreadable; pass --overwrite to start over") from None
-    mine = {"stage": stage, **asdict(config)}
-    old, new = _semantic(saved), _semantic(json.loads(json.dumps(mine)))
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diff:
+            raise UserError(f"{root} already holds the finished model of another command ({'; '.join(diff[:4])}); "
+                            "pass --overwrite to replace it, or choose another --out")
+        return Plan(run, done=True)
     if diff:
         raise UserError(f"{root} holds an interrupted run with other settings ({'; '.join(diff[:4])}); "
                         "re-run the same command to resume it, or pass --overwrite to start over")
-    return run, run.last_checkpoint()
+    return Plan(run, run.last_checkpoint())
+
+
+def already_done(run: RunDir, command: str) -> str:
+    """The line a re-run of a finished command prints."""
+    return f"xft {command}: {run.root} already holds the finished model of this command; nothing to do"
 
 
 def start(run: RunDir, config, stage: str) -> None:
-    """Create the run directory (main process only): clear it if overwriting, record the config."""
-    if config.overwrite:
-        for path in (run.final, run.checkpoints):
-            shutil.rmtree(path, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(run.run_file)
+    """Create the run directory for training `config` (main process only); see `begin`."""
+    begin(run, record_of(config, stage), config.overwrite)
+
+
+def begin(run: RunDir, record: dict, overwrite: bool = False) -> None:
+    """Create the output directory: clear what xft wrote there if overwriting, record the command."""
+    if overwrite and os.path.isfile(run.run_file):
+        clear(run)
     else:
         for path in run.incomplete_checkpoints():
             shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(run.checkpoints, exist_ok=True)
+    os.makedirs(run.root, exist_ok=True)
     if not os.path.isfile(run.run_file):
-        _write_json(run.run_file, {"stage": stage, **asdict(config)})
+        write_json(run.run_file, record)
+
+
+def clear(run: RunDir) -> None:
+    """Delete what a run wrote into `run.root` (config.json first, so it stops looking finished)."""
+    outputs = run.read_record().get("outputs", []) if os.path.isfile(run.run_file) else []
+    for name in [MODEL_CONFIG] + [n for n in outputs if n != MODEL_CONFIG]:
+        path = os.path.join(run.root, os.path.basename(name))  # basename: a record never names a path outside
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+    run.remove_checkpoints()
+    shutil.rmtree(run.logs, ignore_errors=True)
+    for name in (ROUTING_LOG, RUN_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(run.root, name))
+
+
+def publish(run: RunDir, tmp: str) -> None:
+    """Move the finished model's files from `tmp` into the run directory, `config.json` last.
+
+    The names are recorded in the run file first, so `--overwrite` can delete
+    exactly them later.
+    """
+    names = sorted(os.listdir(tmp), key=lambda n: n == MODEL_CONFIG)
+    if MODEL_CONFIG not in names:
+        raise RuntimeError(f"the finished model in {tmp} has no {MODEL_CONFIG}")
+    write_json(run.run_file, {**run.read_record(), "outputs": names})
+    for name in names:
+        target = os.path.join(run.root, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(tmp, name), target)
+    os.rmdir(tmp)
 
 
 @contextlib.contextmanager
@@ -174,10 +257,6 @@ def atomic_dir(target: str):
         raise
 
 
-def _write_json(path: str, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
-
-
 def write_json(path: str, obj) -> None:
     """Write `obj` as indented JSON atomically (temp file + rename)."""
-    _write_json(path, obj)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))

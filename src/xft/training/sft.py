@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import transformers
+from accelerate import PartialState
 
 import xft
 from xft.artifacts import copy_companions, resolve_model, servable_config
@@ -41,12 +42,18 @@ def train_sft(config: SFTConfig) -> str:
     """Instruction-tune `config.model` on `config.data`; return the path of the finished model.
 
     Re-running with the same config after an interruption resumes from the last
-    checkpoint in `config.out`. The finished model (MoE, dense, or for EWA the
-    averaged dense model) and its tokenizer are in `<out>/final`.
+    checkpoint in `config.out`, and re-running it after it finished does nothing.
+    The finished model (MoE, dense, or for EWA the averaged dense model) and its
+    tokenizer are `config.out` itself.
     """
     cfg = config
     cfg.validate()
-    run, resume = rundir.prepare(cfg.out, cfg, "sft")
+    plan = rundir.prepare(cfg.out, cfg, "sft")
+    run, resume = plan.run, plan.resume
+    if plan.done:
+        if PartialState().is_main_process:
+            print(rundir.already_done(run, "train"), flush=True)
+        return run.final
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     splits, collator, warning = prepare_data(cfg, tokenizer)

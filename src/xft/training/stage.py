@@ -2,8 +2,9 @@
 
 A stage (`train_sft`, `learn_merge`) is: validate everything (no writes:
 config, data, `check_schedule`) -> build the model -> `run_trainer` (resumes
-from OUT/checkpoints) -> `finalize` (OUT/final written atomically on the main
-process, with a model card) -> `summary`.
+from OUT/checkpoint-N) -> `finalize` (the model, with a model card, moved into
+OUT on the main process, config.json last) -> `summary`. `xft.training.rundir`
+describes the layout.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from accelerate import PartialState
 from transformers import AutoTokenizer
 
+from xft.artifacts import atomic_write_text, follow_umask
 from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.training import rundir
@@ -92,7 +94,7 @@ def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, splits, coll
     logs = run.logs
     args = training_arguments(cfg, run.checkpoints, micro, accum, mixed, evaluate=splits.eval is not None,
                               logging_dir=logs)
-    routing_log = os.path.join(run.root, "routing.jsonl") if is_moe else None
+    routing_log = os.path.join(run.root, rundir.ROUTING_LOG) if is_moe else None
     state = PartialState()
     if state.is_main_process:
         rundir.start(run, cfg, stage)
@@ -129,13 +131,13 @@ def truncate_log(path: str, step: int) -> None:
     # A line cut off by the kill that interrupted the run is dropped too.
     kept = [line for line in lines if line.endswith("\n") and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        rundir.atomic_write_text(path, "".join(kept))
+        atomic_write_text(path, "".join(kept))
 
 
 def finalize(run: rundir.RunDir, save, keep_checkpoints: bool = True) -> str:
-    """Write the finished model to OUT/final atomically; `save(tmp_dir)` writes its files.
+    """Write the finished model into OUT (`rundir.publish`: config.json last); `save(tmp_dir)` writes its files.
 
-    `save` runs on every process (sharded models gather inside it); the rename
+    `save` runs on every process (sharded models gather inside it); the move
     and the checkpoint clean-up run on the main process only.
     """
     state = PartialState()
@@ -147,12 +149,10 @@ def finalize(run: rundir.RunDir, save, keep_checkpoints: bool = True) -> str:
     save(tmp)
     state.wait_for_everyone()
     if state.is_main_process:
-        rundir.follow_umask(tmp)  # safetensors writes 0600: the finished model follows the umask
-        if os.path.exists(run.final):  # only with --overwrite: replace it now the new one is complete
-            shutil.rmtree(run.final)
-        os.rename(tmp, run.final)
+        follow_umask(tmp)  # safetensors writes 0600: the finished model follows the umask
+        rundir.publish(run, tmp)
         if not keep_checkpoints:
-            shutil.rmtree(run.checkpoints, ignore_errors=True)
+            run.remove_checkpoints()
     state.wait_for_everyone()
     return run.final
 
@@ -206,7 +206,7 @@ def common_rows(cfg, trainer, output, seconds: float, splits, final: str,
         rows.append(("WARNING", warning))
     targets = report_targets(cfg.report_to)
     if targets:
-        where = "; TensorBoard logs in " + os.path.join(os.path.dirname(final), rundir.LOGS) if (
+        where = "; TensorBoard logs in " + os.path.join(final, rundir.LOGS) if (
             "tensorboard" in targets or "all" in targets) else ""
         rows.append(("logged to", ", ".join(targets) + where))
     rows.append(("time", f"{seconds:.1f} s this session"
@@ -215,7 +215,7 @@ def common_rows(cfg, trainer, output, seconds: float, splits, final: str,
 
 
 def config_record(cfg, stage: str, splits, trainer, resumed_from: str | None = None) -> dict:
-    """What goes into OUT/final/xft_training.json: config, data stats, validation, log history, resume point."""
+    """What goes into OUT/xft_training.json: config, data stats, validation, log history, resume point."""
     validation = None
     if splits is not None and splits.eval_stats is not None and trainer is not None:
         curve = validation_curve(trainer)
