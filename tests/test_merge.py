@@ -255,3 +255,18 @@ def test_bad_merge_arguments():
         xft.merge(moe, mixing_logits={0: torch.zeros(7)})
     with pytest.raises(ValueError, match="no MoE blocks"):
         xft.merge(tiny_model("llama"))
+
+
+def test_merge_stage_records_coefficients_only_for_coefficient_methods(registry):
+    from xft.training.config import MergeConfig
+    from xft.training.merging import coefficients_record, fixed_coefficients
+
+    register_merge_method("median", "per-parameter elementwise median of the experts")(
+        lambda layer: {name: s.median(0).values for name, s in layer.stacks.items()})
+    moe = _perturbed_moe()
+    init = fixed_coefficients(moe, "init", 0.75)
+    assert set(init) == {0, 1} and init[0] == pytest.approx([0.75] + [0.25 / 7] * 7)
+    assert fixed_coefficients(moe, "uniform", 0.75)[1] == pytest.approx([1 / 8] * 8)
+    assert fixed_coefficients(moe, "median", 0.75) is None
+    record = coefficients_record(MergeConfig(moe="m", out="o", method="init"), dict(moe.config.xft), None, None)
+    assert record["coefficients"] is None
