@@ -1,12 +1,15 @@
 """Merging invariants: the formula of docs/method.md §3, learnable == compiled, untrained merge == dense."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import xft
-from xft.merge import merge_modules
+from xft.ffn import decoder_layers, find_ffn
+from xft.merge import MERGE_METHODS, merge_inputs, merge_modules, register_merge_method
 from xft.testing import tiny_model
 
 
@@ -20,8 +23,120 @@ def _perturbed_moe(arch="llama", **cfg):
 
 
 def _ffn_params(dense, layer):
-    from xft.ffn import decoder_layers, find_ffn
     return dict(find_ffn(decoder_layers(dense)[layer])[1].named_parameters())
+
+
+def _hand_merged(dense, weights):
+    """A copy of the dense model with FFN weights {layer: {name: tensor}} set by hand."""
+    dense = copy.deepcopy(dense)
+    with torch.no_grad():
+        for i, named in weights.items():
+            params = _ffn_params(dense, i)
+            assert set(params) == set(named)
+            for name, w in named.items():
+                params[name].copy_(w)
+    return dense
+
+
+@pytest.fixture
+def registry():
+    """MERGE_METHODS, restored after the test (for methods registered at runtime)."""
+    saved = dict(MERGE_METHODS)
+    yield MERGE_METHODS
+    MERGE_METHODS.clear()
+    MERGE_METHODS.update(saved)
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_every_method_computes_its_formula(method):
+    """Merged FFN parameters are Σ_e c_e W_e, and the merged model's logits are a hand-merged dense model's."""
+    dense = tiny_model("llama")
+    moe = xft.upcycle(copy.deepcopy(dense))
+    with torch.no_grad():
+        for stacks in xft.expert_weights(moe).values():
+            for p in stacks.values():
+                p.add_(torch.randn_like(p) * 0.1)
+    logits = {i: torch.randn(7) for i in range(2)} if method == "learned" else None
+    merged = xft.merge(moe, shared_weight=0.6, mixing_logits=logits, method=method)
+    want = {}
+    for i, layer in merge_inputs(moe, 0.6, logits).items():
+        c = MERGE_METHODS[method].coefficients(layer)
+        assert c.shape == (8,) and float(c.sum()) == pytest.approx(1.0)
+        want[i] = {name: sum(c[e] * s[e] for e in range(8)) for name, s in layer.stacks.items()}
+        for name, w in _ffn_params(merged, i).items():
+            torch.testing.assert_close(w, want[i][name], rtol=0, atol=1e-6)
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, _hand_merged(dense, want)(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_registry_describes_every_method():
+    assert {"learned", "init", "uniform"} <= set(MERGE_METHODS)
+    for name, m in MERGE_METHODS.items():
+        assert m.name == name and m.help and "\n" not in m.help
+    assert [n for n, m in MERGE_METHODS.items() if m.learns] == ["learned"]
+    # The CLI reads the names and help without torch.
+    code = "import sys, xft.merge_methods as m; print(sorted(m.MERGE_METHODS), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "False"
+
+
+def test_tensor_level_methods_registered_at_runtime(registry):
+    @register_merge_method("median", "per-parameter elementwise median of the experts")
+    def median(layer):
+        return {name: s.median(0).values for name, s in layer.stacks.items()}
+
+    @register_merge_method("shared_only", "keep the shared expert only")
+    def shared_only(layer):
+        assert layer.shared_expert
+        return {name: s[0] for name, s in layer.stacks.items()}
+
+    dense = tiny_model("llama")
+    moe = xft.upcycle(copy.deepcopy(dense))
+    with torch.no_grad():
+        for stacks in xft.expert_weights(moe).values():
+            for p in stacks.values():
+                p.add_(torch.randn_like(p) * 0.1)
+    stacks = xft.expert_weights(moe)
+    ids = torch.randint(0, 300, (2, 10))
+    for name, pick in (("median", lambda s: s.median(0).values), ("shared_only", lambda s: s[0])):
+        assert MERGE_METHODS[name].coefficients(merge_inputs(moe)[0]) is None
+        merged = xft.merge(moe, method=name)
+        want = {i: {n: pick(s.detach()) for n, s in st.items()} for i, st in stacks.items()}
+        for i in stacks:
+            for n, w in _ffn_params(merged, i).items():
+                assert torch.equal(w, want[i][n])
+        with torch.no_grad():
+            torch.testing.assert_close(merged(ids).logits, _hand_merged(dense, want)(ids).logits, rtol=0, atol=0)
+    # The merged model owns its weights: "shared_only" returned views of the MoE's stacks.
+    with torch.no_grad():
+        _ffn_params(merged, 0)["down_proj.weight"].zero_()
+    assert stacks[0]["down_proj.weight"][0].abs().sum() > 0
+    with pytest.raises(ValueError, match="already registered"):
+        register_merge_method("median", "again")(median)
+
+
+def test_a_method_must_return_every_ffn_weight_in_its_shape(registry):
+    moe = _perturbed_moe()
+    register_merge_method("drops", "forgets a weight")(
+        lambda layer: {"down_proj.weight": layer.stacks["down_proj.weight"][0]})
+    register_merge_method("stacked", "returns the stacks")(lambda layer: dict(layer.stacks))
+    with pytest.raises(ValueError, match="returned weights"):
+        xft.merge(moe, method="drops")
+    with pytest.raises(ValueError, match="of shape"):
+        xft.merge(moe, method="stacked")
+
+
+def test_a_coefficient_method_registered_at_runtime(registry):
+    @register_merge_method("last", "the last expert only", coefficients=True)
+    def last(layer):
+        return torch.nn.functional.one_hot(torch.tensor(layer.num_experts - 1), layer.num_experts).float()
+
+    moe = _perturbed_moe()
+    merged = xft.merge(moe, method="last")
+    for i, stacks in xft.expert_weights(moe).items():
+        for name, s in stacks.items():
+            torch.testing.assert_close(_ffn_params(merged, i)[name], s[-1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
@@ -140,3 +255,18 @@ def test_bad_merge_arguments():
         xft.merge(moe, mixing_logits={0: torch.zeros(7)})
     with pytest.raises(ValueError, match="no MoE blocks"):
         xft.merge(tiny_model("llama"))
+
+
+def test_merge_stage_records_coefficients_only_for_coefficient_methods(registry):
+    from xft.training.config import MergeConfig
+    from xft.training.merging import coefficients_record, fixed_coefficients
+
+    register_merge_method("median", "per-parameter elementwise median of the experts")(
+        lambda layer: {name: s.median(0).values for name, s in layer.stacks.items()})
+    moe = _perturbed_moe()
+    init = fixed_coefficients(moe, "init", 0.75)
+    assert set(init) == {0, 1} and init[0] == pytest.approx([0.75] + [0.25 / 7] * 7)
+    assert fixed_coefficients(moe, "uniform", 0.75)[1] == pytest.approx([1 / 8] * 8)
+    assert fixed_coefficients(moe, "median", 0.75) is None
+    record = coefficients_record(MergeConfig(moe="m", out="o", method="init"), dict(moe.config.xft), None, None)
+    assert record["coefficients"] is None

@@ -1,18 +1,21 @@
-"""Merging (MoE -> dense, docs/method.md §3): fixed-coefficient merges and the learnable merge.
+"""Merging (MoE -> dense, docs/method.md §3): the merge methods and the learnable merge.
 
-For each layer `l` the experts are mixed with coefficients `c^l ∈ R^N`:
+For each layer a merge method turns the expert stacks `{name: [N, *shape]}`
+into dense FFN weights `{name: [*shape]}` (`xft.merge_methods`, where the
+methods are registered by name). The coefficient-based ones mix the experts
+with coefficients `c^l ∈ R^N`:
 
 * shared-expert routings: `c = [λ, (1-λ)·softmax(a^l)]`, `a^l ∈ R^{N-1}`
   (zeros = the paper's init merge, each routed expert `(1-λ)/(N-1)`);
 * ``"sparse"`` (no shared expert): `c = softmax(a^l)`, `a^l ∈ R^N`;
 * ``"uniform"``: `c = 1/N` (also EWA's final merge).
 
-and every FFN parameter becomes `W^l = Σ_n c_n · W_n^l`. Merge methods are
-entries of `MERGE_METHODS`. `merge` compiles directly; `build_merge_model`
-turns an MoE (in place) into a model of the dense architecture whose FFN
-weights are computed from the expert stacks and learnable `a^l` on the fly,
-and `compile_merge` writes the learned result into a plain dense model of the
-original class — no trace of xft in its config or modules.
+and every FFN parameter becomes `W^l = Σ_n c_n · W_n^l` (`weighted_sum`).
+`merge` compiles directly; `build_merge_model` turns an MoE (in place) into a
+model of the dense architecture whose FFN weights are computed from the expert
+stacks and learnable `a^l` on the fly, and `compile_merge` writes the learned
+result into a plain dense model of the original class — no trace of xft in its
+config or modules.
 
 Memory: the learnable merge keeps the stacks in the model's dtype (no fp32
 copy) and materialises one merged weight per FFN parameter per forward; the
@@ -23,15 +26,18 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from xft.ffn import FFNSpec
-from xft.moe import MoEBlock
 from xft.hfconfig import dense_config
+# The registry, re-exported: `xft.merge.MERGE_METHODS` (= `xft.MERGE_METHODS`) is the list of merge methods.
+from xft.merge_methods import (  # noqa: F401
+    MERGE_METHODS, MergeInput, MergeMethod, get_merge_method, register_merge_method,
+)
+from xft.moe import MoEBlock
 from xft.upcycle import _add_balance_loss, moe_blocks
 
 
@@ -44,54 +50,76 @@ def coefficients(num_experts: int, shared_expert: bool, shared_weight: float | T
     return logits.float().softmax(-1)
 
 
-def _init(block: MoEBlock, shared_weight: float, logits: Tensor | None) -> Tensor:
-    n, shared = block.num_experts, block.first_routed == 1
-    zeros = torch.zeros(n - 1 if shared else n)
-    return coefficients(n, shared, shared_weight, zeros)
+@torch.no_grad()
+def weighted_sum(stacks: dict[str, Tensor], c: Tensor) -> dict[str, Tensor]:
+    """{name: Σ_n c_n · stack[n]} for stacks [N, *shape] and coefficients [N]; fp32 sums, the stacks' dtype out."""
+    merged = {}
+    for name, s in stacks.items():
+        if len(c) != s.shape[0]:
+            raise ValueError(f"{len(c)} coefficients for the {s.shape[0]} experts of {name!r}")
+        acc = torch.zeros(s.shape[1:], dtype=torch.float32, device=s.device)
+        for n in range(s.shape[0]):  # one fp32 temporary per parameter, not a fp32 copy of the stack
+            acc.add_(s[n].float(), alpha=float(c[n]))
+        merged[name] = acc.to(s.dtype)
+    return merged
 
 
-def _uniform(block: MoEBlock, shared_weight: float, logits: Tensor | None) -> Tensor:
-    return torch.full((block.num_experts,), 1.0 / block.num_experts)
+# ----------------------------------------------------------------------------- built-in methods (xft.merge_methods)
+
+def _num_logits(layer: MergeInput) -> int:
+    return layer.num_experts - 1 if layer.shared_expert else layer.num_experts
 
 
-def _learned(block: MoEBlock, shared_weight: float, logits: Tensor | None) -> Tensor:
-    if logits is None:
+def init_coefficients(layer: MergeInput) -> Tensor:
+    """Zero logits: shared expert λ, each routed expert (1-λ)/(N-1) (softmax over all N without a shared one)."""
+    return coefficients(layer.num_experts, layer.shared_expert, layer.shared_weight, torch.zeros(_num_logits(layer)))
+
+
+def uniform_coefficients(layer: MergeInput) -> Tensor:
+    """Every expert 1/N."""
+    return torch.full((layer.num_experts,), 1.0 / layer.num_experts)
+
+
+def learned_coefficients(layer: MergeInput) -> Tensor:
+    """From the layer's learned mixing logits (`xft.build_merge_model`, or given to `merge`)."""
+    if layer.logits is None:
         raise ValueError("method 'learned' needs mixing logits for every layer")
-    n, shared = block.num_experts, block.first_routed == 1
-    expected = n - 1 if shared else n
-    if logits.shape != (expected,):
-        raise ValueError(f"mixing logits of shape {tuple(logits.shape)}; expected ({expected},) "
-                         f"for {n} experts with routing {block.config.routing!r}")
-    return coefficients(n, shared, shared_weight, logits.detach().cpu())
+    expected = _num_logits(layer)
+    if layer.logits.shape != (expected,):
+        raise ValueError(f"mixing logits of shape {tuple(layer.logits.shape)}; expected ({expected},) "
+                         f"for {layer.num_experts} experts with routing {layer.config.routing!r}")
+    return coefficients(layer.num_experts, layer.shared_expert, layer.shared_weight, layer.logits.detach().cpu())
 
 
-# (block, shared weight λ, logits for that layer or None) -> coefficients [N]
-MERGE_METHODS: dict[str, Callable[[MoEBlock, float, Tensor | None], Tensor]] = {
-    "init": _init, "uniform": _uniform, "learned": _learned,
-}
-
+# ----------------------------------------------------------------------------- fixed merges
 
 def merge(moe: nn.Module, shared_weight: float = 0.75, mixing_logits: dict[int, Tensor] | None = None,
           method: str | None = None) -> nn.Module:
     """A dense model of the MoE's original class and config whose FFNs are the merged experts.
 
-    `method`: ``"init"`` (default without logits), ``"uniform"``, or
-    ``"learned"`` (default with `mixing_logits`: layer index -> `a^l`).
-    The MoE is left untouched.
+    `method`: a name of `MERGE_METHODS` — ``"init"`` (default without
+    logits), ``"uniform"``, ``"learned"`` (default with `mixing_logits`:
+    layer index -> `a^l`), or one registered at runtime. The MoE is left untouched.
     """
-    method = method or ("learned" if mixing_logits is not None else "init")
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {method!r}; expected one of {sorted(MERGE_METHODS)}")
+    merger = get_merge_method(method or ("learned" if mixing_logits is not None else "init"))
+    blocks = moe_blocks(moe)
+    with torch.no_grad():
+        ffns = {blocks[i]: _ffn_with(blocks[i].experts, merger(layer), merger.name)
+                for i, layer in merge_inputs(moe, shared_weight, mixing_logits).items()}
+    return _dense_copy(moe, ffns)
+
+
+def merge_inputs(moe: nn.Module, shared_weight: float = 0.75,
+                 mixing_logits: dict[int, Tensor] | None = None) -> dict[int, MergeInput]:
+    """Layer index -> what a merge method gets for that layer, after checking the arguments."""
     blocks = _blocks_to_merge(moe, shared_weight)
-    logits = mixing_logits or {}
     if mixing_logits is not None and set(mixing_logits) != set(blocks):
         raise ValueError(f"mixing logits given for layers {sorted(mixing_logits)}; the model has "
                          f"layers {sorted(blocks)}")
-    ffns = {}
-    for i, block in blocks.items():
-        c = MERGE_METHODS[method](block, shared_weight, logits.get(i))
-        ffns[block] = merged_ffn(block.experts, c)
-    return _dense_copy(moe, ffns)
+    logits = mixing_logits or {}
+    return {i: MergeInput({name: p.detach() for name, p in block.expert_parameters().items()},
+                          block.config, shared_weight, logits.get(i))
+            for i, block in blocks.items()}
 
 
 def _blocks_to_merge(moe: nn.Module, shared_weight: float) -> dict[int, MoEBlock]:
@@ -109,16 +137,28 @@ def average_experts(moe: nn.Module) -> nn.Module:
     return merge(moe, method="uniform")
 
 
+def _ffn_with(experts: nn.Module, weights: dict[str, Tensor], method: str = "") -> nn.Module:
+    """A copy of the FFN template `experts` (stacks [N, *shape]) with each stack replaced by `weights[name]`."""
+    stacks = dict(experts.named_parameters())
+    if set(weights) != set(stacks):
+        raise ValueError(f"merge method {method!r} returned weights {sorted(weights)}; the FFN has {sorted(stacks)}")
+    memo = {}
+    for name, p in stacks.items():
+        w = weights[name]
+        if tuple(w.shape) != tuple(p.shape[1:]):
+            raise ValueError(f"merge method {method!r} returned {name!r} of shape {tuple(w.shape)}; "
+                             f"expected {tuple(p.shape[1:])}")
+        w = w.detach().to(device=p.device, dtype=p.dtype)
+        if w.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+            w = w.clone()  # a view of the stack (e.g. one expert's slice): the dense model gets its own copy
+        memo[id(p)] = nn.Parameter(w, requires_grad=p.requires_grad)
+    return copy.deepcopy(experts, memo)
+
+
 @torch.no_grad()
 def merged_ffn(experts: nn.Module, c: Tensor) -> nn.Module:
     """A copy of the FFN template `experts` whose parameters are `Σ_n c_n W_n` (computed in fp32)."""
-    memo = {}
-    for p in experts.parameters():
-        acc = torch.zeros(p.shape[1:], dtype=torch.float32, device=p.device)
-        for n in range(p.shape[0]):  # one fp32 temporary per parameter, not a fp32 copy of the stack
-            acc.add_(p[n].float(), alpha=float(c[n]))
-        memo[id(p)] = nn.Parameter(acc.to(p.dtype), requires_grad=p.requires_grad)
-    return copy.deepcopy(experts, memo)
+    return _ffn_with(experts, weighted_sum(dict(experts.named_parameters()), c))
 
 
 def _dense_copy(model: nn.Module, replacements: dict[nn.Module, nn.Module]) -> nn.Module:
@@ -207,5 +247,5 @@ def compile_merge(model: nn.Module) -> nn.Module:
     if not modules:
         raise ValueError(f"{type(model).__name__} is not a merge model (see build_merge_model)")
     with torch.no_grad():
-        ffns = {m: merged_ffn(m.experts, m.coefficients().detach()) for m in modules.values()}
+        ffns = {m: merged_ffn(m.experts, m.coefficients()) for m in modules.values()}
     return _dense_copy(model, ffns)

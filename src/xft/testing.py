@@ -2,7 +2,8 @@
 
 Nothing here downloads anything: configs come from `transformers` config
 classes with random weights (a few hundred KB), tokenizers are trained on the
-spot with `tokenizers`. Used by the test suite and by documentation examples.
+spot with `tokenizers` (`xft.minicode.base.train_tokenizer`, the one trainer).
+Used by the test suite and by documentation examples.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from xft.minicode.base import train_tokenizer  # the one tokenizer trainer (MiniCode's base model uses it too)
+
 # Architectures the core library is checked on (issue: "at minimum").
 ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "gpt2", "gpt_neox", "starcoder2", "stablelm",
 )
-
-_SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, hidden: int = 32, layers: int = 2,
@@ -56,8 +57,6 @@ def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384) -> Pr
     Byte-level, so any text round-trips; special tokens pad=0, bos=1, eos=2, unk=3,
     matching `tiny_config`.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     if corpus is None:
         corpus = [
             "def add(a, b):\n    return a + b\n",
@@ -65,12 +64,4 @@ def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384) -> Pr
             "for i in range(10):\n    print(i * i)\n",
             "Write a function that returns the sum of a list of numbers.\n",
         ] * 4
-    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
-                                   eos_token="<|eos|>", unk_token="<|unk|>")
+    return train_tokenizer(corpus, vocab_size)

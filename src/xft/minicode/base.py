@@ -47,7 +47,7 @@ from xft.errors import UserError
 GENERATOR_VERSION = 2  # bump when MiniCode's generated text changes (and rebuild the shipped model)
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "minicode-base"
 RECORD_FILE = "minicode_base.json"  # what a built model was built from (budget, seed, versions)
-SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>")  # ids 0..3, as xft.testing
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>")  # ids 0..3, as xft.testing.tiny_config
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,10 @@ def cache_root() -> Path:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts` (pad=0, bos=1, eos=2, unk=3)."""
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts` (pad=0, bos=1, eos=2, unk=3).
+
+    The project's one tokenizer trainer: MiniCode's base model and `xft.testing.tiny_tokenizer` use it.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

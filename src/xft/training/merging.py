@@ -2,13 +2,15 @@
 
 * "learned": `xft.build_merge_model` -> train only the mixing logits with the
   LM loss (paper: 1 epoch, lr 1e-5, 125 warm-up steps) -> `xft.compile_merge`;
-* "init": the initial coefficients (shared λ, routed (1-λ)/(N-1)), no training;
-* "uniform": the plain average of all experts, no training.
+* any other method of `xft.MERGE_METHODS` ("init": the initial coefficients,
+  shared λ and routed (1-λ)/(N-1); "uniform": the plain average of all
+  experts; or one registered at runtime): `xft.merge`, no training.
 
 The result is a dense model of the MoE's original class and config, saved with
 the tokenizer in `<out>` itself, and `merge_coefficients.json` next to its
-weights: per layer the N coefficients (expert 0 = shared) and, for "learned",
-the mixing logits, so `xft.merge(moe, mixing_logits=...)` reproduces it.
+weights: per layer the N coefficients (expert 0 = shared; null for a
+tensor-level method, which has none) and, for "learned", the mixing logits, so
+`xft.merge(moe, mixing_logits=...)` reproduces it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from accelerate import PartialState
 import xft
 from xft.artifacts import copy_companions, resolve_model, servable_config
 from xft.errors import UserError
-from xft.merge import merge_modules
+from xft.merge import merge_inputs, merge_modules
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
 from xft.training.config import MergeConfig
@@ -32,10 +34,12 @@ from xft.training.stage import (
 from xft.training.trainer import resolve_precision
 
 
-def fixed_coefficients(moe, method: str, shared_weight: float) -> dict[int, list[float]]:
-    """Per-layer coefficients [N] of a fixed merge method ("init" / "uniform")."""
-    return {i: xft.MERGE_METHODS[method](block, shared_weight, None).tolist()
-            for i, block in xft.moe_blocks(moe).items()}
+def fixed_coefficients(moe, method: str, shared_weight: float) -> dict[int, list[float]] | None:
+    """Per-layer coefficients [N] of a merge method that does not learn; None for a tensor-level method."""
+    merger = xft.MERGE_METHODS[method]
+    if merger.coefficients_fn is None:
+        return None
+    return {i: merger.coefficients(layer).tolist() for i, layer in merge_inputs(moe, shared_weight).items()}
 
 
 # A learned merge whose coefficients moved less than this from their init is the init merge.
@@ -66,12 +70,12 @@ def still_warning(change: float, cfg: MergeConfig, steps: int, identical: bool =
             f"init merge; likely cause: {cause}")
 
 
-def coefficients_record(cfg: MergeConfig, moe_config: dict, coefficients: dict[int, list[float]],
+def coefficients_record(cfg: MergeConfig, moe_config: dict, coefficients: dict[int, list[float]] | None,
                         logits: dict[int, list[float]] | None) -> dict:
-    """The content of merge_coefficients.json."""
+    """The content of merge_coefficients.json (`coefficients` None: a tensor-level method, which has none)."""
     record = {"method": cfg.method, "shared_weight": cfg.shared_weight, "source": cfg.moe,
               "num_experts": moe_config["num_experts"], "routing": moe_config["routing"],
-              "coefficients": {str(k): v for k, v in coefficients.items()}}
+              "coefficients": None if coefficients is None else {str(k): v for k, v in coefficients.items()}}
     if logits is not None:
         record["mixing_logits"] = {str(k): v for k, v in logits.items()}
     return record
@@ -141,15 +145,16 @@ def learn_merge(config: MergeConfig) -> str:
 
     final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
     if cfg.progress and main:
-        first = [c[0] for c in coefficients.values()]
-        others = max(max(c[1:]) for c in coefficients.values())
         n_params = sum(p.numel() for p in dense.parameters())
         rows = [("model saved to", final),
                 ("dense model", f"{type(dense).__name__}, {n_params:,} parameters, from {cfg.moe}"
                                 f"{' (resumed)' if resume else ''}"),
-                ("method", f"{cfg.method}, shared weight {cfg.shared_weight}"),
-                ("coefficients", f"expert 0: {min(first):.4f}..{max(first):.4f}; "
-                                 f"largest other expert {others:.4f} (merge_coefficients.json)")]
+                ("method", f"{cfg.method}, shared weight {cfg.shared_weight}")]
+        if coefficients is not None:
+            first = [c[0] for c in coefficients.values()]
+            others = max(max(c[1:]) for c in coefficients.values())
+            rows.append(("coefficients", f"expert 0: {min(first):.4f}..{max(first):.4f}; "
+                                         f"largest other expert {others:.4f} (merge_coefficients.json)"))
         if change is not None:
             rows.append(("learned", f"max change of a coefficient from its init: {change:.2e}"))
         if trainer is not None:
@@ -162,10 +167,10 @@ def write_card(directory: str, cfg: MergeConfig, moe_path: str, trainer, change:
                location: str) -> None:
     """The model card (README.md) of an `xft merge` output."""
     how = {"learned": "per-layer mixing coefficients learned on data (only they were trained)",
-           "init": "the initial coefficients, no training", "uniform": "the plain average of all experts"}
+           "init": "the initial coefficients, no training"}.get(cfg.method, xft.MERGE_METHODS[cfg.method].help)
     shared = ("" if cfg.method == "uniform" else f" Shared expert weight λ = {cfg.shared_weight}"
               f"{' (learned per layer)' if cfg.learn_shared_weight else ''}.")
-    details = (f"Merge method `{cfg.method}`: {how[cfg.method]}.{shared} The coefficients are in "
+    details = (f"Merge method `{cfg.method}`: {how}.{shared} The coefficients are in "
                "merge_coefficients.json.")
     settings = {"merge method": cfg.method, "shared expert weight": None if cfg.method == "uniform" else
                 cfg.shared_weight}
