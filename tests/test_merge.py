@@ -258,7 +258,7 @@ def test_bad_merge_arguments():
 
 
 def test_merge_stage_records_coefficients_only_for_coefficient_methods(registry):
-    from xft.training.config import MergeConfig
+    from xft.config import MergeConfig
     from xft.training.merging import coefficients_record, fixed_coefficients
 
     register_merge_method("median", "per-parameter elementwise median of the experts")(

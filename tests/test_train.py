@@ -20,7 +20,8 @@ from xft.cli import main as cli
 from xft.data import MAGICODER_SYSTEM, Collator, DataConfig, load_dataset
 from xft.errors import UserError
 from xft.testing import tiny_model, tiny_tokenizer
-from xft.training import MergeConfig, SFTConfig, learn_merge, train_sft
+from xft.config import MergeConfig, SFTConfig, UpcycleConfig
+from xft.training import learn_merge, train_sft
 from xft.training import rundir
 from xft.training.trainer import batch_plan
 
@@ -185,7 +186,7 @@ def test_dense_sft_gpt2_learns_and_loads_without_xft(workspace):
 
 def test_ewa_trains_moe_and_saves_averaged_dense(workspace):
     ws = workspace
-    final = train_sft(SFTConfig(model=str(ws / "llama"), upcycle=True, num_experts=4, top_k=3, ewa_share_rate=0.5,
+    final = train_sft(SFTConfig(model=str(ws / "llama"), upcycle=UpcycleConfig(num_experts=4, top_k=3), ewa_share_rate=0.5,
                                 data=str(ws / "data.jsonl"), out=str(ws / "ewa"), max_steps=4, lr=1e-2, **FAST))
     dense = xft.load(final)
     assert not xft.is_moe(dense) and sum(p.numel() for p in dense.parameters()) == n_params(ws / "llama")
@@ -304,7 +305,7 @@ def test_sparse_upcycling_trains_and_merges(workspace):
     """The no-shared-expert baseline (--routing sparse) through upcycle -> SFT -> learned merge."""
     ws = workspace
     common = dict(data=str(ws / "data.jsonl"), max_steps=2, lr=1e-2, **FAST)
-    moe = train_sft(SFTConfig(model=str(ws / "llama"), upcycle=True, num_experts=4, top_k=2, routing="sparse",
+    moe = train_sft(SFTConfig(model=str(ws / "llama"), upcycle=UpcycleConfig(num_experts=4, top_k=2, routing="sparse"),
                               out=str(ws / "sparse"), **common))
     assert xft.load(moe).config.xft["routing"] == "sparse"
     dense = learn_merge(MergeConfig(moe=str(ws / "sparse"), out=str(ws / "sparse_merge"), **common))

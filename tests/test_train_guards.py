@@ -21,7 +21,8 @@ import xft
 from xft.cli import main as cli
 from xft.data import Collator
 from xft.testing import tiny_model
-from xft.training import MergeConfig, SFTConfig, learn_merge, train_sft
+from xft.config import DataConfig, MergeConfig, SFTConfig
+from xft.training import learn_merge, train_sft
 from xft.training.stage import check_schedule
 from xft.training.trainer import CompactProgress, batch_plan, make_trainer, planned_steps, training_arguments
 
@@ -168,8 +169,8 @@ def dense_run(ws, tmp_path_factory):
     (fake / "tensorboardX" / "__init__.py").write_text(FAKE_TENSORBOARDX)
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(fake))
-        final = train_sft(SFTConfig(model=str(ws / "llama"), data=str(ws / "data.jsonl"), out=str(ws / "dense"),
-                                    eval_fraction=0.25, eval_steps=2, max_steps=3, lr=1e-2, report_to="tensorboard",
+        final = train_sft(SFTConfig(model=str(ws / "llama"), out=str(ws / "dense"), eval_steps=2,
+                                    data=DataConfig(path=str(ws / "data.jsonl"), eval_fraction=0.25), max_steps=3, lr=1e-2, report_to="tensorboard",
                                     **FAST))
     return final
 
@@ -190,8 +191,8 @@ def test_validation_loss_is_computed_and_recorded(ws, dense_run):
 
 
 def test_learned_merge_reports_validation_loss_from_a_file(ws, capsys):
-    final = learn_merge(MergeConfig(moe=str(ws / "moe"), data=str(ws / "data.jsonl"), out=str(ws / "m_val"),
-                                    eval_data=str(ws / "data200.jsonl"), max_steps=2, lr=0.1,
+    final = learn_merge(MergeConfig(moe=str(ws / "moe"), out=str(ws / "m_val"),
+                                    data=DataConfig(path=str(ws / "data.jsonl"), eval_path=str(ws / "data200.jsonl")), max_steps=2, lr=0.1,
                                     **{**FAST, "progress": True}))
     record = json.loads(open(f"{final}/xft_training.json").read())
     assert record["validation"]["data"]["path"] == str(ws / "data200.jsonl")

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from xft.config import KINDS, DataConfig  # noqa: F401  (DataConfig: the config of this module)
 from xft.errors import UserError
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
@@ -123,33 +124,7 @@ def render_chat(tokenizer, messages: list[dict], generation_prompt: bool, where:
 
 # ---------------------------------------------------------------- config
 
-KINDS = ("auto", "instruction", "chat", "prompt-completion", "text")
 PROMPT, COMPLETION = "prompt", "completion"  # TRL's field names (prompt-completion records)
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how to turn it into training examples."""
-
-    path: str = field(metadata={"help": "JSONL, JSON or Parquet file, or a directory saved with "
-                                        "datasets.save_to_disk"})
-    kind: str = field(default="auto", metadata={
-        "help": "record kind: instruction (instruction/response fields), chat (a messages list), "
-                "prompt-completion (TRL), text (pretraining, loss on all tokens), or auto (detected from the "
-                "first record)"})
-    instruction_field: str = field(default="instruction", metadata={"help": "field holding the instruction"})
-    response_field: str = field(default="response", metadata={"help": "field holding the response"})
-    messages_field: str = field(default="messages", metadata={"help": "field holding chat messages"})
-    text_field: str = field(default="text", metadata={"help": "field holding plain text (kind=text)"})
-    template: str = field(default="magicoder", metadata={
-        "help": f"prompt template: {', '.join(TEMPLATES)}"})
-    max_length: int = field(default=1024, metadata={"help": "truncate examples to this many tokens"})
-    seed: int = field(default=42, metadata={"help": "seed of the shuffle (and of the subset)"})
-    subset: float | None = field(default=None, metadata={
-        "help": "use only part of the data: a fraction in (0, 1] or a number of records (> 1)"})
-    eval_path: str | None = field(default=None, metadata={"help": "validation data file (same formats)"})
-    eval_fraction: float | None = field(default=None, metadata={
-        "help": "hold out this fraction of the records (seeded) as validation data"})
 
 
 # ---------------------------------------------------------------- reading

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from xft.config import UpcycleConfig
+
+EXPERT_IMPLS = ("auto", "fast", "grouped_mm", "generic")  # expert compute strategies (see UpcycleConfig.expert_impl)
 from xft.ffn import FFNSpec, recognize
 from xft.routing import NoisyTopKGate, balance_loss, get_routing, per_token_load
 

@@ -17,8 +17,7 @@ from xft.artifacts import follow_umask
 
 def register(subparsers) -> None:
     """Add the `upcycle` subcommand."""
-    from xft.config import UpcycleConfig
-    from xft.training.config import add_arguments
+    from xft.config import UpcycleConfig, add_arguments
 
     p = subparsers.add_parser("upcycle", help="upcycle a dense model into an MoE (every FFN -> N experts)",
                               description="Copy every FFN of MODEL into N experts behind a router "
@@ -27,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory: becomes the MoE (new, empty, or holding "
                                                 "this same command's output)")
     add_arguments(p, UpcycleConfig)  # every UpcycleConfig field, its help and choices from the config
-    p.add_argument("--no-noise", dest="noisy_gating", action="store_false", help=argparse.SUPPRESS)  # old name
+    p.add_argument("--no-noise", dest="noisy_gating", action="store_false", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # old name
     p.add_argument("--overwrite", action="store_true", help="replace the output of another xft command in --out")
     p.set_defaults(func=_upcycle)
 
@@ -36,7 +36,7 @@ def _upcycle(args) -> int:
     import xft
     from xft.artifacts import resolve_model
     from xft.training import rundir
-    from xft.training.config import from_args
+    from xft.config import from_args
 
     config = from_args(xft.UpcycleConfig, args)
     record = {"stage": "upcycle", "model": args.model, **config.to_dict()}

@@ -1,12 +1,13 @@
 """`xft train` and `xft merge`: thin wrappers over `xft.training.train_sft` / `learn_merge`.
 
-Every flag is a field of `SFTConfig` / `MergeConfig` (help text lives there).
+Every flag is a setting of `xft.config.SFTConfig` / `MergeConfig`, the configs they compose included
+(`--num-experts` is `SFTConfig.upcycle.num_experts`); help text, defaults and choices live there.
 """
 
 from __future__ import annotations
 
 from xft.artifacts import resolve_model
-from xft.training.config import MergeConfig, SFTConfig, add_arguments, from_args
+from xft.config import MergeConfig, SFTConfig, add_arguments, from_args
 
 _MULTI_GPU = ("Multi-GPU: accelerate launch --config_file $(python -m xft.configs ddp) -m xft.cli {cmd} ... "
               "(also fsdp, deepspeed_zero3; see docs/training.md).")
@@ -55,8 +56,7 @@ def _quiet_io() -> None:
 
 
 def _train(args) -> int:
-    config = from_args(SFTConfig, args)
-    config.validate()  # a bad setting or a missing model fails here, before torch and transformers load
+    config = from_args(SFTConfig, args)  # a bad setting fails here, before torch and transformers load
     resolve_model(config.model)
     from xft.training import train_sft
 
@@ -66,8 +66,7 @@ def _train(args) -> int:
 
 
 def _merge(args) -> int:
-    config = from_args(MergeConfig, args)
-    config.validate()  # a bad setting or a missing model fails here, before torch and transformers load
+    config = from_args(MergeConfig, args)  # a bad setting fails here, before torch and transformers load
     resolve_model(config.moe)
     from xft.training import learn_merge
 

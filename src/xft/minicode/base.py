@@ -183,10 +183,12 @@ def prepare_init(work: Path, budget: BaseBudget, seed: int) -> tuple[Path, Path]
 
 
 def pretrain(init: Path, data: Path, out: Path, budget: BaseBudget, seed: int, progress: bool = False) -> Path:
-    """Pretrain the model in `init` on `data` with `xft.train` (loss on every token); returns the final dir."""
-    from xft.train import SFTConfig, train_sft
+    """Pretrain the model in `init` on `data` with `xft.training` (loss on every token); returns the model's dir."""
+    from xft.config import DataConfig, SFTConfig
+    from xft.training import train_sft
 
-    config = SFTConfig(model=str(init), data=str(data), out=str(out), kind="text", max_length=budget.max_length,
+    config = SFTConfig(model=str(init), data=DataConfig(path=str(data), kind="text", max_length=budget.max_length),
+                       out=str(out),
                        max_steps=budget.steps, lr=budget.lr, warmup_steps=budget.warmup_steps,
                        lr_scheduler="cosine", optimizer="adamw_torch", weight_decay=budget.weight_decay,
                        max_grad_norm=1.0, batch_size=budget.batch_size, micro_batch_size=budget.batch_size,

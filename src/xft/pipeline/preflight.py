@@ -78,8 +78,8 @@ def _check_data(configs: dict) -> None:
 
     seen: dict[str, object] = {}
     for stage, cfg in configs.items():
-        data = cfg.data_config()
-        if not data.path:  # init / uniform merges read no data
+        data = cfg.data
+        if data is None:  # init / uniform merges read no data
             continue
         if data.path not in seen:
             seen[data.path] = records = read_records(data.path)

@@ -9,10 +9,9 @@ See docs/training.md for the run-directory layout, resume and distributed runs.
 
 from xft._lazy import export_lazily
 
-# Public name -> defining module, imported on first use: the configs and `rundir` are light, the
+# Public name -> defining module, imported on first use: the configs (`xft.config`) are light, the
 # trainers pull in torch and transformers.
 export_lazily(__name__, {
-    "CommonConfig": "xft.training.config", "MergeConfig": "xft.training.config", "SFTConfig": "xft.training.config",
-    "add_arguments": "xft.training.config", "from_args": "xft.training.config", "from_dict": "xft.training.config",
-    "learn_merge": "xft.training.merging", "resolve_model": "xft.artifacts", "train_sft": "xft.training.sft",
+    "DataConfig": "xft.config", "MergeConfig": "xft.config", "SFTConfig": "xft.config", "TrainConfig": "xft.config",
+    "UpcycleConfig": "xft.config", "learn_merge": "xft.training.merging", "train_sft": "xft.training.sft",
 })

@@ -27,7 +27,7 @@ from xft.errors import UserError
 from xft.merge import merge_inputs, merge_modules
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
-from xft.training.config import MergeConfig
+from xft.config import MergeConfig
 from xft.training.stage import (
     card_results, common_rows, config_record, finalize, load_tokenizer, prepare_data, run_trainer, summary,
 )
@@ -181,6 +181,6 @@ def write_card(directory: str, cfg: MergeConfig, moe_path: str, trainer, change:
         results = {**card_results(trainer),
                    "max coefficient change from init": f"{change:.2e}" if change is not None else None}
     write_model_card(directory, kind="merged", base_model=base_model_of(moe_path), source=cfg.moe,
-                     data=cfg.data or None, settings=settings, results=results, details=details,
+                     data=cfg.data.path if cfg.data else None, settings=settings, results=results, details=details,
                      location=location)
 

@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from xft.artifacts import atomic_write_text, follow_umask
 from xft.errors import UserError
@@ -122,7 +122,9 @@ def _semantic(config: dict) -> dict:
 
 def record_of(config, stage: str) -> dict:
     """What the run file records of `config`: JSON-plain, as it will read back."""
-    return json.loads(json.dumps({"stage": stage, **asdict(config)}, default=str))
+    from xft.config import to_flat
+
+    return json.loads(json.dumps({"stage": stage, **to_flat(config)}, default=str))
 
 
 def settings_diff(old: dict, new: dict, ignore=NON_SEMANTIC | RECORD_ONLY) -> list[str]:

@@ -18,7 +18,7 @@ from xft.artifacts import copy_companions, resolve_model, servable_config
 from xft.errors import UserError
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
-from xft.training.config import SFTConfig
+from xft.config import SFTConfig
 from xft.training.stage import (
     card_results, common_rows, config_record, finalize, load_tokenizer, prepare_data, run_trainer, summary,
 )
@@ -32,7 +32,7 @@ def build_model(cfg: SFTConfig, path: str, dtype):
     if cfg.upcycle:
         if xft.is_moe(model):
             raise UserError(f"{path} is already an MoE; drop --upcycle to train it")
-        xft.upcycle(model, cfg.upcycle_config())
+        xft.upcycle(model, cfg.upcycle)
     if cfg.ewa_share_rate > 0 and not xft.is_moe(model):
         raise UserError("EWA (--ewa-share-rate) trains an MoE; upcycle the model first (or pass --upcycle)")
     return model
@@ -96,13 +96,13 @@ def train_sft(config: SFTConfig) -> str:
 
 def write_card(directory: str, cfg: SFTConfig, model_path: str, kind: str, trainer, location: str) -> None:
     """The model card (README.md) of an `xft train` output (`model_path`: the resolved `cfg.model`)."""
-    settings = {"upcycled here": f"{cfg.num_experts} experts, top-{cfg.top_k}, routing {cfg.routing}"
-                if cfg.upcycle else None,
+    up = cfg.upcycle
+    settings = {"upcycled here": f"{up.num_experts} experts, top-{up.top_k}, routing {up.routing}" if up else None,
                 "EWA share rate": cfg.ewa_share_rate if cfg.ewa_share_rate > 0 else None,
-                "template": cfg.template, "epochs": cfg.epochs if cfg.max_steps <= 0 else None,
+                "template": cfg.data.template, "epochs": cfg.epochs if cfg.max_steps <= 0 else None,
                 "max steps": cfg.max_steps if cfg.max_steps > 0 else None, "learning rate": cfg.lr,
                 "schedule": f"{cfg.lr_scheduler}, {cfg.warmup_steps} warm-up steps", "optimizer": cfg.optimizer,
-                "global batch": cfg.batch_size, "max length": cfg.max_length}
-    write_model_card(directory, kind=kind, base_model=base_model_of(model_path), source=cfg.model, data=cfg.data,
+                "global batch": cfg.batch_size, "max length": cfg.data.max_length}
+    write_model_card(directory, kind=kind, base_model=base_model_of(model_path), source=cfg.model, data=cfg.data.path,
                      settings=settings, results=card_results(trainer), location=location)
 

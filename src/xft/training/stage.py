@@ -24,7 +24,7 @@ from xft.artifacts import atomic_write_text, follow_umask
 from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.training import rundir
-from xft.training.config import report_targets
+from xft.config import report_targets, to_flat
 from xft.training.trainer import batch_plan, make_trainer, planned_steps, training_arguments, world_size
 
 # A warm-up longer than this share of the run leaves little of it at the full learning rate.
@@ -45,7 +45,7 @@ def prepare_data(cfg, tokenizer):
     Validated before any training, including the schedule (`check_schedule`).
     Returns (splits, collator, schedule warning or None).
     """
-    splits = load_splits(cfg.data_config(), tokenizer)
+    splits = load_splits(cfg.data, tokenizer)
     return splits, Collator(pad_token_id(tokenizer)), check_schedule(cfg, splits.stats.examples)
 
 
@@ -221,7 +221,7 @@ def config_record(cfg, stage: str, splits, trainer, resumed_from: str | None = N
         curve = validation_curve(trainer)
         validation = {"data": asdict(splits.eval_stats), "loss": curve[-1][1] if curve else None,
                       "curve": curve}
-    return {"stage": stage, "config": asdict(cfg), "data": asdict(splits.stats) if splits else None,
+    return {"stage": stage, "config": to_flat(cfg), "data": asdict(splits.stats) if splits else None,
             "validation": validation, "resumed_from": resumed_from,
             "log_history": trainer.state.log_history if trainer else [],
             "processes": trainer.args.world_size if trainer else 1,

@@ -29,7 +29,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import xft
 from xft.errors import UserError
-from xft.training.config import report_targets
+from xft.config import report_targets
 
 
 # ---------------------------------------------------------------- arguments
@@ -95,7 +95,7 @@ def resolve_precision(precision: str) -> tuple[torch.dtype, str | None]:
 
 def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str | None,
                        evaluate: bool = False, logging_dir: str | None = None) -> TrainingArguments:
-    """`TrainingArguments` for config `cfg` (an `xft.training.config.CommonConfig`).
+    """`TrainingArguments` for config `cfg` (an `xft.config.TrainConfig`).
 
     `evaluate`: compute the validation loss every `cfg.eval_steps` (default:
     every checkpoint save). `logging_dir`: where TensorBoard writes (transformers
