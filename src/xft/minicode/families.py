@@ -36,10 +36,6 @@ class Spec:
     inputs: str  # input generator name (unit_tests.INPUT_GENERATORS)
 
     @property
-    def is_composition(self) -> bool:
-        return len(self.kinds) >= 2
-
-    @property
     def canonical_body(self) -> str:
         """The body with arguments named a0, a1: identifies the program regardless of naming."""
         return self.body.format(a0="a0", a1="a1")

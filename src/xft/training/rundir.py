@@ -116,10 +116,6 @@ class RunDir:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _semantic(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in NON_SEMANTIC}
-
-
 def record_of(config, stage: str) -> dict:
     """What the run file records of `config`: JSON-plain, as it will read back."""
     from xft.config import to_flat
