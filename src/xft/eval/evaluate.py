@@ -85,7 +85,7 @@ def prompt_style_for(bench: Benchmark, base_model: bool) -> str:
     return "completion" if base_model and bench.prompt_kind == "code" else "instruction"
 
 
-def evaluate(model, benchmark: str | Benchmark, out: str | None, *,
+def evaluate(model: str | tuple | None, benchmark: str | Benchmark, out: str | None, *,
              samples: str | list[dict] | None = None, data: str | None = None,
              decoding: DecodingConfig | None = None, limit: int | None = None, partial: bool = False,
              sanitize: bool = False, workers: int | None = None, sandbox: str = "auto",

@@ -9,6 +9,10 @@ Every stage owns one directory under the run directory, named after the stage:
     xft/, xft_init/, xft_uniform/                        merge runs (xft.train.learn_merge: final/)
     eval/<method>/<benchmark>/results.json              evaluation of each method's model (+ eval_settings.json)
 
+Which training, merge and upcycle stages exist, what each depends on and how
+its config is built follow from the method table (`xft.pipeline.methods`): one
+training stage per method, named after it.
+
 A stage is finished when its directory holds a finished artifact: the
 training stages use `xft.training.rundir` (`final/` appears only complete and
 re-running resumes from the last checkpoint); the other stages write into a
