@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from xft.artifacts import resolve_model
-from xft.errors import UserError
 from xft.pipeline.methods import MERGED_MOE, METHODS, UPCYCLE_STAGES, Method
 from xft.pipeline.recipe import Recipe
 from xft.training import rundir
