@@ -8,6 +8,7 @@ import json
 import pytest
 
 import xft
+import xft.errors
 from xft.cli import main
 from xft.eval import load_benchmark
 from xft.eval.benchmarks import Benchmark, Task
@@ -97,6 +98,29 @@ def test_generate_and_score_end_to_end(checkpoint, tiny_data, tmp_path):
     assert results["model"] == checkpoint
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert all({"task_id", "solution", "completion", "raw"} <= set(s) for s in samples)
+
+
+def test_evaluate_takes_a_path_or_a_loaded_model_and_returns_what_it_writes(checkpoint, tiny_data, tmp_path):
+    """`xft.eval.evaluate`, the one entry point: a loaded (model, tokenizer) pair scores as its path does."""
+    from xft.eval import evaluate
+    from xft.eval.generate import load_model
+
+    def decoding():
+        return DecodingConfig(max_new_tokens=6, batch_size=2)
+
+    out = tmp_path / "by-path"
+    by_path = evaluate(checkpoint, "humaneval", str(out), data=tiny_data, decoding=decoding(), device="cpu",
+                       workers=1)
+    loaded = evaluate(load_model(checkpoint, device="cpu"), "humaneval", None, data=tiny_data,
+                      decoding=decoding(), workers=1)
+    assert loaded.samples == by_path.samples and loaded.tasks == by_path.tasks and loaded.out is None
+    written = json.loads((out / "results.json").read_text())
+    assert written["tasks"] == by_path.tasks and written["pass@1"] == by_path.pass_at_1
+    assert [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()] == by_path.samples
+    assert by_path.n_tasks == by_path.n_samples == len(TINY_TASKS) == sum(by_path.statuses.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["by-path"]  # the loaded model's run wrote nothing
+    with pytest.raises(xft.errors.UserError, match="not empty"):
+        evaluate(checkpoint, "humaneval", str(out), data=tiny_data, decoding=decoding(), device="cpu")
 
 
 @pytest.mark.parametrize("temperature,n", [(0.0, 1), (0.8, 2)])

@@ -8,6 +8,7 @@ import pytest
 from xft.errors import UserError
 from xft.pipeline import load_recipe, plan, run_pipeline
 from xft.pipeline import stages as stages_mod
+from xft.pipeline.methods import METHODS
 from xft.pipeline.recipe import apply_overrides, parse_override
 from conftest import tiny_minicode_base
 
@@ -73,8 +74,26 @@ def test_plan_orders_dependencies_and_runs_only_what_methods_need():
     assert names == ["base", "upcycle", "data", "moe", "xft", "eval/xft"]
     names = [s.name for s in plan(load_recipe("minicode", ["methods=[sparse, sft]", "model=/m"]))]
     assert names == ["upcycle-sparse", "data", "sparse", "sft", "eval/sparse", "eval/sft"]
-    full = [s.name for s in plan(load_recipe("minicode", ["methods=[" + ",".join(stages_mod.ROUTING_OF) + "]"]))]
+    upcycled = [m.name for m in METHODS.values() if m.upcycle_stage]
+    full = [s.name for s in plan(load_recipe("minicode", ["methods=[" + ",".join(upcycled) + "]"]))]
     assert {"upcycle", "upcycle-sparse", "upcycle-unnormalized"} <= set(full)
+
+
+def test_every_method_has_one_stage_and_the_report_names_it():
+    """The method table decides the stages and the report's names; CLAIMS compare methods of the table."""
+    from xft import report
+    from xft.pipeline.methods import check_pairs
+
+    every = stages_mod.all_stages(load_recipe("minicode", ["methods=[" + ",".join(METHODS) + "]"]))
+    for m in METHODS.values():
+        assert (m.name in every and every[m.name].training) == (m.kind != "base"), m.name
+        assert f"eval/{m.name}" in every and report.label(m.name) == m.label
+        assert all(stage in every for stage in m.compute_chain if stage != "base")
+    assert every["ewa"].deps == ("upcycle", "data") and every["xft_init"].deps == ("moe",)
+    assert every["sft"].description == "dense SFT baseline"
+    assert [m for m in METHODS.values() if m.is_moe] == [METHODS[n] for n in ("moe", "sparse", "unnormalized")]
+    with pytest.raises(ValueError, match="'bogus'"):
+        check_pairs([("xft", "bogus", "a claim")], "CLAIMS")
 
 
 # ---------------------------------------------------------------- running: skip, atomic, resume

@@ -27,18 +27,11 @@ import textwrap
 from dataclasses import dataclass, field
 
 from xft.artifacts import atomic_write_text
-from xft.pipeline.recipe import METHODS
+from xft.pipeline.methods import METHODS, check_pairs, upcycle_stage
 from xft.training import rundir
 
 REPORT_SETTINGS = "report.json"  # title and preamble of report.md, so that `xft report` rebuilds the same one
 
-LABELS = {"base": "base model", "sft": "dense SFT", "moe": "MoE (unmerged)", "ewa": "EWA",
-          "xft_init": "XFT init merge", "xft_uniform": "uniform merge", "xft": "XFT learned merge",
-          "sparse": "sparse upcycling (no shared expert)", "unnormalized": "shared expert, unnormalized"}
-# Training stages whose compute each method's model carries.
-COMPUTE_CHAIN = {"base": ("base",), "sft": ("sft",), "moe": ("moe",), "ewa": ("ewa",), "xft_init": ("moe",),
-                 "xft_uniform": ("moe",), "xft": ("moe", "xft"), "sparse": ("sparse",),
-                 "unnormalized": ("unnormalized",)}
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -65,6 +58,11 @@ class Row:
             return None
         sd = math.sqrt(sum((s - self.mean) ** 2 for s in self.scores) / (n - 1))
         return _T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def label(method: str) -> str:
+    """A method's name in tables and plots (xft.pipeline.methods); an unknown name as it is."""
+    return METHODS[method].label if method in METHODS else method
 
 
 def binomial_ci95(p: float, n: int) -> float:
@@ -134,22 +132,25 @@ def collect(runs: list[str], benchmark: str = "minicode", methods: list[str] | N
         path = model_dir(first, method)
         if os.path.isdir(path):
             row.params, _ = parameter_counts(path)
-        for stage in COMPUTE_CHAIN[method]:
+        chain = METHODS[method].compute_chain
+        for stage in chain:
+            m = METHODS[stage]
             if stage not in sizes:
                 stage_model = path if stage == method else model_dir(first, stage)
                 if not os.path.isdir(stage_model):
                     continue
                 total, active = parameter_counts(stage_model)
-                if stage == "ewa" and os.path.isdir(os.path.join(first, "upcycle")):
-                    active = parameter_counts(os.path.join(first, "upcycle"))[1]  # it trained the MoE
+                upcycled = os.path.join(first, upcycle_stage(m.routing)) if m.ewa else None
+                if upcycled and os.path.isdir(upcycled):
+                    active = parameter_counts(upcycled)[1]  # it trained the MoE it averaged at the end
                 sizes[stage] = (total, active, training_tokens(stage_model))
             _, active, tokens = sizes[stage]
-            if stage == "xft":  # a merge step: forward/backward through the dense architecture
+            if m.kind == "merge":  # a merge step: forward/backward through the dense architecture
                 active = row.params
             row.tokens += tokens
             row.flops += 6.0 * active * tokens
-        own = sizes.get(COMPUTE_CHAIN[method][0])
-        row.active_params = own[1] if method in ("moe", "sparse", "unnormalized") and own else row.params
+        own = sizes.get(chain[0])
+        row.active_params = own[1] if METHODS[method].is_moe and own else row.params
         rows.append(row)
     return rows
 
@@ -179,13 +180,13 @@ def table(rows: list[Row], n_tasks: int | None = None) -> str:
         else:
             score = f"{100 * r.mean:.1f}"
         note = " (pretraining)" if r.method == "base" else ""
-        lines.append(f"| {LABELS.get(r.method, r.method)} | {score} | {_si(r.params)} | {_si(r.active_params)} | "
+        lines.append(f"| {label(r.method)} | {score} | {_si(r.params)} | {_si(r.active_params)} | "
                      f"{_si(r.tokens)}{note} | {_si(r.flops)}{note} |")
     return "\n".join(lines)
 
 
 # The paper's claims as paired comparisons (first minus second), in the order the paper states them.
-CLAIMS: tuple[tuple[str, str, str], ...] = (
+CLAIMS: tuple[tuple[str, str, str], ...] = check_pairs((
     ("xft", "moe", "XFT ≥ MoE (merging keeps the MoE's gains)"),
     ("moe", "sft", "MoE > dense SFT"),
     ("xft", "sft", "XFT > dense SFT"),
@@ -194,7 +195,7 @@ CLAIMS: tuple[tuple[str, str, str], ...] = (
     ("xft_init", "xft_uniform", "init merge (λ on the shared expert) > uniform average"),
     ("moe", "sparse", "shared expert + normalization > sparse upcycling"),
     ("moe", "unnormalized", "normalized > unnormalized routing"),
-)
+), "report.CLAIMS")
 
 
 def paired_differences(runs: list[str], benchmark: str = "minicode") -> list[tuple[str, list[float]]]:
@@ -246,7 +247,7 @@ def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None, bench
     """Bar chart of pass@1 per model with 95% error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    names = ["\n".join(textwrap.wrap(LABELS.get(r.method, r.method), 16)) for r in rows]
+    names = ["\n".join(textwrap.wrap(label(r.method), 16)) for r in rows]
     means = [100 * r.mean for r in rows]
     errs = [100 * (r.ci95 if r.ci95 is not None else binomial_ci95(r.mean, n_tasks or 0) if n_tasks else 0)
             for r in rows]
@@ -414,7 +415,7 @@ def summary_table(runs: list[str], benchmarks: list[str], methods: list[str] | N
     what = f"mean ± 95% CI over {seeds} seeds" if seeds > 1 else "± 95% CI over tasks, one seed"
     head = " | ".join(f"{b} ({tasks[b]} tasks)" for b in benchmarks if b in tasks)
     lines = [f"| model | {head} |", "|---|" + "---|" * len(tasks),
-             *(f"| {LABELS.get(m, m)} | " + " | ".join(c.get(b, "-") for b in benchmarks if b in tasks) + " |"
+             *(f"| {label(m)} | " + " | ".join(c.get(b, "-") for b in benchmarks if b in tasks) + " |"
                for m, c in cells.items())]
     return f"Greedy pass@1 in % ({what}):\n\n" + "\n".join(lines)
 
@@ -452,29 +453,6 @@ CAPTIONS = {
         "merge's (1 − λ)/(N − 1). All white means the learning step left the init merge as it was."),
 }
 
-GLOSSARY = {
-    "base": "**base model**: the pretrained model before instruction tuning; every other model starts from it.",
-    "sft": "**dense SFT** (SFT_DS): the base model instruction-tuned as it is, the baseline XFT must beat.",
-    "moe": "**MoE (unmerged)** (MoE_DS): the base model *upcycled* — each FFN copied into N experts, one of "
-           "them the *shared expert* every token uses, the others chosen per token by a router (top-k) — then "
-           "instruction-tuned. XFT's routing normalizes the expert weights to sum to 1.",
-    "ewa": "**EWA** (expert weight averaging, EWA_DS): MoE SFT in which, after every optimizer step, each "
-           "expert moves a fraction β (ewa.share_rate) toward the experts' mean; at the end the experts are "
-           "averaged into one dense FFN. A baseline for merging.",
-    "xft_init": "**XFT init merge**: the trained MoE merged back into the base architecture without learning: "
-                "per layer, the shared expert's FFN weighted λ plus each of the N − 1 routed experts weighted "
-                "(1 − λ)/(N − 1).",
-    "xft_uniform": "**uniform merge**: the trained MoE merged with every expert weighted 1/N (no λ), to show "
-                   "what weighting the shared expert adds.",
-    "xft": "**XFT learned merge** (XFT_DS): starts from the init merge and learns, on the instruction data, "
-           "one vector of mixing logits per layer (routed experts weighted (1 − λ)·softmax(logits)), then "
-           "compiles them into an ordinary dense model: the method's final model, the size of the base model.",
-    "sparse": "**sparse upcycling** (ablation, MoE_SS): an upcycled MoE with no shared expert, every expert "
-              "routed; not merged.",
-    "unnormalized": "**shared expert, unnormalized** (ablation): the shared expert weighted 1 − (top routing "
-                    "probability) and the routed experts their raw probabilities, so the weights do not sum to "
-                    "1 (the paper's scale mismatch); not merged.",
-}
 TERMS = [
     "**λ (shared expert weight)**: the weight of the shared expert's FFN in a merge (merge.shared_weight, "
     "{lam} here; the paper's 0.75); the routed experts share the remaining 1 − λ.",
@@ -544,7 +522,7 @@ def _header(runs: list[str]) -> str:
 
 def _glossary(methods: list[str], runs: list[str], breakdown: bool, claims: bool) -> list[str]:
     lam = (_saved_recipe(runs[0]).get("merge") or {}).get("shared_weight", 0.75)
-    items = [GLOSSARY[m] for m in METHODS if m in methods]
+    items = [m.glossary for m in METHODS.values() if m.name in methods]
     items += [t.format(lam=lam) for t in TERMS] + (MINICODE_TERMS if breakdown else []) + (
         [PAIRED_TERM] if claims else [])
     return [f"* {item}" for item in items]
@@ -633,7 +611,7 @@ def _breakdown_table(runs: list[str], methods: list[str], benchmark: str) -> str
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for method in methods:
         vals = [data.get(method, {}).get(c, []) for c in cols]
-        lines.append(f"| {LABELS.get(method, method)} | "
+        lines.append(f"| {label(method)} | "
                      + " | ".join(f"{100 * sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
     return "\n".join(lines)
 

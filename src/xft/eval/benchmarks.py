@@ -208,6 +208,9 @@ def _mbpp(data: str | None) -> Benchmark:
 
 # ----------------------------------------------------------------- the project's own benchmark
 
+MINICODE_SOURCE = "xft.minicode.benchmark (split=eval)"  # `source` of MiniCode read from the package
+
+
 @register("minicode")
 def _minicode(data: str | None) -> Benchmark:
     """CPU-scale instruction benchmark from `xft.minicode` (HumanEval-format, check style)."""
@@ -221,7 +224,7 @@ def _minicode(data: str | None) -> Benchmark:
                 raise UserError("benchmark 'minicode' needs xft.minicode.benchmark, "
                                 "which this installation lacks") from None
             raise
-        rows, source = list(module.load_tasks(split="eval")), "xft.minicode.benchmark (split=eval)"
+        rows, source = list(module.load_tasks(split="eval")), MINICODE_SOURCE
     _require(rows, ("task_id", "prompt", "entry_point", "canonical_solution", "test"), source)
     tasks = {r["task_id"]: Task(r["task_id"], r["prompt"], r["entry_point"],
                                 r["canonical_solution"], test=r["test"]) for r in rows}

@@ -7,12 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import sys
-import time
-
-from xft.errors import UserError
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -86,102 +80,24 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _progress(desc: str):
-    from tqdm import tqdm
-
-    return lambda it, total: tqdm(it, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True,
-                                  leave=False)
-
-
 def run(args: argparse.Namespace) -> int:
-    """`xft eval`: check every argument (cheap first), then generate or read samples, score, write --out."""
+    """`xft eval`: one call of `xft.eval.evaluate` (it checks --out first), then the summary."""
     from xft.device import resolve_device
-    from xft.eval import benchmarks
-    from xft.eval.sandbox import Sandbox
+    from xft.eval import evaluate
+    from xft.eval.execute import TimeLimits
+    from xft.eval.generate import DecodingConfig
+    from xft.eval.report import summary
 
-    if (args.model is None) == (args.samples is None):
-        raise UserError("give either MODEL (to generate) or --samples FILE (to score), not both")
-    if args.workers is not None and args.workers < 1:
-        raise UserError("--workers must be positive")
-    _check_out(args.out, args.overwrite)
-    device = resolve_device(args.device) if args.model is not None else None
-    bench = benchmarks.load_benchmark(args.benchmark, args.data)
-    with Sandbox(args.sandbox) as sandbox:  # fail on a bad level before a long generation
-        return _run(args, bench, sandbox, device)
-
-
-# What `xft eval` writes into --out; --overwrite replaces only a directory holding nothing else.
-_OUTPUTS = ("results.json", "samples.jsonl")
-
-
-def _check_out(out: str, overwrite: bool) -> None:
-    """UserError unless `out` is free: missing, empty, or (with --overwrite) an earlier eval's results."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--out {out} exists and is not a directory")
-    entries = os.listdir(out) if os.path.isdir(out) else []
-    if entries and not overwrite:
-        raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace its results "
-                        "or choose another --out")
-    others = sorted(set(entries) - set(_OUTPUTS))
-    if others:  # never delete what an eval did not write
-        raise UserError(f"--out {out} holds files xft eval did not write ({', '.join(others[:3])}); "
-                        "choose another --out")
-
-
-def _write(out: str, overwrite: bool, samples: list[dict], results: dict) -> None:
-    """Write samples.jsonl and results.json into a fresh `out`, renamed into place only when complete."""
-    from xft.eval import report
-    from xft.training.rundir import atomic_dir
-
-    _check_out(out, overwrite)  # again: the directory may have appeared during a long generation
-    try:
-        with atomic_dir(out) as tmp:
-            report.write_outputs(tmp, samples, results)
-    except OSError as e:
-        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
-
-
-def _run(args: argparse.Namespace, bench, sandbox, device: str | None) -> int:
-    from xft.eval import execute, generate, report
-
-    settings: dict = {"sandbox": sandbox.describe()}
-    t0 = time.monotonic()
-    if args.samples:
-        samples = report.read_samples(args.samples)
-        if args.sanitize:
-            samples = [dict(s, solution=_sanitized(bench, s)) for s in samples]
-        settings["decoding"] = None
-        settings["samples_file"] = os.path.abspath(args.samples)
-    else:
-        cfg = generate.DecodingConfig(
-            prompt_style=args.prompt_style, template=args.template, n_samples=args.n_samples,
-            temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, seed=args.seed, backend=args.backend)
-        cfg.validate()
-        task_ids = list(bench.tasks)[:args.limit] if args.limit else None
-        samples = generate.generate_samples(bench, args.model, cfg, dtype=args.dtype,
-                                            device=device,
-                                            task_ids=task_ids, progress=_progress("generate"))
-        settings["decoding"] = dataclasses.asdict(cfg)
-        settings["model"] = args.model
-    t1 = time.monotonic()
-    report.check_coverage(bench, samples, partial=args.partial or bool(args.limit))
-    limits = execute.TimeLimits(check_seconds=args.check_timeout, min_per_input=args.min_time_limit,
-                                factor=args.time_limit_factor)
-    verdicts = execute.check_samples(bench, samples, sandbox, workers=args.workers,
-                                     time_limits=limits, progress=_progress("test"))
-    settings["time_limits"] = dataclasses.asdict(limits)
-    settings["seconds"] = {"generation": round(t1 - t0, 2), "execution": round(time.monotonic() - t1, 2)}
-    results = report.build_results(bench, samples, verdicts, settings=settings)
-    _write(args.out, args.overwrite, samples, results)
-    print(report.summary(results, args.out))
+    decoding = DecodingConfig(
+        prompt_style=args.prompt_style, template=args.template, n_samples=args.n_samples,
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, seed=args.seed, backend=args.backend)
+    limits = TimeLimits(check_seconds=args.check_timeout, min_per_input=args.min_time_limit,
+                        factor=args.time_limit_factor)
+    ev = evaluate(args.model, args.benchmark, args.out, samples=args.samples, data=args.data, decoding=decoding,
+                  limit=args.limit, partial=args.partial, sanitize=args.sanitize, workers=args.workers,
+                  sandbox=args.sandbox, time_limits=limits, dtype=args.dtype,
+                  device=resolve_device(args.device) if args.model is not None else None,
+                  overwrite=args.overwrite, progress=True)
+    print(summary(ev.results, args.out))
     return 0
-
-
-def _sanitized(bench, sample: dict) -> str:
-    from xft.eval.execute import program_for
-    from xft.eval.sanitize import sanitize
-
-    return sanitize(program_for(bench, sample), bench.tasks[sample["task_id"]].entry_point) \
-        if sample["task_id"] in bench.tasks else program_for(bench, sample)
-

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
 from typing import Callable, Iterable
 
 import torch
@@ -97,10 +98,15 @@ def load_model(path: str, dtype: str | None = None, device: str | None = None):
         model = xft.load(path, dtype=dtype, device=device)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
+    _pad_left(tokenizer)
+    return model.eval(), tokenizer
+
+
+def _pad_left(tokenizer) -> None:
+    """Batched generation pads on the left (the new tokens then line up at the end of every row)."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
@@ -195,23 +201,35 @@ def _chat_tokenizer(model_path: str, cfg: DecodingConfig):
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def generate_samples(bench: Benchmark, model_path: str, cfg: DecodingConfig, *, dtype: str | None = None,
+def generate_samples(bench: Benchmark, model, cfg: DecodingConfig, *, dtype: str | None = None,
                      device: str | None = None, task_ids: list[str] | None = None,
                      progress: Callable[[Iterable, int], Iterable] | None = None) -> list[dict]:
-    """n_samples answers per task, as samples.jsonl records in (task, sample) order."""
+    """n_samples answers per task, as samples.jsonl records in (task, sample) order.
+
+    `model`: a model directory, finished xft run or Hub id (loaded here, on `device` in `dtype`), or a
+    loaded `(model, tokenizer)` pair (hf backend; used where it is, its tokenizer set to left padding).
+    """
     cfg.validate()
     ids = task_ids or list(bench.tasks)
     rows = [(t, k) for t in ids for k in range(cfg.n_samples)]
     seeds = [row_seed(cfg.seed, t, k) for t, k in rows]
     stops = stop_strings(bench, cfg.prompt_style)
-    from xft.artifacts import resolve_model
-
-    model_path = resolve_model(model_path)  # one rule for both backends: model dir, finished run, Hub id
-    if cfg.backend == "vllm":
-        prompts = _prompts(bench, rows, cfg, _chat_tokenizer(model_path, cfg))
-        texts = generate_vllm(model_path, prompts, seeds, stops, cfg, dtype)
+    if not isinstance(model, (str, os.PathLike)):
+        if cfg.backend == "vllm":
+            raise UserError("--backend vllm loads the model itself: give a model path, not a loaded model")
+        model, tokenizer = model
+        _pad_left(tokenizer)
+        texts = generate_hf(model.eval(), tokenizer, _prompts(bench, rows, cfg, tokenizer), seeds, stops, cfg,
+                            progress)
     else:
-        model, tokenizer = load_model(model_path, dtype, device)
-        prompts = _prompts(bench, rows, cfg, tokenizer)
-        texts = generate_hf(model, tokenizer, prompts, seeds, stops, cfg, progress)
+        from xft.artifacts import resolve_model
+
+        model_path = resolve_model(model)  # one rule for both backends: model dir, finished run, Hub id
+        if cfg.backend == "vllm":
+            prompts = _prompts(bench, rows, cfg, _chat_tokenizer(model_path, cfg))
+            texts = generate_vllm(model_path, prompts, seeds, stops, cfg, dtype)
+        else:
+            model, tokenizer = load_model(model_path, dtype, device)
+            prompts = _prompts(bench, rows, cfg, tokenizer)
+            texts = generate_hf(model, tokenizer, prompts, seeds, stops, cfg, progress)
     return [make_sample(bench, t, cfg.prompt_style, text, stops) for (t, _), text in zip(rows, texts)]

@@ -21,8 +21,6 @@ import functools
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from xft.errors import UserError
@@ -116,13 +114,9 @@ def expected_outputs(bench: Benchmark, sandbox: Sandbox, workers: int = 1) -> Gr
                 return GroundTruth(directory, times)
         except ValueError:
             pass  # damaged: recompute
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=".tmp-"))
-    try:
-        times = _compute(bench, sandbox, workers, tmp)
-        (tmp / "times.json").write_text(json.dumps(times))
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)  # appears complete or not at all
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    from xft.training.rundir import atomic_dir  # generic, not about training; it lives there for now
+
+    with atomic_dir(str(directory)) as tmp:  # appears complete or not at all, replacing a damaged one
+        times = _compute(bench, sandbox, workers, Path(tmp))
+        (Path(tmp) / "times.json").write_text(json.dumps(times))
     return GroundTruth(directory, times)

@@ -26,7 +26,8 @@ import re
 
 from xft.errors import UserError
 from xft.pipeline.recipe import Recipe
-from xft.pipeline.stages import UPCYCLE_STAGE, Context, benchmark_data, plan
+from xft.pipeline.methods import UPCYCLE_STAGES
+from xft.pipeline.stages import Context, benchmark_data, plan
 
 _PLACEHOLDER_ROOT = "<run directory>"  # configs are built and validated, never run, so no path is touched
 
@@ -60,7 +61,7 @@ def _for_recipe(check, *args) -> None:
 def _check_upcycling(recipe: Recipe, stage_names: set[str]) -> None:
     import xft
 
-    for routing, name in UPCYCLE_STAGE.items():
+    for routing, name in UPCYCLE_STAGES.items():
         if name in stage_names:
             xft.UpcycleConfig(**{**recipe.upcycle, "routing": routing, "seed": recipe.seed})
 

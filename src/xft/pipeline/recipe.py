@@ -25,19 +25,7 @@ import yaml
 
 from xft.errors import UserError
 from xft import recipes
-
-# Models a recipe can produce, in report order: name -> what it is.
-METHODS: dict[str, str] = {
-    "base": "the base model, not instruction-tuned",
-    "sft": "dense SFT baseline (SFT_DS)",
-    "moe": "upcycled MoE after SFT, not merged (MoE_DS)",
-    "ewa": "EWA: MoE SFT with experts pulled to their mean, then averaged (EWA_DS)",
-    "xft_init": "XFT init merge: shared expert λ, routed experts (1-λ)/(N-1), no learning",
-    "xft_uniform": "uniform average of all experts of the trained MoE",
-    "xft": "XFT: learned merge of the trained MoE (XFT_DS)",
-    "sparse": "ablation: sparse upcycling, no shared expert (MoE_SS), not merged",
-    "unnormalized": "ablation: shared expert without routing-weight normalization, not merged",
-}
+from xft.pipeline.methods import METHODS  # the models a recipe can produce, in report order
 
 # Fields the pipeline fills in itself (paths between stages); a recipe may not set them.
 _PIPELINE_OWNED = {"model", "moe", "data", "out", "upcycle", "num_experts", "top_k", "routing", "router",

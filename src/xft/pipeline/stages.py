@@ -9,6 +9,10 @@ Every stage owns one directory under the run directory, named after the stage:
     xft/, xft_init/, xft_uniform/                        merge runs (xft.train.learn_merge: final/)
     eval/<method>/<benchmark>/results.json              evaluation of each method's model (+ eval_settings.json)
 
+Which training, merge and upcycle stages exist, what each depends on and how
+its config is built follow from the method table (`xft.pipeline.methods`): one
+training stage per method, named after it.
+
 A stage is finished when its directory holds a finished artifact: the
 training stages use `xft.training.rundir` (`final/` appears only complete and
 re-running resumes from the last checkpoint); the other stages write into a
@@ -28,13 +32,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from xft.artifacts import resolve_model
-from xft.errors import UserError
+from xft.pipeline.methods import MERGED_MOE, METHODS, UPCYCLE_STAGES, Method
 from xft.pipeline.recipe import Recipe
 from xft.training import rundir
 
 MINICODE_SEED = 0  # MiniCode's published splits; its train/eval leakage rules hold within one seed
-ROUTING_OF = {"moe": "xft", "sparse": "sparse", "unnormalized": "unnormalized"}
-UPCYCLE_STAGE = {"xft": "upcycle", "sparse": "upcycle-sparse", "unnormalized": "upcycle-unnormalized"}
 
 
 @dataclass
@@ -176,7 +178,7 @@ def merge_config(ctx: Context, out: str, method: str):
             settings.pop(key, None)
     if method == "learned" and r.data.merge_subset is not None:
         settings["subset"] = r.data.merge_subset
-    return MergeConfig(moe=ctx.path("moe"), data=train_data(ctx) if method == "learned" else None,
+    return MergeConfig(moe=ctx.path(MERGED_MOE), data=train_data(ctx) if method == "learned" else None,
                        out=out, method=method, **settings)
 
 
@@ -252,6 +254,17 @@ def _evaluator(method: str):
 
 # ---------------------------------------------------------------- the graph
 
+def _method_stage(m: Method, base_deps: tuple[str, ...], data_deps: tuple[str, ...]) -> Stage:
+    """The training stage that produces method `m`'s model, named after it (see `xft.pipeline.methods`)."""
+    if m.kind == "merge":  # a merge of the trained MoE; only a learned merge reads data
+        return _training(m.name, (MERGED_MOE,) + (data_deps if m.merge == "learned" else ()), _merger(m.merge),
+                         m.stage)
+    if m.upcycle_stage is None:  # instruction tuning of the dense base model
+        return _training(m.name, base_deps + data_deps, _sft(base_model, dense=True), m.stage)
+    upcycled = m.upcycle_stage
+    return _training(m.name, (upcycled,) + data_deps, _sft(lambda c: c.path(upcycled), ewa=m.ewa), m.stage)
+
+
 def all_stages(recipe: Recipe) -> dict[str, Stage]:
     """Every stage this recipe could run, by name (dependencies included)."""
     base_deps = ("base",) if recipe.model == "minicode" else ()
@@ -260,22 +273,9 @@ def all_stages(recipe: Recipe) -> dict[str, Stage]:
         Stage("base", (), _build_base, "pretrain MiniCode's tiny base model"),
         Stage("data", (), _write_data, "write MiniCode's instruction-tuning split"),
     ]
-    for routing, name in UPCYCLE_STAGE.items():
+    for routing, name in UPCYCLE_STAGES.items():
         stages.append(Stage(name, base_deps, _upcycler(routing), f"upcycle the base model ({routing} routing)"))
-    up = {routing: (lambda c, name=name: c.path(name)) for routing, name in UPCYCLE_STAGE.items()}
-    stages += [
-        _training("sft", base_deps + data_deps, _sft(base_model, dense=True), "dense SFT baseline"),
-        _training("moe", ("upcycle",) + data_deps, _sft(up["xft"]),
-                  "MoE SFT (shared expert, normalized routing)"),
-        _training("ewa", ("upcycle",) + data_deps, _sft(up["xft"], ewa=True), "MoE SFT with EWA, experts averaged"),
-        _training("sparse", ("upcycle-sparse",) + data_deps, _sft(up["sparse"]),
-                  "MoE SFT, sparse upcycling (no shared expert)"),
-        _training("unnormalized", ("upcycle-unnormalized",) + data_deps, _sft(up["unnormalized"]),
-                  "MoE SFT, shared expert, unnormalized routing"),
-        _training("xft", ("moe",) + data_deps, _merger("learned"), "learn the merge (XFT)"),
-        _training("xft_init", ("moe",), _merger("init"), "init merge (no learning)"),
-        _training("xft_uniform", ("moe",), _merger("uniform"), "uniform merge of all experts"),
-    ]
+    stages += [_method_stage(m, base_deps, data_deps) for m in METHODS.values() if m.kind != "base"]
     for method in recipe.methods:
         deps = base_deps if method == "base" else (method,)
         stages.append(Stage(f"eval/{method}", deps, _evaluator(method), f"evaluate {method}",

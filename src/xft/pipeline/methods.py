@@ -1,0 +1,126 @@
+"""The models an experiment can produce: one table that the recipe, the stages and the report read.
+
+    from xft.pipeline.methods import METHODS
+    METHODS["xft"].label            # "XFT learned merge" (the report's name for it)
+    METHODS["sparse"].upcycle_stage  # "upcycle-sparse" (the stage its untrained MoE comes from)
+
+Each `Method` says what the model is (recipe help, report label and glossary)
+and how it is made: the base model as it is, instruction tuning (`sft`) of the
+base model or of an MoE upcycled with one routing scheme (EWA optional), or a
+merge of the trained MoE (`moe`) by one `MergeConfig.method`. A method's
+training or merge stage has the method's name; its upcycle stage, its
+dependencies and the compute its model carries follow from the table. The
+order of the table is the order of recipes and reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MERGED_MOE = "moe"  # the method whose trained MoE every merge method merges
+
+
+@dataclass(frozen=True)
+class Method:
+    """One model of the experiment."""
+
+    name: str  # recipe and run-directory name (its stage is <run>/<name>, its evaluation <run>/eval/<name>)
+    description: str  # one line: what the model is (recipe help, `xft run --help`)
+    label: str  # its name in the report's tables and plots
+    glossary: str  # the report's glossary entry (markdown)
+    stage: str = ""  # the description of its training or merge stage in the run log ("" for the base model)
+    routing: str | None = None  # instruction tuning of an MoE upcycled with this routing (None: dense / merge)
+    ewa: bool = False  # instruction tuning with expert weight averaging (the experts averaged at the end)
+    merge: str | None = None  # a merge of MERGED_MOE by this MergeConfig.method
+
+    @property
+    def kind(self) -> str:
+        """"base" (the base model), "sft" (an instruction-tuning stage) or "merge" (a merge stage)."""
+        return "merge" if self.merge else "base" if not self.stage else "sft"
+
+    @property
+    def upcycle_stage(self) -> str | None:
+        """The stage whose untrained MoE this method's SFT starts from (None: not upcycled)."""
+        return upcycle_stage(self.routing) if self.routing else None
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the model this method produces is an MoE (an upcycled SFT that is neither merged nor averaged)."""
+        return self.routing is not None and not self.ewa
+
+    @property
+    def compute_chain(self) -> tuple[str, ...]:
+        """The training stages whose compute this method's model carries (a merge: the MoE it merged)."""
+        if self.kind == "merge":
+            return (MERGED_MOE, self.name) if self.merge == "learned" else (MERGED_MOE,)
+        return (self.name,)
+
+
+def upcycle_stage(routing: str) -> str:
+    """The name of the stage that upcycles the base model with `routing`: upcycle (XFT's), upcycle-<routing>."""
+    return "upcycle" if routing == "xft" else f"upcycle-{routing}"
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method(
+        "base", "the base model, not instruction-tuned", "base model",
+        "**base model**: the pretrained model before instruction tuning; every other model starts from it."),
+    Method(
+        "sft", "dense SFT baseline (SFT_DS)", "dense SFT",
+        "**dense SFT** (SFT_DS): the base model instruction-tuned as it is, the baseline XFT must beat.",
+        stage="dense SFT baseline"),
+    Method(
+        "moe", "upcycled MoE after SFT, not merged (MoE_DS)", "MoE (unmerged)",
+        "**MoE (unmerged)** (MoE_DS): the base model *upcycled* — each FFN copied into N experts, one of "
+        "them the *shared expert* every token uses, the others chosen per token by a router (top-k) — then "
+        "instruction-tuned. XFT's routing normalizes the expert weights to sum to 1.",
+        stage="MoE SFT (shared expert, normalized routing)", routing="xft"),
+    Method(
+        "ewa", "EWA: MoE SFT with experts pulled to their mean, then averaged (EWA_DS)", "EWA",
+        "**EWA** (expert weight averaging, EWA_DS): MoE SFT in which, after every optimizer step, each "
+        "expert moves a fraction β (ewa.share_rate) toward the experts' mean; at the end the experts are "
+        "averaged into one dense FFN. A baseline for merging.",
+        stage="MoE SFT with EWA, experts averaged", routing="xft", ewa=True),
+    Method(
+        "xft_init", "XFT init merge: shared expert λ, routed experts (1-λ)/(N-1), no learning", "XFT init merge",
+        "**XFT init merge**: the trained MoE merged back into the base architecture without learning: "
+        "per layer, the shared expert's FFN weighted λ plus each of the N − 1 routed experts weighted "
+        "(1 − λ)/(N − 1).",
+        stage="init merge (no learning)", merge="init"),
+    Method(
+        "xft_uniform", "uniform average of all experts of the trained MoE", "uniform merge",
+        "**uniform merge**: the trained MoE merged with every expert weighted 1/N (no λ), to show "
+        "what weighting the shared expert adds.",
+        stage="uniform merge of all experts", merge="uniform"),
+    Method(
+        "xft", "XFT: learned merge of the trained MoE (XFT_DS)", "XFT learned merge",
+        "**XFT learned merge** (XFT_DS): starts from the init merge and learns, on the instruction data, "
+        "one vector of mixing logits per layer (routed experts weighted (1 − λ)·softmax(logits)), then "
+        "compiles them into an ordinary dense model: the method's final model, the size of the base model.",
+        stage="learn the merge (XFT)", merge="learned"),
+    Method(
+        "sparse", "ablation: sparse upcycling, no shared expert (MoE_SS), not merged",
+        "sparse upcycling (no shared expert)",
+        "**sparse upcycling** (ablation, MoE_SS): an upcycled MoE with no shared expert, every expert "
+        "routed; not merged.",
+        stage="MoE SFT, sparse upcycling (no shared expert)", routing="sparse"),
+    Method(
+        "unnormalized", "ablation: shared expert without routing-weight normalization, not merged",
+        "shared expert, unnormalized",
+        "**shared expert, unnormalized** (ablation): the shared expert weighted 1 − (top routing "
+        "probability) and the routed experts their raw probabilities, so the weights do not sum to "
+        "1 (the paper's scale mismatch); not merged.",
+        stage="MoE SFT, shared expert, unnormalized routing", routing="unnormalized"),
+)}
+
+# Routing scheme -> its upcycle stage, for every routing a method uses (in table order).
+UPCYCLE_STAGES: dict[str, str] = {m.routing: m.upcycle_stage for m in METHODS.values() if m.routing}
+
+
+def check_pairs(pairs, what: str):
+    """`pairs` ((method, method, ...), ...) unchanged, once every method it names is in the table."""
+    for pair in pairs:
+        for name in pair[:2]:
+            if name not in METHODS:
+                raise ValueError(f"{what} names {name!r}, which is not a method of xft.pipeline.methods")
+    return pairs
