@@ -115,7 +115,7 @@ def test_rerun_skips_finished_stages_and_refuses_another_recipe(tiny_base, tmp_p
     recipe = load_recipe("minicode", tiny_overrides(tiny_base, "methods=[sft]"))
     lines = []
     run_pipeline(recipe, str(tmp_path / "run"), progress=False, log=lines.append)
-    assert (tmp_path / "run" / "sft" / "final" / "config.json").is_file()
+    assert (tmp_path / "run" / "sft" / "config.json").is_file()
     results = json.loads((tmp_path / "run" / "eval" / "sft" / "minicode" / "results.json").read_text())
     assert results["n_tasks"] == 3 and 0.0 <= results["pass@1"] <= 1.0
     assert len((tmp_path / "run" / "eval" / "sft" / "minicode" / "samples.jsonl").read_text().splitlines()) == 3
@@ -153,7 +153,7 @@ def test_failed_stage_leaves_nothing_and_rerun_completes(tiny_base, tmp_path, mo
     assert not [p for p in os.listdir(tmp_path / "run") if p.startswith(".")]  # no temporary left behind
     monkeypatch.setattr(stages_mod, "_upcycler", real)
     run_pipeline(recipe, str(tmp_path / "run"), progress=False)
-    assert (tmp_path / "run" / "xft_init" / "final" / "merge_coefficients.json").is_file()
+    assert (tmp_path / "run" / "xft_init" / "merge_coefficients.json").is_file()
 
 
 def test_interrupted_training_stage_resumes_from_its_checkpoint(tiny_base, tmp_path, monkeypatch):
@@ -181,12 +181,12 @@ def test_interrupted_training_stage_resumes_from_its_checkpoint(tiny_base, tmp_p
     with pytest.raises(Stop):
         run_pipeline(load_recipe("minicode", overrides), str(tmp_path / "run"), progress=False)
     moe = tmp_path / "run" / "moe"
-    assert (moe / "checkpoints" / "checkpoint-1").is_dir() and not (moe / "final").exists()
+    assert (moe / "checkpoint-1").is_dir() and not (moe / "config.json").exists()
 
     monkeypatch.setattr(stage_mod, "make_trainer", real)
     lines = []
     run_pipeline(load_recipe("minicode", overrides), str(tmp_path / "run"), progress=False, log=lines.append)
-    record = json.loads((moe / "final" / "xft_training.json").read_text())
+    record = json.loads((moe / "xft_training.json").read_text())
     steps = [h["step"] for h in record["log_history"] if "loss" in h]
     assert steps == [1, 2, 3]  # one history, continued: step 1 from before the interruption
     assert any(line.startswith("[") and "moe" in line and "done" in line for line in lines)
@@ -194,12 +194,13 @@ def test_interrupted_training_stage_resumes_from_its_checkpoint(tiny_base, tmp_p
 
 
 def _outputs(run) -> dict[str, str]:
-    """Every evaluation's samples and every merged model's weights, by path (what a run computed)."""
+    """Every evaluation's samples and every trained model's weights, by path (what a run computed)."""
     import hashlib
 
     out = {}
     for path in sorted(run.rglob("*")):
-        if path.name == "samples.jsonl" or (path.name == "model.safetensors" and "final" in path.parts):
+        if path.name == "samples.jsonl" or (path.name == "model.safetensors"
+                                            and (path.parent / "xft_run.json").is_file()):
             out[str(path.relative_to(run))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
@@ -309,7 +310,7 @@ def _copy(run, tmp_path):
 
 def test_eval_only_changes_keep_training_and_rerun_only_changed_evaluations(tiny_base, finished_sft_run, tmp_path):
     run = _copy(finished_sft_run, tmp_path)
-    weights = (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
+    weights = (run / "sft" / "model.safetensors").stat().st_mtime_ns
     minicode = (run / "eval" / "sft" / "minicode" / "samples.jsonl").read_text()
     lines = []
     # a new benchmark: only it is evaluated, MiniCode's results are kept as they are
@@ -326,7 +327,7 @@ def test_eval_only_changes_keep_training_and_rerun_only_changed_evaluations(tiny
                                                         "humaneval]", "eval.limit=2")), str(run), progress=False)
     for bench in ("minicode", "humaneval"):
         assert json.loads((run / "eval" / "sft" / bench / "results.json").read_text())["n_tasks"] == 2
-    assert (run / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == weights
+    assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == weights
 
 
 def test_none_empty_and_missing_sections_are_the_same_recipe(tiny_base, finished_sft_run):
@@ -353,7 +354,7 @@ def test_training_change_is_refused_with_the_diff_and_overwrite_replaces_the_run
     with pytest.raises(UserError, match=r"another recipe \(train.lr: 0.003 -> 0.01\).*--overwrite"):
         run_pipeline(other, str(run), progress=False)
     run_pipeline(other, str(run), progress=False, overwrite=True)
-    config = json.loads((run / "sft" / "final" / "xft_training.json").read_text())["config"]
+    config = json.loads((run / "sft" / "xft_training.json").read_text())["config"]
     assert config["lr"] == 0.01
     assert (run / "notes.txt").read_text() == "mine"  # only what xft wrote is deleted
 

@@ -41,17 +41,17 @@ def test_paper_recipe_runs_end_to_end_with_tiny_overrides(tiny, tmp_path, capsys
             results = json.loads((out / "eval" / method / bench / "results.json").read_text())
             assert results["n_tasks"] == 2 and 0.0 <= results["pass@1"] <= 1.0, (method, bench)
     # The paper's settings reached the stages: 8 experts / top-6 upcycling, λ = 0.75, Adafactor.
-    moe_config = json.loads((out / "moe" / "final" / "config.json").read_text())["xft"]
+    moe_config = json.loads((out / "moe" / "config.json").read_text())["xft"]
     assert (moe_config["num_experts"], moe_config["top_k"], moe_config["routing"]) == (8, 6, "xft")
-    sparse = json.loads((out / "sparse" / "final" / "config.json").read_text())["xft"]
+    sparse = json.loads((out / "sparse" / "config.json").read_text())["xft"]
     assert sparse["routing"] == "sparse"
-    coef = json.loads((out / "xft" / "final" / "merge_coefficients.json").read_text())
+    coef = json.loads((out / "xft" / "merge_coefficients.json").read_text())
     assert coef["method"] == "learned" and all(abs(c[0] - 0.75) < 1e-6 for c in coef["coefficients"].values())
-    train = json.loads((out / "moe" / "final" / "xft_training.json").read_text())["config"]
+    train = json.loads((out / "moe" / "xft_training.json").read_text())["config"]
     assert (train["optimizer"], train["lr"], train["warmup_steps"]) == ("adafactor", 5e-5, 500)
-    merge = json.loads((out / "xft" / "final" / "xft_training.json").read_text())["config"]
+    merge = json.loads((out / "xft" / "xft_training.json").read_text())["config"]
     assert (merge["lr"], merge["warmup_steps"], merge["max_steps"]) == (1e-5, 125, 1)
-    dense = json.loads((out / "sft" / "final" / "xft_training.json").read_text())["config"]
+    dense = json.loads((out / "sft" / "xft_training.json").read_text())["config"]
     assert (dense["warmup_steps"], dense["max_steps"]) == (625, 1)
     # A finished run is skipped entirely when re-run.
     capsys.readouterr()
@@ -175,5 +175,5 @@ def test_chat_data_trains_and_evaluates_with_the_tokenizers_chat_template(tiny, 
     for method in ("sft", "xft"):
         results = json.loads((out / "eval" / method / "minicode" / "results.json").read_text())
         assert results["decoding"]["template"] == "chat" and results["n_tasks"] == 2
-    train = json.loads((out / "sft" / "final" / "xft_training.json").read_text())
+    train = json.loads((out / "sft" / "xft_training.json").read_text())
     assert train["config"]["template"] == "chat" and train["data"]["kind"] == "chat"

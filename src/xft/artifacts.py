@@ -1,4 +1,4 @@
-"""Artifacts on disk: where models are, and writing outputs so that they appear only whole.
+"""Artifacts on disk: where models are, writing outputs so that they appear only whole, comparing settings.
 
 Model arguments: one rule for every command and `xft.load` that takes a model.
 
@@ -17,6 +17,7 @@ request instead of the Hub client's retries, which take ~25–50 s offline).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -75,6 +76,52 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented JSON atomically (see `atomic_write_text`)."""
+    import json
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str):
+    """Yield a temporary directory next to `target`; on success rename it to `target` in one step.
+
+    On an exception the temporary directory is removed and `target` is untouched.
+    An existing `target` is replaced only after the new one is complete. The
+    temporaries are `.<name>.tmp-*` / `.<name>.old-*` beside `target`.
+    """
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(target)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        follow_umask(tmp)  # mkdtemp made it 0700, safetensors writes 0600: the result follows the umask
+        if os.path.exists(target):
+            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+            os.rename(target, os.path.join(trash, "x"))
+            os.rename(tmp, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def settings_diff(old: dict, new: dict, ignore=frozenset()) -> dict[str, str]:
+    """Key -> "key: old -> new" for every setting that differs between two flat records, `ignore`d keys aside.
+
+    The one check behind "refuse to resume with other settings" (training
+    stages, `xft upcycle`, `xft run`'s recipe).
+    """
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return {k: f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)}
 
 
 def _umask() -> int:

@@ -302,9 +302,12 @@ class MergeConfig(TrainConfig):
                           choices=registry("xft.merge_methods", "MERGE_METHODS"))
     shared_weight: float = setting(0.75, "merge weight of the shared expert (lambda; paper: 0.75)")
     learn_shared_weight: bool = setting(False, "also learn the shared expert's weight (paper: fixed)")
-    # The paper's settings for the merge stage (docs/method.md §3): declared defaults over TrainConfig's.
+    # The merge's own schedule, the paper's (docs/method.md §3): declared here, so it is never inherited
+    # from an SFT's settings (a recipe's `merge` section over `train`, see xft.pipeline.recipe.LAYERS).
     epochs: float = setting(1.0, "passes over the data (paper: 1; ignored when --max-steps is set)")
+    max_steps: int = setting(-1, "stop after this many optimizer steps (-1: run --epochs)")
     lr: float = setting(1e-5, "peak learning rate of the mixing logits (paper: 1e-5)")
+    lr_scheduler: str = setting("linear", "learning-rate schedule after warm-up (transformers scheduler name)")
     warmup_steps: int = setting(125, "linear warm-up steps (paper: 125)")
 
     def validate(self) -> None:
@@ -415,11 +418,11 @@ def flat_settings(cls) -> dict[str, Slot]:
     return out
 
 
-def _type_ok(value, tp) -> bool:
+def type_ok(value, tp) -> bool:
     """Whether `value` fits annotation `tp` (int is accepted for float, None for Optional)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in args)
+        return any(type_ok(value, a) for a in args)
     if tp is type(None):
         return value is None
     if tp is float:
@@ -431,8 +434,10 @@ def _type_ok(value, tp) -> bool:
     return isinstance(value, tp) if isinstance(tp, type) else True
 
 
-def _coerce(value, tp):
-    """YAML 1.1 reads `5e-5` as a string: give float settings their number back."""
+def coerce(value, tp):
+    """YAML 1.1 reads `5e-5` as a string: give float settings their number back; an empty section is {}."""
+    if value is None and tp in (dict, list):
+        return tp()
     if isinstance(value, str) and float in (typing.get_args(tp) or (tp,)):
         try:
             return float(value)
@@ -453,11 +458,12 @@ def closest(name: str, known) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def check_flat(cls, values: dict, where: str = "", skip=frozenset()) -> dict:
+def check_flat(cls, values: dict, where: str = "", skip=frozenset(), what: str = "setting") -> dict:
     """`values` with every key a flat setting of `cls` and every value of its type; ConfigError otherwise.
 
-    Keys may use dashes; `where` prefixes names in messages (a recipe section);
-    keys in `skip` are settings the caller owns and may not be given.
+    Keys may use dashes; `where` prefixes names in messages (a recipe section),
+    `what` names a key in them; keys in `skip` are settings the caller sets
+    itself and may not be given.
     """
     slots = flat_settings(cls)
     out = {}
@@ -465,11 +471,11 @@ def check_flat(cls, values: dict, where: str = "", skip=frozenset()) -> dict:
         name = key.replace("-", "_")
         label = f"{where}.{name}" if where else name
         if name in skip:
-            raise ConfigError(f"{label} cannot be set here: it is set for you")
+            raise ConfigError(f"{what} {label} cannot be set: it is set for you (per stage)")
         if name not in slots:
-            raise ConfigError(f"unknown setting {label}{closest(name, set(slots) - set(skip))}")
-        value = _coerce(value, slots[name].type)
-        if not _type_ok(value, slots[name].type):
+            raise ConfigError(f"unknown {what} {label}{closest(name, set(slots) - set(skip))}")
+        value = coerce(value, slots[name].type)
+        if not type_ok(value, slots[name].type):
             raise ConfigError(f"{label}: expected {type_name(slots[name].type)}, got {value!r}")
         out[name] = value
     return out

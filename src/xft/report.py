@@ -26,7 +26,7 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 
-from xft.artifacts import atomic_write_text
+from xft.artifacts import atomic_write_json, atomic_write_text
 from xft.pipeline.methods import METHODS, check_pairs, upcycle_stage
 from xft.training import rundir
 
@@ -92,7 +92,8 @@ def model_dir(run: str, method: str) -> str | None:
         names = sorted(os.listdir(evaluated)) if os.path.isdir(evaluated) else []
         res = next((r for b in names if (r := eval_results(run, "base", b))), None)
         return (res or {}).get("model") or os.path.join(run, "base")
-    return os.path.join(run, method, "final")
+    legacy = os.path.join(run, method, rundir.LEGACY_FINAL)  # a run of xft 0.1
+    return legacy if os.path.isfile(os.path.join(legacy, "config.json")) else os.path.join(run, method)
 
 
 def training_tokens(model_path: str) -> int:
@@ -548,7 +549,7 @@ def write_report(out: str, runs: list[str], title: str, preamble: str = "", meth
               plot_expert_load(read_routing_log(os.path.join(runs[0], "moe")),
                                os.path.join(plots_dir, "expert_load.png"))),
              ("merge_coefficients", "learned merge coefficients per layer",
-              plot_merge_coefficients(_read_json(os.path.join(runs[0], "xft", "final", "merge_coefficients.json")),
+              plot_merge_coefficients(_read_json(os.path.join(model_dir(runs[0], "xft"), "merge_coefficients.json")),
                                       os.path.join(plots_dir, "merge_coefficients.png")))]
     seeds = max((len(r.scores) for r in rows), default=len(runs))
     lines = [f"# {title}", "", preamble.strip(), "", _header(runs), "",
@@ -581,7 +582,7 @@ def write_report(out: str, runs: list[str], title: str, preamble: str = "", meth
     report = os.path.join(out, "report.md")
     atomic_write_text(report, re.sub(r"\n{3,}", "\n\n", _link("\n".join(lines), links)))
     # what `build_report` needs to write this same report again (xft report DIR)
-    rundir.write_json(os.path.join(out, REPORT_SETTINGS), {"title": title, "preamble": preamble})
+    atomic_write_json(os.path.join(out, REPORT_SETTINGS), {"title": title, "preamble": preamble})
     return report, summary
 
 

@@ -219,7 +219,7 @@ def _pass_rate_by(results: dict, labels: dict[str, dict], key: str) -> dict[str,
 def _write(out: str, overwrite: bool, samples: list[dict], results: dict) -> None:
     """Write samples.jsonl and results.json into a fresh `out`, renamed into place only when complete."""
     from xft.eval import report
-    from xft.training.rundir import atomic_dir  # generic, not about training; it lives there for now
+    from xft.artifacts import atomic_dir
 
     check_out(out, overwrite)  # again: the directory may have appeared during a long generation
     try:

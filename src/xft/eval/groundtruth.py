@@ -114,7 +114,7 @@ def expected_outputs(bench: Benchmark, sandbox: Sandbox, workers: int = 1) -> Gr
                 return GroundTruth(directory, times)
         except ValueError:
             pass  # damaged: recompute
-    from xft.training.rundir import atomic_dir  # generic, not about training; it lives there for now
+    from xft.artifacts import atomic_dir
 
     with atomic_dir(str(directory)) as tmp:  # appears complete or not at all, replacing a damaged one
         times = _compute(bench, sandbox, workers, Path(tmp))

@@ -1,61 +1,88 @@
 """Recipes: the whole XFT experiment as one typed, validated YAML file plus `--set` overrides.
 
 A recipe names the base model and data, which methods to produce, and the
-settings of every stage. Sections `train`, `dense`, `merge` and `ewa` hold
-fields of `xft.train.SFTConfig` / `MergeConfig` (the training stages' own
-configs, so the help text and defaults live in one place); `upcycle` holds
-fields of `xft.UpcycleConfig`.
+settings of every stage. Sections `train`, `dense`, `ewa` and `merge` hold
+flat settings of `xft.config.SFTConfig` / `MergeConfig` (the names `xft train`
+and `xft merge` take as flags, so help, types and defaults live in one place),
+`upcycle` those of `xft.config.UpcycleConfig`. Sections are layered as
+`LAYERS` declares: `dense` and `ewa` are `train` plus their own settings,
+`merge` is `train` less the settings `MergeConfig` declares defaults for (its
+schedule) plus its own.
 
     recipe = load_recipe("recipes/minicode.yaml", ["train.max_steps=2", "model=/path/to/model"])
 
 Guarantees: every key of the file and of every override is checked against
-the dataclasses below before anything runs; an unknown key or a value of the
-wrong type is a `UserError` naming it (and, for a typo, the known keys).
+the dataclasses below (a section's against its config's flat settings) before
+anything runs; an unknown key or a value of the wrong type is a `UserError`
+naming it (and, for a typo, the closest known key). The values are checked
+when the stages' configs are built (`xft.pipeline.preflight`), also before
+anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from xft.errors import UserError
 from xft import recipes
+from xft.config import (
+    MergeConfig, SFTConfig, UpcycleConfig, coerce, type_ok, check_flat, closest, flat_settings, setting, type_name,
+)
+from xft.errors import UserError
 from xft.pipeline.methods import METHODS  # the models a recipe can produce, in report order
 
-# Fields the pipeline fills in itself (paths between stages); a recipe may not set them.
-_PIPELINE_OWNED = {"model", "moe", "data", "out", "upcycle", "num_experts", "top_k", "routing", "router",
-                   "ewa_share_rate", "method", "overwrite"}
 
 
-def _f(default, help: str):
-    """A dataclass field with help text; mutable defaults are copied per instance."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+@dataclass(frozen=True)
+class Layer:
+    """A recipe section: flat settings of a stage config, over the settings of the section it inherits."""
+
+    config: type  # the config class whose flat settings (xft.config.flat_settings) the section holds
+    inherits: str | None = None  # the section whose settings are this one's defaults
+    extra: tuple[str, ...] = ()  # section keys that are not settings of `config` (ewa.share_rate)
+
+    def own(self) -> set[str]:
+        """Settings never inherited: those `config` declares with defaults of its own (the merge's schedule)."""
+        parents = {f.name for base in self.config.__mro__[1:] if dataclasses.is_dataclass(base)
+                   for f in dataclasses.fields(base)}
+        return set(self.config.__annotations__) & parents
+
+
+# Settings the pipeline fills in itself (paths between stages, the routing per method, the upcycle stage).
+_PIPELINE_OWNED = {"model", "moe", "data", "out", "method", "overwrite", "ewa_share_rate"} | {
+    name for name, slot in flat_settings(SFTConfig).items() if slot.path[0] == "upcycle"}
+
+LAYERS = {
+    "upcycle": Layer(UpcycleConfig),
+    "train": Layer(SFTConfig),
+    "dense": Layer(SFTConfig, inherits="train"),
+    "ewa": Layer(SFTConfig, inherits="train", extra=("share_rate",)),
+    "merge": Layer(MergeConfig, inherits="train"),
+}
+_OWNED = {"upcycle": {"routing", "seed"}}  # per section; the training sections: _PIPELINE_OWNED
 
 
 @dataclass
 class BaseSection:
     """How to get the base model when `model: minicode`."""
 
-    budget: str = _f("demo", "MiniCode base-model budget (xft.minicode.base.BUDGETS): demo, test or full")
-    steps: int | None = _f(None, "override the budget's pretraining steps")
-    seed: int = _f(0, "seed of the base model's pretraining (fixed across the experiment's seeds)")
+    budget: str = setting("demo", "MiniCode base-model budget (xft.minicode.base.BUDGETS): demo, test or full")
+    steps: int | None = setting(None, "override the budget's pretraining steps")
+    seed: int = setting(0, "seed of the base model's pretraining (fixed across the experiment's seeds)")
 
 
 @dataclass
 class DataSection:
     """Instruction-tuning data."""
 
-    path: str | None = _f("minicode", "instruction data file (JSONL/JSON/Parquet/datasets dir), or 'minicode' "
+    path: str | None = setting("minicode", "instruction data file (JSONL/JSON/Parquet/datasets dir), or 'minicode' "
                                       "to generate MiniCode's training split")
-    size: int | None = _f(None, "records of the MiniCode training split to generate (default: the generator's)")
-    merge_subset: float | None = _f(None, "data used to learn the merge: a fraction or a record count "
+    size: int | None = setting(None, "records of the MiniCode training split to generate (default: the generator's)")
+    merge_subset: float | None = setting(None, "data used to learn the merge: a fraction or a record count "
                                           "(default: all of it, as the paper)")
 
 
@@ -63,13 +90,13 @@ class DataSection:
 class EvalSection:
     """Evaluation of every produced model."""
 
-    benchmarks: list = _f(["minicode"], "benchmarks (xft eval registry names), e.g. minicode, humaneval, "
+    benchmarks: list = setting(["minicode"], "benchmarks (xft eval registry names), e.g. minicode, humaneval, "
                                         "humaneval+, mbpp, mbpp+")
-    limit: int | None = _f(None, "evaluate on the first N tasks of each benchmark only (default: all)")
-    max_new_tokens: int = _f(384, "generation length limit per task (greedy decoding)")
-    batch_size: int = _f(16, "prompts generated together")
-    workers: int | None = _f(None, "parallel sandboxed test runs (default: the CPU count)")
-    data: dict = _f({}, "benchmark name -> data file, for benchmarks that are not bundled (EvalPlus), e.g. "
+    limit: int | None = setting(None, "evaluate on the first N tasks of each benchmark only (default: all)")
+    max_new_tokens: int = setting(384, "generation length limit per task (greedy decoding)")
+    batch_size: int = setting(16, "prompts generated together")
+    workers: int | None = setting(None, "parallel sandboxed test runs (default: the CPU count)")
+    data: dict = setting({}, "benchmark name -> data file, for benchmarks that are not bundled (EvalPlus), e.g. "
                         "--set eval.data.mbpp+=MbppPlus.jsonl.gz (mbpp reads the mbpp+ file unless given its own)")
 
 
@@ -77,85 +104,45 @@ class EvalSection:
 class Recipe:
     """One XFT experiment: base model -> upcycle -> MoE SFT -> merge -> evaluate, plus baselines."""
 
-    model: str = _f("minicode", "base model: a local directory, a Hub id, or 'minicode' (build MiniCode's "
+    model: str = setting("minicode", "base model: a local directory, a Hub id, or 'minicode' (build MiniCode's "
                                 "tiny pretrained model)")
-    seed: int = _f(0, "seed of every fine-tuning stage (data order, router init, noise)")
-    methods: list = _f(list(METHODS), f"models to produce and evaluate: {', '.join(METHODS)}")
-    precision: str = _f("auto", "training precision for every stage (see xft train --precision)")
+    seed: int = setting(0, "seed of every fine-tuning stage (data order, router init, noise)")
+    methods: list = setting(list(METHODS), f"models to produce and evaluate: {', '.join(METHODS)}")
+    precision: str = setting("auto", "training precision for every stage (see xft train --precision)")
     base: BaseSection = field(default_factory=BaseSection, metadata={"help": "MiniCode base model"})
     data: DataSection = field(default_factory=DataSection, metadata={"help": "instruction data"})
-    upcycle: dict = _f({}, "xft.UpcycleConfig fields (num_experts, top_k, router, noisy_gating, ...); "
+    upcycle: dict = setting({}, "xft.UpcycleConfig fields (num_experts, top_k, router, noisy_gating, ...); "
                            "routing is set per method")
-    train: dict = _f({}, "SFTConfig fields for every instruction-tuning run (MoE, dense, EWA, ablations)")
-    dense: dict = _f({}, "SFTConfig fields overriding `train` for the dense SFT baseline")
-    ewa: dict = _f({"share_rate": 0.3}, "EWA: share_rate (β), plus SFTConfig fields overriding `train`")
-    merge: dict = _f({}, "MergeConfig fields for learning the merge (lr, epochs, shared_weight, ...)")
+    train: dict = setting({}, "SFTConfig fields for every instruction-tuning run (MoE, dense, EWA, ablations)")
+    dense: dict = setting({}, "SFTConfig fields overriding `train` for the dense SFT baseline")
+    ewa: dict = setting({"share_rate": 0.3}, "EWA: share_rate (β), plus SFTConfig fields overriding `train`")
+    merge: dict = setting({}, "MergeConfig fields for learning the merge (lr, epochs, shared_weight, ...)")
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "evaluation"})
 
 
-# ---------------------------------------------------------------- validation helpers
+# ---------------------------------------------------------------- sections
 
-def _closest(name: str, known) -> str:
-    match = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
-
-def _type_ok(value, tp) -> bool:
-    """Whether `value` fits the annotation `tp` (int is accepted for float, None for Optional)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())):
-        return any(_type_ok(value, a) for a in args)
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is not None:
-        return isinstance(value, origin)
-    return isinstance(value, tp)
+def section_settings(recipe: "Recipe", name: str) -> dict:
+    """The settings of section `name` with what it inherits: e.g. `merge` is `train` (less the merge's own
+    schedule) updated by `merge`; `extra` keys (ewa.share_rate) left out."""
+    layer = LAYERS[name]
+    inherited = {}
+    if layer.inherits:
+        own = layer.own()
+        inherited = {k: v for k, v in section_settings(recipe, layer.inherits).items() if k not in own}
+    mine = {k: v for k, v in getattr(recipe, name).items() if k not in layer.extra}
+    return {**inherited, **mine}
 
 
-def _coerce(value, tp):
-    """YAML 1.1 reads `5e-5` as a string: give float fields their number back; an empty section is {}."""
-    if value is None and tp is dict:
-        return {}
-    if isinstance(value, str) and float in (typing.get_args(tp) or (tp,)):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _type_name(tp) -> str:
-    args = typing.get_args(tp)
-    return " or ".join(_type_name(a) for a in args) if args else getattr(tp, "__name__", str(tp))
-
-
-def _check_fields(cls, values: dict, where: str, skip: set[str] = frozenset()) -> None:
-    """Every key of `values` is a field of dataclass `cls` and has its type; UserError otherwise."""
-    if not isinstance(values, dict):
-        raise UserError(f"{where}: expected a mapping of settings, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)} - skip
-    for key, value in values.items():
-        if key not in known:
-            if key in skip:
-                raise UserError(f"recipe key {where}.{key} cannot be set: the pipeline sets it per stage")
-            raise UserError(f"unknown recipe key {where}.{key}{_closest(key, known)}")
-        value = values[key] = _coerce(value, hints[key])
-        if not _type_ok(value, hints[key]):
-            raise UserError(f"{where}.{key}: expected {_type_name(hints[key])}, got {value!r}")
-
-
-def _section_classes():
-    """Section name -> (config class it holds fields of, fields the pipeline owns there)."""
-    import xft
-    from xft.train import MergeConfig, SFTConfig
-
-    return {"train": (SFTConfig, _PIPELINE_OWNED), "dense": (SFTConfig, _PIPELINE_OWNED),
-            "merge": (MergeConfig, _PIPELINE_OWNED), "upcycle": (xft.UpcycleConfig, {"routing"})}
+def _check_sections(recipe: "Recipe") -> None:
+    """Every key of every section is a setting of its config with the right type (values: when built)."""
+    for name, layer in LAYERS.items():
+        values = getattr(recipe, name)
+        if not isinstance(values, dict):
+            raise UserError(f"{name}: expected a mapping of settings, got {values!r}")
+        settings = {k: v for k, v in values.items() if k not in layer.extra}
+        checked = check_flat(layer.config, settings, name, skip=_OWNED.get(name, _PIPELINE_OWNED), what="recipe key")
+        values.update(checked)  # coerced (YAML's "5e-5" is a float)
 
 
 def validate(recipe: Recipe) -> Recipe:
@@ -165,14 +152,10 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     if not recipe.methods:
         raise UserError("methods: choose at least one of " + ", ".join(METHODS))
-    for name, (cls, owned) in _section_classes().items():
-        _check_fields(cls, getattr(recipe, name), name, skip=owned)
-    from xft.train import SFTConfig
-    ewa = dict(recipe.ewa)
-    share_rate = ewa.pop("share_rate", None)
+    _check_sections(recipe)
+    share_rate = recipe.ewa.get("share_rate")
     if not isinstance(share_rate, (int, float)) or isinstance(share_rate, bool) or not 0 < share_rate <= 1:
         raise UserError(f"ewa.share_rate: expected a number in (0, 1], got {share_rate!r}")
-    _check_fields(SFTConfig, ewa, "ewa", skip=_PIPELINE_OWNED)
     if recipe.model == "minicode":
         from xft.minicode.base import BUDGETS
         if recipe.base.budget not in BUDGETS:
@@ -210,12 +193,12 @@ def _check_fields_shallow(cls, values, where):
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
         if key not in known:
-            raise UserError(f"unknown recipe key {path}{_closest(key, known)}; known keys here: "
+            raise UserError(f"unknown recipe key {path}{closest(key, known)}; known keys here: "
                             f"{', '.join(known)}")
         tp = hints[key]
-        value = values[key] = _coerce(value, tp)
-        if not dataclasses.is_dataclass(tp) and not _type_ok(value, tp):
-            raise UserError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        value = values[key] = coerce(value, tp)
+        if not dataclasses.is_dataclass(tp) and not type_ok(value, tp):
+            raise UserError(f"{path}: expected {type_name(tp)}, got {value!r}")
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -41,6 +41,7 @@ from xft.artifacts import atomic_write_text
 from xft.errors import UserError
 from xft.pipeline.recipe import METHODS, Recipe, to_dict
 from xft.pipeline.stages import Context, Stage, all_stages, plan
+from xft.artifacts import atomic_dir, atomic_write_json, settings_diff
 from xft.training import rundir
 
 RECIPE_FILE = "recipe.yaml"
@@ -71,11 +72,9 @@ def recipe_differences(saved: dict, recipe: Recipe) -> tuple[list[str], list[str
     Each is a list of "key: old -> new". Evaluation settings (`eval.*`) change
     only the evaluation stages, which re-run where their settings changed.
     """
-    old = {k: v for k, v in _flatten(saved).items() if k not in _NON_SEMANTIC}
-    new = {k: v for k, v in _flatten(to_dict(recipe)).items() if k not in _NON_SEMANTIC}
-    diff = [(k, f"{k}: {old.get(k)!r} -> {new.get(k)!r}") for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
-    return [d for k, d in diff if not k.startswith("eval.")], [d for k, d in diff if k.startswith("eval.")]
+    diff = settings_diff(_flatten(saved), _flatten(to_dict(recipe)), _NON_SEMANTIC)
+    return [d for k, d in diff.items() if not k.startswith("eval.")], [d for k, d in diff.items()
+                                                                       if k.startswith("eval.")]
 
 
 def _every_stage() -> dict[str, Stage]:
@@ -101,7 +100,7 @@ def clear_run_dir(root: str) -> None:
     for path in [os.path.join(root, name) for name in [*_every_stage(), *_BOOKKEEPING]]:
         parent, base = os.path.split(path)
         leftovers = [os.path.join(parent, n) for n in (os.listdir(parent) if os.path.isdir(parent) else [])
-                     if n.startswith((f".{base}.tmp-", f".{base}.old-"))]  # rundir.atomic_dir's temporaries
+                     if n.startswith((f".{base}.tmp-", f".{base}.old-"))]  # atomic_dir's temporaries
         for p in [path] + leftovers:
             if os.path.isdir(p):
                 shutil.rmtree(p)
@@ -149,7 +148,7 @@ def _record_time(root: str, stage: str, seconds: float) -> None:
     path = os.path.join(root, TIMINGS_FILE)
     timings = read_timings(root)
     timings[stage] = round(timings.get(stage, 0.0) + seconds, 2)
-    rundir.write_json(path, timings)
+    atomic_write_json(path, timings)
 
 
 def read_timings(root: str) -> dict[str, float]:
@@ -177,16 +176,16 @@ def _record_session(root: str, command: str | None, device: str, seconds: float,
     session = {"command": command, "device": device, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                "seconds": round(seconds, 2), "stages": stages,
                "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    rundir.write_json(os.path.join(root, SESSIONS_FILE), read_sessions(root) + [session])
+    atomic_write_json(os.path.join(root, SESSIONS_FILE), read_sessions(root) + [session])
 
 
 def run_stage(stage: Stage, ctx: Context) -> None:
     """Run one stage so that its directory appears only complete."""
     out = ctx.path(stage.name)
     if stage.training:
-        stage.run(ctx, out)  # xft.train: atomic final/, resumes from out/checkpoints
+        stage.run(ctx, out)  # xft.training: the model appears in out whole, resumes from out/checkpoint-N
         return
-    with rundir.atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         stage.run(ctx, tmp)
 
 

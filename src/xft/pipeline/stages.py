@@ -5,8 +5,8 @@ Every stage owns one directory under the run directory, named after the stage:
     base/                    MiniCode base model (when the recipe says model: minicode)
     data/train.jsonl         MiniCode instruction data (when data.path: minicode)
     upcycle/, upcycle-sparse/, upcycle-unnormalized/    upcycled MoEs, untrained
-    sft/, moe/, ewa/, sparse/, unnormalized/             training runs (xft.train: final/ + checkpoints/)
-    xft/, xft_init/, xft_uniform/                        merge runs (xft.train.learn_merge: final/)
+    sft/, moe/, ewa/, sparse/, unnormalized/             training runs: each is its model (xft.training)
+    xft/, xft_init/, xft_uniform/                        merge runs: each is its dense model
     eval/<method>/<benchmark>/results.json              evaluation of each method's model (+ eval_settings.json)
 
 Which training, merge and upcycle stages exist, what each depends on and how
@@ -14,7 +14,7 @@ its config is built follow from the method table (`xft.pipeline.methods`): one
 training stage per method, named after it.
 
 A stage is finished when its directory holds a finished artifact: the
-training stages use `xft.training.rundir` (`final/` appears only complete and
+training stages use `xft.training.rundir` (the model's config.json appears last and
 re-running resumes from the last checkpoint); the other stages write into a
 temporary sibling and rename it into place, so an interrupted stage leaves
 nothing that looks finished. An evaluation stage is finished only while every
@@ -31,9 +31,9 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from xft.artifacts import resolve_model
+from xft.artifacts import atomic_write_json, resolve_model
 from xft.pipeline.methods import MERGED_MOE, METHODS, UPCYCLE_STAGES, Method
-from xft.pipeline.recipe import Recipe
+from xft.pipeline.recipe import Recipe, section_settings
 from xft.training import rundir
 
 MINICODE_SEED = 0  # MiniCode's published splits; its train/eval leakage rules hold within one seed
@@ -105,8 +105,8 @@ def benchmark_data(recipe: Recipe, bench: str) -> str | None:
 
 
 def model_of(ctx: Context, method: str) -> str:
-    """The model directory a method produces."""
-    return base_model(ctx) if method == "base" else os.path.join(ctx.path(method), rundir.FINAL)
+    """The model directory a method produces: its stage's directory (`xft.training.rundir`)."""
+    return base_model(ctx) if method == "base" else ctx.path(method)
 
 
 # ---------------------------------------------------------------- stage bodies
@@ -141,24 +141,21 @@ def _upcycler(routing: str):
     return run
 
 
-def _settings(ctx: Context, *sections: dict) -> dict:
-    """Training settings: the recipe's seed and precision, then each section in turn."""
+def _settings(ctx: Context, section: str | None) -> dict:
+    """A stage's flat settings: the recipe's seed and precision, then its section (with what that inherits)."""
     merged = {"seed": ctx.recipe.seed, "precision": ctx.recipe.precision, "progress": ctx.progress}
-    for section in sections:
-        merged.update(section)
-    return merged
+    return {**merged, **(section_settings(ctx.recipe, section) if section else {})}
 
 
 def sft_config(ctx: Context, out: str, source: Callable[[Context], str], *, ewa: bool = False,
                dense: bool = False):
-    """The `SFTConfig` of one instruction-tuning stage (built, not validated)."""
-    from xft.train import SFTConfig
+    """The `SFTConfig` of one instruction-tuning stage (ConfigError on a bad value)."""
+    from xft.config import SFTConfig, from_flat
 
     r = ctx.recipe
-    extra = {k: v for k, v in r.ewa.items() if k != "share_rate"} if ewa else {}
-    settings = _settings(ctx, r.train, r.dense if dense else {}, extra)
-    return SFTConfig(model=source(ctx), data=train_data(ctx), out=out,
-                     ewa_share_rate=r.ewa["share_rate"] if ewa else 0.0, **settings)
+    settings = _settings(ctx, "ewa" if ewa else "dense" if dense else "train")
+    return from_flat(SFTConfig, {**settings, "model": source(ctx), "data": train_data(ctx), "out": out,
+                                 "ewa_share_rate": r.ewa["share_rate"] if ewa else 0.0})
 
 
 def _sft(source: Callable[[Context], str], *, ewa: bool = False, dense: bool = False):
@@ -166,20 +163,21 @@ def _sft(source: Callable[[Context], str], *, ewa: bool = False, dense: bool = F
 
 
 def merge_config(ctx: Context, out: str, method: str):
-    """The `MergeConfig` of one merge stage (built, not validated)."""
-    from xft.train import MergeConfig
+    """The `MergeConfig` of one merge stage (ConfigError on a bad value).
+
+    A learned merge takes `train`'s settings less the merge's own schedule
+    (`recipe.LAYERS`), then `merge`'s; a fixed merge trains nothing and takes `merge`'s only.
+    """
+    from xft.config import MergeConfig, from_flat
 
     r = ctx.recipe
-    settings = _settings(ctx, r.train if method == "learned" else {}, r.merge)
-    # The merge stage has its own paper schedule (MergeConfig defaults); only the shared knobs of `train`
-    # (batch, length, optimizer, ...) carry over, never its lr / epochs / warm-up / steps.
-    for key in ("lr", "epochs", "warmup_steps", "max_steps", "lr_scheduler"):
-        if key in r.train and key not in r.merge:
-            settings.pop(key, None)
-    if method == "learned" and r.data.merge_subset is not None:
+    learned = method == "learned"
+    settings = _settings(ctx, "merge") if learned else {**_settings(ctx, None), **r.merge}
+    if learned and r.data.merge_subset is not None:
         settings["subset"] = r.data.merge_subset
-    return MergeConfig(moe=ctx.path(MERGED_MOE), data=train_data(ctx) if method == "learned" else None,
-                       out=out, method=method, **settings)
+    if learned:
+        settings["data"] = train_data(ctx)
+    return from_flat(MergeConfig, {**settings, "moe": ctx.path(MERGED_MOE), "out": out, "method": method})
 
 
 def _merger(method: str):
@@ -189,7 +187,8 @@ def _merger(method: str):
 def _training(name: str, deps: tuple[str, ...], config: Callable, description: str) -> Stage:
     """A stage that runs `xft.train` on the config `config(ctx, out)` builds."""
     def run(ctx: Context, out: str) -> None:
-        from xft.train import MergeConfig, learn_merge, train_sft
+        from xft.config import MergeConfig
+        from xft.training import learn_merge, train_sft
 
         cfg = config(ctx, out)
         (learn_merge if isinstance(cfg, MergeConfig) else train_sft)(cfg)
@@ -208,9 +207,9 @@ def eval_settings(recipe: Recipe, bench: str) -> dict:
 
 def eval_template(recipe: Recipe) -> str:
     """The prompt template of every evaluation: the one the models were trained with (`train.template`)."""
-    from xft.training.config import CommonConfig
+    from xft.config import DataConfig
 
-    return recipe.train.get("template", CommonConfig.__dataclass_fields__["template"].default)
+    return recipe.train.get("template", DataConfig.__dataclass_fields__["template"].default)
 
 
 def _evaluated_with(path: str, settings: dict) -> bool:
@@ -248,7 +247,7 @@ def _evaluator(method: str):
                            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, workers=e.workers,
                            data=benchmark_data(ctx.recipe, bench), device=ctx.device, progress=ctx.progress,
                            label=method, base_model=method == "base", template=eval_template(ctx.recipe))
-            rundir.write_json(os.path.join(out, bench, EVAL_SETTINGS), eval_settings(ctx.recipe, bench))
+            atomic_write_json(os.path.join(out, bench, EVAL_SETTINGS), eval_settings(ctx.recipe, bench))
     return run
 
 

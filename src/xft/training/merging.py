@@ -22,7 +22,7 @@ import transformers
 from accelerate import PartialState
 
 import xft
-from xft.artifacts import copy_companions, resolve_model, servable_config
+from xft.artifacts import atomic_write_json, copy_companions, resolve_model, servable_config
 from xft.errors import UserError
 from xft.merge import merge_inputs, merge_modules
 from xft.modelcard import base_model_of, write_model_card
@@ -139,8 +139,8 @@ def learn_merge(config: MergeConfig) -> str:
             dense.save_pretrained(tmp)
             copy_companions(path, tmp, tokenizer)  # the MoE's (so the base's) tokenizer files, byte for byte
             servable_config(tmp)
-            rundir.write_json(f"{tmp}/merge_coefficients.json", record)
-            rundir.write_json(f"{tmp}/xft_training.json", config_record(cfg, "merge", splits, trainer, resume))
+            atomic_write_json(f"{tmp}/merge_coefficients.json", record)
+            atomic_write_json(f"{tmp}/xft_training.json", config_record(cfg, "merge", splits, trainer, resume))
             write_card(tmp, cfg, path, trainer, change, run.final)
 
     final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)

@@ -32,10 +32,9 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 
-from xft.artifacts import atomic_write_text, follow_umask
+from xft.artifacts import atomic_write_json, settings_diff
 from xft.errors import UserError
 
 RUN_FILE = "xft_run.json"
@@ -123,12 +122,6 @@ def record_of(config, stage: str) -> dict:
     return json.loads(json.dumps({"stage": stage, **to_flat(config)}, default=str))
 
 
-def settings_diff(old: dict, new: dict, ignore=NON_SEMANTIC | RECORD_ONLY) -> list[str]:
-    """`key: old -> new` for every setting that differs between two records, `ignore`d keys aside."""
-    keys = sorted((set(old) | set(new)) - set(ignore))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 @dataclass
 class Plan:
     """What `prepare` decided: start fresh, resume from `resume`, or nothing to do (`done`)."""
@@ -162,7 +155,7 @@ def claim(root: str, record: dict, overwrite: bool = False) -> Plan:
                         "choose a new or empty --out")
     if overwrite:
         return Plan(run)
-    diff = settings_diff(run.read_record(), record)
+    diff = list(settings_diff(run.read_record(), record, NON_SEMANTIC | RECORD_ONLY).values())
     if run.is_finished():
         if diff:
             raise UserError(f"{root} already holds the finished model of another command ({'; '.join(diff[:4])}); "
@@ -193,7 +186,7 @@ def begin(run: RunDir, record: dict, overwrite: bool = False) -> None:
             shutil.rmtree(path, ignore_errors=True)
     os.makedirs(run.root, exist_ok=True)
     if not os.path.isfile(run.run_file):
-        write_json(run.run_file, record)
+        atomic_write_json(run.run_file, record)
 
 
 def clear(run: RunDir) -> None:
@@ -221,40 +214,10 @@ def publish(run: RunDir, tmp: str) -> None:
     names = sorted(os.listdir(tmp), key=lambda n: n == MODEL_CONFIG)
     if MODEL_CONFIG not in names:
         raise RuntimeError(f"the finished model in {tmp} has no {MODEL_CONFIG}")
-    write_json(run.run_file, {**run.read_record(), "outputs": names})
+    atomic_write_json(run.run_file, {**run.read_record(), "outputs": names})
     for name in names:
         target = os.path.join(run.root, name)
         if os.path.isdir(target) and not os.path.islink(target):
             shutil.rmtree(target)
         os.replace(os.path.join(tmp, name), target)
     os.rmdir(tmp)
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str):
-    """Yield a temporary directory next to `target`; on success rename it to `target` in one step.
-
-    On an exception the temporary directory is removed and `target` is untouched.
-    An existing `target` is replaced only after the new one is complete.
-    """
-    parent = os.path.dirname(os.path.abspath(target)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        follow_umask(tmp)  # mkdtemp made it 0700, safetensors writes 0600: the result follows the umask
-        if os.path.exists(target):
-            trash = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-            os.rename(target, os.path.join(trash, "x"))
-            os.rename(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: str, obj) -> None:
-    """Write `obj` as indented JSON atomically (temp file + rename)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))

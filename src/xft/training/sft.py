@@ -14,7 +14,7 @@ import transformers
 from accelerate import PartialState
 
 import xft
-from xft.artifacts import copy_companions, resolve_model, servable_config
+from xft.artifacts import atomic_write_json, copy_companions, resolve_model, servable_config
 from xft.errors import UserError
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
@@ -81,7 +81,7 @@ def train_sft(config: SFTConfig) -> str:
             copy_companions(path, tmp, tokenizer)  # the source's tokenizer and generation config, byte for byte
             if not is_moe or final_model is not None:
                 servable_config(tmp)
-            rundir.write_json(f"{tmp}/xft_training.json", record)
+            atomic_write_json(f"{tmp}/xft_training.json", record)
             write_card(tmp, cfg, path, card_kind, trainer, run.final)
 
     final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
