@@ -72,3 +72,18 @@ def test_kill_9_then_rerun_gives_identical_weights(tmp_path):
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3
     assert not torch.equal(a["model.layers.0.mlp.experts.up_proj.weight"][1],
                            a["model.layers.0.mlp.experts.up_proj.weight"][2])
+
+    # --out is the model: the same command again has nothing to do; the MoE loads with the Auto classes
+    # (after `import xft`) and merges, through the CLI, into a model plain transformers loads from its --out.
+    again = subprocess.run(command(ws, interrupted), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-2000:]
+    import xft
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 2]])
+    auto = AutoModelForCausalLM.from_pretrained(interrupted).eval()
+    assert torch.equal(auto(ids).logits, xft.load(str(interrupted)).eval()(ids).logits)
+    assert cli(["merge", str(interrupted), "--out", str(tmp_path / "merged"), "--method", "init",
+                "--no-progress"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(merged).__name__ == "LlamaForCausalLM" and not xft.is_moe(merged)
