@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import importlib
 import types
 import typing
@@ -391,6 +392,7 @@ def _base_type(tp):
     return args[0] if len(args) == 1 and typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
 
 
+@functools.cache
 def flat_settings(cls) -> dict[str, Slot]:
     """Flat name -> `Slot` of every setting of config class `cls`, composed configs included.
 
