@@ -9,10 +9,8 @@ is refused unless `--overwrite`, which deletes only what xft wrote.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 
-from xft.artifacts import follow_umask
 
 
 def register(subparsers) -> None:
@@ -53,11 +51,9 @@ def _upcycle(args) -> int:
     logging.disable_progress_bar()  # per-file load/save bars
     n_dense = sum(p.numel() for p in skeleton(path).parameters())
     rundir.begin(plan.run, record, args.overwrite)
-    tmp = os.path.join(args.out, ".final.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = rundir.staging(plan.run)
     try:
         model = upcycle_checkpoint(path, tmp, config, location=args.out)
-        follow_umask(tmp)
         rundir.publish(plan.run, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

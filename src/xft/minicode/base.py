@@ -42,6 +42,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from xft.artifacts import atomic_dir
 from xft.errors import UserError
 
 GENERATOR_VERSION = 2  # bump when MiniCode's generated text changes (and rebuild the shipped model)
@@ -230,16 +231,11 @@ def build_base_model(out_dir: str | os.PathLike | None = None, seed: int = 0, bu
         return str(target)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"{target} exists and does not hold a finished model; choose an empty or new directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-        work = Path(tmp)
-        data, init = prepare_init(work, b, seed)
-        final = pretrain(init, data, work / "run", b, seed, progress=progress)
-        with (final / RECORD_FILE).open("w") as f:
+    with tempfile.TemporaryDirectory(prefix="xft-minicode-base-") as work, atomic_dir(str(target)) as model:
+        data, init = prepare_init(Path(work), b, seed)
+        pretrain(init, data, Path(model), b, seed, progress=progress)
+        with (Path(model) / RECORD_FILE).open("w") as f:
             json.dump(build_record(b, seed), f, indent=1)
-        if target.exists():  # an empty directory the caller named (checked non-empty below)
-            target.rmdir()
-        os.rename(final, target)
     return str(target)
 
 

@@ -34,13 +34,14 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from xft.artifacts import atomic_write_json, settings_diff
+from xft.artifacts import atomic_write_json, follow_umask, settings_diff
 from xft.errors import UserError
 
 RUN_FILE = "xft_run.json"
 LOGS = "logs"
 ROUTING_LOG = "routing.jsonl"
 MODEL_CONFIG = "config.json"  # moved into OUT last: its presence means "finished"
+STAGING = ".final.tmp"  # where the finished model is written before `publish` moves it into OUT
 # Where runs of xft 0.1 kept their model (OUT/final/): still found by `resolve_model`, never written.
 LEGACY_FINAL = "final"
 # Fields that do not change what a run computes; they may differ when resuming or re-running.
@@ -205,12 +206,21 @@ def clear(run: RunDir) -> None:
             os.remove(os.path.join(run.root, name))
 
 
+def staging(run: RunDir) -> str:
+    """An empty directory inside the run directory to write the finished model into, for `publish`."""
+    tmp = os.path.join(run.root, STAGING)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    os.makedirs(tmp)
+    return tmp
+
+
 def publish(run: RunDir, tmp: str) -> None:
-    """Move the finished model's files from `tmp` into the run directory, `config.json` last.
+    """Move the finished model's files from `tmp` (`staging`) into the run directory, `config.json` last.
 
     The names are recorded in the run file first, so `--overwrite` can delete
-    exactly them later.
+    exactly them later; the files get the modes plain writes would (umask).
     """
+    follow_umask(tmp)  # safetensors writes 0600
     names = sorted(os.listdir(tmp), key=lambda n: n == MODEL_CONFIG)
     if MODEL_CONFIG not in names:
         raise RuntimeError(f"the finished model in {tmp} has no {MODEL_CONFIG}")

@@ -20,7 +20,7 @@ import torch
 from accelerate import PartialState
 from transformers import AutoTokenizer
 
-from xft.artifacts import atomic_write_text, follow_umask
+from xft.artifacts import atomic_write_text
 from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.training import rundir
@@ -141,15 +141,13 @@ def finalize(run: rundir.RunDir, save, keep_checkpoints: bool = True) -> str:
     and the checkpoint clean-up run on the main process only.
     """
     state = PartialState()
-    tmp = os.path.join(run.root, ".final.tmp")
+    tmp = os.path.join(run.root, rundir.STAGING)
     if state.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        rundir.staging(run)
     state.wait_for_everyone()
     save(tmp)
     state.wait_for_everyone()
     if state.is_main_process:
-        follow_umask(tmp)  # safetensors writes 0600: the finished model follows the umask
         rundir.publish(run, tmp)
         if not keep_checkpoints:
             run.remove_checkpoints()
