@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from xft.errors import UserError
+from xft.moe import EXPERT_IMPLS
 from xft.routing import LOAD_ESTIMATES, ROUTERS, ROUTINGS
-
-EXPERT_IMPLS = ("auto", "fast", "grouped_mm", "generic")
 
 
 class ConfigError(UserError, ValueError):
@@ -39,7 +38,7 @@ class UpcycleConfig:
         "choices": tuple(LOAD_ESTIMATES), "help": "noisy-gate load estimate: 'corrected' (Shazeer et al.) or 'faithful' (the paper's code, "
                 "which compares the noise term alone with the top-k threshold)"})
     expert_impl: str = field(default="auto", metadata={
-        "choices": EXPERT_IMPLS, "help": "expert compute: 'fast' (recognised gated/plain MLPs, a matmul loop over experts), "
+        "choices": tuple(EXPERT_IMPLS), "help": "expert compute: 'fast' (recognised gated/plain MLPs, a matmul loop over experts), "
                 "'grouped_mm' (recognised MLPs, one torch._grouped_mm per layer: the GPU fast path), "
                 "'generic' (torch.func.functional_call on any FFN module), or 'auto' (recognised MLPs: grouped_mm on CUDA when the sizes fit, fast elsewhere; generic otherwise)"})
     seed: int = field(default=0, metadata={"help": "seed for the routers' random initialisation"})
@@ -74,14 +73,19 @@ class UpcycleConfig:
         return ROUTINGS[self.routing].has_shared_expert
 
     @property
+    def first_routed(self) -> int:
+        """Index of the first routed expert (1 behind the shared expert, else 0)."""
+        return ROUTINGS[self.routing].first_routed
+
+    @property
     def num_routed(self) -> int:
         """Number of routed experts R (the router's output size)."""
-        return self.num_experts - 1 if self.shared_expert else self.num_experts
+        return ROUTINGS[self.routing].num_routed(self.num_experts)
 
     @property
     def routed_top_k(self) -> int:
         """Routed experts selected per token."""
-        return self.top_k - 1 if self.shared_expert else self.top_k
+        return ROUTINGS[self.routing].routed_k(self.top_k)
 
     def to_dict(self) -> dict:
         """Plain dict for `config.json`."""

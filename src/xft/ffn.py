@@ -11,6 +11,11 @@
   roles are inferred from shapes and then *checked numerically* against the
   module's own forward on random weights; anything that does not match
   exactly gets no spec and runs through `torch.func.functional_call` instead.
+* `call_ffn(spec, template, params, x)` runs the FFN with given parameters:
+  the one way the MoE block's kernels and the learnable merge call it.
+
+Imports only torch at module level (`xft.config` depends on this module
+through `xft.moe`, and `xft upcycle --help` must not load transformers).
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from transformers.pytorch_utils import Conv1D
 
 from xft.errors import UserError
 
@@ -81,10 +85,29 @@ class FFNSpec:
         return F.linear(x, weight.t() if name in self.transposed else weight, w.get(f"{name}.bias"))
 
 
+def call_ffn(spec: FFNSpec | None, template: nn.Module, params: dict[str, Tensor], x: Tensor,
+             *extra: Tensor) -> Tensor:
+    """The FFN with parameters `params` (names as inside it) on x [..., d] -> [..., d].
+
+    With a spec: its direct matmuls, output dropout left to the caller (the MoE block applies it once, to
+    the weighted sum). Without: `functional_call` on the module `template`, `extra` passed along
+    (Bloom's residual), the module's own dropout included.
+    """
+    if spec is not None:
+        return spec(params, x)
+    return functional_call(template, params, (x, *extra))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's [in, out] linear; imported on first use
+
+    return isinstance(module, Conv1D)
+
+
 def _in_out(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if isinstance(module, Conv1D):
+    if _is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
     return None
 
@@ -110,7 +133,7 @@ def recognize(ffn: nn.Module, hidden_size: int) -> FFNSpec | None:
     outs = [n for n, (i, o) in shapes.items() if o == hidden_size and i != hidden_size]
     if len(outs) != 1 or len(ins) + 1 != len(linears) or len(ins) not in (1, 2):
         return None
-    transposed = frozenset(n for n, m in linears.items() if isinstance(m, Conv1D))
+    transposed = frozenset(n for n, m in linears.items() if _is_conv1d(m))
     dropout = dropouts[0] if dropouts else None
     candidates = ([(None, ins[0])] if len(ins) == 1 else list(itertools.permutations(ins, 2)))
     for gate, up in candidates:

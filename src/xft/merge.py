@@ -122,12 +122,12 @@ def merged_ffn(experts: nn.Module, c: Tensor) -> nn.Module:
 
 
 def _dense_copy(model: nn.Module, replacements: dict[nn.Module, nn.Module]) -> nn.Module:
-    """A deep copy of `model` with the given modules replaced, stripped of xft's hook and config entry."""
+    """A deep copy of `model` with the given modules replaced, stripped of xft's hooks and config entry."""
+    from xft.upcycle import remove_balance_loss  # here, not at the top: this change stays inside the function
+
     memo = {id(old): new for old, new in replacements.items()}
     dense = copy.deepcopy(model, memo)
-    for key in [k for k, h in dense._forward_hooks.items() if h is _add_balance_loss]:
-        for hooks in (dense._forward_hooks, dense._forward_hooks_with_kwargs, dense._forward_hooks_always_called):
-            hooks.pop(key, None)
+    remove_balance_loss(dense)  # the copy's handles point into the copy's hook dicts
     dense_config(dense.config)
     for p in dense.parameters():
         p.requires_grad_(True)
