@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +77,17 @@ class FFNSpec:
 
     def __call__(self, w: dict[str, Tensor], x: Tensor) -> Tensor:
         """Run the FFN with parameters `w` (names as inside the FFN) on x [T, d] -> [T, d]."""
-        h = self._linear(w, self.up, x)
-        h = self.act(h) if self.gate is None else self.act(self._linear(w, self.gate, x)) * h
-        return self._linear(w, self.down, h)
+        return self.run(x, lambda name, h: self.linear(w, name, h))
 
-    def _linear(self, w: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
+    def run(self, x: Tensor, linear: Callable[[str, Tensor], Tensor]) -> Tensor:
+        """The FFN on x [T, d] -> [T, d], `linear(layer name, h)` running its layers (the MoE kernels pass
+        their own, over expert stacks)."""
+        h = linear(self.up, x)
+        h = self.act(h) if self.gate is None else self.act(linear(self.gate, x)) * h
+        return linear(self.down, h)
+
+    def linear(self, w: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
+        """Layer `name` with the parameters in `w`: x [..., in] -> [..., out]."""
         weight = w[f"{name}.weight"]
         return F.linear(x, weight.t() if name in self.transposed else weight, w.get(f"{name}.bias"))
 

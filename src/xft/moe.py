@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xft.ffn import FFNSpec, call_ffn, recognize
@@ -175,83 +176,192 @@ class MoEBlock(nn.Module):
 # ----------------------------------------------------------------------------- dispatch
 
 class Dispatch:
-    """The T·k routed selections of one forward, sorted by expert (stable: by token within an expert).
+    """One forward's selections as G groups of rows, one per expert in order (G = N).
 
-    Selection j of the sorted order is token `token[j]` going to routed expert r with weight `gate[j]`;
-    the selections of routed expert r are the contiguous rows `offsets[r-1]:offsets[r]`.
+    With a shared expert, group 0 is every token (weight `weights[:, 0]`); then the T·k routed selections
+    sorted by expert (stable: by token within an expert). Row j is token `token[j]` with weight `gate[j]`.
     """
 
     def __init__(self, weights: Tensor, top_i: Tensor, first_routed: int):
         """weights [T, N] (x's dtype), top_i [T, k] routed indices."""
+        tokens, k = top_i.shape
         flat = top_i.flatten()  # [T*k] routed index of each selection, token-major
         order = flat.argsort(stable=True)  # [T*k]
-        self.token = order // top_i.shape[1]  # [T*k] token of each sorted selection
-        self.gate = weights[:, first_routed:].gather(1, top_i).flatten()[order, None]  # [T*k, 1]
-        self.counts = torch.bincount(flat, minlength=weights.shape[1] - first_routed)  # [R] group sizes
+        token = order // k  # [T*k] token of each sorted selection
+        gate = weights[:, first_routed:].gather(1, top_i).flatten()[order]  # [T*k]
+        counts = torch.bincount(flat, minlength=weights.shape[1] - first_routed)  # [R] routed group sizes
+        if first_routed:  # the shared expert's group: every token, in order
+            token = torch.cat([torch.arange(tokens, device=token.device), token])
+            gate = torch.cat([weights[:, 0], gate])
+            counts = torch.cat([counts.new_full((1,), tokens), counts])
+        self.token = token  # [M] row -> token, M = T·k (+ T)
+        self.gate = gate[:, None]  # [M, 1]
+        self.counts = counts  # [G] rows per expert
 
     def gather(self, t: Tensor) -> Tensor:
-        """t [T, ...] -> [T*k, ...]: each selection's row, grouped by expert."""
+        """t [T, ...] -> [M, ...]: each row's token, grouped by expert."""
         return t.index_select(0, self.token)
 
-    def combine(self, out: Tensor, y: Tensor) -> Tensor:
-        """out [T, d] += the selections' outputs y [T*k, d] scaled by their weights, summed per token."""
-        return out.index_add_(0, self.token, y * self.gate)
+    def combine(self, y: Tensor, x: Tensor) -> Tensor:
+        """y [M, d] -> [T, d] like x: the rows scaled by their weights, summed per token in expert order."""
+        return torch.zeros_like(x).index_add_(0, self.token, y * self.gate)
 
 
-def _shared_expert(block: MoEBlock, params: dict[str, Tensor] | None, x: Tensor, extra: tuple[Tensor, ...],
-                   weights: Tensor) -> Tensor:
-    """[T, d]: the shared expert on every token, scaled by its weight (zeros without a shared expert)."""
-    if params is None:
-        return torch.zeros_like(x)
-    return call_ffn(block.spec, block.experts, params, x, *extra) * weights[:, :1]
+class _StackGrad:
+    """The gradient `[N, *shape]` of one expert stack, written expert by expert in the backward."""
+
+    def __init__(self, stack: Tensor):
+        self.stack = stack
+        self.buf: Tensor | None = None
+        self.written: set[int] = set()
+
+    def slot(self, e: int) -> Tensor:
+        """Where expert e's gradient `[*shape]` goes."""
+        if self.buf is None:
+            self.buf = self.stack.new_empty(self.stack.shape)
+        self.written.add(e)
+        return self.buf[e]
+
+    def take(self, grads: tuple[Tensor | None, ...]) -> Tensor:
+        """The whole gradient: the written slots, plus `grads` [N] of the views (None: unused), zeros elsewhere."""
+        buf, written = self.buf, self.written
+        self.buf, self.written = None, set()  # a second backward (retain_graph) starts afresh
+        if buf is None:
+            buf = self.stack.new_empty(self.stack.shape)
+        for e, g in enumerate(grads):
+            if e not in written:
+                buf[e].zero_()
+            if g is not None:
+                buf[e].add_(g)
+        return buf
+
+
+class _ExpertViews(torch.autograd.Function):
+    """`stack.unbind(0)` whose backward returns the gradient the `_ExpertLinear`s wrote into one buffer.
+
+    Plain `unbind` would stack N separate expert gradients in its backward, a copy of the whole stack
+    (~30% of a step at T=64 on CPU); indexing `W[e]` per expert would be worse, a full-size gradient
+    per expert (see shared/MEASURED.md).
+    """
+
+    @staticmethod
+    def forward(ctx, stack: Tensor, sink: _StackGrad) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.sink = sink
+        return stack.unbind(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor | None):
+        return ctx.sink.take(grads), None
+
+
+class _ExpertLinear(torch.autograd.Function):
+    """F.linear(x [n, in], w [out, in], b) for expert e, whose weight gradient goes into slot e of `sink`.
+
+    `transposed`: w is [in, out] (GPT-2's Conv1D). The view w itself gets no gradient (`_ExpertViews`).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, sink: _StackGrad, e: int, transposed: bool) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.sink, ctx.e, ctx.transposed, ctx.bias = sink, e, transposed, b is not None
+        w_t = w if transposed else w.t()  # [in, out]
+        return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, w = ctx.saved_tensors
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy.mm(w.t() if ctx.transposed else w)  # [n, in]
+        if ctx.needs_input_grad[1]:
+            slot = ctx.sink.slot(ctx.e)
+            torch.mm(x.t(), dy, out=slot) if ctx.transposed else torch.mm(dy.t(), x, out=slot)
+        if ctx.bias and ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        return dx, None, db, None, None, None
+
+
+def _autocast(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """(h, w) in the autocast dtype where autocast is on, as `F.linear` would run."""
+    device = h.device.type
+    if not torch.is_autocast_enabled(device):
+        return h, w
+    dtype = torch.get_autocast_dtype(device)
+    return h.to(dtype), w.to(dtype)
+
+
+def _bias_rows(y: Tensor, bias: Tensor | None, counts: Tensor) -> Tensor:
+    """y [M, out] + each row's expert's bias (bias [G, out])."""
+    if bias is None:
+        return y
+    return y + bias.repeat_interleave(counts, dim=0, output_size=y.shape[0])
 
 
 # ----------------------------------------------------------------------------- kernels
 
 def _run_loop(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
-    """x [T, d], weights [T, N], top_i [T, k] -> Σ_e weights[:, e] · FFN_e(x): one FFN call per expert.
-
-    One host sync (the group sizes); experts without tokens are skipped and still get a (zero) gradient
-    through the unbind.
-    """
-    stacks = {name: p.unbind(0) for name, p in block.experts.named_parameters()}  # N × [*shape] each
-    s = block.first_routed
-    out = _shared_expert(block, {n: w[0] for n, w in stacks.items()} if s else None, x, extra, weights)
-    d = Dispatch(weights, top_i, s)
+    """x [T, d], weights [T, N], top_i [T, k] -> Σ_e weights[:, e] · FFN_e(x): the spec's FFN per expert on
+    its group of rows; one host sync, for the group sizes."""
+    spec, d = block.spec, Dispatch(weights, top_i, block.first_routed)
     sizes = d.counts.tolist()  # the one host sync
-    groups = zip(*(d.gather(t).split(sizes) for t in (x, *extra)))  # per routed expert: its rows [n_r, ...]
-    ys = [call_ffn(block.spec, block.experts, {n: w[s + r] for n, w in stacks.items()}, *rows)
-          for r, (n_r, rows) in enumerate(zip(sizes, groups)) if n_r]
-    return d.combine(out, torch.cat(ys)) if ys else out
+    # Under autocast, plain F.linear on the views (its casts, gradients stacked by _ExpertViews).
+    direct = torch.is_autocast_enabled(x.device.type)
+    views, sinks = {}, {}
+    for name, p in block.experts.named_parameters():
+        sinks[name] = _StackGrad(p) if p.requires_grad and torch.is_grad_enabled() else None
+        views[name] = _ExpertViews.apply(p, sinks[name]) if sinks[name] is not None else p.unbind(0)
+
+    def expert(e: int, rows: Tensor) -> Tensor:
+        def linear(name: str, h: Tensor) -> Tensor:
+            w, b = views[f"{name}.weight"][e], views.get(f"{name}.bias")
+            b = None if b is None else b[e]
+            sink, transposed = sinks[f"{name}.weight"], name in spec.transposed
+            if sink is None or direct:
+                return F.linear(h, w.t() if transposed else w, b)
+            return _ExpertLinear.apply(h, w, b, sink, e, transposed)
+        return spec.run(rows, linear)
+
+    groups = d.gather(x).split(sizes)  # per expert: its rows [n_e, d]
+    ys = [expert(e, rows) for e, rows in enumerate(groups) if rows.shape[0]]
+    return d.combine(torch.cat(ys), x) if ys else torch.zeros_like(x)
 
 
 def _run_grouped(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
-    """Same result as `_run_loop`, routed experts as one `torch._grouped_mm` per linear layer.
+    """Same result as `_run_loop`, each layer as one `torch._grouped_mm` over all experts.
 
     The GPU fast path (no host sync, one kernel per layer); needs feature sizes whose rows are
     multiples of 16 bytes (`MoEBlock._grouped_mm_fits`), else runs the loop.
     """
     if not block._grouped_mm_fits(x, warn=block.expert_impl == "grouped_mm"):
         return _run_loop(block, x, extra, weights, top_i)
-    spec, s = block.spec, block.first_routed
-    # split, not W[0] and W[s:]: one full-size gradient buffer per stack in the backward, not two.
-    stacks = {name: p.split([s, p.shape[0] - s]) for name, p in block.experts.named_parameters()}
-    out = _shared_expert(block, {n: w[0].squeeze(0) for n, w in stacks.items()} if s else None, x, extra, weights)
-    d = Dispatch(weights, top_i, s)
-    offs = d.counts.cumsum(0).to(torch.int32)  # [R] end of each expert's group
+    spec, d = block.spec, Dispatch(weights, top_i, block.first_routed)
+    stacks = block.expert_parameters()
+    offs = d.counts.cumsum(0).to(torch.int32)  # [N] end row of each expert's group
 
-    def linear(name: str, h: Tensor) -> Tensor:  # h [T*k, in] -> [T*k, out], row j with its expert
-        w = stacks[f"{name}.weight"][1]  # [R, out, in] (Linear) or [R, in, out] (Conv1D)
-        y = torch._grouped_mm(h, w if name in spec.transposed else w.transpose(-2, -1), offs=offs)
-        bias = stacks.get(f"{name}.bias")
-        if bias is not None:
-            y = y + bias[1].repeat_interleave(d.counts, dim=0, output_size=h.shape[0])
-        return y
+    def linear(name: str, h: Tensor) -> Tensor:  # h [M, in] -> [M, out], row j with its expert's weights
+        w = stacks[f"{name}.weight"]  # [N, out, in] (Linear) or [N, in, out] (Conv1D)
+        h, w = _autocast(h, w if name in spec.transposed else w.transpose(-2, -1))
+        return _bias_rows(torch._grouped_mm(h, w, offs=offs), stacks.get(f"{name}.bias"), d.counts)
 
-    xs = d.gather(x)
-    h = linear(spec.up, xs)
-    h = spec.act(h) if spec.gate is None else spec.act(linear(spec.gate, xs)) * h
-    return d.combine(out, linear(spec.down, h))
+    return d.combine(spec.run(d.gather(x), linear), x)
+
+
+def _run_generic(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
+    """Same result for any FFN module: `functional_call` per expert on its group of rows.
+
+    The stacks are `unbind`-ed once: indexing `W[e]` per expert would make every backward write a
+    full-size `[N, ...]` gradient (see shared/MEASURED.md).
+    """
+    d = Dispatch(weights, top_i, block.first_routed)
+    sizes = d.counts.tolist()  # the one host sync
+    stacks = {name: p.unbind(0) for name, p in block.experts.named_parameters()}  # N × [*shape] each
+    groups = zip(*(d.gather(t).split(sizes) for t in (x, *extra)))  # per expert: its rows [n_e, ...]
+    ys = [call_ffn(block.spec, block.experts, {n: w[e] for n, w in stacks.items()}, *rows)
+          for e, (n_e, rows) in enumerate(zip(sizes, groups)) if n_e]
+    return d.combine(torch.cat(ys), x) if ys else torch.zeros_like(x)
 
 
 def _run_auto(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
@@ -271,8 +381,10 @@ class ExpertImpl:
     needs_spec: bool  # only for FFNs `xft.ffn.recognize` describes (gated/plain MLPs)
 
     def resolve(self, block: MoEBlock) -> Kernel:
-        """The kernel `block` runs: "auto" without a spec (or without grouped_mm in torch) is the loop."""
-        if self.kernel is _run_auto and (block.spec is None or not hasattr(torch, "_grouped_mm")):
+        """The kernel `block` runs: "auto" is generic without a spec, the loop without grouped_mm in torch."""
+        if self.kernel is _run_auto and block.spec is None:
+            return _run_generic
+        if self.kernel is _run_auto and not hasattr(torch, "_grouped_mm"):
             return _run_loop
         return self.kernel
 
@@ -283,7 +395,7 @@ EXPERT_IMPLS: dict[str, ExpertImpl] = {
     "auto": ExpertImpl(_run_auto, needs_spec=False),
     "fast": ExpertImpl(_run_loop, needs_spec=True),
     "grouped_mm": ExpertImpl(_run_grouped, needs_spec=True),
-    "generic": ExpertImpl(_run_loop, needs_spec=False),  # spec None: functional_call
+    "generic": ExpertImpl(_run_generic, needs_spec=False),
 }
 
 
