@@ -8,22 +8,27 @@ run with the `e`-th slices. The experts module is only a container and a
 template for `functional_call`; it is never called directly.
 
 How the experts run is an entry of `EXPERT_IMPLS`, resolved once when the
-block is built (or `block.expert_impl` is set), never re-decided per forward
-beyond what depends on the input (its device and dtype):
+block is built (or `block.expert_impl` is set); per forward only what depends
+on the input (its device and dtype) is looked at:
 
 * ``"fast"``: recognised MLPs (`xft.ffn.FFNSpec`), a matmul loop over experts;
 * ``"grouped_mm"``: recognised MLPs, one `torch._grouped_mm` per linear layer;
-* ``"generic"``: the same loop through `torch.func.functional_call` on any FFN;
+* ``"generic"``: a loop of `torch.func.functional_call` on any FFN module;
 * ``"auto"``: grouped_mm on CUDA when the sizes fit, else the loop (generic
   for FFNs that are not recognised).
 
-Every kernel computes, per forward (T tokens, k routed experts per token): the
-shared expert (if any) as one dense FFN call on all tokens; the T·k routed
-selections sorted by expert once (`Dispatch`), their rows gathered once,
-each routed expert run on its contiguous group, and the scaled results added
-back in one `index_add_`. The loop `unbind`s the stacks once per forward:
-indexing `W[e]` inside the loop would make every backward write a full-size
-`[N, ...]` gradient (see shared/MEASURED.md).
+Every kernel shares one `Dispatch` (T tokens, k routed experts per token): the
+rows of all experts grouped by expert — the shared expert's T rows (every
+token) first, then the T·k routed selections sorted by expert — gathered
+once, each expert's FFN run on its contiguous group, and the rows scaled by
+their routing weights and added back to their tokens (`index_add_`).
+
+Gradients of the stacks: the loop hands each expert a view of its slice and
+writes that expert's weight gradient straight into one `[N, ...]` buffer
+(`_ExpertViews`, `_ExpertLinear`); indexing `W[e]` would make every backward
+write a full-size gradient per expert, and plain `unbind` views a stacking
+copy of the whole gradient (see shared/MEASURED.md). The generic loop uses
+`unbind`; grouped_mm takes the stacks whole.
 
 The routing record (routed weights and per-token load, `[T, R]` each) that
 the model-level balance loss consumes is built only when gradients are on or
@@ -32,6 +37,7 @@ the model-level balance loss consumes is built only when gradients are on or
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -198,13 +204,18 @@ class Dispatch:
         self.gate = gate[:, None]  # [M, 1]
         self.counts = counts  # [G] rows per expert
 
-    def gather(self, t: Tensor) -> Tensor:
-        """t [T, ...] -> [M, ...]: each row's token, grouped by expert."""
-        return t.index_select(0, self.token)
+    def groups(self, sizes: list[int]) -> list[tuple[int, slice]]:
+        """(expert, its rows) of the non-empty groups, from the group sizes on the host (`counts.tolist()`)."""
+        starts = itertools.accumulate(sizes, initial=0)
+        return [(e, slice(a, a + n)) for e, (a, n) in enumerate(zip(starts, sizes)) if n]
 
-    def combine(self, y: Tensor, x: Tensor) -> Tensor:
-        """y [M, d] -> [T, d] like x: the rows scaled by their weights, summed per token in expert order."""
-        return torch.zeros_like(x).index_add_(0, self.token, y * self.gate)
+    def gather(self, t: Tensor, rows: slice = slice(None)) -> Tensor:
+        """t [T, ...] -> [m, ...]: the token of each of these rows (all M by default)."""
+        return t.index_select(0, self.token[rows])
+
+    def scatter(self, out: Tensor, y: Tensor, rows: slice = slice(None)) -> Tensor:
+        """out [T, d] += these rows' outputs y [m, d] scaled by their weights, added to their tokens."""
+        return out.index_add_(0, self.token[rows], y * self.gate[rows])
 
 
 class _StackGrad:
@@ -324,9 +335,11 @@ def _run_loop(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Te
             return _ExpertLinear.apply(h, w, b, sink, e, transposed)
         return spec.run(rows, linear)
 
-    groups = d.gather(x).split(sizes)  # per expert: its rows [n_e, d]
-    ys = [expert(e, rows) for e, rows in enumerate(groups) if rows.shape[0]]
-    return d.combine(torch.cat(ys), x) if ys else torch.zeros_like(x)
+    # Expert by expert (gather, FFN, scatter): small buffers, still in cache, at any T.
+    out = torch.zeros_like(x)
+    for e, rows in d.groups(sizes):
+        d.scatter(out, expert(e, d.gather(x, rows)), rows)
+    return out
 
 
 def _run_grouped(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
@@ -346,7 +359,7 @@ def _run_grouped(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights:
         h, w = _autocast(h, w if name in spec.transposed else w.transpose(-2, -1))
         return _bias_rows(torch._grouped_mm(h, w, offs=offs), stacks.get(f"{name}.bias"), d.counts)
 
-    return d.combine(spec.run(d.gather(x), linear), x)
+    return d.scatter(torch.zeros_like(x), spec.run(d.gather(x), linear))
 
 
 def _run_generic(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
@@ -358,10 +371,12 @@ def _run_generic(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights:
     d = Dispatch(weights, top_i, block.first_routed)
     sizes = d.counts.tolist()  # the one host sync
     stacks = {name: p.unbind(0) for name, p in block.experts.named_parameters()}  # N × [*shape] each
-    groups = zip(*(d.gather(t).split(sizes) for t in (x, *extra)))  # per expert: its rows [n_e, ...]
-    ys = [call_ffn(block.spec, block.experts, {n: w[e] for n, w in stacks.items()}, *rows)
-          for e, (n_e, rows) in enumerate(zip(sizes, groups)) if n_e]
-    return d.combine(torch.cat(ys), x) if ys else torch.zeros_like(x)
+    out = torch.zeros_like(x)
+    for e, rows in d.groups(sizes):
+        y = call_ffn(block.spec, block.experts, {n: w[e] for n, w in stacks.items()},
+                     *(d.gather(t, rows) for t in (x, *extra)))
+        d.scatter(out, y, rows)
+    return out
 
 
 def _run_auto(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
