@@ -315,3 +315,60 @@ def test_deep_copy_keeps_the_balance_loss_and_merging_removes_its_hooks():
     for dense in (xft.merge(moe), xft.compile_merge(xft.build_merge_model(copy.deepcopy(moe)))):
         assert not dense._forward_hooks and not dense._forward_pre_hooks  # no xft hook survives a merge
         assert not hasattr(dense, "_xft_balance_loss_hooks")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_loop_kernel_gradients_equal_the_generic_kernels(arch):
+    # The loop writes each expert's weight gradient into one [N, ...] buffer (no unbind + stack): the
+    # gradients must be those of plain autograd through functional_call, also on a second backward of the
+    # same graph (retain_graph) and with frozen experts. eval(): GPT-2's dropout would differ per kernel.
+    fast = _perturb(xft.upcycle(tiny_model(arch), xft.UpcycleConfig(expert_impl="fast", noisy_gating=False)))
+    generic = copy.deepcopy(fast)
+    for block in xft.moe_blocks(generic).values():
+        block.expert_impl = "generic"
+    ids = torch.randint(0, 300, (2, 9))
+    for model in (fast, generic):
+        loss = model.eval()(ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+    for (name, a), (_, b) in zip(fast.named_parameters(), generic.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for model in (fast, generic):
+        model.zero_grad()
+        for block in xft.moe_blocks(model).values():
+            block.experts.requires_grad_(False)
+        model(ids, labels=ids).loss.backward()
+    assert all(p.grad is None for n, p in fast.named_parameters() if ".experts." in n)
+    for (name, a), (_, b) in zip(fast.named_parameters(), generic.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_kernels_agree_under_autocast():
+    # Mixed precision (the trainer's bf16 on fp32 weights): every kernel runs its matmuls as F.linear
+    # would under autocast, so all three give the same output and gradients.
+    block = xft.moe_blocks(_perturb(xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(noisy_gating=False))))[0]
+    x = torch.randn(37, block.gate.router[0].in_features)
+    results = []
+    for impl in ("fast", "grouped_mm", "generic"):
+        b = copy.deepcopy(block)
+        b.expert_impl = impl
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = b(xi)
+        y.float().square().sum().backward()
+        results.append((y.float(), xi.grad, b.experts.up_proj.weight.grad, b.gate.router[0].weight.grad))
+    with torch.no_grad():
+        assert not torch.allclose(block(x), results[0][0], rtol=0, atol=1e-5)  # autocast did run in bf16
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-3)
+
+
+def _perturb(moe, scale=0.05):
+    """Make the experts distinct (in place); returns the model."""
+    with torch.no_grad():
+        for stacks in xft.expert_weights(moe).values():
+            for p in stacks.values():
+                p.add_(torch.randn_like(p) * scale)
+    return moe
