@@ -11,8 +11,11 @@
   roles are inferred from shapes and then *checked numerically* against the
   module's own forward on random weights; anything that does not match
   exactly gets no spec and runs through `torch.func.functional_call` instead.
-* `call_ffn(spec, template, params, x)` runs the FFN with given parameters:
-  the one way the MoE block's kernels and the learnable merge call it.
+* `call_ffn(spec, template, params, x)` computes what the FFN module computes
+  with the given parameters, through the spec or `functional_call`.
+  `FFNSpec.run(x, linear)` is a recognised FFN's structure in one place: its
+  own call runs it with `F.linear`, the MoE kernels with a `linear` over
+  expert stacks.
 
 Imports only torch at module level (`xft.config` depends on this module
 through `xft.moe`, and `xft upcycle --help` must not load transformers).
@@ -94,14 +97,14 @@ class FFNSpec:
 
 def call_ffn(spec: FFNSpec | None, template: nn.Module, params: dict[str, Tensor], x: Tensor,
              *extra: Tensor) -> Tensor:
-    """The FFN with parameters `params` (names as inside it) on x [..., d] -> [..., d].
+    """What the FFN module computes with parameters `params` (names as inside it): x [..., d] -> [..., d].
 
-    With a spec: its direct matmuls, output dropout left to the caller (the MoE block applies it once, to
-    the weighted sum). Without: `functional_call` on the module `template`, `extra` passed along
-    (Bloom's residual), the module's own dropout included.
+    With a spec: its direct matmuls and output dropout; without: `functional_call` on the module
+    `template`, `extra` passed along (Bloom's residual).
     """
     if spec is not None:
-        return spec(params, x)
+        y = spec(params, x)
+        return spec.dropout(y) if spec.dropout is not None else y
     return functional_call(template, params, (x, *extra))
 
 
