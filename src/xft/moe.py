@@ -222,14 +222,15 @@ class _StackGrad:
     """The gradient `[N, *shape]` of one expert stack, written expert by expert in the backward."""
 
     def __init__(self, stack: Tensor):
-        self.stack = stack
+        # Shape, dtype and device as in the forward (ZeRO-3 may hold the parameter partitioned in between).
+        self.shape, self.like = stack.shape, {"dtype": stack.dtype, "device": stack.device}
         self.buf: Tensor | None = None
         self.written: set[int] = set()
 
     def slot(self, e: int) -> Tensor:
         """Where expert e's gradient `[*shape]` goes."""
         if self.buf is None:
-            self.buf = self.stack.new_empty(self.stack.shape)
+            self.buf = torch.empty(self.shape, **self.like)
         self.written.add(e)
         return self.buf[e]
 
@@ -238,7 +239,7 @@ class _StackGrad:
         buf, written = self.buf, self.written
         self.buf, self.written = None, set()  # a second backward (retain_graph) starts afresh
         if buf is None:
-            buf = self.stack.new_empty(self.stack.shape)
+            buf = torch.empty(self.shape, **self.like)
         for e, g in enumerate(grads):
             if e not in written:
                 buf[e].zero_()
