@@ -119,7 +119,7 @@ def _interleaved(variants: dict, x_shape, repeats: int) -> dict[str, float]:
 def bench_moe_block(tokens: list[int], repeats: int) -> list[dict]:
     block = _moe_block()
     grouped = copy.deepcopy(block)
-    grouped.grouped = True  # same weights, torch._grouped_mm kernel
+    grouped.expert_impl = "grouped_mm"  # same weights, torch._grouped_mm kernel
     variants = {"dense": _mlp(), "xft": block, "grouped_mm": grouped, "eager": EagerExperts(block)}
     rows = []
     for t in tokens:

@@ -163,12 +163,17 @@ def test_grouped_mm_block_with_unaligned_sizes_runs_the_loop_kernel(dtype):
     assert all(torch.equal(g_g[n], g_l[n]) for n in g_l)
 
 
-def test_auto_runs_grouped_mm_on_cuda_and_falls_back_silently():
+def test_auto_runs_grouped_mm_on_cuda_and_falls_back_silently(monkeypatch):
     """expert_impl='auto' on CUDA runs the grouped_mm kernel; with sizes grouped_mm cannot take, the loop,
     without the warning an explicit 'grouped_mm' gives. (Bit equality is not a test here: index_add_ on
     CUDA accumulates with atomics, so even one kernel is not bitwise reproducible.)"""
     import warnings
 
+    import xft.moe as moe_module
+
+    calls = []
+    real = moe_module._run_grouped
+    monkeypatch.setattr(moe_module, "_run_grouped", lambda *a: calls.append(1) or real(*a))  # count, compute
     for d, inter, kernel in ((64, 176, "grouped"), (30, 18, "loop")):
         loop, _, x = _block_pair(d, inter, 1000, torch.bfloat16)
         auto = MoEBlock(LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=inter, hidden_act="silu",
@@ -176,9 +181,7 @@ def test_auto_runs_grouped_mm_on_cuda_and_falls_back_silently():
                         xft.UpcycleConfig(num_experts=8, top_k=6, noisy_gating=False))
         auto.load_state_dict(loop.state_dict())
         auto.to(CUDA, torch.bfloat16).train()
-        calls = []
-        real = auto._run_grouped
-        auto._run_grouped = lambda *a: calls.append(1) or real(*a)  # count dispatches, compute for real
+        calls.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             y, gx, _ = _fwd_bwd(auto, x)

@@ -63,7 +63,8 @@ def test_generic_path_equals_fast_path(arch):
     moe = xft.upcycle(tiny_model(arch), xft.UpcycleConfig(expert_impl="fast"))
     generic = copy.deepcopy(moe)
     for block in xft.moe_blocks(generic).values():
-        block.spec = None  # functional_call on the FFN module
+        block.expert_impl = "generic"  # functional_call on the FFN module
+        assert block.spec is None
     with torch.no_grad():
         for stacks in xft.expert_weights(moe).values():
             for p in stacks.values():
@@ -254,6 +255,120 @@ def test_auto_kernel_is_the_loop_on_cpu():
     dense = tiny_model("llama")
     auto = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig())
     loop = xft.upcycle(copy.deepcopy(dense), xft.UpcycleConfig(expert_impl="fast"))
-    assert all(b.auto_grouped for b in xft.moe_blocks(auto).values())
+    assert all(b.expert_impl == "auto" and b.spec is not None for b in xft.moe_blocks(auto).values())
     ids = torch.randint(0, 300, (2, 9))
     assert torch.equal(_logits(auto, ids), _logits(loop, ids))
+
+
+def test_expert_impl_choices_are_the_kernel_registry():
+    from dataclasses import fields
+
+    from xft.moe import EXPERT_IMPLS
+
+    field = next(f for f in fields(xft.UpcycleConfig) if f.name == "expert_impl")
+    assert field.metadata["choices"] == tuple(EXPERT_IMPLS) == ("auto", "fast", "grouped_mm", "generic")
+    block = xft.moe_blocks(xft.upcycle(tiny_model("llama")))[0]
+    with pytest.raises(ValueError, match="unknown expert_impl 'nope'"):
+        block.expert_impl = "nope"
+    bloom = xft.moe_blocks(xft.upcycle(tiny_model("bloom")))[0]  # its FFN takes the residual: no spec
+    with pytest.raises(ValueError, match="not a recognised gated/plain MLP"):
+        bloom.expert_impl = "fast"
+    assert bloom.expert_impl == "auto" and bloom.spec is None
+
+
+def test_routing_record_only_with_gradients_or_labels():
+    moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(noisy_gating=False))
+    blocks = xft.moe_blocks(moe).values()
+    ids = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():  # generation: nothing asks for the routing, so none is built
+        moe(ids)
+        assert all(b.routing_record() is None for b in blocks)
+    moe(ids)  # gradients on, no labels: built, then dropped by the model's hook (no loss to add it to)
+    assert all(b.routing_record() is None for b in blocks)
+    block = next(iter(blocks))
+    x = torch.randn(5, moe.config.hidden_size)
+    block(x)  # the block alone, with gradients: the record stays for whoever consumes it
+    record = block.routing_record()
+    assert record.weights.shape == record.load.shape == (5, 7) and record.weights.requires_grad
+    assert record.load.sum().item() == 5 * 5  # no noise: each token selects k = 5 routed experts
+    with torch.no_grad():
+        moe(ids, labels=ids)  # labels ask for the balance loss, also without gradients
+    assert set(xft.routing_stats(moe)) == {0, 1}
+    assert all(b.routing_record() is None for b in blocks)  # consumed
+
+
+def test_deep_copy_keeps_the_balance_loss_and_merging_removes_its_hooks():
+    from xft.upcycle import remove_balance_loss
+
+    moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(noisy_gating=False, balance_loss_weight=1.0))
+    ids = torch.randint(3, 300, (1, 12))
+    copied = copy.deepcopy(moe)
+    with torch.no_grad():
+        lm = xft.merge(moe)(ids, labels=ids).loss  # init merge == the MoE's dense model: its LM loss alone
+        total = copied(ids, labels=ids).loss
+        aux = sum(s["balance_loss"] for s in xft.routing_stats(copied).values())
+        assert aux > 0 and total.item() == pytest.approx(lm.item() + aux.item(), rel=1e-5)
+        remove_balance_loss(copied)  # the copy's hooks, not the original's
+        assert copied(ids, labels=ids).loss.item() == pytest.approx(lm.item(), rel=1e-5)
+        assert moe(ids, labels=ids).loss.item() == pytest.approx(total.item(), rel=1e-6)
+    assert not copied._forward_hooks and not copied._forward_pre_hooks
+    for dense in (xft.merge(moe), xft.compile_merge(xft.build_merge_model(copy.deepcopy(moe)))):
+        assert not dense._forward_hooks and not dense._forward_pre_hooks  # no xft hook survives a merge
+        assert not hasattr(dense, "_xft_balance_loss_hooks")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_loop_kernel_gradients_equal_the_generic_kernels(arch):
+    # The loop writes each expert's weight gradient into one [N, ...] buffer (no unbind + stack): the
+    # gradients must be those of plain autograd through functional_call, also on a second backward of the
+    # same graph (retain_graph) and with frozen experts. eval(): GPT-2's dropout would differ per kernel.
+    fast = _perturb(xft.upcycle(tiny_model(arch), xft.UpcycleConfig(expert_impl="fast", noisy_gating=False)))
+    generic = copy.deepcopy(fast)
+    for block in xft.moe_blocks(generic).values():
+        block.expert_impl = "generic"
+    ids = torch.randint(0, 300, (2, 9))
+    for model in (fast, generic):
+        loss = model.eval()(ids, labels=ids).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+    for (name, a), (_, b) in zip(fast.named_parameters(), generic.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for model in (fast, generic):
+        model.zero_grad()
+        for block in xft.moe_blocks(model).values():
+            block.experts.requires_grad_(False)
+        model(ids, labels=ids).loss.backward()
+    assert all(p.grad is None for n, p in fast.named_parameters() if ".experts." in n)
+    for (name, a), (_, b) in zip(fast.named_parameters(), generic.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_kernels_agree_under_autocast():
+    # Mixed precision (the trainer's bf16 on fp32 weights): every kernel runs its matmuls as F.linear
+    # would under autocast, so all three give the same output and gradients.
+    block = xft.moe_blocks(_perturb(xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(noisy_gating=False))))[0]
+    x = torch.randn(37, block.gate.router[0].in_features)
+    results = []
+    for impl in ("fast", "grouped_mm", "generic"):
+        b = copy.deepcopy(block)
+        b.expert_impl = impl
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = b(xi)
+        y.float().square().sum().backward()
+        results.append((y.float(), xi.grad, b.experts.up_proj.weight.grad, b.gate.router[0].weight.grad))
+    with torch.no_grad():
+        assert not torch.allclose(block(x), results[0][0], rtol=0, atol=1e-5)  # autocast did run in bf16
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-3)
+
+
+def _perturb(moe, scale=0.05):
+    """Make the experts distinct (in place); returns the model."""
+    with torch.no_grad():
+        for stacks in xft.expert_weights(moe).values():
+            for p in stacks.values():
+                p.add_(torch.randn_like(p) * scale)
+    return moe

@@ -123,21 +123,31 @@ class UpcycleConfig:
             bad(f"balance_loss_weight={self.balance_loss_weight}; must be >= 0")
 
     @property
-    def shared_expert(self) -> bool:
-        """Whether expert 0 is a shared expert that every token goes through."""
+    def scheme(self):
+        """The `xft.routing.Routing` this config names: the one place the shared-expert arithmetic lives."""
         from xft.routing import ROUTINGS
 
-        return ROUTINGS[self.routing].has_shared_expert
+        return ROUTINGS[self.routing]
+
+    @property
+    def shared_expert(self) -> bool:
+        """Whether expert 0 is a shared expert that every token goes through."""
+        return self.scheme.has_shared_expert
+
+    @property
+    def first_routed(self) -> int:
+        """Index of the first routed expert (1 behind the shared expert, else 0)."""
+        return self.scheme.first_routed
 
     @property
     def num_routed(self) -> int:
         """Number of routed experts R (the router's output size)."""
-        return self.num_experts - 1 if self.shared_expert else self.num_experts
+        return self.scheme.num_routed(self.num_experts)
 
     @property
     def routed_top_k(self) -> int:
         """Routed experts selected per token."""
-        return self.top_k - 1 if self.shared_expert else self.top_k
+        return self.scheme.routed_k(self.top_k)
 
     def to_dict(self) -> dict:
         """Plain dict for `config.json`."""

@@ -11,6 +11,14 @@
   roles are inferred from shapes and then *checked numerically* against the
   module's own forward on random weights; anything that does not match
   exactly gets no spec and runs through `torch.func.functional_call` instead.
+* `call_ffn(spec, template, params, x)` computes what the FFN module computes
+  with the given parameters, through the spec or `functional_call`.
+  `FFNSpec.run(x, linear)` is a recognised FFN's structure in one place: its
+  own call runs it with `F.linear`, the MoE kernels with a `linear` over
+  expert stacks.
+
+Imports only torch at module level (`xft.config` depends on this module
+through `xft.moe`, and `xft upcycle --help` must not load transformers).
 """
 
 from __future__ import annotations
@@ -18,12 +26,12 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from transformers.pytorch_utils import Conv1D
 
 from xft.errors import UserError
 
@@ -72,19 +80,44 @@ class FFNSpec:
 
     def __call__(self, w: dict[str, Tensor], x: Tensor) -> Tensor:
         """Run the FFN with parameters `w` (names as inside the FFN) on x [T, d] -> [T, d]."""
-        h = self._linear(w, self.up, x)
-        h = self.act(h) if self.gate is None else self.act(self._linear(w, self.gate, x)) * h
-        return self._linear(w, self.down, h)
+        return self.run(x, lambda name, h: self.linear(w, name, h))
 
-    def _linear(self, w: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
+    def run(self, x: Tensor, linear: Callable[[str, Tensor], Tensor]) -> Tensor:
+        """The FFN on x [T, d] -> [T, d], `linear(layer name, h)` running its layers (the MoE kernels pass
+        their own, over expert stacks)."""
+        h = linear(self.up, x)
+        h = self.act(h) if self.gate is None else self.act(linear(self.gate, x)) * h
+        return linear(self.down, h)
+
+    def linear(self, w: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
+        """Layer `name` with the parameters in `w`: x [..., in] -> [..., out]."""
         weight = w[f"{name}.weight"]
         return F.linear(x, weight.t() if name in self.transposed else weight, w.get(f"{name}.bias"))
+
+
+def call_ffn(spec: FFNSpec | None, template: nn.Module, params: dict[str, Tensor], x: Tensor,
+             *extra: Tensor) -> Tensor:
+    """What the FFN module computes with parameters `params` (names as inside it): x [..., d] -> [..., d].
+
+    With a spec: its direct matmuls and output dropout; without: `functional_call` on the module
+    `template`, `extra` passed along (Bloom's residual).
+    """
+    if spec is not None:
+        y = spec(params, x)
+        return spec.dropout(y) if spec.dropout is not None else y
+    return functional_call(template, params, (x, *extra))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's [in, out] linear; imported on first use
+
+    return isinstance(module, Conv1D)
 
 
 def _in_out(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
-    if isinstance(module, Conv1D):
+    if _is_conv1d(module):
         return module.weight.shape[0], module.weight.shape[1]
     return None
 
@@ -110,7 +143,7 @@ def recognize(ffn: nn.Module, hidden_size: int) -> FFNSpec | None:
     outs = [n for n, (i, o) in shapes.items() if o == hidden_size and i != hidden_size]
     if len(outs) != 1 or len(ins) + 1 != len(linears) or len(ins) not in (1, 2):
         return None
-    transposed = frozenset(n for n, m in linears.items() if isinstance(m, Conv1D))
+    transposed = frozenset(n for n, m in linears.items() if _is_conv1d(m))
     dropout = dropouts[0] if dropouts else None
     candidates = ([(None, ins[0])] if len(ins) == 1 else list(itertools.permutations(ins, 2)))
     for gate, up in candidates:

@@ -29,16 +29,15 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from xft.ffn import FFNSpec
+from xft.ffn import FFNSpec, call_ffn
 from xft.hfconfig import dense_config
 # The registry, re-exported: `xft.merge.MERGE_METHODS` (= `xft.MERGE_METHODS`) is the list of merge methods.
 from xft.merge_methods import (  # noqa: F401
     MERGE_METHODS, MergeInput, MergeMethod, get_merge_method, register_merge_method,
 )
 from xft.moe import MoEBlock
-from xft.upcycle import _add_balance_loss, moe_blocks
+from xft.upcycle import moe_blocks, remove_balance_loss
 
 
 def coefficients(num_experts: int, shared_expert: bool, shared_weight: float | Tensor,
@@ -66,13 +65,9 @@ def weighted_sum(stacks: dict[str, Tensor], c: Tensor) -> dict[str, Tensor]:
 
 # ----------------------------------------------------------------------------- built-in methods (xft.merge_methods)
 
-def _num_logits(layer: MergeInput) -> int:
-    return layer.num_experts - 1 if layer.shared_expert else layer.num_experts
-
-
 def init_coefficients(layer: MergeInput) -> Tensor:
     """Zero logits: shared expert λ, each routed expert (1-λ)/(N-1) (softmax over all N without a shared one)."""
-    return coefficients(layer.num_experts, layer.shared_expert, layer.shared_weight, torch.zeros(_num_logits(layer)))
+    return coefficients(layer.num_experts, layer.shared_expert, layer.shared_weight, torch.zeros(layer.config.num_routed))
 
 
 def uniform_coefficients(layer: MergeInput) -> Tensor:
@@ -84,7 +79,7 @@ def learned_coefficients(layer: MergeInput) -> Tensor:
     """From the layer's learned mixing logits (`xft.build_merge_model`, or given to `merge`)."""
     if layer.logits is None:
         raise ValueError("method 'learned' needs mixing logits for every layer")
-    expected = _num_logits(layer)
+    expected = layer.config.num_routed
     if layer.logits.shape != (expected,):
         raise ValueError(f"mixing logits of shape {tuple(layer.logits.shape)}; expected ({expected},) "
                          f"for {layer.num_experts} experts with routing {layer.config.routing!r}")
@@ -162,12 +157,10 @@ def merged_ffn(experts: nn.Module, c: Tensor) -> nn.Module:
 
 
 def _dense_copy(model: nn.Module, replacements: dict[nn.Module, nn.Module]) -> nn.Module:
-    """A deep copy of `model` with the given modules replaced, stripped of xft's hook and config entry."""
+    """A deep copy of `model` with the given modules replaced, stripped of xft's hooks and config entry."""
     memo = {id(old): new for old, new in replacements.items()}
     dense = copy.deepcopy(model, memo)
-    for key in [k for k, h in dense._forward_hooks.items() if h is _add_balance_loss]:
-        for hooks in (dense._forward_hooks, dense._forward_hooks_with_kwargs, dense._forward_hooks_always_called):
-            hooks.pop(key, None)
+    remove_balance_loss(dense)  # the copy's handles point into the copy's hook dicts
     dense_config(dense.config)
     for p in dense.parameters():
         p.requires_grad_(True)
@@ -184,9 +177,9 @@ class LearnableMerge(nn.Module):
         self.experts = block.experts.requires_grad_(False)
         self.spec: FFNSpec | None = block.spec
         self.num_experts = block.num_experts
-        self.shared_expert = block.first_routed == 1
+        self.shared_expert = block.config.shared_expert
         ref = next(self.experts.parameters())
-        num_logits = self.num_experts - 1 if self.shared_expert else self.num_experts
+        num_logits = block.config.num_routed
         # fp32 even for a bf16 model: updates of ~1e-5 would vanish in bf16.
         self.mixing_logits = nn.Parameter(torch.zeros(num_logits, dtype=torch.float32, device=ref.device))
         self.shared_weight = float(shared_weight)
@@ -207,11 +200,7 @@ class LearnableMerge(nn.Module):
         c = self.coefficients().to(next(iter(stacks.values())).dtype)
         # [N] · [N, *shape] -> [*shape]: one merged weight per parameter; grads reach c only.
         w = {name: torch.tensordot(c, s, dims=1) for name, s in stacks.items()}
-        if self.spec is not None:
-            shape = hidden.shape
-            y = self.spec(w, hidden.reshape(-1, shape[-1])).reshape(shape)
-            return self.spec.dropout(y) if self.spec.dropout is not None else y
-        return functional_call(self.experts, w, (hidden, *extra))
+        return call_ffn(self.spec, self.experts, w, hidden, *extra)
 
 
 def build_merge_model(moe: nn.Module, shared_weight: float = 0.75, learn_shared_weight: bool = False) -> nn.Module:

@@ -7,27 +7,67 @@ the `N` experts is stored as one stacked tensor `[N, *shape]` inside
 run with the `e`-th slices. The experts module is only a container and a
 template for `functional_call`; it is never called directly.
 
-Compute, per forward (T tokens): the shared expert (if any) runs as one dense
-matmul on all tokens; routed selections are sorted by expert once, then each
-routed expert runs on its contiguous group of tokens (`index_select` →
-FFN → scale → `index_add_`). The stacks are `unbind`-ed once per forward:
-indexing `W[e]` inside the loop would make every backward write a full-size
-`[N, ...]` gradient (see shared/MEASURED.md).
+How the experts run is an entry of `EXPERT_IMPLS`, resolved once when the
+block is built (or `block.expert_impl` is set); per forward only what depends
+on the input (its device and dtype) is looked at:
+
+* ``"fast"``: recognised MLPs (`xft.ffn.FFNSpec`), a matmul loop over experts;
+* ``"grouped_mm"``: recognised MLPs, one `torch._grouped_mm` per linear layer;
+* ``"generic"``: a loop of `torch.func.functional_call` on any FFN module;
+* ``"auto"``: grouped_mm on CUDA when the sizes fit, else the loop (generic
+  for FFNs that are not recognised).
+
+Every kernel shares one `Dispatch` (T tokens, k routed experts per token): the
+rows of all experts grouped by expert — the shared expert's T rows (every
+token) first, then the T·k routed selections sorted by expert — gathered
+once, each expert's FFN run on its contiguous group, and the rows scaled by
+their routing weights and added back to their tokens (`index_add_`).
+
+Gradients of the stacks: the loop hands each expert a view of its slice and
+writes that expert's weight gradient straight into one `[N, ...]` buffer
+(`_ExpertViews`, `_ExpertLinear`); indexing `W[e]` would make every backward
+write a full-size gradient per expert, and plain `unbind` views a stacking
+copy of the whole gradient (see shared/MEASURED.md). The generic loop uses
+`unbind`; grouped_mm takes the stacks whole.
+
+The routing record (routed weights and per-token load, `[T, R]` each) that
+the model-level balance loss consumes is built only when gradients are on or
+`record_routing` asks for it (the model's hook sets it when labels are given).
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from xft.config import UpcycleConfig
-
-EXPERT_IMPLS = ("auto", "fast", "grouped_mm", "generic")  # expert compute strategies (see UpcycleConfig.expert_impl)
-from xft.ffn import FFNSpec, recognize
+from xft.ffn import FFNSpec, call_ffn, recognize
 from xft.routing import NoisyTopKGate, balance_loss, get_routing, per_token_load
+
+if TYPE_CHECKING:  # xft.config imports this module for EXPERT_IMPLS
+    from xft.config import UpcycleConfig
+
+
+@dataclass
+class RoutingRecord:
+    """One forward's routing, for the balance loss and for logging (fp32, with the router's gradient)."""
+
+    weights: Tensor  # [T, R] routing weights of the routed experts (0 where not selected)
+    load: Tensor  # [T, R] how much each token counts toward each routed expert's load
+
+    def balance_loss(self, token_mask: Tensor | None, weight: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, detached stats) over the tokens where `token_mask` [T] is true (all if None)."""
+        w, load = self.weights, self.load
+        if token_mask is not None:
+            w, load = w[token_mask], load[token_mask]
+        importance, load = w.sum(0), load.sum(0)  # [R] each
+        loss = balance_loss(importance, load, weight)
+        return loss, {"importance": importance.detach(), "load": load.detach(), "balance_loss": loss.detach()}
 
 
 class MoEBlock(nn.Module):
@@ -39,31 +79,45 @@ class MoEBlock(nn.Module):
         self.routing = get_routing(config.routing)
         self.num_experts = config.num_experts
         self.k = config.routed_top_k
-        self.first_routed = 1 if config.shared_expert else 0
-        spec = recognize(ffn, hidden_size) if config.expert_impl != "generic" else None
-        if config.expert_impl in ("fast", "grouped_mm") and spec is None:
-            raise ValueError(f"expert_impl={config.expert_impl!r} but {type(ffn).__name__} is not a "
-                             "recognised gated/plain MLP; use expert_impl='auto' or 'generic'")
-        self.spec: FFNSpec | None = spec
-        # grouped: always torch._grouped_mm (when the sizes fit); auto_grouped: on CUDA only, where it was
-        # measured faster (H100 bf16: 0.9-1.5x the ideal vs 1.7-2.7x for the loop; fp32 on par; docs/CORE_API.md)
-        self.grouped = config.expert_impl == "grouped_mm"
-        self.auto_grouped = config.expert_impl == "auto" and spec is not None and hasattr(torch, "_grouped_mm")
+        self.first_routed = config.first_routed
+        # Recognised once, before the parameters become stacks; `expert_impl` decides whether it is used.
+        self._recognized: FFNSpec | None = recognize(ffn, hidden_size)
         ref = next(ffn.parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             gate = NoisyTopKGate(config.router, hidden_size, config.num_routed, config.noisy_gating)
         self.gate = gate.to(device=ref.device, dtype=ref.dtype)
         self.experts = _stack_parameters(ffn, config.num_experts)
-        # Feature sizes of the stacked matrices (fixed from here on), for `_grouped_mm_fits` on every forward.
+        # Feature sizes of the stacked matrices (fixed from here on) and, per element size, whether
+        # torch._grouped_mm takes them (`_grouped_mm_fits`).
         self._matrix_sizes = sorted({n for p in self.experts.parameters() if p.dim() == 3 for n in p.shape[1:]})
-        # Filled by forward, consumed by the model-level hook (balance loss, logging): [T, R] each.
-        self._routed_weights: Tensor | None = None
-        self._load_per_token: Tensor | None = None
-        self.stats: dict[str, Tensor] = {}
+        self._grouped_fits: dict[int, bool] = {}
+        self.expert_impl = config.expert_impl  # resolves `spec` and the kernel
+        # Set per forward by the model's balance-loss hook: build the routing record even without gradients.
+        self.record_routing = False
+        self._record: RoutingRecord | None = None
+        self.stats: dict[str, Tensor] = {}  # from the last `finish_balance_loss`: importance, load [R], loss
         # DeepSpeed ZeRO-3 gathers only the parameters of the module being called; the stacks live in
         # `self.experts`, which is never called, so mark the block a "leaf" to gather all of it at once.
         self._z3_leaf = True
+
+    @property
+    def expert_impl(self) -> str:
+        """The expert kernel's name in `EXPERT_IMPLS` (setting it resolves the kernel; results do not change)."""
+        return self._impl
+
+    @expert_impl.setter
+    def expert_impl(self, name: str) -> None:
+        if name not in EXPERT_IMPLS:
+            raise ValueError(f"unknown expert_impl {name!r}; expected one of {', '.join(EXPERT_IMPLS)}")
+        impl = EXPERT_IMPLS[name]
+        if impl.needs_spec and self._recognized is None:
+            raise ValueError(f"expert_impl={name!r} but the FFN is not a recognised gated/plain MLP; "
+                             "use expert_impl='auto' or 'generic'")
+        # The FFN as direct matmuls, or None: `functional_call` on the experts template.
+        self.spec: FFNSpec | None = None if name == "generic" else self._recognized
+        self._impl = name
+        self._kernel = impl.resolve(self)
 
     def expert_parameters(self) -> dict[str, nn.Parameter]:
         """FFN parameter name (as in the original FFN) -> live stacked parameter `[N, *shape]`."""
@@ -75,52 +129,32 @@ class MoEBlock(nn.Module):
         x = hidden.reshape(-1, shape[-1])  # [T, d]
         extra = tuple(e.reshape(x.shape[0], *e.shape[len(shape) - 1:]) for e in extra)
         clean, logits, std = self.gate(x)  # [T, R] each; std None without noise
-        weights, top_i = self.routing.combine(logits.float(), self.k)  # [T, N] fp32, [T, k]
-        self._record_routing(weights, top_i, clean.float(), logits.float(), std)
-        grouped = ((self.grouped and self._grouped_mm_fits(x))
-                   or (self.auto_grouped and x.is_cuda and self._grouped_mm_fits(x, warn=False)))
-        run = self._run_grouped if grouped else self._run_experts
-        y = run(x, extra, weights.to(x.dtype), top_i)
+        logits = logits.float()
+        weights, top_i = self.routing.combine(logits, self.k)  # [T, N] fp32, [T, k]
+        if torch.is_grad_enabled() or self.record_routing:
+            load = per_token_load(top_i, logits.shape[-1], clean.float(), logits, std, self.config.load_estimate)
+            self._record = RoutingRecord(weights[:, self.first_routed:], load)
+        y = self._kernel(self, x, extra, weights.to(x.dtype), top_i)
         if self.spec is not None and self.spec.dropout is not None:
             y = self.spec.dropout(y)
         return y.reshape(shape)
 
-    def _record_routing(self, weights: Tensor, top_i: Tensor, clean: Tensor, noisy: Tensor,
-                        std: Tensor | None) -> None:
-        self._routed_weights = weights[:, self.first_routed:]
-        self._load_per_token = per_token_load(top_i, clean.shape[-1], clean, noisy, std,
-                                              self.config.load_estimate)
+    def routing_record(self) -> RoutingRecord | None:
+        """The last forward's routing record, unless consumed or not built (no gradients, not asked for)."""
+        return self._record
+
+    def drop_routing_record(self) -> None:
+        """Forget the last forward's routing record (nothing will consume it)."""
+        self._record = None
 
     def finish_balance_loss(self, token_mask: Tensor | None) -> Tensor:
-        """This forward's balance loss over the tokens where `token_mask` [T] is true (all if None)."""
-        w, load = self._routed_weights, self._load_per_token
-        if token_mask is not None:
-            w, load = w[token_mask], load[token_mask]
-        importance, load = w.sum(0), load.sum(0)  # [R] each
-        loss = balance_loss(importance, load, self.config.balance_loss_weight)
-        self.stats = {"importance": importance.detach(), "load": load.detach(), "balance_loss": loss.detach()}
-        self._routed_weights = self._load_per_token = None
-        return loss
+        """This forward's balance loss over the tokens where `token_mask` [T] is true (all if None).
 
-    def _run_experts(self, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
-        """x [T, d], weights [T, N], top_i [T, k] (routed indices) -> Σ_e weights[:, e] · FFN_e(x)."""
-        params = {name: p.unbind(0) for name, p in self.experts.named_parameters()}
-        run = self._expert_fn(params)
-        s = self.first_routed
-        out = run(0, x, *extra) * weights[:, :1] if s else torch.zeros_like(x)
-        flat = top_i.flatten()  # [T*k] routed index of each selection
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=weights.shape[-1] - s).tolist()  # one host sync
-        token = order // self.k  # [T*k] token of each selection, grouped by expert
-        gate = weights[:, s:].gather(1, top_i).flatten()[order]  # [T*k] matching weights
-        start = 0
-        for r, count in enumerate(counts):
-            if count:
-                idx, g = token[start:start + count], gate[start:start + count, None]
-                rows = (t.index_select(0, idx) for t in (x, *extra))
-                out.index_add_(0, idx, run(r + s, *rows) * g)
-                start += count
-        return out
+        Consumes the routing record and keeps its stats in `self.stats`.
+        """
+        loss, self.stats = self._record.balance_loss(token_mask, self.config.balance_loss_weight)
+        self._record = None
+        return loss
 
     def _grouped_mm_fits(self, x: Tensor, warn: bool = True) -> bool:
         """Whether `torch._grouped_mm` takes this block's matrices in `x`'s dtype.
@@ -128,55 +162,257 @@ class MoEBlock(nn.Module):
         It needs every matrix row to be a multiple of 16 bytes, in fp32 and bf16, on CUDA (H100, torch
         2.11) and on CPU (torch 2.13): an FFN size of 30 fails with "strides should be multiple of 16
         bytes". Group offsets need no alignment and empty groups are fine. When the sizes do not fit,
-        the block runs the loop kernel, which computes the same, and warns.
+        the block runs the loop kernel, which computes the same (and warns, when grouped_mm was asked for).
         """
-        sizes = self._matrix_sizes
-        if all(n * x.element_size() % 16 == 0 for n in sizes):
-            return True
-        if warn:
+        size = x.element_size()
+        fits = self._grouped_fits.get(size)
+        if fits is None:
+            fits = self._grouped_fits[size] = all(n * size % 16 == 0 for n in self._matrix_sizes)
+        if not fits and warn:
             warnings.warn(f"expert_impl='grouped_mm' needs FFN sizes whose {x.dtype} rows are multiples of "
-                          f"16 bytes (sizes {sizes}); running the per-expert loop instead", stacklevel=3)
-        return False
-
-    def _run_grouped(self, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
-        """Same result as `_run_experts`, routed experts as one `torch._grouped_mm` per linear layer.
-
-        The GPU fast path (no host sync, one kernel per layer); needs feature sizes whose rows are
-        multiples of 16 bytes (`_grouped_mm_fits`). Shared expert: one dense matmul on all tokens.
-        """
-        spec, s, k = self.spec, self.first_routed, self.k
-        stacks = dict(self.experts.named_parameters())
-        out = spec({n: p[0] for n, p in stacks.items()}, x) * weights[:, :1] if s else torch.zeros_like(x)
-        flat = top_i.flatten()
-        order = flat.argsort(stable=True)
-        token = order // k  # [T*k] selections grouped by expert
-        counts = torch.bincount(flat, minlength=weights.shape[-1] - s)  # [R]
-        offs = counts.cumsum(0).to(torch.int32)
-
-        def linear(name: str, h: Tensor) -> Tensor:  # h [T*k, in] -> [T*k, out], row i with its expert
-            w = stacks[f"{name}.weight"][s:]  # [R, out, in] (Linear) or [R, in, out] (Conv1D)
-            y = torch._grouped_mm(h, w if name in spec.transposed else w.transpose(-2, -1), offs=offs)
-            bias = stacks.get(f"{name}.bias")
-            if bias is not None:
-                y = y + bias[s:].repeat_interleave(counts, dim=0, output_size=h.shape[0])
-            return y
-
-        xs = x.index_select(0, token)
-        h = linear(spec.up, xs)
-        h = spec.act(h) if spec.gate is None else spec.act(linear(spec.gate, xs)) * h
-        gate = weights[:, s:].gather(1, top_i).flatten()[order, None]  # [T*k, 1]
-        return out.index_add_(0, token, linear(spec.down, h) * gate)
-
-    def _expert_fn(self, params: dict[str, tuple[Tensor, ...]]):
-        """(e, x [t, d], *extra) -> expert e's FFN output [t, d], through the fast spec or `functional_call`."""
-        if self.spec is not None:
-            return lambda e, x: self.spec({n: w[e] for n, w in params.items()}, x)
-        return lambda e, *xs: functional_call(self.experts, {n: w[e] for n, w in params.items()}, xs)
+                          f"16 bytes (sizes {self._matrix_sizes}); running the per-expert loop instead",
+                          stacklevel=4)
+        return fits
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"num_experts={c.num_experts}, top_k={c.top_k}, routing={c.routing!r}, "
-                f"impl={'grouped_mm' if self.grouped else 'auto (grouped_mm on CUDA, else fast)' if self.auto_grouped else 'fast' if self.spec is not None else 'generic'}")
+        return f"num_experts={c.num_experts}, top_k={c.top_k}, routing={c.routing!r}, expert_impl={self.expert_impl!r}"
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+class Dispatch:
+    """One forward's selections as G groups of rows, one per expert in order (G = N).
+
+    With a shared expert, group 0 is every token (weight `weights[:, 0]`); then the T·k routed selections
+    sorted by expert (stable: by token within an expert). Row j is token `token[j]` with weight `gate[j]`.
+    """
+
+    def __init__(self, weights: Tensor, top_i: Tensor, first_routed: int):
+        """weights [T, N] (x's dtype), top_i [T, k] routed indices."""
+        tokens, k = top_i.shape
+        flat = top_i.flatten()  # [T*k] routed index of each selection, token-major
+        order = flat.argsort(stable=True)  # [T*k]
+        token = order // k  # [T*k] token of each sorted selection
+        gate = weights[:, first_routed:].gather(1, top_i).flatten()[order]  # [T*k]
+        counts = torch.bincount(flat, minlength=weights.shape[1] - first_routed)  # [R] routed group sizes
+        if first_routed:  # the shared expert's group: every token, in order
+            token = torch.cat([torch.arange(tokens, device=token.device), token])
+            gate = torch.cat([weights[:, 0], gate])
+            counts = torch.cat([counts.new_full((1,), tokens), counts])
+        self.token = token  # [M] row -> token, M = T·k (+ T)
+        self.gate = gate[:, None]  # [M, 1]
+        self.counts = counts  # [G] rows per expert
+
+    def groups(self, sizes: list[int]) -> list[tuple[int, slice]]:
+        """(expert, its rows) of the non-empty groups, from the group sizes on the host (`counts.tolist()`)."""
+        starts = itertools.accumulate(sizes, initial=0)
+        return [(e, slice(a, a + n)) for e, (a, n) in enumerate(zip(starts, sizes)) if n]
+
+    def gather(self, t: Tensor, rows: slice = slice(None)) -> Tensor:
+        """t [T, ...] -> [m, ...]: the token of each of these rows (all M by default)."""
+        return t.index_select(0, self.token[rows])
+
+    def scatter(self, out: Tensor, y: Tensor, rows: slice = slice(None)) -> Tensor:
+        """out [T, d] += these rows' outputs y [m, d] scaled by their weights, added to their tokens."""
+        return out.index_add_(0, self.token[rows], y * self.gate[rows])
+
+
+class _StackGrad:
+    """The gradient `[N, *shape]` of one expert stack, written expert by expert in the backward."""
+
+    def __init__(self, stack: Tensor):
+        # Shape, dtype and device as in the forward (ZeRO-3 may hold the parameter partitioned in between).
+        self.shape, self.like = stack.shape, {"dtype": stack.dtype, "device": stack.device}
+        self.buf: Tensor | None = None
+        self.written: set[int] = set()
+
+    def slot(self, e: int) -> Tensor:
+        """Where expert e's gradient `[*shape]` goes."""
+        if self.buf is None:
+            self.buf = torch.empty(self.shape, **self.like)
+        self.written.add(e)
+        return self.buf[e]
+
+    def take(self, grads: tuple[Tensor | None, ...]) -> Tensor:
+        """The whole gradient: the written slots, plus `grads` [N] of the views (None: unused), zeros elsewhere."""
+        buf, written = self.buf, self.written
+        self.buf, self.written = None, set()  # a second backward (retain_graph) starts afresh
+        if buf is None:
+            buf = torch.empty(self.shape, **self.like)
+        for e, g in enumerate(grads):
+            if e not in written:
+                buf[e].zero_()
+            if g is not None:
+                buf[e].add_(g)
+        return buf
+
+
+class _ExpertViews(torch.autograd.Function):
+    """`stack.unbind(0)` whose backward returns the gradient the `_ExpertLinear`s wrote into one buffer.
+
+    Plain `unbind` would stack N separate expert gradients in its backward, a copy of the whole stack
+    (~30% of a step at T=64 on CPU); indexing `W[e]` per expert would be worse, a full-size gradient
+    per expert (see shared/MEASURED.md).
+    """
+
+    @staticmethod
+    def forward(ctx, stack: Tensor, sink: _StackGrad) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        ctx.sink = sink
+        return stack.unbind(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor | None):
+        return ctx.sink.take(grads), None
+
+
+class _ExpertLinear(torch.autograd.Function):
+    """F.linear(x [n, in], w [out, in], b) for expert e, whose weight gradient goes into slot e of `sink`.
+
+    `transposed`: w is [in, out] (GPT-2's Conv1D). The view w itself gets no gradient (`_ExpertViews`).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, sink: _StackGrad, e: int, transposed: bool) -> Tensor:
+        ctx.save_for_backward(x, w)
+        ctx.sink, ctx.e, ctx.transposed, ctx.bias = sink, e, transposed, b is not None
+        w_t = w if transposed else w.t()  # [in, out]
+        return torch.mm(x, w_t) if b is None else torch.addmm(b, x, w_t)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: Tensor):
+        x, w = ctx.saved_tensors
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            dx = dy.mm(w.t() if ctx.transposed else w)  # [n, in]
+        if ctx.needs_input_grad[1]:
+            slot = ctx.sink.slot(ctx.e)
+            torch.mm(x.t(), dy, out=slot) if ctx.transposed else torch.mm(dy.t(), x, out=slot)
+        if ctx.bias and ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        return dx, None, db, None, None, None
+
+
+def _autocast(h: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """(h, w) in the autocast dtype where autocast is on, as `F.linear` would run."""
+    device = h.device.type
+    if not torch.is_autocast_enabled(device):
+        return h, w
+    dtype = torch.get_autocast_dtype(device)
+    return h.to(dtype), w.to(dtype)
+
+
+def _bias_rows(y: Tensor, bias: Tensor | None, counts: Tensor) -> Tensor:
+    """y [M, out] + each row's expert's bias (bias [G, out])."""
+    if bias is None:
+        return y
+    return y + bias.repeat_interleave(counts, dim=0, output_size=y.shape[0])
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def _run_loop(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
+    """x [T, d], weights [T, N], top_i [T, k] -> Σ_e weights[:, e] · FFN_e(x): the spec's FFN per expert on
+    its group of rows; one host sync, for the group sizes."""
+    spec, d = block.spec, Dispatch(weights, top_i, block.first_routed)
+    sizes = d.counts.tolist()  # the one host sync
+    # Under autocast, plain F.linear on the views (its casts, gradients stacked by _ExpertViews).
+    direct = torch.is_autocast_enabled(x.device.type)
+    views, sinks = {}, {}
+    for name, p in block.experts.named_parameters():
+        sinks[name] = _StackGrad(p) if p.requires_grad and torch.is_grad_enabled() else None
+        views[name] = _ExpertViews.apply(p, sinks[name]) if sinks[name] is not None else p.unbind(0)
+
+    def expert(e: int, rows: Tensor) -> Tensor:
+        def linear(name: str, h: Tensor) -> Tensor:
+            w, b = views[f"{name}.weight"][e], views.get(f"{name}.bias")
+            b = None if b is None else b[e]
+            sink, transposed = sinks[f"{name}.weight"], name in spec.transposed
+            if sink is None or direct:
+                return F.linear(h, w.t() if transposed else w, b)
+            return _ExpertLinear.apply(h, w, b, sink, e, transposed)
+        return spec.run(rows, linear)
+
+    # Expert by expert (gather, FFN, scatter): small buffers, still in cache, at any T.
+    out = torch.zeros_like(x)
+    for e, rows in d.groups(sizes):
+        d.scatter(out, expert(e, d.gather(x, rows)), rows)
+    return out
+
+
+def _run_grouped(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
+    """Same result as `_run_loop`, each layer as one `torch._grouped_mm` over all experts.
+
+    The GPU fast path (no host sync, one kernel per layer); needs feature sizes whose rows are
+    multiples of 16 bytes (`MoEBlock._grouped_mm_fits`), else runs the loop.
+    """
+    if not block._grouped_mm_fits(x, warn=block.expert_impl == "grouped_mm"):
+        return _run_loop(block, x, extra, weights, top_i)
+    spec, d = block.spec, Dispatch(weights, top_i, block.first_routed)
+    stacks = block.expert_parameters()
+    offs = d.counts.cumsum(0).to(torch.int32)  # [N] end row of each expert's group
+
+    def linear(name: str, h: Tensor) -> Tensor:  # h [M, in] -> [M, out], row j with its expert's weights
+        w = stacks[f"{name}.weight"]  # [N, out, in] (Linear) or [N, in, out] (Conv1D)
+        h, w = _autocast(h, w if name in spec.transposed else w.transpose(-2, -1))
+        return _bias_rows(torch._grouped_mm(h, w, offs=offs), stacks.get(f"{name}.bias"), d.counts)
+
+    return d.scatter(torch.zeros_like(x), spec.run(d.gather(x), linear))
+
+
+def _run_generic(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
+    """Same result for any FFN module: `functional_call` per expert on its group of rows.
+
+    The stacks are `unbind`-ed once: indexing `W[e]` per expert would make every backward write a
+    full-size `[N, ...]` gradient (see shared/MEASURED.md).
+    """
+    d = Dispatch(weights, top_i, block.first_routed)
+    sizes = d.counts.tolist()  # the one host sync
+    stacks = {name: p.unbind(0) for name, p in block.experts.named_parameters()}  # N × [*shape] each
+    out = torch.zeros_like(x)
+    for e, rows in d.groups(sizes):
+        y = call_ffn(block.spec, block.experts, {n: w[e] for n, w in stacks.items()},
+                     *(d.gather(t, rows) for t in (x, *extra)))
+        d.scatter(out, y, rows)
+    return out
+
+
+def _run_auto(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
+    """grouped_mm on CUDA when the sizes fit (measured faster there, docs/CORE_API.md), else the loop."""
+    grouped = x.is_cuda and block._grouped_mm_fits(x, warn=False)
+    return (_run_grouped if grouped else _run_loop)(block, x, extra, weights, top_i)
+
+
+Kernel = Callable[[MoEBlock, Tensor, tuple[Tensor, ...], Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertImpl:
+    """An entry of `EXPERT_IMPLS`: how a block runs its experts."""
+
+    kernel: Kernel  # (block, x [T, d], extra, weights [T, N] in x's dtype, top_i [T, k]) -> [T, d]
+    needs_spec: bool  # only for FFNs `xft.ffn.recognize` describes (gated/plain MLPs)
+
+    def resolve(self, block: MoEBlock) -> Kernel:
+        """The kernel `block` runs: "auto" is generic without a spec, the loop without grouped_mm in torch."""
+        if self.kernel is _run_auto and block.spec is None:
+            return _run_generic
+        if self.kernel is _run_auto and not hasattr(torch, "_grouped_mm"):
+            return _run_loop
+        return self.kernel
+
+
+# (H100 bf16: grouped_mm 0.9-1.5x the ideal vs 1.7-2.7x for the loop; fp32 on par; on CPU the loop is
+# as fast or faster: docs/CORE_API.md.)
+EXPERT_IMPLS: dict[str, ExpertImpl] = {
+    "auto": ExpertImpl(_run_auto, needs_spec=False),
+    "fast": ExpertImpl(_run_loop, needs_spec=True),
+    "grouped_mm": ExpertImpl(_run_grouped, needs_spec=True),
+    "generic": ExpertImpl(_run_generic, needs_spec=False),
+}
 
 
 def _stack_parameters(ffn: nn.Module, n: int) -> nn.Module:

@@ -18,6 +18,7 @@ Routing schemes are entries of `ROUTINGS`, chosen by name:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,6 +36,20 @@ class Routing:
     # (logits [T, R], k) -> (weights [T, N], selected routed indices [T, k])
     combine: Callable[[Tensor, int], tuple[Tensor, Tensor]]
     sums_to_one: bool
+
+    # The shared-expert arithmetic, in this one place: expert 0 is the shared one when there is one.
+    @property
+    def first_routed(self) -> int:
+        """Index of the first routed expert among the N (1 behind a shared expert, else 0)."""
+        return 1 if self.has_shared_expert else 0
+
+    def num_routed(self, num_experts: int) -> int:
+        """Routed experts R of `num_experts` N (the router's output size)."""
+        return num_experts - self.first_routed
+
+    def routed_k(self, top_k: int) -> int:
+        """Routed experts a token selects when `top_k` counts the shared expert."""
+        return top_k - self.first_routed
 
 
 def _xft(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -78,11 +93,6 @@ def get_routing(name: str) -> Routing:
     return ROUTINGS[name]
 
 
-def routed_k(routing: str, top_k: int) -> int:
-    """How many *routed* experts a token selects when `top_k` counts the shared expert."""
-    return top_k - 1 if get_routing(routing).has_shared_expert else top_k
-
-
 def combine_weights(logits: Tensor, top_k: int, routing: str = "xft") -> Tensor:
     """Expert weights `[T, N]` from router logits `[T, R]` (docs/method.md §1).
 
@@ -90,10 +100,11 @@ def combine_weights(logits: Tensor, top_k: int, routing: str = "xft") -> Tensor:
     ``"unnormalized"``: R = N-1, column 0 is the shared expert) and is the
     number of selected experts for ``"sparse"`` (R = N). Unselected experts get 0.
     """
-    k = routed_k(routing, top_k)
+    scheme = get_routing(routing)
+    k = scheme.routed_k(top_k)
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"top_k={top_k} selects {k} of {logits.shape[-1]} routed experts")
-    weights, _ = get_routing(routing).combine(logits, k)
+    weights, _ = scheme.combine(logits, k)
     return weights
 
 
@@ -173,10 +184,15 @@ def per_token_load(top_i: Tensor, num_routed: int, clean: Tensor, noisy: Tensor,
     threshold_if_in = top_vals[:, k:k + 1]  # an expert that is in must stay above the (k+1)-th value
     threshold_if_out = top_vals[:, k - 1:k]  # an expert that is out must beat the k-th value
     probe = noisy if estimate == "corrected" else noisy - clean
-    normal = torch.distributions.Normal(torch.zeros((), device=clean.device), 1.0)
-    p_in = normal.cdf((clean - threshold_if_in) / std)
-    p_out = normal.cdf((clean - threshold_if_out) / std)
+    # The standard normal CDF, as torch.distributions.Normal(0, 1).cdf computes it (bit for bit), without
+    # building a distribution per forward, whose argument validation syncs with the GPU.
+    p_in = _std_normal_cdf((clean - threshold_if_in) / std)
+    p_out = _std_normal_cdf((clean - threshold_if_out) / std)
     return torch.where(probe > threshold_if_in, p_in, p_out)
+
+
+def _std_normal_cdf(z: Tensor) -> Tensor:
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
 
 
 LOAD_ESTIMATES = ("corrected", "faithful")

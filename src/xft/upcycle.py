@@ -10,7 +10,10 @@ refuse it instead of loading the dense architecture.
 The load-balancing loss is added to `outputs.loss` by a forward hook on the
 model when labels are given: the sum over layers of each block's loss,
 computed over the non-padding tokens (`attention_mask`), so padding never
-changes it.
+changes it. A pre-hook asks the blocks for their routing record when labels
+are given (without gradients they build none otherwise). Both hooks' handles
+live on the model (so a deep copy carries handles to its own hooks), and
+`remove_balance_loss(model)` removes them.
 """
 
 from __future__ import annotations
@@ -40,8 +43,19 @@ def upcycle(model: nn.Module, config: UpcycleConfig | None = None) -> nn.Module:
     for layer, (attr, ffn) in zip(layers, targets):
         setattr(layer, attr, MoEBlock(ffn, hidden, config).train(ffn.training))
     mark_moe(model.config, config.to_dict())  # config.json then says "xft_moe", never the dense type
-    model.register_forward_hook(_add_balance_loss, with_kwargs=True)
+    # A plain attribute (not a submodule): `copy.deepcopy(model)` copies the handles with the hook dicts
+    # they point into, so the copy's handles remove the copy's hooks.
+    model._xft_balance_loss_hooks = (
+        model.register_forward_pre_hook(_ask_for_routing, with_kwargs=True),
+        model.register_forward_hook(_add_balance_loss, with_kwargs=True),
+    )
     return model
+
+
+def remove_balance_loss(model: nn.Module) -> None:
+    """Remove the balance-loss hooks `upcycle` put on `model` (or on the model it was deep-copied from)."""
+    for handle in model.__dict__.pop("_xft_balance_loss_hooks", ()):
+        handle.remove()
 
 
 def is_moe(model: nn.Module) -> bool:
@@ -80,17 +94,24 @@ def ewa_step(model: nn.Module, share_rate: float) -> None:
             stack.lerp_(stack.mean(dim=0, keepdim=True).expand_as(stack), share_rate)
 
 
+def _ask_for_routing(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: with labels, every block keeps its routing record, also without gradients."""
+    wanted = kwargs.get("labels") is not None
+    for block in moe_blocks(model).values():
+        block.record_routing = wanted
+
+
 def _add_balance_loss(model: nn.Module, args: tuple, kwargs: dict, output):
     """Forward hook: add the summed per-layer balance losses to `output.loss` (when labels were given)."""
-    blocks = [m for m in model.modules() if isinstance(m, MoEBlock) and m._routed_weights is not None]
+    blocks = [b for b in moe_blocks(model).values() if b.routing_record() is not None]
     loss = getattr(output, "loss", None)
     labels = kwargs.get("labels")
     if not blocks or loss is None or labels is None:
         for block in blocks:  # no loss wanted: drop this forward's routing tensors
-            block._routed_weights = block._load_per_token = None
+            block.drop_routing_record()
         return output
     mask = kwargs.get("attention_mask")
-    tokens = blocks[0]._routed_weights.shape[0]
+    tokens = blocks[0].routing_record().weights.shape[0]
     token_mask = mask.reshape(-1).bool() if isinstance(mask, Tensor) and mask.numel() == tokens else None
     aux = sum(block.finish_balance_loss(token_mask) for block in blocks)
     # Under gradient accumulation the Trainer normalises the LM loss by the token count of the whole
