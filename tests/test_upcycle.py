@@ -263,10 +263,11 @@ def test_auto_kernel_is_the_loop_on_cpu():
 def test_expert_impl_choices_are_the_kernel_registry():
     from dataclasses import fields
 
+    from xft.config import choices_of
     from xft.moe import EXPERT_IMPLS
 
     field = next(f for f in fields(xft.UpcycleConfig) if f.name == "expert_impl")
-    assert field.metadata["choices"] == tuple(EXPERT_IMPLS) == ("auto", "fast", "grouped_mm", "generic")
+    assert choices_of(field) == tuple(EXPERT_IMPLS) == ("auto", "fast", "grouped_mm", "generic")
     block = xft.moe_blocks(xft.upcycle(tiny_model("llama")))[0]
     with pytest.raises(ValueError, match="unknown expert_impl 'nope'"):
         block.expert_impl = "nope"

@@ -27,7 +27,7 @@ Gradients of the stacks: the loop hands each expert a view of its slice and
 writes that expert's weight gradient straight into one `[N, ...]` buffer
 (`_ExpertViews`, `_ExpertLinear`); indexing `W[e]` would make every backward
 write a full-size gradient per expert, and plain `unbind` views a stacking
-copy of the whole gradient (see shared/MEASURED.md). The generic loop uses
+copy of the whole gradient (docs/CORE_API.md, "Expert kernels"). The generic loop uses
 `unbind`; grouped_mm takes the stacks whole.
 
 The routing record (routed weights and per-token load, `[T, R]` each) that
@@ -253,7 +253,7 @@ class _ExpertViews(torch.autograd.Function):
 
     Plain `unbind` would stack N separate expert gradients in its backward, a copy of the whole stack
     (~30% of a step at T=64 on CPU); indexing `W[e]` per expert would be worse, a full-size gradient
-    per expert (see shared/MEASURED.md).
+    per expert (docs/CORE_API.md).
     """
 
     @staticmethod
@@ -367,7 +367,7 @@ def _run_generic(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights:
     """Same result for any FFN module: `functional_call` per expert on its group of rows.
 
     The stacks are `unbind`-ed once: indexing `W[e]` per expert would make every backward write a
-    full-size `[N, ...]` gradient (see shared/MEASURED.md).
+    full-size `[N, ...]` gradient (docs/CORE_API.md).
     """
     d = Dispatch(weights, top_i, block.first_routed)
     sizes = d.counts.tolist()  # the one host sync
