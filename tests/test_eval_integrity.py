@@ -257,7 +257,8 @@ def test_forgery_fails_humaneval(technique, humaneval, sandbox):
 
 
 @needs_mbpp
-@pytest.mark.parametrize("technique", sorted(TECHNIQUES))
+@pytest.mark.parametrize("technique", [pytest.param(t, marks=pytest.mark.slow) if t == "huge_result" else t
+                                       for t in sorted(TECHNIQUES)])  # huge_result here: ~10 s per sandbox level
 def test_forgery_fails_mbpp_plus(technique, mbpp_few, sandbox):
     assert _passes(mbpp_few, MBPP_FEW, technique, sandbox) == []
 

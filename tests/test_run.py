@@ -24,6 +24,7 @@ def paper_overrides(tiny):
             "eval.max_new_tokens=8", "eval.workers=2", "precision=fp32"]
 
 
+@pytest.mark.slow  # every stage of the paper recipe
 def test_paper_recipe_runs_end_to_end_with_tiny_overrides(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs" / "deepseek-coder-1.3b"  # the default --out keeps the whole recipe name
@@ -146,6 +147,7 @@ def test_demo_within_budget_beats_base(tmp_path):
     print(f"demo: {minutes:.1f} min", score)
 
 
+@pytest.mark.slow
 def test_chat_data_trains_and_evaluates_with_the_tokenizers_chat_template(tiny, tmp_path):
     """A newcomer's chat-format data: `messages` records, `train.template=chat` for training and evaluation."""
     from transformers import AutoTokenizer

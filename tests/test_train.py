@@ -292,6 +292,7 @@ def test_bad_input_in_a_real_process_has_no_traceback(workspace, tmp_path):
     assert all(part in proc.stderr for part in expected) and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_moe_losses(workspace, trained_moe):
     ws = workspace
     runs = [train_sft(SFTConfig(model=str(ws / "moe"), data=str(ws / "data.jsonl"), out=str(ws / f"gc{gc}"),
