@@ -85,3 +85,15 @@ def test_merge_settings_inherit_as_declared_defaults():
     assert merge.batch_size == sft.batch_size and merge.data is None  # a fixed merge needs no data
     with pytest.raises(ConfigError, match="trains on data"):
         MergeConfig(moe="m", out="o")
+
+
+def test_eval_generation_flags_are_the_decoding_config(capsys):
+    from xft.config import DecodingConfig
+
+    out = _help("eval", capsys)
+    for f in dataclasses.fields(DecodingConfig):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    with pytest.raises(ConfigError, match="greedy decoding"):
+        DecodingConfig(n_samples=2)  # validated on construction
+    with pytest.raises(ConfigError, match="template='nope'"):
+        DecodingConfig(template="nope")

@@ -12,7 +12,8 @@ import xft.errors
 from xft.cli import main
 from xft.eval import load_benchmark
 from xft.eval.benchmarks import Benchmark, Task
-from xft.eval.generate import DecodingConfig, generate_samples
+from xft.config import DecodingConfig
+from xft.eval.generate import generate_samples
 from xft.testing import tiny_model, tiny_tokenizer
 
 TINY_TASKS = [  # HumanEval-format tasks short enough for a 512-position tiny model

@@ -3,6 +3,7 @@
 * `UpcycleConfig`: how a dense model becomes an XFT MoE (docs/method.md §1);
   saved into the MoE's `config.json` under ``"xft"`` so `xft.load` rebuilds it.
 * `DataConfig`: where training data is and how records become examples.
+* `DecodingConfig`: how `xft eval` generates.
 * `TrainConfig` and its stages `SFTConfig` (instruction tuning, §2) and
   `MergeConfig` (learning the merge, §3), with the paper's defaults. They
   compose the others: `SFTConfig.upcycle: UpcycleConfig | None`,
@@ -200,6 +201,41 @@ class DataConfig:
             raise ConfigError(f"eval fraction must be in (0, 1), got {self.eval_fraction}")
         if self.subset is not None and self.subset <= 0:
             raise ConfigError(f"subset must be a fraction in (0, 1] or a record count, got {self.subset}")
+
+
+# ---------------------------------------------------------------- evaluation
+
+@dataclass
+class DecodingConfig:
+    """How `xft eval` generates answers; recorded in results.json."""
+
+    prompt_style: str = setting("instruction", "instruction: the prompt in the template the model was trained "
+                                               "with (instruction-tuned models); completion: continue the code "
+                                               "prompt (base models)", choices=("instruction", "completion"))
+    template: str = setting("magicoder", "instruction style: the template the model was trained with (chat: the "
+                                         "tokenizer's own chat template)", choices=registry("xft.data", "TEMPLATES"))
+    n_samples: int = setting(1, "samples per task (pass@k needs n >= k)")
+    temperature: float = setting(0.0, "sampling temperature; 0 = greedy decoding")
+    top_p: float = setting(0.95, "nucleus mass when sampling")
+    max_new_tokens: int = setting(512, "generation length cap")
+    batch_size: int = setting(8, "prompts per generate call (results do not depend on it)")
+    seed: int = setting(0, "sampling seed")
+    backend: str = setting("hf", "hf: transformers generate; vllm: vLLM (GPU, dense models, optional extra)",
+                           choices=("hf", "vllm"))
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """ConfigError on settings no generation could use."""
+        _check_choices(self)
+        if self.n_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("--n-samples, --batch-size and --max-new-tokens must be positive")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if self.temperature == 0 and self.n_samples > 1:
+            raise ConfigError("greedy decoding (--temperature 0) gives identical samples: "
+                              "set --temperature > 0 for --n-samples > 1")
 
 
 # ---------------------------------------------------------------- training stages

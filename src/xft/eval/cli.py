@@ -22,7 +22,7 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 def register(subparsers) -> None:
     """Add the `eval` subcommand (imports only the light benchmark registry and sandbox levels)."""
-    from xft.data import TEMPLATES
+    from xft.config import DecodingConfig, add_arguments
     from xft.eval.benchmarks import names
     from xft.eval.sandbox import LEVELS
 
@@ -44,21 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier eval in --out (once the new ones are complete)")
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt-style", default="instruction", choices=("instruction", "completion"),
-                   help="instruction: Magicoder template (instruction-tuned models); "
-                   "completion: continue the code prompt (base models)")
-    g.add_argument("--template", default="magicoder", choices=list(TEMPLATES),
-                   help="instruction style: the template the model was trained with (chat: the tokenizer's own "
-                        "chat template)")
-    g.add_argument("--n-samples", type=int, default=1, help="samples per task (pass@k needs n >= k)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus mass when sampling")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="generation length cap")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call "
-                   "(results do not depend on it)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g.add_argument("--backend", default="hf", choices=("hf", "vllm"),
-                   help="hf: transformers generate; vllm: vLLM (GPU, dense models, optional extra)")
+    add_arguments(g, DecodingConfig)  # its settings, help, defaults and choices from xft.config
     g.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default: the checkpoint's)")
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, mps")
     g.add_argument("--limit", type=int, default=None, help="only the first N tasks (quick checks; "
@@ -85,13 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from xft.device import resolve_device
     from xft.eval import evaluate
     from xft.eval.execute import TimeLimits
-    from xft.eval.generate import DecodingConfig
+    from xft.config import DecodingConfig, from_args
     from xft.eval.report import summary
 
-    decoding = DecodingConfig(
-        prompt_style=args.prompt_style, template=args.template, n_samples=args.n_samples,
-        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, seed=args.seed, backend=args.backend)
+    decoding = from_args(DecodingConfig, args)
     limits = TimeLimits(check_seconds=args.check_timeout, min_per_input=args.min_time_limit,
                         factor=args.time_limit_factor)
     ev = evaluate(args.model, args.benchmark, args.out, samples=args.samples, data=args.data, decoding=decoding,

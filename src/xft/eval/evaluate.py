@@ -1,7 +1,7 @@
 """One evaluation, start to end: the single entry point `xft eval` and the pipeline's eval stage call.
 
     from xft.eval import evaluate
-    from xft.eval.generate import DecodingConfig
+    from xft.config import DecodingConfig
     ev = evaluate("runs/xft", "humaneval", "evals/xft", decoding=DecodingConfig(max_new_tokens=512))
     ev.pass_at_1, ev.tasks["HumanEval/0"]["status"], ev.statuses
 
@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 from xft.errors import UserError
 from xft.eval.benchmarks import MINICODE_SOURCE, Benchmark
 from xft.eval.execute import TimeLimits, Verdict
-from xft.eval.generate import DecodingConfig
+from xft.config import DecodingConfig
 
 OUTPUTS = ("results.json", "samples.jsonl")  # what an evaluation writes into `out`, and all it may replace
 

@@ -14,7 +14,6 @@ Guarantees (HF backend):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -22,36 +21,11 @@ from typing import Callable, Iterable
 
 import torch
 
+from xft.config import DecodingConfig
 from xft.errors import UserError
 from xft.eval.benchmarks import Benchmark
 from xft.eval.prompts import build_prompt, response_prefix, stop_strings
 from xft.eval.sanitize import sanitize
-
-
-@dataclasses.dataclass
-class DecodingConfig:
-    """Decoding settings; recorded in results.json."""
-
-    prompt_style: str = "instruction"  # "instruction" (a chat template) | "completion"
-    template: str = "magicoder"  # instruction style: an `xft.data` template name
-    n_samples: int = 1  # samples per task
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 0.95  # nucleus sampling mass when temperature > 0
-    max_new_tokens: int = 512
-    batch_size: int = 8
-    seed: int = 0
-    backend: str = "hf"  # "hf" | "vllm"
-
-    def validate(self) -> None:
-        if self.n_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise UserError("--n-samples, --batch-size and --max-new-tokens must be positive")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
-        if self.temperature == 0 and self.n_samples > 1:
-            raise UserError("greedy decoding (--temperature 0) gives identical samples: "
-                            "set --temperature > 0 for --n-samples > 1")
-        if self.backend not in ("hf", "vllm"):
-            raise UserError(f"unknown --backend {self.backend!r}; choose hf or vllm")
 
 
 def row_seed(seed: int, task_id: str, index: int) -> int:

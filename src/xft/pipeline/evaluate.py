@@ -19,7 +19,7 @@ def evaluate_model(model_path: str, benchmark: str, out: str, *, limit: int | No
     """Greedy pass@1 of the model at `model_path` on `benchmark`; writes samples and results.json to `out`."""
     from xft.eval import evaluate, load_benchmark
     from xft.eval.evaluate import prompt_style_for
-    from xft.eval.generate import DecodingConfig
+    from xft.config import DecodingConfig
 
     bench = load_benchmark(benchmark, data)
     decoding = DecodingConfig(prompt_style=prompt_style_for(bench, base_model), template=template,
