@@ -97,3 +97,17 @@ def test_eval_generation_flags_are_the_decoding_config(capsys):
         DecodingConfig(n_samples=2)  # validated on construction
     with pytest.raises(ConfigError, match="template='nope'"):
         DecodingConfig(template="nope")
+
+
+def test_recipe_sections_layer_as_declared():
+    """merge = train less the schedule MergeConfig declares + merge; dense and ewa = train + their own."""
+    from xft.pipeline.recipe import load_recipe, section_settings
+
+    recipe = load_recipe("minicode", ["train.max_steps=2", "train.batch_size=32", "merge.lr=0.01", "ewa.lr=0.5"])
+    merge, ewa, dense = (section_settings(recipe, s) for s in ("merge", "ewa", "dense"))
+    assert merge["batch_size"] == ewa["batch_size"] == dense["batch_size"] == 32
+    assert dense["max_steps"] == ewa["max_steps"] == 2 and merge.get("max_steps") != 2
+    assert merge["lr"] == 0.01 and ewa["lr"] == 0.5 and dense["lr"] == recipe.train["lr"]
+    assert "share_rate" not in ewa
+    with pytest.raises(ConfigError, match=r"unknown recipe key merge\.lrr \(did you mean 'lr'\?\)"):
+        load_recipe("minicode", ["merge.lrr=1"])
