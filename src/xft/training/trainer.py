@@ -13,7 +13,9 @@ precision, checkpointing and resume comes from `Trainer`; this module only
 * runs EWA's expert averaging step after every optimizer step (callback);
 * plans the run before it starts (`planned_steps`: the optimizer steps Trainer
   will take, from the data size) and keeps TensorBoard logs out of the
-  checkpoint folder (`OUT/logs`, which survives the run).
+  checkpoint folder (`OUT/logs`, which survives the run);
+* makes an FSDP launch on CPUs really shard (`fsdp_on_cpu`: accelerate would
+  otherwise run it as plain gloo DDP).
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ import math
 import os
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.optimization import Adafactor
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import xft
@@ -209,6 +215,17 @@ class XFTTrainer(Trainer):
         self._meter = RoutingMeter()
         self._routing_log = routing_log
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
+
+    def get_optimizer_cls_and_kwargs(self, args, model=None):  # a staticmethod in Trainer
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if self.is_fsdp_enabled and cls is Adafactor:
+            cls = WholeTensorAdafactor
+        return cls, kwargs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if model.training:
@@ -223,6 +240,81 @@ class XFTTrainer(Trainer):
                 with open(self._routing_log, "a") as f:
                     f.write(json.dumps({"step": self.state.global_step, "layers": layers}) + "\n")
         super().log(logs, start_time)
+
+
+# ---------------------------------------------------------------- sharding
+
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """Whether this launch asks for FSDP: `accelerate launch` with an FSDP config, or TrainingArguments.fsdp."""
+    return args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_on_cpu(accelerator, args: TrainingArguments) -> bool:
+    """Make a multi-process CPU launch that asks for FSDP run FSDP; True if it did.
+
+    accelerate turns a launch into FSDP only on GPU-like devices (`AcceleratorState`);
+    on CPUs the processes silently run as gloo DDP, each holding the whole model,
+    whatever the config says. FSDP2's `fully_shard` works on CPU with gloo, so the
+    state is switched to FSDP here, before the model is prepared, with the plugin
+    accelerate would have built (from the launch's config) and its mixed precision.
+    Then `accelerator.prepare` shards the model as on GPUs: each decoder layer (from
+    `_no_split_modules`; an MoE block's stacked experts live inside it) is one unit.
+    """
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested(args):
+        return False
+    plugin = FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))
+    if plugin.fsdp_version != 2:
+        raise UserError("FSDP on CPU needs FSDP2 (fsdp_version: 2 in the accelerate config, as in "
+                        "`python -m xft.configs fsdp`)")
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    # Both shared states: every later `AcceleratorState()` copies PartialState's fields over its own.
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    return True
+
+
+class WholeTensorAdafactor(Adafactor):
+    """transformers' Adafactor (the paper's optimizer) for FSDP2-sharded (DTensor) parameters.
+
+    Adafactor's statistics are means over a matrix's rows and columns and the RMS
+    of its whole update, which one shard does not have (and transformers' step
+    mixes DTensors with plain tensors). So each parameter is gathered with its
+    gradient, one at a time, updated by the unchanged Adafactor step, and its own
+    shard written back: the same update as on one process. The factored state (a
+    row and a column vector per matrix) is kept whole on every process; it is
+    small. Cost: one all-gather of each parameter and gradient per optimizer step,
+    and one whole parameter in memory at a time.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        groups = self.param_groups
+        try:
+            for group in groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._step_whole(group, p)
+        finally:
+            self.param_groups = groups
+        return loss
+
+    def _step_whole(self, group: dict, p: torch.Tensor) -> None:
+        if not isinstance(p, DTensor):
+            self.param_groups = [{**group, "params": [p]}]
+            super().step()
+            return
+        whole = p.full_tensor()  # a collective: every process visits the parameters in the same order
+        whole.grad = p.grad.full_tensor()
+        if p in self.state:
+            self.state[whole] = self.state.pop(p)
+        self.param_groups = [{**group, "params": [whole]}]
+        super().step()
+        self.state[p] = self.state.pop(whole)
+        # This process's shard of the updated tensor (src_data_rank=None: cut locally, no communication).
+        p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
 
 
 # ---------------------------------------------------------------- callbacks
