@@ -25,7 +25,9 @@ from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.training import rundir
 from xft.config import report_targets, to_flat
-from xft.training.trainer import batch_plan, make_trainer, planned_steps, training_arguments, world_size
+from xft.training.trainer import (
+    batch_plan, make_trainer, planned_steps, precision_used, training_arguments, world_size,
+)
 
 # A warm-up longer than this share of the run leaves little of it at the full learning rate.
 WARMUP_WARN_SHARE = 0.5
@@ -223,4 +225,7 @@ def config_record(cfg, stage: str, splits, trainer, resumed_from: str | None = N
             "validation": validation, "resumed_from": resumed_from,
             "log_history": trainer.state.log_history if trainer else [],
             "processes": trainer.args.world_size if trainer else 1,
+            # how the processes shared the work: "NO" (one process), "MULTI_GPU"/"MULTI_CPU" (DDP), "FSDP", ...
+            "distributed": trainer.accelerator.distributed_type.value if trainer else "NO",
+            "precision": precision_used(cfg.precision),  # "auto" resolved on this machine
             "torch": torch.__version__}

@@ -88,15 +88,22 @@ def planned_steps(examples: int, cfg, processes: int) -> int:
     return math.ceil(cfg.epochs * per_epoch)
 
 
+def precision_used(precision: str) -> str:
+    """The precision a config's `precision` means on this machine: "auto" is bf16 (mixed) on a CUDA GPU
+    that supports it, else fp32; any other value is itself."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
 def resolve_precision(precision: str) -> tuple[torch.dtype, str | None]:
     """(dtype to load weights in, mixed-precision mode or None) for a config's `precision`.
 
-    "auto": bf16 mixed precision on a CUDA GPU that supports it, else fp32.
+    "bf16" is mixed precision: fp32 weights (and optimizer updates), forward and
+    backward under bf16 autocast, on CPU as on GPU. "bf16-pure" loads bf16 weights.
     """
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     return {"fp32": (torch.float32, None), "bf16": (torch.float32, "bf16"), "fp16": (torch.float32, "fp16"),
-            "bf16-pure": (torch.bfloat16, None)}[precision]
+            "bf16-pure": (torch.bfloat16, None)}[precision_used(precision)]
 
 
 def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str | None,
@@ -114,7 +121,11 @@ def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str 
                      f"{ckpt}_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None}
     # Several processes on a machine without CUDA (torchrun, accelerate launch --multi_gpu): without
     # use_cpu they would not join a process group and would each train alone; with it they use gloo.
-    use_cpu = world_size() > 1 and not torch.cuda.is_available()
+    # bf16 mixed precision on CPU: Trainer refuses bf16 without a GPU unless told it trains on the CPU.
+    use_cpu = not torch.cuda.is_available() and (world_size() > 1 or mixed == "bf16")
+    if mixed == "fp16" and not torch.cuda.is_available():
+        raise UserError("--precision fp16 (mixed, with a loss scaler) needs a CUDA GPU; on CPU use bf16 "
+                        "(mixed) or bf16-pure")
     extra = dict(checkpointing)
     if evaluate:
         extra.update(eval_strategy="steps", eval_steps=cfg.eval_steps or cfg.save_steps,
