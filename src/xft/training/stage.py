@@ -110,6 +110,11 @@ def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, splits, coll
     trainer = make_trainer(model, args, splits.train, collator, tokenizer, ewa_share_rate=ewa_share_rate,
                            routing_log=routing_log, progress=cfg.progress, eval_dataset=splits.eval,
                            logging_dir=logs)
+    if stage == "merge" and trainer.is_fsdp_enabled:
+        # xft.compile_merge copies the trained model (copy.deepcopy), which FSDP2 modules refuse.
+        raise UserError("the learned merge does not run under FSDP yet; launch `xft merge` with DDP "
+                        "(`python -m xft.configs ddp`): only the mixing logits train, so each process holds "
+                        "the MoE's weights and little more")
     t0 = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
     if splits.eval is not None and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h
