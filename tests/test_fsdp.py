@@ -154,3 +154,44 @@ def test_fsdp_kill_9_after_checkpoint_then_rerun_gives_identical_weights(tmp_pat
     assert record(reference)["distributed"] == "FSDP", out[-3000:]
     assert max_difference(interrupted, reference) < 1e-5
     assert curve(interrupted)[1] == pytest.approx(curve(reference)[1], rel=1e-5)
+
+
+ZERO3 = r"""
+import json, os, sys
+import torch
+from deepspeed.utils import get_z3_leaf_modules
+from transformers import TrainingArguments
+import xft
+from xft.training.trainer import XFTTrainer
+
+moe = xft.load(sys.argv[1])
+merge = xft.build_merge_model(xft.load(sys.argv[1]))
+found = {}
+for name, model in (("moe", moe), ("merge", merge)):
+    for m in model.modules():
+        m._z3_leaf = False  # start from nothing: what is a leaf below, the trainer registered
+    args = TrainingArguments(output_dir=sys.argv[2], use_cpu=True, report_to=[])
+    trainer = XFTTrainer(model=model, args=args)
+    found[name] = {"deepspeed": trainer.is_deepspeed_enabled,
+                   "leaves": sorted({type(m).__name__ for m in get_z3_leaf_modules(model)}),
+                   "count": len(get_z3_leaf_modules(model))}
+if os.environ["RANK"] == "0":
+    print("LEAVES " + json.dumps(found))
+"""
+
+
+def test_zero3_registers_moe_and_merge_blocks_as_leaf_modules(tmp_path):
+    """Under an `accelerate launch` with the shipped ZeRO-3 config, the trainer marks every MoE block and every
+    learnable-merge block a ZeRO-3 leaf (real deepspeed.utils.set_z3_leaf_modules / get_z3_leaf_modules)."""
+    pytest.importorskip("deepspeed")
+    ws = make_workspace(tmp_path)
+    moe = idle_expert_moe(ws)
+    script = tmp_path / "zero3.py"
+    script.write_text(ZERO3)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           xft.configs.accelerate_config("deepspeed_zero3"), "--num_processes", "2", str(script),
+                           str(moe), str(tmp_path / "out")], capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("LEAVES "))[7:])
+    assert found["moe"] == {"deepspeed": True, "leaves": ["MoEBlock"], "count": 2}  # one per decoder layer
+    assert found["merge"] == {"deepspeed": True, "leaves": ["LearnableMerge"], "count": 2}

@@ -35,6 +35,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import xft
 from xft.errors import UserError
+from xft.merge import LearnableMerge
+from xft.moe import MoEBlock
 from xft.config import report_targets
 
 
@@ -225,6 +227,8 @@ class XFTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._meter = RoutingMeter()
         self._routing_log = routing_log
+        if self.is_deepspeed_enabled:
+            zero3_leaves(self.model)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -284,6 +288,25 @@ def fsdp_on_cpu(accelerator, args: TrainingArguments) -> bool:
     state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
     return True
+
+
+def zero3_leaves(model: torch.nn.Module) -> list[type]:
+    """Register xft's MoE and learnable-merge blocks in `model` as DeepSpeed ZeRO-3 leaf modules.
+
+    ZeRO-3 gathers a module's parameters when that module is called, and
+    prefetches by the order modules were called before. An MoE block reads its
+    stacked experts directly (their container is never called) and its experts
+    run in a data-dependent order; a learnable merge reads the stacks the same
+    way. As leaves, each block is gathered whole when it is entered. Returns the
+    classes registered (those present in `model`).
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = [c for c in (MoEBlock, LearnableMerge)
+               if any(isinstance(m, c) for m in model.modules())]
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return classes
 
 
 class WholeTensorAdafactor(Adafactor):
