@@ -1,4 +1,4 @@
-"""FSDP2 with two CPU processes, launched as the docs say:
+"""FSDP2 (and DeepSpeed ZeRO-3, where deepspeed is installed) with two CPU processes, launched as the docs say:
 
     accelerate launch --config_file $(python -m xft.configs fsdp) --num_processes 2 -m xft.cli train ...
 
@@ -35,16 +35,17 @@ def record(run) -> dict:
         return json.load(f)
 
 
-def fsdp_and_one_process(tmp_path, args: list[str]) -> tuple:
-    """Run `xft ARGS` as 2 FSDP processes and as 1 process; (FSDP run dir, 1-process run dir)."""
+def fsdp_and_one_process(tmp_path, args: list[str], config: str = "fsdp", strategy: str = "FSDP") -> tuple:
+    """Run `xft ARGS` as 2 processes launched with accelerate config `config` and as 1 process;
+    (2-process run dir, 1-process run dir)."""
     fsdp, one = tmp_path / "fsdp", tmp_path / "one"
-    two = launch([*args, "--out", str(fsdp)], config="fsdp")
+    two = launch([*args, "--out", str(fsdp)], config=config)
     single = subprocess.run([sys.executable, "-m", "xft.cli", *args, "--out", str(one)], capture_output=True,
                             text=True, timeout=TIMEOUT)
     out, _ = two.communicate(timeout=TIMEOUT)
     assert single.returncode == 0, single.stderr[-2000:]
     assert two.returncode == 0, out[-3000:]
-    assert (record(fsdp)["processes"], record(fsdp)["distributed"]) == (2, "FSDP")  # really sharded
+    assert (record(fsdp)["processes"], record(fsdp)["distributed"]) == (2, strategy)  # really sharded
     return fsdp, one
 
 
@@ -195,3 +196,18 @@ def test_zero3_registers_moe_and_merge_blocks_as_leaf_modules(tmp_path):
     found = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("LEAVES "))[7:])
     assert found["moe"] == {"deepspeed": True, "leaves": ["MoEBlock"], "count": 2}  # one per decoder layer
     assert found["merge"] == {"deepspeed": True, "leaves": ["LearnableMerge"], "count": 2}
+
+
+def test_zero3_moe_sft_matches_one_process_with_idle_experts(tmp_path):
+    """DeepSpeed runs on CPU here (its CPU accelerator, gloo): ZeRO-3 trains like one process. With AdamW:
+    DeepSpeed hands a client optimizer flat 1-D partitions, on which Adafactor is not Adafactor (no factored
+    row/column statistics), so xft warns when Adafactor is used under DeepSpeed."""
+    pytest.importorskip("deepspeed")
+    ws = make_workspace(tmp_path)
+    moe = idle_expert_moe(ws)
+    fsdp, one = fsdp_and_one_process(tmp_path, ["train", str(moe), "--data", str(ws / "data.jsonl"), *ARGS,
+                                                "--optimizer", "adamw_torch"], "deepspeed_zero3", "DEEPSPEED")
+    (_, c_z3), (_, c_one) = curve(fsdp), curve(one)
+    assert c_z3 == pytest.approx(c_one, rel=1e-4) and c_one[-1] < c_one[0]
+    assert max_difference(fsdp, one) < 1e-4
+    same_logits(fsdp, one, xft.load)

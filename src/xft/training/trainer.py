@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 
 import torch
 from accelerate import PartialState
@@ -402,6 +403,11 @@ def make_trainer(model, args: TrainingArguments, dataset, collator, tokenizer, *
     trainer.remove_callback(PrinterCallback)
     if progress:
         trainer.add_callback(CompactProgress())
+    if trainer.is_deepspeed_enabled and args.optim == "adafactor":
+        warnings.warn("DeepSpeed hands the optimizer flat 1-D partitions of the parameters, so Adafactor keeps no "
+                      "factored row/column statistics there and updates differently from one process; for the "
+                      "paper's Adafactor use FSDP (python -m xft.configs fsdp), or pass --optimizer adamw_torch",
+                      stacklevel=2)
     if ewa_share_rate > 0 and (trainer.is_fsdp_enabled or _is_zero3(trainer)):
         raise UserError("EWA needs whole (unsharded) expert weights on every process; "
                         "use DDP, not FSDP or DeepSpeed ZeRO-3")
