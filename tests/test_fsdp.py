@@ -211,3 +211,28 @@ def test_zero3_moe_sft_matches_one_process_with_idle_experts(tmp_path):
     assert c_z3 == pytest.approx(c_one, rel=1e-4) and c_one[-1] < c_one[0]
     assert max_difference(fsdp, one) < 1e-4
     same_logits(fsdp, one, xft.load)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-pure"])
+def test_fsdp_trains_in_bf16_on_cpu(tmp_path, precision):
+    """bf16 mixed (FSDP casts the fp32 shards to bf16 for compute) and bf16-pure (bf16 shards) under FSDP."""
+    ws = make_workspace(tmp_path)
+    moe = idle_expert_moe(ws)
+    out = tmp_path / "fsdp"
+    log, _ = launch(["train", str(moe), "--data", str(ws / "data.jsonl"), *ARGS, "--precision", precision,
+                     "--out", str(out)], config="fsdp").communicate(timeout=TIMEOUT)
+    assert (out / "config.json").exists(), log[-3000:]
+    assert (record(out)["distributed"], record(out)["precision"]) == ("FSDP", precision)
+    losses = curve(out)[1]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    saved = {v.dtype for v in xft.load(str(out)).state_dict().values() if v.is_floating_point()}
+    assert saved == {torch.float32 if precision == "bf16" else torch.bfloat16}
+
+
+def test_learned_merge_under_fsdp_is_refused_before_training(tmp_path):
+    ws = make_workspace(tmp_path)
+    moe = idle_expert_moe(ws)
+    log, _ = launch(["merge", str(moe), "--data", str(ws / "data.jsonl"), *ARGS, "--out", str(tmp_path / "merged")],
+                    config="fsdp").communicate(timeout=TIMEOUT)
+    assert "xft merge: error: the learned merge does not run under FSDP yet" in log
+    assert not list((tmp_path / "merged").glob("checkpoint-*"))  # nothing was trained
