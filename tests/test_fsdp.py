@@ -229,10 +229,18 @@ def test_fsdp_trains_in_bf16_on_cpu(tmp_path, precision):
     assert saved == {torch.float32 if precision == "bf16" else torch.bfloat16}
 
 
-def test_learned_merge_under_fsdp_is_refused_before_training(tmp_path):
+def test_fsdp_learned_merge_matches_one_process(tmp_path):
     ws = make_workspace(tmp_path)
     moe = idle_expert_moe(ws)
-    log, _ = launch(["merge", str(moe), "--data", str(ws / "data.jsonl"), *ARGS, "--out", str(tmp_path / "merged")],
-                    config="fsdp").communicate(timeout=TIMEOUT)
-    assert "xft merge: error: the learned merge does not run under FSDP yet" in log
-    assert not list((tmp_path / "merged").glob("checkpoint-*"))  # nothing was trained
+    from xft.cli import main as cli
+
+    # A trained MoE (the upcycled one's experts are identical: every merge would be the same).
+    assert cli(["train", str(moe), "--data", str(ws / "data.jsonl"), *ARGS, "--out", str(ws / "trained")]) == 0
+    fsdp, one = fsdp_and_one_process(tmp_path, ["merge", str(ws / "trained"), "--data", str(ws / "data.jsonl"),
+                                                *ARGS, "--lr", "1e-1"])
+    logits = [json.loads((run / "merge_coefficients.json").read_text())["mixing_logits"] for run in (fsdp, one)]
+    assert logits[0].keys() == logits[1].keys() and logits[1]["0"] != [0.0] * 3
+    assert all(logits[0][k] == pytest.approx(logits[1][k], abs=1e-5) for k in logits[0])
+    assert curve(fsdp)[1] == pytest.approx(curve(one)[1], rel=1e-4)
+    assert max_difference(fsdp, one) < 1e-4
+    same_logits(fsdp, one, AutoModelForCausalLM.from_pretrained)  # a plain dense Llama

@@ -9,6 +9,7 @@ describes the layout.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from dataclasses import asdict
 
 import torch
 from accelerate import PartialState
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoTokenizer
 
 from xft.artifacts import atomic_write_text
@@ -110,13 +112,16 @@ def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, splits, coll
     trainer = make_trainer(model, args, splits.train, collator, tokenizer, ewa_share_rate=ewa_share_rate,
                            routing_log=routing_log, progress=cfg.progress, eval_dataset=splits.eval,
                            logging_dir=logs)
+    whole = None
     if stage == "merge" and trainer.is_fsdp_enabled:
-        # xft.compile_merge copies the trained model (copy.deepcopy), which FSDP2 modules refuse.
-        raise UserError("the learned merge does not run under FSDP yet; launch `xft merge` with DDP "
-                        "(`python -m xft.configs ddp`): only the mixing logits train, so each process holds "
-                        "the MoE's weights and little more")
+        # xft.compile_merge deep-copies the trained model, which FSDP2 modules refuse: train a sharded copy and
+        # load its weights back into `model`, which stays whole (as under DDP: only the mixing logits train).
+        whole = model
+        trainer.model = trainer.model_wrapped = copy.deepcopy(model)
     t0 = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
+    if whole is not None:
+        whole.load_state_dict(get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True)))
     if splits.eval is not None and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h
                                            for h in trainer.state.log_history):
         trainer.evaluate()  # the final validation loss, unless the last step already computed it
