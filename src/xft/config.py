@@ -270,7 +270,8 @@ class TrainConfig:
     seed: int = setting(42, "random seed: data order, router init, router noise")
     precision: str = setting("auto", "auto (bf16 mixed precision on GPUs that support it, else fp32), fp32, "
                                      "bf16 (mixed, fp32 weights), bf16-pure (bf16 weights, as the paper's code), "
-                                     "fp16 (mixed)", choices=PRECISIONS)
+                                     "fp16 (mixed, CUDA GPUs only); the one used is recorded in "
+                                     "xft_training.json", choices=PRECISIONS)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
     # -- output directory and logging
     save_steps: int = setting(500, "save a resumable checkpoint every this many optimizer steps")

@@ -9,6 +9,7 @@ describes the layout.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from dataclasses import asdict
 
 import torch
 from accelerate import PartialState
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoTokenizer
 
 from xft.artifacts import atomic_write_text
@@ -25,7 +27,9 @@ from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.training import rundir
 from xft.config import report_targets, to_flat
-from xft.training.trainer import batch_plan, make_trainer, planned_steps, training_arguments, world_size
+from xft.training.trainer import (
+    batch_plan, make_trainer, planned_steps, precision_used, training_arguments, world_size,
+)
 
 # A warm-up longer than this share of the run leaves little of it at the full learning rate.
 WARMUP_WARN_SHARE = 0.5
@@ -108,8 +112,16 @@ def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, splits, coll
     trainer = make_trainer(model, args, splits.train, collator, tokenizer, ewa_share_rate=ewa_share_rate,
                            routing_log=routing_log, progress=cfg.progress, eval_dataset=splits.eval,
                            logging_dir=logs)
+    whole = None
+    if stage == "merge" and trainer.is_fsdp_enabled:
+        # xft.compile_merge deep-copies the trained model, which FSDP2 modules refuse: train a sharded copy and
+        # load its weights back into `model`, which stays whole (as under DDP: only the mixing logits train).
+        whole = model
+        trainer.model = trainer.model_wrapped = copy.deepcopy(model)
     t0 = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume)
+    if whole is not None:
+        whole.load_state_dict(get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True)))
     if splits.eval is not None and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h
                                            for h in trainer.state.log_history):
         trainer.evaluate()  # the final validation loss, unless the last step already computed it
@@ -223,4 +235,7 @@ def config_record(cfg, stage: str, splits, trainer, resumed_from: str | None = N
             "validation": validation, "resumed_from": resumed_from,
             "log_history": trainer.state.log_history if trainer else [],
             "processes": trainer.args.world_size if trainer else 1,
+            # how the processes shared the work: "NO" (one process), "MULTI_GPU"/"MULTI_CPU" (DDP), "FSDP", ...
+            "distributed": trainer.accelerator.distributed_type.value if trainer else "NO",
+            "precision": precision_used(cfg.precision),  # "auto" resolved on this machine
             "torch": torch.__version__}

@@ -13,7 +13,9 @@ precision, checkpointing and resume comes from `Trainer`; this module only
 * runs EWA's expert averaging step after every optimizer step (callback);
 * plans the run before it starts (`planned_steps`: the optimizer steps Trainer
   will take, from the data size) and keeps TensorBoard logs out of the
-  checkpoint folder (`OUT/logs`, which survives the run).
+  checkpoint folder (`OUT/logs`, which survives the run);
+* makes an FSDP launch on CPUs really shard (`fsdp_on_cpu`: accelerate would
+  otherwise run it as plain gloo DDP).
 """
 
 from __future__ import annotations
@@ -22,13 +24,20 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.optimization import Adafactor
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import xft
 from xft.errors import UserError
+from xft.merge import LearnableMerge
+from xft.moe import MoEBlock
 from xft.config import report_targets
 
 
@@ -82,15 +91,22 @@ def planned_steps(examples: int, cfg, processes: int) -> int:
     return math.ceil(cfg.epochs * per_epoch)
 
 
+def precision_used(precision: str) -> str:
+    """The precision a config's `precision` means on this machine: "auto" is bf16 (mixed) on a CUDA GPU
+    that supports it, else fp32; any other value is itself."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
 def resolve_precision(precision: str) -> tuple[torch.dtype, str | None]:
     """(dtype to load weights in, mixed-precision mode or None) for a config's `precision`.
 
-    "auto": bf16 mixed precision on a CUDA GPU that supports it, else fp32.
+    "bf16" is mixed precision: fp32 weights (and optimizer updates), forward and
+    backward under bf16 autocast, on CPU as on GPU. "bf16-pure" loads bf16 weights.
     """
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     return {"fp32": (torch.float32, None), "bf16": (torch.float32, "bf16"), "fp16": (torch.float32, "fp16"),
-            "bf16-pure": (torch.bfloat16, None)}[precision]
+            "bf16-pure": (torch.bfloat16, None)}[precision_used(precision)]
 
 
 def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str | None,
@@ -108,7 +124,11 @@ def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str 
                      f"{ckpt}_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None}
     # Several processes on a machine without CUDA (torchrun, accelerate launch --multi_gpu): without
     # use_cpu they would not join a process group and would each train alone; with it they use gloo.
-    use_cpu = world_size() > 1 and not torch.cuda.is_available()
+    # bf16 mixed precision on CPU: Trainer refuses bf16 without a GPU unless told it trains on the CPU.
+    use_cpu = not torch.cuda.is_available() and (world_size() > 1 or mixed == "bf16")
+    if mixed == "fp16" and not torch.cuda.is_available():
+        raise UserError("--precision fp16 (mixed, with a loss scaler) needs a CUDA GPU; on CPU use bf16 "
+                        "(mixed) or bf16-pure")
     extra = dict(checkpointing)
     if evaluate:
         extra.update(eval_strategy="steps", eval_steps=cfg.eval_steps or cfg.save_steps,
@@ -208,6 +228,19 @@ class XFTTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._meter = RoutingMeter()
         self._routing_log = routing_log
+        if self.is_deepspeed_enabled:
+            zero3_leaves(self.model)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
+
+    def get_optimizer_cls_and_kwargs(self, args, model=None):  # a staticmethod in Trainer
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if self.is_fsdp_enabled and cls is Adafactor:
+            cls = WholeTensorAdafactor
+        return cls, kwargs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -223,6 +256,100 @@ class XFTTrainer(Trainer):
                 with open(self._routing_log, "a") as f:
                     f.write(json.dumps({"step": self.state.global_step, "layers": layers}) + "\n")
         super().log(logs, start_time)
+
+
+# ---------------------------------------------------------------- sharding
+
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """Whether this launch asks for FSDP: `accelerate launch` with an FSDP config, or TrainingArguments.fsdp."""
+    return args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_on_cpu(accelerator, args: TrainingArguments) -> bool:
+    """Make a multi-process CPU launch that asks for FSDP run FSDP; True if it did.
+
+    accelerate turns a launch into FSDP only on GPU-like devices (`AcceleratorState`);
+    on CPUs the processes silently run as gloo DDP, each holding the whole model,
+    whatever the config says. FSDP2's `fully_shard` works on CPU with gloo, so the
+    state is switched to FSDP here, before the model is prepared, with the plugin
+    accelerate would have built (from the launch's config) and its mixed precision.
+    Then `accelerator.prepare` shards the model as on GPUs: each decoder layer (from
+    `_no_split_modules`; an MoE block's stacked experts live inside it) is one unit.
+    """
+    state = accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU or not fsdp_requested(args):
+        return False
+    plugin = FullyShardedDataParallelPlugin(**(args.fsdp_plugin_args or {}))
+    if plugin.fsdp_version != 2:
+        raise UserError("FSDP on CPU needs FSDP2 (fsdp_version: 2 in the accelerate config, as in "
+                        "`python -m xft.configs fsdp`)")
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    # Both shared states: every later `AcceleratorState()` copies PartialState's fields over its own.
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    return True
+
+
+def zero3_leaves(model: torch.nn.Module) -> list[type]:
+    """Register xft's MoE and learnable-merge blocks in `model` as DeepSpeed ZeRO-3 leaf modules.
+
+    ZeRO-3 gathers a module's parameters when that module is called, and
+    prefetches by the order modules were called before. An MoE block reads its
+    stacked experts directly (their container is never called) and its experts
+    run in a data-dependent order; a learnable merge reads the stacks the same
+    way. As leaves, each block is gathered whole when it is entered. Returns the
+    classes registered (those present in `model`).
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = [c for c in (MoEBlock, LearnableMerge)
+               if any(isinstance(m, c) for m in model.modules())]
+    if classes:
+        set_z3_leaf_modules(model, classes)
+    return classes
+
+
+class WholeTensorAdafactor(Adafactor):
+    """transformers' Adafactor (the paper's optimizer) for FSDP2-sharded (DTensor) parameters.
+
+    Adafactor's statistics are means over a matrix's rows and columns and the RMS
+    of its whole update, which one shard does not have (and transformers' step
+    mixes DTensors with plain tensors). So each parameter is gathered with its
+    gradient, one at a time, updated by the unchanged Adafactor step, and its own
+    shard written back: the same update as on one process. The factored state (a
+    row and a column vector per matrix) is kept whole on every process; it is
+    small. Cost: one all-gather of each parameter and gradient per optimizer step,
+    and one whole parameter in memory at a time.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        groups = self.param_groups
+        try:
+            for group in groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._step_whole(group, p)
+        finally:
+            self.param_groups = groups
+        return loss
+
+    def _step_whole(self, group: dict, p: torch.Tensor) -> None:
+        if not isinstance(p, DTensor):
+            self.param_groups = [{**group, "params": [p]}]
+            super().step()
+            return
+        whole = p.full_tensor()  # a collective: every process visits the parameters in the same order
+        whole.grad = p.grad.full_tensor()
+        if p in self.state:
+            self.state[whole] = self.state.pop(p)
+        self.param_groups = [{**group, "params": [whole]}]
+        super().step()
+        self.state[p] = self.state.pop(whole)
+        # This process's shard of the updated tensor (src_data_rank=None: cut locally, no communication).
+        p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local())
 
 
 # ---------------------------------------------------------------- callbacks
@@ -276,6 +403,11 @@ def make_trainer(model, args: TrainingArguments, dataset, collator, tokenizer, *
     trainer.remove_callback(PrinterCallback)
     if progress:
         trainer.add_callback(CompactProgress())
+    if trainer.is_deepspeed_enabled and args.optim == "adafactor":
+        warnings.warn("DeepSpeed hands the optimizer flat 1-D partitions of the parameters, so Adafactor keeps no "
+                      "factored row/column statistics there and updates differently from one process; for the "
+                      "paper's Adafactor use FSDP (python -m xft.configs fsdp), or pass --optimizer adamw_torch",
+                      stacklevel=2)
     if ewa_share_rate > 0 and (trainer.is_fsdp_enabled or _is_zero3(trainer)):
         raise UserError("EWA needs whole (unsharded) expert weights on every process; "
                         "use DDP, not FSDP or DeepSpeed ZeRO-3")
