@@ -29,7 +29,8 @@ What it models (each term is one function below):
   (a second copy of the gradients) with more than one GPU; ``fsdp`` /
   ``zero3`` shard weights, gradients and optimizer state over the GPUs and
   gather one decoder layer at a time (two live: the current one and the
-  prefetched next), the embeddings and LM head for the whole step;
+  prefetched next), the embeddings and LM head for the whole step; under
+  bf16 mixed precision ZeRO-3 also keeps a bf16 partition of the weights;
 * activations, per token and decoder layer (counted from the tensors
   autograd saves, `benchmarks/bench_plan.py`): the two RMSNorms, attention
   (input, q, k, v, output; SDPA / flash attention, no `S x S` matrix), the
@@ -63,7 +64,7 @@ GiB = 2 ** 30
 STAGES = ("dense-sft", "moe-sft", "merge", "eval")
 STRATEGIES = ("ddp", "fsdp", "zero3")  # cheapest first: the order `suggest` tries them in
 PRECISIONS = ("fp32", "bf16", "bf16-pure")
-# optimizer -> (state bytes per parameter, or "factored" for Adafactor; dtype of the state: "param" or bytes)
+# optimizer -> state bytes per parameter ("factored": Adafactor; the AdamW ones: moments per parameter, in its dtype)
 OPTIMIZERS = {
     "adafactor": "factored",
     "adamw_torch": 2, "adamw_torch_fused": 2, "adamw_hf": 2, "adamw_apex_fused": 2,
@@ -248,6 +249,7 @@ class StagePlan:
     overhead: float
     limit: float  # GPU memory, bytes
     phase: str  # where the peak is: "backward" or "optimizer step" ("inference" for eval)
+    state: float = 0.0  # the training state per GPU: weights (own shard) + all gradients + optimizer state
 
     @property
     def allocated(self) -> float:
@@ -344,6 +346,8 @@ def plan_stage(shape: Shape, cfg: PlanConfig, stage: str, strategy: str) -> Stag
         weights += (2 * layer + root) * compute
         if stage != "merge":
             grads += layer * wb  # one layer's unsharded gradients before their reduce-scatter
+        if strategy == "zero3" and p == "bf16":
+            weights += params * 2 / shard  # DeepSpeed's bf16 partition beside the fp32 master partition
     elif p == "bf16":
         weights += params * 2  # autocast's bf16 copies of the weights, saved for the backward
     activations = _activations(shape, cfg, stage)
@@ -353,6 +357,7 @@ def plan_stage(shape: Shape, cfg: PlanConfig, stage: str, strategy: str) -> Stag
     # The peak: the backward's start (all activations; gradients only when accumulating, else the LM
     # head's, the first computed) or the optimizer step (all gradients and the step's temporaries).
     all_grads = grads
+    state = params * wb / shard + trainable * wb / shard + optimizer
     backward = (weights, grads if cfg.grad_accum > 1 else head_grads, optimizer, activations)
     step_ = (weights - copies, grads, optimizer + step, 0.0)
     (weights, grads, optimizer, activations), phase = max(
@@ -362,7 +367,7 @@ def plan_stage(shape: Shape, cfg: PlanConfig, stage: str, strategy: str) -> Stag
         buckets = all_grads if strategy == "ddp" and g > 1 else 0.0  # DDP's gradient buckets
         overhead = CUDA_CONTEXT + buckets + FRAGMENTATION * (weights + grads + optimizer + activations + buckets)
     return StagePlan(stage, strategy, params, trainable, weights, grads, optimizer, activations, overhead,
-                     cfg.gpu_memory * GiB, phase)
+                     cfg.gpu_memory * GiB, phase, state)
 
 
 def _plan_eval(shape: Shape, cfg: PlanConfig) -> StagePlan:
@@ -370,7 +375,8 @@ def _plan_eval(shape: Shape, cfg: PlanConfig) -> StagePlan:
     acts = _activations(shape, cfg, "eval")
     weights = params * 2  # the merged dense model served in bf16
     overhead = (CUDA_CONTEXT + FRAGMENTATION * (weights + acts)) if cfg.device == "cuda" else 0.0
-    return StagePlan("eval", "-", params, 0, weights, 0.0, 0.0, acts, overhead, cfg.gpu_memory * GiB, "inference")
+    return StagePlan("eval", "-", params, 0, weights, 0.0, 0.0, acts, overhead, cfg.gpu_memory * GiB, "inference",
+                     weights)
 
 
 # ---------------------------------------------------------------- the whole plan
