@@ -135,7 +135,8 @@ def main() -> None:
                                                       "fp32 with --tiny)")
     ap.add_argument("--sft-steps", type=int, default=None, help="MoE SFT steps (default 20; --tiny 3)")
     ap.add_argument("--merge-steps", type=int, default=None, help="merge-learning steps (default 10; --tiny 2)")
-    ap.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 8; --tiny 2)")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="sequences per step (default 4: fits 80 GB in bf16-pure; --tiny 2)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 1024; --tiny 64)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 peak, TFLOP/s (default: "
                                                                   "from the device name)")
@@ -147,7 +148,7 @@ def main() -> None:
     precision = args.precision or ("fp32" if args.tiny else "bf16-pure")
     sft_steps = args.sft_steps or (3 if args.tiny else 20)
     merge_steps = args.merge_steps or (2 if args.tiny else 10)
-    micro = args.micro_batch or (2 if args.tiny else 8)
+    micro = args.micro_batch or (2 if args.tiny else 4)
     seq = args.seq_len or (64 if args.tiny else 1024)
     values = TINY if args.tiny else DEEPSEEK_1_3B
     with tempfile.TemporaryDirectory() as tmp:

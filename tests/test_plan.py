@@ -6,7 +6,6 @@ No expected numbers: the parameter count is checked against the model itself
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
