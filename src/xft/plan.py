@@ -64,12 +64,13 @@ GiB = 2 ** 30
 STAGES = ("dense-sft", "moe-sft", "merge", "eval")
 STRATEGIES = ("ddp", "fsdp", "zero3")  # cheapest first: the order `suggest` tries them in
 PRECISIONS = ("fp32", "bf16", "bf16-pure")
-# optimizer -> state bytes per parameter ("factored": Adafactor; the AdamW ones: moments per parameter, in its dtype)
+# optimizer -> (full-size state tensors per parameter, bytes per element; None: the parameter's dtype), or
+# "factored": Adafactor's rows + columns.
 OPTIMIZERS = {
     "adafactor": "factored",
-    "adamw_torch": 2, "adamw_torch_fused": 2, "adamw_hf": 2, "adamw_apex_fused": 2,
-    "adamw_bnb_8bit": 0.5, "adamw_8bit": 0.5, "paged_adamw_8bit": 0.5,
-    "sgd": 0,
+    "adamw_torch": (2, None), "adamw_torch_fused": (2, None), "adamw_hf": (2, None), "adamw_apex_fused": (2, None),
+    "adamw_bnb_8bit": (2, 1), "adamw_8bit": (2, 1), "paged_adamw_8bit": (2, 1),
+    "sgd": (0, None),
 }
 
 CUDA_CONTEXT = 1.0 * GiB  # CUDA context + cuBLAS / NCCL workspaces (not in torch's allocated bytes)
@@ -270,9 +271,8 @@ def _optimizer_state(shapes: list[tuple[int, ...]], optimizer: str, pbytes: int)
     kind = OPTIMIZERS[optimizer]
     if kind == "factored":  # transformers' Adafactor: row and column second moments, in the gradient's dtype
         return pbytes * sum(_numel(s[:-1]) + _numel(s[:-2] + s[-1:]) if len(s) >= 2 else _numel(s) for s in shapes)
-    if optimizer in ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused"):
-        return kind * pbytes * sum(_numel(s) for s in shapes)  # exp_avg, exp_avg_sq like the parameter
-    return kind * sum(_numel(s) for s in shapes)
+    tensors, nbytes = kind  # AdamW: exp_avg and exp_avg_sq, like the parameter (8-bit ones: 1 byte each)
+    return tensors * (nbytes or pbytes) * sum(_numel(s) for s in shapes)
 
 
 def _step_temporaries(shapes: list[tuple[int, ...]], optimizer: str, pbytes: int, device: str) -> float:
