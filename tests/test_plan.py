@@ -181,3 +181,35 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert "gpu_check: done" in run.stdout
     merged = tmp_path / "merged"
     assert (merged / "config.json").is_file() and "xft" not in json.loads((merged / "config.json").read_text())
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw_torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optimizer_state_equals_what_the_trainers_optimizer_allocates(tmp_path, optimizer, dtype):
+    """The plan's optimizer state for the MoE equals the bytes of the state tensors after one real step."""
+    from transformers import Trainer, TrainingArguments
+
+    from xft.plan import _optimizer_state
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    xft.upcycle(model, xft.UpcycleConfig(num_experts=4, top_k=2))
+    args = TrainingArguments(output_dir=str(tmp_path), optim=optimizer, report_to=[], use_cpu=True)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    opt = cls(model.parameters(), **kwargs)
+    ids = torch.randint(0, 100, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    allocated = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
+                    if torch.is_tensor(t) and t.dim() > 0)
+    shape = Shape.from_config(config.to_dict(), num_experts=4, top_k=2)
+    assert _optimizer_state(shape.shapes(True), optimizer, dtype.itemsize) == allocated
+
+
+def test_merge_activations_hold_the_merged_weights_and_moe_the_k_copies():
+    from xft.plan import _activations
+
+    cfg, shape = _cfg(micro_batch=1, seq_len=256), _shape()
+    dense, moe, merge = (_activations(shape, cfg, s) for s in ("dense-sft", "moe-sft", "merge"))
+    assert dense < merge and dense < moe

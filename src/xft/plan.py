@@ -22,7 +22,8 @@ What it models (each term is one function below):
   gathered layers only); ``bf16-pure`` 2-byte weights and gradients;
 * optimizers: Adafactor's factored second moment (rows + columns of every
   matrix, over the last two dims of a stacked `[N, out, in]` tensor; full
-  size for vectors) and its step's fp32 temporaries of the largest tensor;
+  size for vectors; fp32 even for bf16 weights) and its step's fp32
+  temporaries of the largest tensor;
   AdamW's two moments in the parameters' dtype and, on CUDA, the foreach
   step's one full-size temporary;
 * strategies: ``ddp`` one full replica per GPU, plus DDP's gradient buckets
@@ -269,8 +270,8 @@ class StagePlan:
 def _optimizer_state(shapes: list[tuple[int, ...]], optimizer: str, pbytes: int) -> float:
     """Bytes of optimizer state for trainable tensors `shapes` whose dtype has `pbytes` bytes."""
     kind = OPTIMIZERS[optimizer]
-    if kind == "factored":  # transformers' Adafactor: row and column second moments, in the gradient's dtype
-        return pbytes * sum(_numel(s[:-1]) + _numel(s[:-2] + s[-1:]) if len(s) >= 2 else _numel(s) for s in shapes)
+    if kind == "factored":  # transformers' Adafactor: row and column second moments, fp32 (it upcasts bf16 grads)
+        return 4 * sum(_numel(s[:-1]) + _numel(s[:-2] + s[-1:]) if len(s) >= 2 else _numel(s) for s in shapes)
     tensors, nbytes = kind  # AdamW: exp_avg and exp_avg_sq, like the parameter (8-bit ones: 1 byte each)
     return tensors * (nbytes or pbytes) * sum(_numel(s) for s in shapes)
 
