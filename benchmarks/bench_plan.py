@@ -175,7 +175,8 @@ def probe() -> None:
     import xft
 
     d, i, layers, vocab, tokens = 256, 688, 2, 1000, 512
-    print(f"\nsaved bytes per token per layer (d={d}, I={i}; parameters and autocast's weight copies excluded)")
+    print(f"\nsaved bytes per token per decoder layer (head: per token), d={d}, I={i}, 8 experts top-6; parameters "
+          "excluded")
     for stage in ("dense-sft", "moe-sft"):
         for precision in ("fp32", "bf16-pure", "bf16"):
             torch.manual_seed(0)
@@ -198,7 +199,8 @@ def probe() -> None:
                 for part, module in (("attention", layer.self_attn), ("ffn", layer.mlp),
                                      ("norms", layer.input_layernorm), ("norms", layer.post_attention_layernorm)):
                     module.register_forward_pre_hook(lambda m, a, part=part: where.__setitem__(0, part))
-            model.lm_head.register_forward_pre_hook(lambda m, a: where.__setitem__(0, "head"))
+            for module in (model.model.norm, model.lm_head):  # final norm + LM head + loss: "head", per token
+                module.register_forward_pre_hook(lambda m, a: where.__setitem__(0, "head"))
             ids = torch.randint(0, vocab, (1, tokens))
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):

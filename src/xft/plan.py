@@ -304,7 +304,8 @@ def _activations(shape: Shape, cfg: PlanConfig, stage: str) -> float:
         ffn = d + 4 * i
     per_layer = NORM_BYTES[p] * d + ACT_BYTES[p] * (attention + ffn)  # bytes per token
     resid = 2 if p == "bf16-pure" else 4  # the residual stream's dtype
-    head = tokens * (4 * shape.vocab + resid * d)  # fp32 log-softmax saved for the loss
+    # The final norm, the LM head's input and the fp32 log-softmax saved for the loss.
+    head = tokens * (NORM_BYTES[p] // 2 * d + resid * d + 4 * shape.vocab)
     head_backward = tokens * 2 * 4 * shape.vocab  # fp32 d(logits) and d(log-softmax) at the backward's start
     # The merge model keeps each layer's merged FFN weights (the stacks' dtype; plus autocast's bf16 copy).
     merged = sum(_numel(s) for s in shape.ffn_shapes()) * (_weight_bytes(p) + (2 if p == "bf16" else 0))
