@@ -223,7 +223,10 @@ def read_config(model: str) -> dict:
         else:
             from huggingface_hub import hf_hub_download
 
-            path = hf_hub_download(where, "config.json")
+            try:
+                path = hf_hub_download(where, "config.json")
+            except Exception as e:  # offline, gated, no config.json: one line, not a traceback
+                raise UserError(f"cannot fetch config.json of {where}: {str(e).splitlines()[0]}") from None
     try:
         with open(path) as f:
             config = json.load(f)
