@@ -28,6 +28,7 @@ COMMANDS = {
     "eval": ("xft.eval.cli", "evaluate a model (or a samples file) on a code benchmark, sandboxed", False),
     "run": ("xft.commands.run", "run a whole XFT experiment from a YAML recipe (resumable stages)", True),
     "demo": ("xft.commands.run", "the whole XFT experiment on MiniCode on a CPU, with a report and plots", True),
+    "plan": ("xft.commands.plan", "estimate per-GPU memory of every stage before renting GPUs", False),
     "report": ("xft.commands.report", "write the report (report.md + plots) of an xft run / xft demo directory",
                False),
 }
