@@ -99,7 +99,8 @@ def test_tied_model_upcycle_train_merge_eval(arch, data, tmp_path):
     torch.testing.assert_close(plain["logits"], logits_of(dense), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", TIED_E2E)
+@pytest.mark.slow  # `xft upcycle` then `xft train` (the test above) stays in the default suite
+@pytest.mark.parametrize("arch", TIED)
 def test_tied_model_train_with_upcycle_then_merge_and_eval(arch, data, tmp_path):
     base = tied_base(tmp_path, arch)
     moe, merged, ev = str(tmp_path / "moe"), str(tmp_path / "merged"), str(tmp_path / "eval")

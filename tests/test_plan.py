@@ -178,6 +178,7 @@ def test_plan_help_imports_no_torch():
     assert run.stdout.strip().splitlines()[-1] == "False"
 
 
+@pytest.mark.slow  # ~15 s; CI runs the slow suite, so the script cannot rot
 def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     """benchmarks/gpu_check.py --tiny: the GPU check's whole path on CPU, so the script cannot rot."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),

@@ -227,6 +227,7 @@ def test_merged_model_card_says_how_it_was_merged(ws):
 
 # ---------------------------------------------------------------- an MoE run, resumed
 
+@pytest.mark.slow  # resume itself is in the default suite (test_train_resume.py)
 def test_resumed_moe_run_logs_each_step_once_and_its_card_names_xft(ws):
     cfg = dict(model=str(ws / "moe"), data=str(ws / "data.jsonl"), out=str(ws / "moe_run"), max_steps=4, lr=1e-2,
                keep_checkpoints=True, **{**FAST, "save_steps": 2})
