@@ -13,13 +13,17 @@ from xft.merge import MERGE_METHODS, merge_inputs, merge_modules, register_merge
 from xft.testing import tiny_model
 
 
-def _perturbed_moe(arch="llama", **cfg):
-    moe = xft.upcycle(tiny_model(arch), xft.UpcycleConfig(**cfg))
+def _perturb(moe):
+    """`moe` with every expert moved off its copy of the dense FFN (in place), so merges differ."""
     with torch.no_grad():
         for stacks in xft.expert_weights(moe).values():
             for p in stacks.values():
                 p.add_(torch.randn_like(p) * 0.1)
     return moe
+
+
+def _perturbed_moe(arch="llama", **cfg):
+    return _perturb(xft.upcycle(tiny_model(arch), xft.UpcycleConfig(**cfg)))
 
 
 def _ffn_params(dense, layer):
@@ -51,11 +55,7 @@ def registry():
 def test_every_method_computes_its_formula(method):
     """Merged FFN parameters are Σ_e c_e W_e, and the merged model's logits are a hand-merged dense model's."""
     dense = tiny_model("llama")
-    moe = xft.upcycle(copy.deepcopy(dense))
-    with torch.no_grad():
-        for stacks in xft.expert_weights(moe).values():
-            for p in stacks.values():
-                p.add_(torch.randn_like(p) * 0.1)
+    moe = _perturb(xft.upcycle(copy.deepcopy(dense)))
     logits = {i: torch.randn(7) for i in range(2)} if method == "learned" else None
     merged = xft.merge(moe, shared_weight=0.6, mixing_logits=logits, method=method)
     want = {}
@@ -92,11 +92,7 @@ def test_tensor_level_methods_registered_at_runtime(registry):
         return {name: s[0] for name, s in layer.stacks.items()}
 
     dense = tiny_model("llama")
-    moe = xft.upcycle(copy.deepcopy(dense))
-    with torch.no_grad():
-        for stacks in xft.expert_weights(moe).values():
-            for p in stacks.values():
-                p.add_(torch.randn_like(p) * 0.1)
+    moe = _perturb(xft.upcycle(copy.deepcopy(dense)))
     stacks = xft.expert_weights(moe)
     ids = torch.randint(0, 300, (2, 10))
     for name, pick in (("median", lambda s: s.median(0).values), ("shared_only", lambda s: s[0])):

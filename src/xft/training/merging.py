@@ -89,12 +89,10 @@ def learn_merge(config: MergeConfig) -> str:
     """
     cfg = config
     cfg.validate()
-    plan = rundir.prepare(cfg.out, cfg, "merge")
-    run, resume = plan.run, plan.resume
+    plan = rundir.prepare_stage(cfg, "merge", "merge")
     if plan.done:
-        if PartialState().is_main_process:
-            print(rundir.already_done(run, "merge"), flush=True)
-        return run.final
+        return plan.run.final
+    run, resume = plan.run, plan.resume
     path = resolve_model(cfg.moe)
     if not xft.is_moe_checkpoint(path):
         raise UserError(f"{cfg.moe} is a dense model, not an xft MoE; train an upcycled model first")

@@ -173,6 +173,17 @@ def already_done(run: RunDir, command: str) -> str:
     return f"xft {command}: {run.root} already holds the finished model of this command; nothing to do"
 
 
+def prepare_stage(config, stage: str, command: str) -> Plan:
+    """`prepare` for a training stage run by `command`; a finished run says so once (main process)."""
+    plan = prepare(config.out, config, stage)
+    if plan.done:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(already_done(plan.run, command), flush=True)
+    return plan
+
+
 def start(run: RunDir, config, stage: str) -> None:
     """Create the run directory for training `config` (main process only); see `begin`."""
     begin(run, record_of(config, stage), config.overwrite)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import transformers
-from accelerate import PartialState
 
 import xft
 from xft.artifacts import atomic_write_json, copy_companions, resolve_model, servable_config
@@ -48,12 +47,10 @@ def train_sft(config: SFTConfig) -> str:
     """
     cfg = config
     cfg.validate()
-    plan = rundir.prepare(cfg.out, cfg, "sft")
-    run, resume = plan.run, plan.resume
+    plan = rundir.prepare_stage(cfg, "sft", "train")
     if plan.done:
-        if PartialState().is_main_process:
-            print(rundir.already_done(run, "train"), flush=True)
-        return run.final
+        return plan.run.final
+    run, resume = plan.run, plan.resume
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path)
     splits, collator, warning = prepare_data(cfg, tokenizer)
