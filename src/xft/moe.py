@@ -405,8 +405,8 @@ class ExpertImpl:
         return self.kernel
 
 
-# (H100 bf16: grouped_mm 0.9-1.5x the ideal vs 1.7-2.7x for the loop; fp32 on par; on CPU the loop is
-# as fast or faster: docs/CORE_API.md.)
+# (auto: grouped_mm where it was measured faster, on CUDA; the loop elsewhere: the numbers are in
+# docs/CORE_API.md.)
 EXPERT_IMPLS: dict[str, ExpertImpl] = {
     "auto": ExpertImpl(_run_auto, needs_spec=False),
     "fast": ExpertImpl(_run_loop, needs_spec=True),

@@ -46,7 +46,7 @@ What it models (each term is one function below):
   rest (allocator fragmentation).
 
 Limits: estimates, not measurements of a GPU run (validated on CPU against
-measured peaks within ±12%, `benchmarks/bench_plan.py`); the eager attention
+measured peaks by `benchmarks/bench_plan.py`, numbers in docs/training.md); the eager attention
 `S x S` matrix, CPU offload, pipeline or tensor parallelism, and DeepSpeed's
 configurable buckets are not modelled.
 """
