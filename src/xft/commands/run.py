@@ -76,6 +76,8 @@ def register(subparsers) -> None:
                         "1); it never oversubscribes the cores. Measured speed-ups: README, "
                         "benchmarks/bench_pipeline.py")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write OUT/report.md at the end (xft report OUT writes it later)")
     p.set_defaults(func=_run)
 
     p = subparsers.add_parser(
@@ -91,6 +93,11 @@ def register(subparsers) -> None:
     p.add_argument("--full", action="store_true",
                    help="the larger budget: more training steps and every baseline incl. the ablations, "
                         "3 seeds (several times the default's time; docs/results.md)")
+    p.add_argument("--study", action="store_true",
+                   help="the powered study (recipe minicode-study): every method's learning rate chosen on "
+                        "MiniCode's validation split with the same grid, then every method on 8 paired seeds; "
+                        "writes OUT/study.json (xft report --study OUT/study.json turns it into tables). Its cost "
+                        "is in docs/results.md")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of the minicode recipe (as xft run --set)")
     p.add_argument("--overwrite", action="store_true",
@@ -123,6 +130,9 @@ def _run(args: argparse.Namespace) -> int:
                  command=_command("xft", "run", args.recipe, "--out", out, overrides=args.overrides))
     if not PartialState().is_main_process:  # under accelerate launch: one report, written by the main process
         return 0
+    if not args.report:
+        print(f"\nxft run: finished: {out}")
+        return 0
     report, summary = build_report(out)
     print(f"\nxft run: finished.\n\n{summary}\n\nReport: {report} (plots in {os.path.dirname(report)}/plots; "
           f"results in {out}/eval/<method>/<benchmark>/results.json)")
@@ -134,6 +144,8 @@ def _demo(args: argparse.Namespace) -> int:
     from xft.errors import UserError
     from xft.pipeline.demo import FULL_SEEDS, run_demo
 
+    if args.study:
+        return _study(args)
     seeds = args.seeds if args.seeds is not None else (FULL_SEEDS if args.full else 1)
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
@@ -148,4 +160,20 @@ def _demo(args: argparse.Namespace) -> int:
                              threads=args.threads, overwrite=args.overwrite,
                              command=_command(*words, overrides=args.overrides))
     print("\n" + table + f"\n\nReport: {report} (plots in {os.path.dirname(report)}/plots)")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from xft.errors import UserError
+    from xft.pipeline.study import STUDY_RECIPE, run_study
+    from xft.study_report import study_report
+
+    if args.full or args.seeds is not None:
+        raise UserError("--study has its own protocol (recipe minicode-study: seeds, grid); use "
+                        "--set study.seeds=N instead of --full / --seeds")
+    jobs = args.jobs if args.jobs is not None else max(1, min(4, os.cpu_count() or 1))
+    command = _command("xft", "demo", "--study", "--out", args.out, "--jobs", str(jobs), overrides=args.overrides)
+    run_study(STUDY_RECIPE, args.out, args.overrides, jobs=jobs, command=command)
+    path, text = study_report(os.path.join(args.out, "study.json"))
+    print("\n" + text + f"\n\nStudy: {args.out}/study.json; report: {path}")
     return 0

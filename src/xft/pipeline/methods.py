@@ -32,6 +32,7 @@ class Method:
     routing: str | None = None  # instruction tuning of an MoE upcycled with this routing (None: dense / merge)
     ewa: bool = False  # instruction tuning with expert weight averaging (the experts averaged at the end)
     merge: str | None = None  # a merge of MERGED_MOE by this MergeConfig.method
+    section: str = "train"  # the recipe section its training settings come from (xft.pipeline.recipe.LAYERS)
 
     @property
     def kind(self) -> str:
@@ -68,19 +69,19 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method(
         "sft", "dense SFT baseline (SFT_DS)", "dense SFT",
         "**dense SFT** (SFT_DS): the base model instruction-tuned as it is, the baseline XFT must beat.",
-        stage="dense SFT baseline"),
+        stage="dense SFT baseline", section="dense"),
     Method(
         "moe", "upcycled MoE after SFT, not merged (MoE_DS)", "MoE (unmerged)",
         "**MoE (unmerged)** (MoE_DS): the base model *upcycled* — each FFN copied into N experts, one of "
         "them the *shared expert* every token uses, the others chosen per token by a router (top-k) — then "
         "instruction-tuned. XFT's routing normalizes the expert weights to sum to 1.",
-        stage="MoE SFT (shared expert, normalized routing)", routing="xft"),
+        stage="MoE SFT (shared expert, normalized routing)", routing="xft", section="moe"),
     Method(
         "ewa", "EWA: MoE SFT with experts pulled to their mean, then averaged (EWA_DS)", "EWA",
         "**EWA** (expert weight averaging, EWA_DS): MoE SFT in which, after every optimizer step, each "
         "expert moves a fraction β (ewa.share_rate) toward the experts' mean; at the end the experts are "
         "averaged into one dense FFN. A baseline for merging.",
-        stage="MoE SFT with EWA, experts averaged", routing="xft", ewa=True),
+        stage="MoE SFT with EWA, experts averaged", routing="xft", ewa=True, section="ewa"),
     Method(
         "xft_init", "XFT init merge: shared expert λ, routed experts (1-λ)/(N-1), no learning", "XFT init merge",
         "**XFT init merge**: the trained MoE merged back into the base architecture without learning: "
@@ -97,20 +98,20 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         "**XFT learned merge** (XFT_DS): starts from the init merge and learns, on the instruction data, "
         "one vector of mixing logits per layer (routed experts weighted (1 − λ)·softmax(logits)), then "
         "compiles them into an ordinary dense model: the method's final model, the size of the base model.",
-        stage="learn the merge (XFT)", merge="learned"),
+        stage="learn the merge (XFT)", merge="learned", section="merge"),
     Method(
         "sparse", "ablation: sparse upcycling, no shared expert (MoE_SS), not merged",
         "sparse upcycling (no shared expert)",
         "**sparse upcycling** (ablation, MoE_SS): an upcycled MoE with no shared expert, every expert "
         "routed; not merged.",
-        stage="MoE SFT, sparse upcycling (no shared expert)", routing="sparse"),
+        stage="MoE SFT, sparse upcycling (no shared expert)", routing="sparse", section="sparse"),
     Method(
         "unnormalized", "ablation: shared expert without routing-weight normalization, not merged",
         "shared expert, unnormalized",
         "**shared expert, unnormalized** (ablation): the shared expert weighted 1 − (top routing "
         "probability) and the routed experts their raw probabilities, so the weights do not sum to "
         "1 (the paper's scale mismatch); not merged.",
-        stage="MoE SFT, shared expert, unnormalized routing", routing="unnormalized"),
+        stage="MoE SFT, shared expert, unnormalized routing", routing="unnormalized", section="unnormalized"),
 )}
 
 # Routing scheme -> its upcycle stage, for every routing a method uses (in table order).

@@ -26,7 +26,7 @@ import re
 
 from xft.errors import UserError
 from xft.pipeline.recipe import Recipe
-from xft.pipeline.methods import UPCYCLE_STAGES
+from xft.pipeline.methods import METHODS, UPCYCLE_STAGES
 from xft.pipeline.stages import Context, benchmark_data, plan
 
 _PLACEHOLDER_ROOT = "<run directory>"  # configs are built and validated, never run, so no path is touched
@@ -66,10 +66,6 @@ def _check_upcycling(recipe: Recipe, stage_names: set[str]) -> None:
             xft.UpcycleConfig(**{**recipe.upcycle, "routing": routing, "seed": recipe.seed})
 
 
-# The recipe section whose settings a training stage's schedule comes from (the others: `train`).
-_SCHEDULE_SECTION = {"sft": "dense", "xft": "merge"}
-
-
 def _check_data(configs: dict) -> None:
     """Read the instruction data once per file; check the records and the schedule of every training stage."""
     import warnings
@@ -90,7 +86,7 @@ def _check_data(configs: dict) -> None:
         _for_recipe(validate_records, records, detect_kind(records.rows[0], data), data)
         # A warm-up that swallows the run fails its stage, maybe hours in: fail now. (Counted in records;
         # the stage counts examples, which drops records with no response token left: it checks again.)
-        section = _SCHEDULE_SECTION.get(stage, "train")
+        section = METHODS[stage].section  # the recipe section its schedule comes from
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the stage itself warns about a long warm-up, once
             try:

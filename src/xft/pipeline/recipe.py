@@ -5,7 +5,8 @@ settings of every stage. Sections `train`, `dense`, `ewa` and `merge` hold
 flat settings of `xft.config.SFTConfig` / `MergeConfig` (the names `xft train`
 and `xft merge` take as flags, so help, types and defaults live in one place),
 `upcycle` those of `xft.config.UpcycleConfig`. Sections are layered as
-`LAYERS` declares: `dense` and `ewa` are `train` plus their own settings,
+`LAYERS` declares: each training method's own section (`dense` for `sft`,
+`moe`, `ewa`, `sparse`, `unnormalized`) is `train` plus its own settings,
 `merge` is `train` less the settings `MergeConfig` declares defaults for (its
 schedule) plus its own.
 
@@ -60,9 +61,14 @@ LAYERS = {
     "upcycle": Layer(UpcycleConfig),
     "train": Layer(SFTConfig),
     "dense": Layer(SFTConfig, inherits="train"),
+    "moe": Layer(SFTConfig, inherits="train"),
     "ewa": Layer(SFTConfig, inherits="train", extra=("share_rate",)),
+    "sparse": Layer(SFTConfig, inherits="train"),
+    "unnormalized": Layer(SFTConfig, inherits="train"),
     "merge": Layer(MergeConfig, inherits="train"),
 }
+# Every method's training settings come from one section (a study tunes each method's own learning rate).
+assert {m.section for m in METHODS.values()} <= set(LAYERS), "a method names a recipe section LAYERS lacks"
 _OWNED = {"upcycle": {"routing", "seed"}}  # per section; the training sections: _PIPELINE_OWNED
 
 
@@ -101,6 +107,19 @@ class EvalSection:
 
 
 @dataclass
+class StudySection:
+    """The protocol of `xft demo --study` (xft.pipeline.study); a single `xft run` ignores it."""
+
+    seeds: int = setting(8, "seeds of the study (0 .. seeds-1): every method runs on each, paired by seed")
+    tune_seed: int = setting(100, "the seed of the tuning runs (not one of the study's seeds)")
+    lr: list = setting([1.5e-3, 3e-3, 6e-3], "learning rates every training method is tried with (same grid, "
+                                           "same budget for all)")
+    merge_lr: list = setting([5e-3, 2e-2, 8e-2], "learning rates the learned merge is tried with")
+    select: str = setting("minicode-valid", "the validation benchmark every choice is made on (greedy pass@1); "
+                                           "never one of eval.benchmarks")
+
+
+@dataclass
 class Recipe:
     """One XFT experiment: base model -> upcycle -> MoE SFT -> merge -> evaluate, plus baselines."""
 
@@ -115,9 +134,14 @@ class Recipe:
                            "routing is set per method")
     train: dict = setting({}, "SFTConfig fields for every instruction-tuning run (MoE, dense, EWA, ablations)")
     dense: dict = setting({}, "SFTConfig fields overriding `train` for the dense SFT baseline")
+    moe: dict = setting({}, "SFTConfig fields overriding `train` for the MoE (method moe, the one XFT merges)")
     ewa: dict = setting({"share_rate": 0.3}, "EWA: share_rate (β), plus SFTConfig fields overriding `train`")
+    sparse: dict = setting({}, "SFTConfig fields overriding `train` for the sparse-upcycling ablation")
+    unnormalized: dict = setting({}, "SFTConfig fields overriding `train` for the unnormalized-routing ablation")
     merge: dict = setting({}, "MergeConfig fields for learning the merge (lr, epochs, shared_weight, ...)")
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "evaluation"})
+    study: StudySection = field(default_factory=StudySection, metadata={"help": "the study's protocol "
+                                                                        "(xft demo --study)"})
 
 
 # ---------------------------------------------------------------- sections
@@ -166,6 +190,10 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"data.path: {recipe.data.path} does not exist")
     if not recipe.eval.benchmarks:
         raise UserError("eval.benchmarks: name at least one benchmark")
+    for key in ("lr", "merge_lr"):
+        grid = getattr(recipe.study, key)
+        if not grid or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in grid):
+            raise UserError(f"study.{key}: expected a non-empty list of positive learning rates, got {grid!r}")
     return recipe
 
 

@@ -27,6 +27,7 @@ with `jobs=1`: each stage computes from its inputs alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -39,7 +40,7 @@ import yaml
 
 from xft.artifacts import atomic_write_text
 from xft.errors import UserError
-from xft.pipeline.recipe import METHODS, Recipe, to_dict
+from xft.pipeline.recipe import LAYERS, METHODS, Recipe, StudySection, to_dict
 from xft.pipeline.stages import Context, Stage, all_stages, plan
 from xft.artifacts import atomic_dir, atomic_write_json, settings_diff
 from xft.training import rundir
@@ -48,8 +49,9 @@ RECIPE_FILE = "recipe.yaml"
 TIMINGS_FILE = "timings.json"
 SESSIONS_FILE = "sessions.json"
 # Recipe keys that do not change what the stages compute.
-_NON_SEMANTIC = {"methods", "eval.workers"} | {f"{s}.{k}" for s in ("train", "dense", "ewa", "merge")
-                                              for k in rundir.NON_SEMANTIC}
+_NON_SEMANTIC = {"methods", "eval.workers"} | {f"{s}.{k}" for s in LAYERS if s != "upcycle"
+                                              for k in rundir.NON_SEMANTIC} | {
+    f"study.{f.name}" for f in dataclasses.fields(StudySection)}  # the protocol around the runs, not a run
 # What xft writes at the top of a run directory besides the stage directories (all deleted by overwrite).
 _BOOKKEEPING = (RECIPE_FILE, TIMINGS_FILE, SESSIONS_FILE, "logs", "report.md", "report.json", "plots")
 

@@ -147,19 +147,17 @@ def _settings(ctx: Context, section: str | None) -> dict:
     return {**merged, **(section_settings(ctx.recipe, section) if section else {})}
 
 
-def sft_config(ctx: Context, out: str, source: Callable[[Context], str], *, ewa: bool = False,
-               dense: bool = False):
-    """The `SFTConfig` of one instruction-tuning stage (ConfigError on a bad value)."""
+def sft_config(ctx: Context, out: str, source: Callable[[Context], str], method: Method):
+    """The `SFTConfig` of `method`'s instruction-tuning stage (ConfigError on a bad value)."""
     from xft.config import SFTConfig, from_flat
 
     r = ctx.recipe
-    settings = _settings(ctx, "ewa" if ewa else "dense" if dense else "train")
-    return from_flat(SFTConfig, {**settings, "model": source(ctx), "data": train_data(ctx), "out": out,
-                                 "ewa_share_rate": r.ewa["share_rate"] if ewa else 0.0})
+    return from_flat(SFTConfig, {**_settings(ctx, method.section), "model": source(ctx), "data": train_data(ctx),
+                                 "out": out, "ewa_share_rate": r.ewa["share_rate"] if method.ewa else 0.0})
 
 
-def _sft(source: Callable[[Context], str], *, ewa: bool = False, dense: bool = False):
-    return lambda ctx, out: sft_config(ctx, out, source, ewa=ewa, dense=dense)
+def _sft(source: Callable[[Context], str], method: Method):
+    return lambda ctx, out: sft_config(ctx, out, source, method)
 
 
 def merge_config(ctx: Context, out: str, method: str):
@@ -259,9 +257,9 @@ def _method_stage(m: Method, base_deps: tuple[str, ...], data_deps: tuple[str, .
         return _training(m.name, (MERGED_MOE,) + (data_deps if m.merge == "learned" else ()), _merger(m.merge),
                          m.stage)
     if m.upcycle_stage is None:  # instruction tuning of the dense base model
-        return _training(m.name, base_deps + data_deps, _sft(base_model, dense=True), m.stage)
+        return _training(m.name, base_deps + data_deps, _sft(base_model, m), m.stage)
     upcycled = m.upcycle_stage
-    return _training(m.name, (upcycled,) + data_deps, _sft(lambda c: c.path(upcycled), ewa=m.ewa), m.stage)
+    return _training(m.name, (upcycled,) + data_deps, _sft(lambda c: c.path(upcycled), m), m.stage)
 
 
 def all_stages(recipe: Recipe) -> dict[str, Stage]:

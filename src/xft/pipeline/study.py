@@ -1,0 +1,263 @@
+"""`xft demo --study`: a seed-paired study in which every method gets the same tuning.
+
+    run_study("minicode-study", "runs/study", jobs=2)   # tune, then every method × seed; writes study.json
+
+The protocol is the recipe's `study` section (`StudySection`):
+
+1. **Tuning, on validation only.** Every training method of the recipe (dense
+   SFT, MoE, EWA, the routing ablations) is trained once per learning rate of
+   `study.lr`, with the tuning seed `study.tune_seed` (never one of the study's
+   seeds), and scored by greedy pass@1 on `study.select` (MiniCode's
+   validation split, disjoint from eval). The learned merge is tuned the same
+   way over `study.merge_lr`, on the MoE trained at the MoE's chosen learning
+   rate. Each method keeps its best learning rate (ties: the lower one).
+2. **The study.** Every method of the recipe, with its chosen learning rate,
+   on seeds 0 .. `study.seeds`-1 (one run directory per seed, `seed-N/`),
+   evaluated on the recipe's benchmarks. Methods are paired by seed.
+
+Every run is an ordinary `xft run` of the recipe with `--set` overrides, one
+process on one thread, `jobs` at a time; the command of each is recorded, so
+any (method, seed) re-runs alone (`xft run ... --set methods=[moe]`) and
+computes the same model and pass@1. Re-running the study skips what is
+finished. `study.json` holds the protocol, the tuning scores and choices,
+per-seed pass@1 (and per-task verdicts), the training diagnostics of every
+run, and the commit, command, machine and wall time; `xft report --study`
+turns it into tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from xft.artifacts import atomic_write_json
+from xft.errors import UserError
+from xft.pipeline.methods import METHODS
+from xft.pipeline.recipe import Recipe, load_recipe, to_dict
+
+STUDY_RECIPE = "minicode-study"  # the bundled recipe whose `study` section is the protocol
+STUDY_FILE = "study.json"
+TIME_FILE = "study_time.json"  # wall seconds of every invocation that computed something
+TUNE_DIR = "tune"
+
+
+@dataclass
+class Run:
+    """One `xft run` of the study: its directory and the overrides it adds to the study recipe."""
+
+    out: str
+    overrides: list[str]
+    what: str  # one line for the log
+    cost: float = 1.0  # relative cost, to start the longest runs first
+
+    def command(self, recipe: str, user: list[str]) -> list[str]:
+        """The `xft run` command line that computes this run (how a user re-runs it)."""
+        sets = [w for o in [*user, *self.overrides] for w in ("--set", o)]
+        return ["xft", "run", recipe, "--out", self.out, *sets, "--threads", "1", "--jobs", "1"]
+
+
+@dataclass
+class Study:
+    """The runs of one study and where they live."""
+
+    recipe_name: str
+    recipe: Recipe
+    out: str
+    user: list[str] = field(default_factory=list)  # the user's own --set overrides, applied to every run
+
+    @property
+    def tuned_methods(self) -> list[str]:
+        """The recipe's methods that train from the base model (their learning rate is tuned)."""
+        return [m for m in self.recipe.methods if METHODS[m].kind == "sft"]
+
+    def tune_run(self, method: str, lr: float) -> Run:
+        m = METHODS[method]
+        s = self.recipe.study
+        cost = 2.5 if m.routing else 1.0  # an MoE step costs ~2.5 dense steps at this recipe's top-k
+        return Run(os.path.join(self.out, TUNE_DIR, method, f"lr-{lr:g}"),
+                   [f"seed={s.tune_seed}", f"methods=[{method}]", f"{m.section}.lr={lr!r}",
+                    f"eval.benchmarks=[{s.select}]"], f"tune {method} at lr {lr:g}", cost)
+
+    def merge_tune_run(self, moe_lr: float, lr: float) -> Run:
+        moe = self.tune_run("moe", moe_lr)
+        return Run(os.path.join(self.out, TUNE_DIR, "xft", f"lr-{lr:g}"),
+                   [o for o in moe.overrides if not o.startswith("methods=")]
+                   + ["methods=[xft]", f"merge.lr={lr!r}"], f"tune the learned merge at lr {lr:g}", 0.3)
+
+    def seed_run(self, seed: int, chosen: dict[str, float]) -> Run:
+        methods = [m for m in self.recipe.methods if seed == 0 or m != "base"]  # the base model: once
+        lrs = [f"{METHODS[m].section}.lr={lr!r}" for m, lr in chosen.items()]
+        return Run(os.path.join(self.out, f"seed-{seed}"), [f"seed={seed}", f"methods=[{', '.join(methods)}]", *lrs],
+                   f"seed {seed}: {len(methods)} methods", 10.0)
+
+
+def _pass_at_1(run_dir: str, method: str, benchmark: str) -> float | None:
+    try:
+        with open(os.path.join(run_dir, "eval", method, benchmark, "results.json")) as f:
+            return json.load(f)["pass@1"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def choose(scores: dict[float, float]) -> float:
+    """The learning rate with the highest validation score; ties go to the lower learning rate."""
+    return max(sorted(scores), key=lambda lr: (scores[lr], -lr))
+
+
+def _seed_merge_run(src: str, dst: str, recipe: Recipe) -> None:
+    """Give the merge-tuning run `dst` the trained MoE of tuning run `src` (hard links), with `recipe` recorded.
+
+    Correct because the stages copied (base, data, upcycle, moe) depend only on
+    settings the two recipes share: they differ in `methods` and `merge.lr`.
+    """
+    import shutil
+
+    import yaml
+
+    from xft.artifacts import atomic_write_text
+    from xft.pipeline.runner import RECIPE_FILE
+    from xft.pipeline.stages import plan
+
+    if os.path.isfile(os.path.join(dst, RECIPE_FILE)):
+        return
+    os.makedirs(dst, exist_ok=True)
+    for stage in [s.name for s in plan(recipe) if s.training or s.name in ("base", "data", "upcycle")]:
+        if stage != "xft" and os.path.isdir(os.path.join(src, stage)):
+            shutil.copytree(os.path.join(src, stage), os.path.join(dst, stage), copy_function=os.link,
+                            ignore=shutil.ignore_patterns("checkpoint-*"))
+    atomic_write_text(os.path.join(dst, RECIPE_FILE), yaml.safe_dump(to_dict(recipe), sort_keys=False))
+
+
+def run_study(recipe_name: str, out: str, overrides: list[str] = (), jobs: int = 2,
+              log: Callable[[str], None] = print, command: str | None = None) -> dict:
+    """Tune every method on validation, run every method × seed, write `out/study.json`; returns its contents."""
+    recipe = load_recipe(recipe_name, list(overrides))
+    s = recipe.study
+    if s.select in recipe.eval.benchmarks:
+        raise UserError(f"study.select: {s.select} is also in eval.benchmarks; the study chooses on validation "
+                        "data that it never reports (--set study.select=minicode-valid)")
+    if s.seeds < 2:
+        raise UserError(f"study.seeds: a paired interval needs at least 2 seeds, got {s.seeds}")
+    study = Study(recipe_name, recipe, out, list(overrides))
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    pool = _Pool(study, jobs, log)
+
+    # 1. tuning: every (method, lr), longest first; the merge grid once the MoE's choice is known
+    tune = {m: {lr: study.tune_run(m, lr) for lr in s.lr} for m in study.tuned_methods}
+    pool.run([r for runs in tune.values() for r in runs.values()])
+    chosen = {m: choose({lr: _pass_at_1(r.out, m, s.select) for lr, r in runs.items()}) for m, runs in tune.items()}
+    merge_runs = {}
+    if "xft" in recipe.methods and "moe" in chosen:
+        for lr in s.merge_lr:
+            run = merge_runs[lr] = study.merge_tune_run(chosen["moe"], lr)
+            _seed_merge_run(tune["moe"][chosen["moe"]].out, run.out,
+                            load_recipe(recipe_name, study.user + run.overrides))
+        pool.run(list(merge_runs.values()))
+        chosen["xft"] = choose({lr: _pass_at_1(r.out, "xft", s.select) for lr, r in merge_runs.items()})
+    log("chosen on validation: " + ", ".join(f"{m} lr {lr:g}" for m, lr in chosen.items()))
+
+    # 2. the study: every method on every seed, with its chosen learning rate
+    seeds = [study.seed_run(i, chosen) for i in range(s.seeds)]
+    pool.run(seeds)
+    from xft.pipeline.study_data import collect_study
+
+    wall = _record_time(out, time.time() - t0, pool.ran)
+    data = collect_study(study, tune, merge_runs, chosen, seeds, wall_seconds=wall, command=command, jobs=jobs)
+    atomic_write_json(os.path.join(out, STUDY_FILE), data)
+    return data
+
+
+def _record_time(out: str, seconds: float, ran: int) -> float:
+    """Add this invocation's wall time to out/study_time.json if it computed anything; returns the total."""
+    from xft.pipeline.study_data import _read_json
+
+    path = os.path.join(out, TIME_FILE)
+    sessions = _read_json(path) or []
+    if ran:
+        sessions.append({"seconds": round(seconds, 1), "runs": ran,
+                         "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        atomic_write_json(path, sessions)
+    return sum(s["seconds"] for s in sessions)
+
+
+class _Pool:
+    """Runs `xft run` processes, `jobs` at a time, each on one thread; fails with the first failure's log."""
+
+    def __init__(self, study: Study, jobs: int, log: Callable[[str], None]):
+        self.study, self.jobs, self.log = study, jobs, log
+        self.done = 0
+        self.ran = 0  # runs this invocation computed something in (the others were finished)
+        self.lock = threading.Lock()
+        os.makedirs(os.path.join(study.out, "logs"), exist_ok=True)
+
+    def finished(self, run: Run) -> bool:
+        """Whether `run` already holds every stage of its recipe, computed with these very settings."""
+        import yaml
+
+        from xft.pipeline.runner import RECIPE_FILE, recipe_differences
+        from xft.pipeline.stages import Context, plan
+
+        try:
+            with open(os.path.join(run.out, RECIPE_FILE)) as f:
+                saved = yaml.safe_load(f) or {}
+        except OSError:
+            return False
+        recipe = load_recipe(self.study.recipe_name, self.study.user + run.overrides)
+        training, evaluation = recipe_differences(saved, recipe)
+        ctx = Context(recipe=recipe, root=run.out, progress=False)
+        return not training and not evaluation and all(stage.done(ctx) for stage in plan(recipe))
+
+    def _one(self, run: Run) -> None:
+        if self.finished(run):
+            with self.lock:
+                self.done += 1
+            return
+        self.ran += 1
+        cmd = run.command(self.study.recipe_name, self.study.user)
+        name = os.path.relpath(run.out, self.study.out).replace(os.sep, "-")
+        path = os.path.join(self.study.out, "logs", f"{name}.log")
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        t0 = time.perf_counter()
+        with open(path, "a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+            f.flush()
+            rc = subprocess.call([sys.executable, "-m", "xft.cli", *cmd[1:], "--no-progress", "--no-report"],
+                                 stdout=f, stderr=subprocess.STDOUT, env=env)
+        if rc != 0:
+            with open(path, errors="replace") as f:
+                tail = "".join(f.readlines()[-15:])
+            raise UserError(f"{run.what} failed (exit {rc}); re-running the study resumes it. "
+                            f"Last lines of {path}:\n{tail}")
+        with self.lock:
+            self.done += 1
+            self.log(f"  {run.what}: done in {time.perf_counter() - t0:.0f} s ({self.done} runs finished)")
+
+    def run(self, runs: list[Run]) -> None:
+        """Run `runs` (longest first) and wait for all; re-raises the first failure."""
+        runs = sorted(runs, key=lambda r: -r.cost)
+        self.log(f"{len(runs)} run(s), {self.jobs} at a time: " + "; ".join(r.what for r in runs[:3])
+                 + ("; ..." if len(runs) > 3 else ""))
+        with ThreadPoolExecutor(self.jobs) as ex:
+            for f in [ex.submit(self._one, r) for r in runs]:
+                f.result()
+
+
+def machine() -> str:
+    """The machine a study ran on, in words."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.machine()}"

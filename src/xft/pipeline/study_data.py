@@ -1,0 +1,172 @@
+"""What a finished study records (`study.json`): protocol, tuning, per-seed results, diagnostics, provenance.
+
+Everything a reader needs to recompute the study's tables is in the file:
+per (method, seed) the pass@1, the per-task verdicts (a string of 0/1 in
+task order) and the command that re-runs it; per training run the
+diagnostics that explain seed-to-seed differences (final training loss,
+gradient-norm peaks, router entropy, expert-load imbalance).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from xft.pipeline.methods import METHODS
+
+SCHEMA = 1
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def commit() -> str | None:
+    """The git commit of the xft checkout that ran the study (+ "-dirty" with uncommitted changes), if any."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def diagnostics(model_dir: str) -> dict:
+    """Training diagnostics of one training run (its xft_training.json and routing.jsonl); {} if absent.
+
+    final_loss: mean of the last three logged training losses; loss_curve:
+    (step, loss) as logged; grad_norm_max / grad_norm_final; for an MoE, the
+    router entropy and the expert-load imbalance as logged (last value), and
+    the worst layer's load imbalance over training (max / mean expert share).
+    """
+    record = _read_json(os.path.join(model_dir, "xft_training.json")) or {}
+    history = [h for h in record.get("log_history", []) if "loss" in h]
+    if not history:
+        return {}
+    losses = [h["loss"] for h in history]
+    norms = [h["grad_norm"] for h in history if "grad_norm" in h]
+    out = {"final_loss": sum(losses[-3:]) / len(losses[-3:]),
+           "loss_curve": [[h.get("step"), round(h["loss"], 5)] for h in history]}
+    if norms:
+        out.update(grad_norm_max=max(norms), grad_norm_final=norms[-1])
+    for key in ("router_entropy", "load_imbalance", "balance_loss"):
+        values = [h[key] for h in history if key in h]
+        if values:
+            out[key] = values[-1]
+            out[f"{key}_curve"] = [round(v, 5) for v in values]
+    worst = []
+    path = os.path.join(model_dir, "routing.jsonl")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                layers = json.loads(line).get("layers") or {}
+                ratios = [max(v) / (sum(v) / len(v)) for v in _loads(layers) if v and sum(v) > 0]
+                if ratios:
+                    worst.append(max(ratios))
+    if worst:
+        out["max_layer_load_ratio"] = max(worst)
+    return out
+
+
+def _loads(layers) -> list[list[float]]:
+    """Per layer, the routed experts' loads from one routing.jsonl record (dict or list form)."""
+    items = layers.values() if isinstance(layers, dict) else layers
+    out = []
+    for item in items:
+        load = item.get("load") if isinstance(item, dict) else item
+        if isinstance(load, list):
+            out.append([float(x) for x in load])
+    return out
+
+
+def _verdicts(run_dir: str, method: str, benchmark: str) -> str | None:
+    """The per-task verdicts of one evaluation as a 0/1 string in task-id order."""
+    res = _read_json(os.path.join(run_dir, "eval", method, benchmark, "results.json")) or {}
+    tasks = res.get("tasks")
+    if not isinstance(tasks, dict):
+        return None
+    order = sorted(tasks, key=lambda t: (len(t), t))  # MiniCode/2 before MiniCode/10
+    return "".join("1" if tasks[t].get("passed") else "0" for t in order)
+
+
+def _result(run_dir: str, method: str, benchmark: str) -> dict | None:
+    res = _read_json(os.path.join(run_dir, "eval", method, benchmark, "results.json"))
+    if not res:
+        return None
+    out = {"pass@1": res["pass@1"], "n_tasks": res.get("n_tasks"), "verdicts": _verdicts(run_dir, method, benchmark)}
+    timings = _read_json(os.path.join(run_dir, "timings.json")) or {}
+    if method in timings:
+        out["train_seconds"] = timings[method]
+    if METHODS[method].kind == "sft":
+        out["diagnostics"] = diagnostics(os.path.join(run_dir, method))
+    return out
+
+
+def _compute(run_dir: str, methods: list[str], benchmark: str) -> dict:
+    """Per method: parameters, active parameters, training tokens and ≈6·N·D FLOPs (xft.report.collect)."""
+    from xft.report import collect
+
+    return {r.method: {"params": r.params, "active_params": r.active_params, "tokens": r.tokens, "flops": r.flops}
+            for r in collect([run_dir], benchmark, methods)}
+
+
+def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list, *, wall_seconds: float,
+                  command: str | None, jobs: int) -> dict:
+    """The contents of study.json for a finished study (`xft.pipeline.study.run_study`)."""
+    import platform
+
+    import torch
+    import transformers
+
+    from xft.pipeline.recipe import to_dict
+    from xft.pipeline.study import machine
+
+    r = study.recipe
+    bench = r.eval.benchmarks[0]
+    sel = r.study.select
+
+    def tuning_entry(method: str, runs: dict) -> dict:
+        scores = {}
+        for lr, run in runs.items():
+            res = _result(run.out, method, sel) or {}
+            scores[f"{lr:g}"] = {"valid_pass@1": res.get("pass@1"),
+                                 "final_loss": (res.get("diagnostics") or {}).get("final_loss")}
+        return {"grid": scores, "chosen": chosen[method]}
+
+    tuning = {m: tuning_entry(m, runs) for m, runs in tune.items()}
+    if merge_runs:
+        tuning["xft"] = tuning_entry("xft", merge_runs)
+    per_seed = []
+    for i, run in enumerate(seeds):
+        methods = [m for m in r.methods if (i == 0 or m != "base")]
+        per_seed.append({
+            "seed": i, "run": os.path.relpath(run.out, study.out),
+            "command": " ".join(run.command(study.recipe_name, study.user)),
+            "results": {m: res for m in methods if (res := _result(run.out, m, bench))},
+        })
+    return {
+        "schema": SCHEMA,
+        "what": "xft seed-paired study (xft demo --study)",
+        "benchmark": bench,
+        "recipe": study.recipe_name,
+        "overrides": study.user,
+        "protocol": {**to_dict(r)["study"], "budget": r.train, "merge": r.merge,
+                     "selection": f"greedy pass@1 on {sel}; ties: the lower learning rate"},
+        "methods": {m: {"label": METHODS[m].label, "section": METHODS[m].section} for m in r.methods},
+        "tuning": tuning,
+        "seeds": per_seed,
+        "compute": _compute(seeds[0].out, r.methods, bench),
+        "provenance": {"commit": commit(), "command": command, "machine": machine(), "jobs": jobs,
+                       "threads_per_run": 1, "wall_seconds": round(wall_seconds, 1),
+                       "python": platform.python_version(), "torch": torch.__version__,
+                       "transformers": transformers.__version__,
+                       "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }

@@ -1,0 +1,265 @@
+"""Tables and plots of a seed-paired study, computed from its `study.json` alone (`xft report --study`).
+
+    path, text = study_report("docs/results/study.json")                       # study.md + PNGs beside it
+    study_report("docs/results/study.json", markdown="docs/results.md")       # also refresh that file's block
+
+Every number is recomputed from the per-seed pass@1 in the file: the
+means and their 95% t intervals over seeds, the paper's claims as paired
+differences (same seed, first method minus second) with their t interval,
+two-sided p-value and the smallest difference the design detects at 80%
+power (`xft.stats.paired`), the tuning grid and choices, and the MoE
+family's per-seed training diagnostics beside its pass@1. With
+`markdown=FILE`, the text between FILE's `<!-- study:begin -->` and
+`<!-- study:end -->` lines is replaced by the tables (nothing else changes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+from xft.artifacts import atomic_write_text
+from xft.errors import UserError
+from xft.report import CLAIMS, label
+
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+VERDICTS = {"holds": "**holds**", "reversed": "**reversed**", "unresolved": "unresolved"}
+
+
+def load_study(path: str) -> dict:
+    """The contents of a study.json (UserError naming the file if it is not one)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the study file ({e.strerror})") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict) or "seeds" not in data or "tuning" not in data:
+        raise UserError(f"{path}: not a study.json of xft demo --study (no 'seeds' / 'tuning')")
+    return data
+
+
+def scores(data: dict) -> dict[str, dict[int, float]]:
+    """Method -> seed -> pass@1, from the study's per-seed results."""
+    out: dict[str, dict[int, float]] = {}
+    for entry in data["seeds"]:
+        for method, res in entry["results"].items():
+            out.setdefault(method, {})[entry["seed"]] = res["pass@1"]
+    return out
+
+
+def claims(data: dict, level: float = 0.95, power: float = 0.8) -> list[tuple[str, str, str, object]]:
+    """Per claim of `xft.report.CLAIMS` whose two methods are in the study: (a, b, claim, xft.stats.Paired)."""
+    from xft.stats import paired
+
+    s = scores(data)
+    out = []
+    for a, b, claim in CLAIMS:
+        common = sorted(set(s.get(a, {})) & set(s.get(b, {})))
+        if len(common) >= 2:
+            out.append((a, b, claim, paired([s[a][i] for i in common], [s[b][i] for i in common],
+                                            level=level, power=power)))
+    return out
+
+
+def _pts(x: float | None, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
+
+
+def _tuning_table(data: dict) -> str:
+    grids = data["tuning"]
+    lrs = sorted({lr for t in grids.values() for lr in t["grid"]}, key=float)
+    head = "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |"
+    lines = [head, "|---|" + "---|" * (len(lrs) + 1)]
+    for method, t in grids.items():
+        cells = []
+        for lr in lrs:
+            entry = t["grid"].get(lr)
+            v = entry and entry.get("valid_pass@1")
+            cell = "-" if v is None else f"{100 * v:.1f}"
+            cells.append(f"**{cell}**" if float(lr) == t["chosen"] else cell)
+        lines.append(f"| {label(method)} | " + " | ".join(cells) + f" | {t['chosen']:g} |")
+    return "\n".join(lines)
+
+
+def _methods_table(data: dict) -> str:
+    from xft.stats import mean_ci
+
+    s = scores(data)
+    compute = data.get("compute", {})
+    lines = ["| model | pass@1, mean ± 95% CI | sd over seeds | min – max | seeds | training FLOPs (≈6·N·D) |",
+             "|---|---|---|---|---|---|"]
+    for method in data["methods"]:
+        if method not in s:
+            continue
+        vals = [s[method][i] for i in sorted(s[method])]
+        flops = compute.get(method, {}).get("flops")
+        flops_text = f"{flops / 1e12:.2f}T" if flops else "-"
+        if len(vals) >= 2:
+            ci = mean_ci(vals)
+            score, sd = f"{100 * ci.mean:.1f} ± {100 * ci.half_width:.1f}", f"{100 * ci.sd:.1f}"
+        else:
+            score, sd = _pts(vals[0]), "-"
+        lines.append(f"| {label(method)} | {score} | {sd} | {_pts(min(vals))} – {_pts(max(vals))} | {len(vals)} "
+                     f"| {flops_text} |")
+    return "\n".join(lines)
+
+
+def _claims_table(data: dict) -> str:
+    lines = ["| the paper's claim | paired difference (points), mean ± 95% CI | seeds where it holds | p (two-sided) "
+             "| detectable at 80% power | verdict |", "|---|---|---|---|---|---|"]
+    for a, b, claim, p in claims(data):
+        wins = sum(d > 0 for d in p.diffs)
+        lines.append(f"| {claim} | {_pts(p.mean, True)} ± {100 * p.half_width:.1f} | {wins} of {p.n} "
+                     f"| {p.p_value:.3f} | ≥ {100 * p.mde:.1f} | {VERDICTS[p.verdict]} |")
+    return "\n".join(lines)
+
+
+def _seed_table(data: dict) -> str:
+    s = scores(data)
+    seeds = sorted({e["seed"] for e in data["seeds"]})
+    lines = ["| model | " + " | ".join(f"seed {i}" for i in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for method in data["methods"]:
+        if method in s:
+            lines.append(f"| {label(method)} | " + " | ".join(_pts(s[method].get(i)) for i in seeds) + " |")
+    return "\n".join(lines)
+
+
+def pearson(x: list[float], y: list[float]) -> float:
+    """Pearson correlation of two equally long lists (nan when either is constant)."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sx, sy = math.sqrt(sum((a - mx) ** 2 for a in x)), math.sqrt(sum((b - my) ** 2 for b in y))
+    return sxy / (sx * sy) if sx and sy else float("nan")
+
+
+def _diagnostics_table(data: dict) -> tuple[str, list[str]]:
+    """Per training method: per seed final loss, gradient-norm peak, router entropy, load ratio beside pass@1;
+    and one sentence per method on how final loss and pass@1 co-vary over seeds."""
+    lines = ["| model | seed | pass@1 | final training loss | max grad norm | router entropy (last) | "
+             "worst layer max/mean load |", "|---|---|---|---|---|---|---|"]
+    notes = []
+    for method in data["methods"]:
+        rows = [(e["seed"], e["results"][method]) for e in data["seeds"] if method in e["results"]
+                and e["results"][method].get("diagnostics")]
+        if not rows:
+            continue
+        for seed, res in rows:
+            d = res["diagnostics"]
+            fmt = (lambda k, f="{:.3f}": f.format(d[k]) if d.get(k) is not None else "-")
+            lines.append(f"| {label(method)} | {seed} | {_pts(res['pass@1'])} | {fmt('final_loss', '{:.4f}')} | "
+                         f"{fmt('grad_norm_max', '{:.2f}')} | {fmt('router_entropy')} | "
+                         f"{fmt('max_layer_load_ratio', '{:.2f}')} |")
+        if len(rows) >= 3:
+            r = pearson([res["diagnostics"]["final_loss"] for _, res in rows], [res["pass@1"] for _, res in rows])
+            notes.append(f"{label(method)}: correlation of final training loss with pass@1 over "
+                         f"{len(rows)} seeds r = {r:+.2f}")
+    return "\n".join(lines), notes
+
+
+def render(data: dict, plots: dict[str, str] | None = None) -> str:
+    """The study's tables as markdown (plots: name -> relative path of a PNG to show)."""
+    prov = data.get("provenance", {})
+    proto = data.get("protocol", {})
+    n = len(data["seeds"])
+    diag, notes = _diagnostics_table(data)
+    out = [
+        f"Generated by `xft report --study` from `study.json` ({n} seeds; benchmark {data.get('benchmark')}; "
+        f"commit {prov.get('commit')}; {prov.get('machine')}; wall time "
+        f"{prov.get('wall_seconds', 0) / 60:.0f} min with {prov.get('jobs')} runs at a time; command "
+        f"`{prov.get('command')}`).",
+        "",
+        f"**Tuning** (validation pass@1, %, tuning seed {proto.get('tune_seed')}; {proto.get('selection')}):",
+        "", _tuning_table(data), "",
+        f"**pass@1 on the held-out eval set** (%, over {n} seeds, Student's t interval):", "",
+        _methods_table(data), "",
+        "**The paper's claims**, paired by seed (first method minus second; \"detectable\": the smallest true "
+        "difference this design finds with 80% probability at the observed seed-to-seed spread of the "
+        "difference, noncentral t; the verdict is the interval's: above 0 holds, below 0 reversed):", "",
+        _claims_table(data), "",
+    ]
+    if plots and plots.get("claims"):
+        out += [f"![paired differences]({plots['claims']})", ""]
+    out += ["**Per seed** (pass@1, %):", "", _seed_table(data), ""]
+    if plots and plots.get("seeds"):
+        out += [f"![pass@1 per seed]({plots['seeds']})", ""]
+    out += ["**Training diagnostics per seed** (from each run's xft_training.json and routing.jsonl):", "", diag, ""]
+    if notes:
+        out += ["; ".join(notes) + ".", ""]
+    return "\n".join(out)
+
+
+def _plot(data: dict, out_dir: str) -> dict[str, str]:
+    """claims.png (paired differences with intervals) and seeds.png (pass@1 per method, one dot per seed)."""
+    from xft.report import _pyplot
+
+    plt = _pyplot()
+    paths = {}
+    cl = claims(data)
+    if cl:
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(cl) + 1.2))
+        for i, (_, _, claim, p) in enumerate(cl):
+            y = len(cl) - 1 - i
+            ax.errorbar(100 * p.mean, y, xerr=100 * p.half_width, fmt="o", color="C0", capsize=3)
+            ax.scatter([100 * d for d in p.diffs], [y] * p.n, s=8, color="0.5", zorder=0)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(cl)))
+        ax.set_yticklabels([c[2] for c in reversed(cl)], fontsize=8)
+        ax.set_xlabel("paired difference in pass@1 (points): mean ± 95% CI; grey: seeds")
+        fig.tight_layout()
+        paths["claims"] = os.path.join(out_dir, "study_claims.png")
+        fig.savefig(paths["claims"], dpi=120)
+        plt.close(fig)
+    s = scores(data)
+    methods = [m for m in data["methods"] if m in s]
+    if methods:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        for i, m in enumerate(methods):
+            vals = [100 * v for v in s[m].values()]
+            ax.scatter([i] * len(vals), vals, s=12, color="C0")
+            ax.hlines(sum(vals) / len(vals), i - 0.3, i + 0.3, color="C1")
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels([label(m) for m in methods], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"pass@1 on {data.get('benchmark')} (%)")
+        fig.tight_layout()
+        paths["seeds"] = os.path.join(out_dir, "study_seeds.png")
+        fig.savefig(paths["seeds"], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def replace_block(text: str, block: str, where: str) -> str:
+    """`text` with the lines between its study markers replaced by `block` (UserError without markers)."""
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise UserError(f"{where} has no '{BEGIN}' ... '{END}' block to fill")
+    return pattern.sub(lambda _: f"{BEGIN}\n{block.strip()}\n{END}", text, count=1)
+
+
+def study_report(path: str, markdown: str | None = None) -> tuple[str, str]:
+    """Write study.md and its PNGs beside `path` (a study.json); returns (study.md path, its text).
+
+    `markdown`: also replace the study block of that file with the same tables
+    (plots linked relative to it).
+    """
+    data = load_study(path)
+    out_dir = os.path.dirname(os.path.abspath(path))
+    plots = _plot(data, out_dir)
+    text = render(data, {k: os.path.basename(v) for k, v in plots.items()})
+    report = os.path.join(out_dir, "study.md")
+    atomic_write_text(report, "# The study, as measured\n\n" + text)
+    if markdown:
+        try:
+            with open(markdown) as f:
+                doc = f.read()
+        except OSError as e:
+            raise UserError(f"{markdown}: cannot read ({e.strerror})") from None
+        rel = {k: os.path.relpath(v, os.path.dirname(os.path.abspath(markdown))) for k, v in plots.items()}
+        atomic_write_text(markdown, replace_block(doc, render(data, rel), markdown))
+    return report, text

@@ -1,0 +1,123 @@
+"""`xft demo --study`: tuning on validation only, paired seeds, study.json, re-running one (method, seed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+
+import pytest
+
+from xft.errors import UserError
+from xft.pipeline.recipe import load_recipe
+from xft.pipeline.study import STUDY_RECIPE, Study, choose, run_study
+from xft.study_report import BEGIN, END, claims, load_study, replace_block, scores, study_report
+from xft.testing import tiny_minicode_base
+
+from test_pipeline import tiny_overrides
+
+
+def test_choose_takes_the_best_and_breaks_ties_low():
+    assert choose({1e-3: 0.2, 3e-3: 0.5, 6e-3: 0.4}) == 3e-3
+    assert choose({1e-3: 0.5, 3e-3: 0.5, 6e-3: 0.4}) == 1e-3
+    assert choose({6e-3: 0.5, 1e-3: 0.5}) == 1e-3
+
+
+def test_every_run_of_the_study_is_the_recipe_with_overrides():
+    recipe = load_recipe(STUDY_RECIPE)
+    study = Study(STUDY_RECIPE, recipe, "/s")
+    assert study.tuned_methods == ["sft", "moe", "ewa", "sparse", "unnormalized"]
+    # each method is tuned through its own section, at the tuning seed, on validation only
+    for method, section in [("sft", "dense"), ("moe", "moe"), ("ewa", "ewa"), ("sparse", "sparse")]:
+        run = study.tune_run(method, 3e-3)
+        tuned = load_recipe(STUDY_RECIPE, run.overrides)
+        assert tuned.seed == recipe.study.tune_seed not in range(recipe.study.seeds)
+        assert tuned.eval.benchmarks == [recipe.study.select] and tuned.methods == [method]
+        assert getattr(tuned, section)["lr"] == 3e-3
+    seed = load_recipe(STUDY_RECIPE, study.seed_run(3, {"sft": 1e-3, "moe": 6e-3, "xft": 0.08}).overrides)
+    assert (seed.seed, seed.dense["lr"], seed.moe["lr"], seed.merge["lr"]) == (3, 1e-3, 6e-3, 0.08)
+    assert seed.train["lr"] == recipe.train["lr"] and seed.eval.benchmarks == recipe.eval.benchmarks
+    assert "base" not in seed.methods and "base" in load_recipe(STUDY_RECIPE, study.seed_run(0, {}).overrides).methods
+
+
+def test_the_study_never_chooses_on_eval(tmp_path):
+    with pytest.raises(UserError, match="study.select"):
+        run_study(STUDY_RECIPE, str(tmp_path / "s"), ["study.select=minicode"])
+    with pytest.raises(UserError, match="study.lr"):
+        load_recipe(STUDY_RECIPE, ["study.lr=[]"])
+
+
+def _fake_study(diffs: dict[str, list[float]]) -> dict:
+    """A study.json of 3 methods whose per-seed pass@1 differ by `diffs` (xft - moe, moe - sft)."""
+    n = len(diffs["xft"])
+    seeds = []
+    for i in range(n):
+        sft = 0.3 + 0.01 * i
+        moe = sft + diffs["moe"][i]
+        seeds.append({"seed": i, "run": f"seed-{i}", "command": "xft run ...", "results": {
+            "sft": {"pass@1": sft}, "moe": {"pass@1": moe}, "xft": {"pass@1": moe + diffs["xft"][i]}}})
+    return {"schema": 1, "benchmark": "minicode", "methods": {m: {} for m in ("sft", "moe", "xft")},
+            "tuning": {"sft": {"grid": {"0.001": {"valid_pass@1": 0.1}, "0.003": {"valid_pass@1": 0.2}},
+                               "chosen": 0.003}},
+            "seeds": seeds, "provenance": {"wall_seconds": 60, "jobs": 2}, "protocol": {"tune_seed": 100}}
+
+
+def test_the_report_recomputes_every_claim_from_the_per_seed_numbers(tmp_path):
+    data = _fake_study({"xft": [0.02, 0.03, 0.01, 0.02], "moe": [-0.1, 0.2, -0.05, 0.0]})
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(data))
+    s = scores(load_study(str(path)))
+    found = {(a, b): p for a, b, _, p in claims(data)}
+    for (a, b), p in found.items():
+        per_seed = [s[a][i] - s[b][i] for i in range(4)]
+        assert p.mean == pytest.approx(sum(per_seed) / 4)
+    assert found[("xft", "moe")].verdict == "holds"  # +1 to +3 points in every seed
+    assert found[("moe", "sft")].verdict == "unresolved"
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# Results\n\nprose before\n\n{BEGIN}\nold tables\n{END}\n\nprose after\n")
+    report, text = study_report(str(path), markdown=str(doc))
+    body = doc.read_text()
+    assert "old tables" not in body and "prose before" in body and "prose after" in body
+    assert text.strip() in body and os.path.isfile(report) and (tmp_path / "study_claims.png").is_file()
+    with pytest.raises(UserError, match="no '<!-- study:begin -->'"):
+        replace_block("no markers here", "x", "README.md")
+
+
+@pytest.mark.slow
+def test_a_tiny_study_end_to_end_and_one_run_reproduced(tmp_path):
+    """Tune two methods and the merge on validation, run 2 seeds, then re-run one (method, seed) alone by the
+    command study.json records: the same pass@1, task by task."""
+    from xft.cli import main
+
+    base = tiny_minicode_base(tmp_path / "base", 32)
+    user = tiny_overrides(base, "methods=[sft, moe, xft_init, xft]", "study.seeds=2", "study.lr=[0.001, 0.01]",
+                          "study.merge_lr=[0.01, 0.1]")
+    out = tmp_path / "study"
+    lines: list[str] = []
+    data = run_study(STUDY_RECIPE, str(out), user, jobs=2, log=lines.append)
+    assert set(data["tuning"]) == {"sft", "moe", "xft"}
+    for method, t in data["tuning"].items():
+        grid = {float(lr): v["valid_pass@1"] for lr, v in t["grid"].items()}
+        assert t["chosen"] == choose(grid)
+        for lr in grid:  # tuning runs were scored on validation and never on the eval split
+            evaluated = os.listdir(out / "tune" / method / f"lr-{lr:g}" / "eval" / method)
+            assert evaluated == ["minicode-valid"]
+    assert [e["seed"] for e in data["seeds"]] == [0, 1]
+    assert set(data["seeds"][1]["results"]) == {"sft", "moe", "xft_init", "xft"}
+    assert data["seeds"][0]["results"]["moe"]["diagnostics"]["final_loss"] > 0
+    assert json.loads((out / "study.json").read_text()) == data
+
+    entry = data["seeds"][1]
+    words = shlex.split(entry["command"])
+    words[words.index("--out") + 1] = str(tmp_path / "again")
+    assert main(words[1:] + ["--set", "methods=[xft]", "--no-progress", "--no-report"]) == 0  # the last --set wins
+    assert sorted(os.listdir(tmp_path / "again" / "eval")) == ["xft"]
+    again = json.loads((tmp_path / "again" / "eval" / "xft" / "minicode" / "results.json").read_text())
+    assert again["pass@1"] == entry["results"]["xft"]["pass@1"]
+    samples = [(out / "seed-1" / "eval" / "xft" / "minicode" / "samples.jsonl").read_text(),
+               (tmp_path / "again" / "eval" / "xft" / "minicode" / "samples.jsonl").read_text()]
+    assert samples[0] == samples[1]  # the same model: the same greedy completions, token for token
+
+    # a re-run of the whole study computes nothing and writes the same results
+    again_data = run_study(STUDY_RECIPE, str(out), user, jobs=2, log=lines.append)
+    assert again_data["seeds"] == data["seeds"] and again_data["tuning"] == data["tuning"]
