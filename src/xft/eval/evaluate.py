@@ -27,7 +27,7 @@ import time
 from typing import Callable, Iterable
 
 from xft.errors import UserError
-from xft.eval.benchmarks import MINICODE_SOURCE, Benchmark
+from xft.eval.benchmarks import MINICODE_SPLITS, Benchmark, minicode_source
 from xft.eval.execute import TimeLimits, Verdict
 from xft.config import DecodingConfig
 
@@ -198,14 +198,17 @@ def _sanitized(bench: Benchmark, sample: dict) -> str:
 
 
 def _breakdowns(bench: Benchmark, results: dict) -> dict:
-    """MiniCode's pass@1 by problem family and by generalization kind (other benchmarks: none)."""
-    if bench.name != "minicode" or bench.source != MINICODE_SOURCE:  # a --data file carries no labels
+    """MiniCode's pass@1 by problem family, and for eval by generalization kind (other benchmarks: none)."""
+    split = MINICODE_SPLITS.get(bench.name)
+    if split is None or bench.source != minicode_source(split):  # a --data file carries no labels
         return {}
     from xft.minicode.benchmark import load_tasks
 
-    labels = {t["task_id"]: t for t in load_tasks("eval") if t["task_id"] in results["tasks"]}
-    return {"by_family": _pass_rate_by(results, labels, "family"),
-            "by_generalization": _pass_rate_by(results, labels, "generalization")}
+    labels = {t["task_id"]: t for t in load_tasks(split) if t["task_id"] in results["tasks"]}
+    out = {"by_family": _pass_rate_by(results, labels, "family")}
+    if split == "eval":  # every valid problem has the same label
+        out["by_generalization"] = _pass_rate_by(results, labels, "generalization")
+    return out
 
 
 def _pass_rate_by(results: dict, labels: dict[str, dict], key: str) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """MiniCode as a benchmark and as files: HumanEval-format tasks and JSONL splits.
 
-`load_tasks(split="eval")` is what `xft eval --benchmark minicode` runs;
-`write_splits(out_dir)` writes the three splits as JSONL
+`load_tasks(split="eval")` is what `xft eval --benchmark minicode` runs, and
+`load_tasks(split="valid")` what `--benchmark minicode-valid` runs;
+`write_splits(out_dir)` writes the four splits as JSONL
 (`python -m xft.minicode --out DIR`).
 """
 
@@ -12,15 +13,19 @@ from pathlib import Path
 
 from xft.errors import UserError
 from xft.minicode.phrasing import format_response
-from xft.minicode.splits import DEFAULT_SIZES, Problem, eval_problems, pretrain_texts, train_records
+from xft.minicode.splits import (
+    DEFAULT_SIZES, Problem, eval_problems, pretrain_texts, train_records, valid_problems,
+)
 from xft.minicode.unit_tests import check_source
 
-SPLITS = ("pretrain", "train", "eval")
+SPLITS = ("pretrain", "train", "eval", "valid")
+# The splits with tests: name -> (problems, task id prefix).
+_TASK_SPLITS = {"eval": (eval_problems, "MiniCode"), "valid": (valid_problems, "MiniCodeValid")}
 
 
-def _task(index: int, problem: Problem) -> dict:
+def _task(prefix: str, index: int, problem: Problem) -> dict:
     return {
-        "task_id": f"MiniCode/{index}",
+        "task_id": f"{prefix}/{index}",
         "prompt": problem.instruction,
         "entry_point": problem.entry_point,
         "canonical_solution": problem.solution,
@@ -33,30 +38,30 @@ def _task(index: int, problem: Problem) -> dict:
 
 
 def load_tasks(split: str = "eval", seed: int = 0, size: int | None = None) -> list[dict]:
-    """MiniCode evaluation problems in HumanEval format.
+    """MiniCode evaluation (`split="eval"`) or validation (`split="valid"`) problems in HumanEval format.
 
-    Each dict has `task_id` ("MiniCode/N"), `prompt` (the instruction text),
-    `entry_point`, `canonical_solution` (full function source) and `test`
-    (source defining `check(candidate)`), plus `family`, `generalization`
-    ("composition" | "phrasing") and `response` (the ideal answer, fenced).
-    Only `split="eval"` has tests; `size` defaults to 400 problems.
+    Each dict has `task_id` ("MiniCode/N", or "MiniCodeValid/N"), `prompt` (the
+    instruction text), `entry_point`, `canonical_solution` (full function source)
+    and `test` (source defining `check(candidate)`), plus `family`,
+    `generalization` ("composition" | "phrasing" | "valid") and `response` (the
+    ideal answer, fenced). `size` defaults to DEFAULT_SIZES[split] (400 / 200).
     """
-    if split != "eval":
-        raise UserError(f"MiniCode tasks exist for split 'eval' only (got {split!r}); "
+    if split not in _TASK_SPLITS:
+        raise UserError(f"MiniCode tasks exist for splits 'eval' and 'valid' only (got {split!r}); "
                         "the 'train' and 'pretrain' splits are text data: see write_splits()")
-    problems = eval_problems(seed, size or DEFAULT_SIZES["eval"])
-    return [_task(i, p) for i, p in enumerate(problems)]
+    generate, prefix = _TASK_SPLITS[split]
+    return [_task(prefix, i, p) for i, p in enumerate(generate(seed, size or DEFAULT_SIZES[split]))]
 
 
 def split_records(split: str, seed: int = 0, size: int | None = None) -> list[dict]:
     """The JSON records of one split: pretrain `{"text"}`, train `{"instruction", "response", "family"}`,
-    eval the `load_tasks` dicts."""
+    eval and valid the `load_tasks` dicts."""
     if split == "pretrain":
         return [{"text": t} for t in pretrain_texts(seed, size or DEFAULT_SIZES["pretrain"])]
     if split == "train":
         return train_records(seed, size or DEFAULT_SIZES["train"])
-    if split == "eval":
-        return load_tasks("eval", seed, size)
+    if split in _TASK_SPLITS:
+        return load_tasks(split, seed, size)
     raise UserError(f"unknown MiniCode split {split!r}; expected one of {', '.join(SPLITS)}")
 
 

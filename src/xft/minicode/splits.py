@@ -17,6 +17,12 @@ Everything is a pure function of `seed`:
 from the remaining specs, and additionally reject any program whose body
 equals an `eval` program's, so no eval solution or instruction appears in
 either (checked by the tests).
+
+`valid` (tasks with tests, for choosing hyperparameters without touching
+`eval`) draws from the training distribution under the same rules, and also
+rejects every program and instruction of `train` at its default size: it
+measures generalisation to unseen training-distribution programs. Its
+programs may occur as plain code in `pretrain`.
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ HOLDOUT_FRACTION = 0.25  # share of each family's composition kind tuples reserv
 EVAL_CONSTANT_SHARE = 5  # 1 in this many constant combinations is reserved for eval
 MIN_COMBOS_FOR_CONSTANT_HOLDOUT = 5
 
-DEFAULT_SIZES = {"pretrain": 10000, "train": 5000, "eval": 400}
+DEFAULT_SIZES = {"pretrain": 10000, "train": 5000, "eval": 400, "valid": 200}
+# Draws without a new program before a family counts as exhausted: a program that 1 draw in 300
+# hits (list_reduce's rarest) is missed with probability < 1e-6, at ~30 us a draw.
+VALID_MAX_DRAWS = 5000
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,8 @@ class Problem:
     args: tuple[str, ...]
     instruction: str
     solution: str  # full function source
-    generalization: str = ""  # eval only: "composition" | "phrasing"
-    tests: tuple = ()  # eval only: ((args, expected), ...)
+    generalization: str = ""  # eval: "composition" | "phrasing"; valid: "valid"
+    tests: tuple = ()  # eval and valid only: ((args, expected), ...)
 
 
 def _stable_int(*parts) -> int:
@@ -209,6 +218,61 @@ def train_problems(seed: int = 0, size: int = DEFAULT_SIZES["train"]) -> list[Pr
             seen.add(problem.instruction)
             out.append(problem)
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def valid_problems(seed: int = 0, size: int = DEFAULT_SIZES["valid"]) -> tuple[Problem, ...]:
+    """The validation set: training compositions, constants and frames, with tests, spread evenly
+    over the families; distinct programs, none of them (nor their instructions) in `eval` or `train`."""
+    rng = random.Random(f"minicode-valid:{seed}")
+    train = train_problems(seed)
+    taken = set(_eval_bodies(seed)) | {p.spec.canonical_body for p in train}
+    train_instructions = {p.instruction for p in train}
+    per_family = math.ceil(size / len(FAMILIES))
+    problems: list[Problem] = []
+    exhausted: set[str] = set()
+
+    def draw(family: str) -> None:
+        problem = _draw_valid_problem(seed, family, taken, train_instructions, rng)
+        if problem is None:
+            exhausted.add(family)
+        else:
+            taken.add(problem.spec.canonical_body)
+            problems.append(problem)
+
+    for family in FAMILIES:
+        for _ in range(per_family):
+            if family not in exhausted:
+                draw(family)
+    # `train` covers nearly all programs of the small families (list_reduce has ~7 left at seed 0):
+    # the rest of their quota comes from the other families, one problem each in turn.
+    while len(problems) < size:
+        open_families = [f for f in FAMILIES if f not in exhausted]
+        if not open_families:
+            raise RuntimeError(f"only {len(problems)} distinct valid programs outside train and eval; "
+                               f"asked for {size}")
+        for family in open_families:
+            if len(problems) < size:
+                draw(family)
+    rng.shuffle(problems)
+    return tuple(problems[:size])
+
+
+def _draw_valid_problem(seed: int, family: str, taken: set[str], train_instructions: set[str],
+                        rng: random.Random):
+    """A new training-distribution program (body not in `taken`, instruction not in training) with a
+    usable test set, or None if the family seems exhausted."""
+    for _ in range(VALID_MAX_DRAWS):
+        spec = draw_spec(seed, family, "train", rng)
+        if spec.canonical_body in taken:
+            continue
+        try:
+            problem = _make_problem(spec, rng, TRAIN_FRAMES, "valid", with_tests=True)
+        except ValueError:  # degenerate on the test pool
+            continue
+        if problem.instruction not in train_instructions:
+            return problem
+    return None
 
 
 def pretrain_texts(seed: int = 0, size: int = DEFAULT_SIZES["pretrain"]) -> list[str]:
