@@ -12,7 +12,7 @@ from xft.errors import UserError
 from xft.pipeline.recipe import load_recipe
 from xft.pipeline.study import STUDY_RECIPE, Study, choose, run_study
 from xft.study_report import BEGIN, END, claims, load_study, replace_block, scores, study_report
-from xft.testing import tiny_minicode_base
+from conftest import tiny_minicode_base
 
 from test_pipeline import tiny_overrides
 
@@ -89,6 +89,7 @@ def test_a_tiny_study_end_to_end_and_one_run_reproduced(tmp_path):
     command study.json records: the same pass@1, task by task."""
     from xft.cli import main
 
+    (tmp_path / "base").mkdir()
     base = tiny_minicode_base(tmp_path / "base", 32)
     user = tiny_overrides(base, "methods=[sft, moe, xft_init, xft]", "study.seeds=2", "study.lr=[0.001, 0.01]",
                           "study.merge_lr=[0.01, 0.1]")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import time
 
@@ -149,7 +150,7 @@ def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list
         methods = [m for m in r.methods if (i == 0 or m != "base")]
         per_seed.append({
             "seed": i, "run": os.path.relpath(run.out, study.out),
-            "command": " ".join(run.command(study.recipe_name, study.user)),
+            "command": shlex.join(run.command(study.recipe_name, study.user)),
             "results": {m: res for m in methods if (res := _result(run.out, m, bench))},
         })
     return {
