@@ -65,6 +65,24 @@ def claims(data: dict, level: float = 0.95, power: float = 0.8) -> list[tuple[st
     return out
 
 
+def task_noise(data: dict, a: str, b: str) -> float | None:
+    """Half-width (95%, normal) of the task-sampling error of the seed-mean paired difference a − b.
+
+    Per task, the difference of the verdicts averaged over the seeds; its
+    standard error over the tasks is what drawing another eval set of the same
+    size would move the mean difference by (None without per-task verdicts).
+    """
+    rows = [(e["results"][a].get("verdicts"), e["results"][b].get("verdicts")) for e in data["seeds"]
+            if a in e["results"] and b in e["results"]]
+    if not rows or any(va is None or vb is None or len(va) != len(vb) for va, vb in rows):
+        return None
+    n_tasks = len(rows[0][0])
+    per_task = [sum(int(va[t]) - int(vb[t]) for va, vb in rows) / len(rows) for t in range(n_tasks)]
+    mean = sum(per_task) / n_tasks
+    var = sum((d - mean) ** 2 for d in per_task) / (n_tasks - 1)
+    return 1.96 * math.sqrt(var / n_tasks)
+
+
 def _pts(x: float | None, sign: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -111,12 +129,14 @@ def _methods_table(data: dict) -> str:
 
 
 def _claims_table(data: dict) -> str:
-    lines = ["| the paper's claim | paired difference (points), mean ± 95% CI | seeds where it holds | p (two-sided) "
-             "| detectable at 80% power | verdict |", "|---|---|---|---|---|---|"]
+    lines = ["| the paper's claim | paired difference (points), mean ± 95% CI over seeds | seeds where it holds "
+             "| p (two-sided) | detectable at 80% power | task sampling ± | verdict |", "|---|---|---|---|---|---|---|"]
     for a, b, claim, p in claims(data):
         wins = sum(d > 0 for d in p.diffs)
+        noise = task_noise(data, a, b)
         lines.append(f"| {claim} | {_pts(p.mean, True)} ± {100 * p.half_width:.1f} | {wins} of {p.n} "
-                     f"| {p.p_value:.3f} | ≥ {100 * p.mde:.1f} | {VERDICTS[p.verdict]} |")
+                     f"| {p.p_value:.3f} | ≥ {100 * p.mde:.1f} | {'-' if noise is None else f'{100 * noise:.1f}'} "
+                     f"| {VERDICTS[p.verdict]} |")
     return "\n".join(lines)
 
 
@@ -142,7 +162,7 @@ def pearson(x: list[float], y: list[float]) -> float:
 def _diagnostics_table(data: dict) -> tuple[str, list[str]]:
     """Per training method: per seed final loss, gradient-norm peak, router entropy, load ratio beside pass@1;
     and one sentence per method on how final loss and pass@1 co-vary over seeds."""
-    lines = ["| model | seed | pass@1 | final training loss | max grad norm | router entropy (last) | "
+    lines = ["| model | seed | pass@1 | final training loss | max grad norm | router entropy (nats, trained) | "
              "worst layer max/mean load |", "|---|---|---|---|---|---|---|"]
     notes = []
     for method in data["methods"]:
@@ -181,7 +201,9 @@ def render(data: dict, plots: dict[str, str] | None = None) -> str:
         _methods_table(data), "",
         "**The paper's claims**, paired by seed (first method minus second; \"detectable\": the smallest true "
         "difference this design finds with 80% probability at the observed seed-to-seed spread of the "
-        "difference, noncentral t; the verdict is the interval's: above 0 holds, below 0 reversed):", "",
+        "difference, noncentral t; \"task sampling\": how far another eval set of the same size would move the "
+        "mean difference, 95%, from the per-task verdicts; the verdict is the seed interval's: above 0 holds, "
+        "below 0 reversed):", "",
         _claims_table(data), "",
     ]
     if plots and plots.get("claims"):

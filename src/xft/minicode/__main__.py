@@ -11,7 +11,7 @@ from xft.minicode.splits import DEFAULT_SIZES
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xft.minicode", description=__doc__)
-    parser.add_argument("--out", required=True, help="directory for pretrain.jsonl, train.jsonl, eval.jsonl")
+    parser.add_argument("--out", required=True, help="directory for pretrain.jsonl, train.jsonl, valid.jsonl, eval.jsonl")
     parser.add_argument("--seed", type=int, default=0, help="generation seed (0 is the published benchmark)")
     for split, size in DEFAULT_SIZES.items():
         parser.add_argument(f"--{split}-size", type=int, default=size, help=f"records in {split}.jsonl")

@@ -45,8 +45,9 @@ def diagnostics(model_dir: str) -> dict:
 
     final_loss: mean of the last three logged training losses; loss_curve:
     (step, loss) as logged; grad_norm_max / grad_norm_final; for an MoE, the
-    router entropy and the expert-load imbalance as logged (last value), and
-    the worst layer's load imbalance over training (max / mean expert share).
+    balance loss and the largest expert load as logged (last value, and their
+    curves), and the worst layer's load imbalance over training (max / mean
+    expert share, routing.jsonl).
     """
     record = _read_json(os.path.join(model_dir, "xft_training.json")) or {}
     history = [h for h in record.get("log_history", []) if "loss" in h]
@@ -58,34 +59,61 @@ def diagnostics(model_dir: str) -> dict:
            "loss_curve": [[h.get("step"), round(h["loss"], 5)] for h in history]}
     if norms:
         out.update(grad_norm_max=max(norms), grad_norm_final=norms[-1])
-    for key in ("router_entropy", "load_imbalance", "balance_loss"):
+    for key in ("balance_loss", "max_expert_load"):  # logged by xft.training's trainer for an MoE
         values = [h[key] for h in history if key in h]
         if values:
             out[key] = values[-1]
             out[f"{key}_curve"] = [round(v, 5) for v in values]
-    worst = []
+    worst = []  # per logging step, the largest max/mean expert-load ratio over the layers
     path = os.path.join(model_dir, "routing.jsonl")
     if os.path.isfile(path):
         with open(path) as f:
             for line in f:
-                layers = json.loads(line).get("layers") or {}
-                ratios = [max(v) / (sum(v) / len(v)) for v in _loads(layers) if v and sum(v) > 0]
-                if ratios:
-                    worst.append(max(ratios))
+                shares = [v["load_share"] for v in (json.loads(line).get("layers") or {}).values()
+                          if v.get("load_share")]
+                if shares:
+                    worst.append(max(max(v) * len(v) / sum(v) for v in shares))
     if worst:
         out["max_layer_load_ratio"] = max(worst)
     return out
 
 
-def _loads(layers) -> list[list[float]]:
-    """Per layer, the routed experts' loads from one routing.jsonl record (dict or list form)."""
-    items = layers.values() if isinstance(layers, dict) else layers
-    out = []
-    for item in items:
-        load = item.get("load") if isinstance(item, dict) else item
-        if isinstance(load, list):
-            out.append([float(x) for x in load])
-    return out
+def router_entropy(model_dir: str, texts: list[str]) -> list[float]:
+    """Per MoE layer, the mean over tokens of the entropy (nats) of the router's softmax over the routed experts.
+
+    Measured on `texts` with the trained model in eval mode (no router noise);
+    log(R) is uniform routing, 0 a router that always picks one expert.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    import xft
+    from xft.upcycle import moe_blocks
+
+    model = xft.load(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok(texts, return_tensors="pt", padding=True)
+    keep = batch["attention_mask"].flatten().bool()  # [T]
+    blocks = moe_blocks(model)
+    found: dict[int, float] = {}
+
+    def hook(i):
+        def record(module, args, output):
+            clean = output[0].float()[keep]  # [T', R] router logits of the real tokens
+            p = clean.softmax(-1)
+            found[i] = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
+        return record
+
+    handles = [b.gate.register_forward_hook(hook(i)) for i, b in blocks.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    return [found[i] for i in sorted(found)]
 
 
 def _verdicts(run_dir: str, method: str, benchmark: str) -> str | None:
@@ -108,7 +136,17 @@ def _result(run_dir: str, method: str, benchmark: str) -> dict | None:
         out["train_seconds"] = timings[method]
     if METHODS[method].kind == "sft":
         out["diagnostics"] = diagnostics(os.path.join(run_dir, method))
+        if METHODS[method].is_moe and os.path.isfile(os.path.join(run_dir, method, "config.json")):
+            layers = router_entropy(os.path.join(run_dir, method), _probe_texts())
+            out["diagnostics"].update(router_entropy=sum(layers) / len(layers), router_entropy_layers=layers)
     return out
+
+
+def _probe_texts(n: int = 64) -> list[str]:
+    """The texts router entropy is measured on: MiniCode validation problems with their answers."""
+    from xft.minicode.benchmark import load_tasks
+
+    return [t["prompt"] + "\n" + t["response"] for t in load_tasks("valid")[:n]]
 
 
 def _compute(run_dir: str, methods: list[str], benchmark: str) -> dict:
