@@ -11,7 +11,7 @@ import pytest
 from xft.errors import UserError
 from xft.pipeline.recipe import load_recipe
 from xft.pipeline.study import STUDY_RECIPE, Study, choose, run_study
-from xft.study_report import BEGIN, END, claims, load_study, replace_block, scores, study_report
+from xft.study_report import BEGIN, END, claims, load_study, replace_block, scores, study_report, task_noise
 from conftest import tiny_minicode_base
 
 from test_pipeline import tiny_overrides
@@ -81,6 +81,32 @@ def test_the_report_recomputes_every_claim_from_the_per_seed_numbers(tmp_path):
     assert text.strip() in body and os.path.isfile(report) and (tmp_path / "study_claims.png").is_file()
     with pytest.raises(UserError, match="no '<!-- study:begin -->'"):
         replace_block("no markers here", "x", "README.md")
+
+
+def test_task_sampling_error_is_the_standard_error_over_tasks_of_the_seed_mean_difference():
+    data = _fake_study({"xft": [0.0, 0.0], "moe": [0.0, 0.0]})
+    for entry, (a, b) in zip(data["seeds"], [("1100", "0100"), ("1010", "0000")]):
+        entry["results"]["xft"]["verdicts"], entry["results"]["moe"]["verdicts"] = a, b
+    # per task, mean over the 2 seeds of (xft - moe): [1, 0, 0.5, 0]
+    per_task = [1.0, 0.0, 0.5, 0.0]
+    mean = sum(per_task) / 4
+    sd = (sum((d - mean) ** 2 for d in per_task) / 3) ** 0.5
+    assert task_noise(data, "xft", "moe") == pytest.approx(1.96 * sd / 2)
+    assert task_noise(data, "xft", "sft") is None  # sft has no verdicts in this study
+
+
+def test_xft_report_study_cli(tmp_path, capsys):
+    from xft.cli import main
+
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(_fake_study({"xft": [0.02, 0.03, 0.01], "moe": [0.1, 0.2, 0.0]})))
+    assert main(["report", "--study", str(path)]) == 0
+    assert "XFT ≥ MoE" in capsys.readouterr().out and (tmp_path / "study.md").is_file()
+    assert main(["report", str(tmp_path), "--study", str(path)]) == 2
+    assert "not both" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["report", "--study", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json: not a study.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -211,14 +211,19 @@ def render(data: dict, plots: dict[str, str] | None = None) -> str:
     out += ["**Per seed** (pass@1, %):", "", _seed_table(data), ""]
     if plots and plots.get("seeds"):
         out += [f"![pass@1 per seed]({plots['seeds']})", ""]
-    out += ["**Training diagnostics per seed** (from each run's xft_training.json and routing.jsonl):", "", diag, ""]
+    out += ["**Training diagnostics per seed** (from each run's xft_training.json and routing.jsonl; router "
+            "entropy of the trained MoE on 64 validation problems: log R is uniform over its R routed experts, "
+            "e.g. log 7 = 1.95):", "", diag, ""]
+    if plots and plots.get("loss"):
+        out += [f"![training loss per seed]({plots['loss']})", ""]
     if notes:
         out += ["; ".join(notes) + ".", ""]
     return "\n".join(out)
 
 
 def _plot(data: dict, out_dir: str) -> dict[str, str]:
-    """claims.png (paired differences with intervals) and seeds.png (pass@1 per method, one dot per seed)."""
+    """study_claims.png (paired differences with intervals), study_seeds.png (pass@1 per method, one dot per
+    seed) and study_loss.png (each training method's loss curve per seed)."""
     from xft.report import _pyplot
 
     plt = _pyplot()
@@ -252,6 +257,24 @@ def _plot(data: dict, out_dir: str) -> dict[str, str]:
         fig.tight_layout()
         paths["seeds"] = os.path.join(out_dir, "study_seeds.png")
         fig.savefig(paths["seeds"], dpi=120)
+        plt.close(fig)
+    curves = [(m, [(e["seed"], e["results"][m]) for e in data["seeds"] if m in e["results"]
+                   and (e["results"][m].get("diagnostics") or {}).get("loss_curve")]) for m in data["methods"]]
+    curves = [(m, rows) for m, rows in curves if rows]
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), sharey=True, squeeze=False)
+        for ax, (m, rows) in zip(axes[0], curves):
+            worst = min(res["pass@1"] for _, res in rows)
+            for seed, res in rows:
+                steps, losses = zip(*res["diagnostics"]["loss_curve"])
+                ax.plot(steps, losses, lw=0.8, color="C3" if res["pass@1"] == worst else "0.6")
+            ax.set_yscale("log")
+            ax.set_title(label(m), fontsize=8)
+            ax.set_xlabel("step", fontsize=8)
+        axes[0][0].set_ylabel("training loss (red: the seed with the lowest pass@1)", fontsize=7)
+        fig.tight_layout()
+        paths["loss"] = os.path.join(out_dir, "study_loss.png")
+        fig.savefig(paths["loss"], dpi=120)
         plt.close(fig)
     return paths
 
