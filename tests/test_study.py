@@ -10,7 +10,7 @@ import pytest
 
 from xft.errors import UserError
 from xft.pipeline.recipe import load_recipe
-from xft.pipeline.study import STUDY_RECIPE, Study, choose, run_study
+from xft.pipeline.study import STUDY_RECIPE, Study, choose, extend_grid, run_study
 from xft.study_report import BEGIN, END, claims, load_study, replace_block, scores, study_report, task_noise
 from conftest import tiny_minicode_base
 
@@ -21,6 +21,14 @@ def test_choose_takes_the_best_and_breaks_ties_low():
     assert choose({1e-3: 0.2, 3e-3: 0.5, 6e-3: 0.4}) == 3e-3
     assert choose({1e-3: 0.5, 3e-3: 0.5, 6e-3: 0.4}) == 1e-3
     assert choose({6e-3: 0.5, 1e-3: 0.5}) == 1e-3
+
+
+def test_the_grid_grows_where_a_choice_sits_on_its_end():
+    grid = [1.5e-3, 3e-3, 6e-3]
+    assert extend_grid(grid, [3e-3, 3e-3]) == grid
+    assert extend_grid(grid, [1.5e-3, 3e-3]) == [7.5e-4, *grid]
+    assert extend_grid(grid, [6e-3, 1.5e-3]) == [7.5e-4, *grid, 1.2e-2]
+    assert extend_grid([0.02], [0.02]) == [0.01, 0.02, 0.04]
 
 
 def test_every_run_of_the_study_is_the_recipe_with_overrides():

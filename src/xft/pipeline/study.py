@@ -11,6 +11,8 @@ The protocol is the recipe's `study` section (`StudySection`):
    validation split, disjoint from eval). The learned merge is tuned the same
    way over `study.merge_lr`, on the MoE trained at the MoE's chosen learning
    rate. Each method keeps its best learning rate (ties: the lower one).
+   When some method's best rate is an end of the grid, the grid grows by
+   one step at that end for every method (at most `study.extend` times).
 2. **The study.** Every method of the recipe, with its chosen learning rate,
    on seeds 0 .. `study.seeds`-1 (one run directory per seed, `seed-N/`),
    evaluated on the recipe's benchmarks. Methods are paired by seed.
@@ -113,6 +115,18 @@ def choose(scores: dict[float, float]) -> float:
     return max(sorted(scores), key=lambda lr: (scores[lr], -lr))
 
 
+def extend_grid(grid: list[float], chosen: list[float]) -> list[float]:
+    """`grid` (sorted) with one more point, at its geometric step, beyond each end that a choice sits on.
+
+    A best value at the end of the grid may not be the best value: the grid
+    grows there, for every method alike (same grid, same budget).
+    """
+    step = grid[1] / grid[0] if len(grid) > 1 else 2.0
+    low = [grid[0] / step] if grid[0] in chosen else []
+    high = [grid[-1] * step] if grid[-1] in chosen else []
+    return low + list(grid) + high
+
+
 def _seed_merge_run(src: str, dst: str, recipe: Recipe) -> None:
     """Give the merge-tuning run `dst` the trained MoE of tuning run `src` (hard links), with `recipe` recorded.
 
@@ -153,17 +167,29 @@ def run_study(recipe_name: str, out: str, overrides: list[str] = (), jobs: int =
     pool = _Pool(study, jobs, log)
 
     # 1. tuning: every (method, lr), longest first; the merge grid once the MoE's choice is known
-    tune = {m: {lr: study.tune_run(m, lr) for lr in s.lr} for m in study.tuned_methods}
-    pool.run([r for runs in tune.values() for r in runs.values()])
-    chosen = {m: choose({lr: _pass_at_1(r.out, m, s.select) for lr, r in runs.items()}) for m, runs in tune.items()}
+    grid = sorted(s.lr)
+    for _ in range(s.extend + 1):
+        tune = {m: {lr: study.tune_run(m, lr) for lr in grid} for m in study.tuned_methods}
+        pool.run([r for runs in tune.values() for r in runs.values()])
+        chosen = {m: choose({lr: _pass_at_1(r.out, m, s.select) for lr, r in runs.items()})
+                  for m, runs in tune.items()}
+        grid, wider = extend_grid(grid, list(chosen.values())), grid
+        if grid == wider:
+            break
+        log(f"a choice at the end of the grid: every method also tries {sorted(set(grid) - set(wider))}")
     merge_runs = {}
     if "xft" in recipe.methods and "moe" in chosen:
-        for lr in s.merge_lr:
-            run = merge_runs[lr] = study.merge_tune_run(chosen["moe"], lr)
-            _seed_merge_run(tune["moe"][chosen["moe"]].out, run.out,
-                            load_recipe(recipe_name, study.user + run.overrides))
-        pool.run(list(merge_runs.values()))
-        chosen["xft"] = choose({lr: _pass_at_1(r.out, "xft", s.select) for lr, r in merge_runs.items()})
+        grid = sorted(s.merge_lr)
+        for _ in range(s.extend + 1):
+            for lr in grid:
+                run = merge_runs[lr] = study.merge_tune_run(chosen["moe"], lr)
+                _seed_merge_run(tune["moe"][chosen["moe"]].out, run.out,
+                                load_recipe(recipe_name, study.user + run.overrides))
+            pool.run(list(merge_runs.values()))
+            chosen["xft"] = choose({lr: _pass_at_1(r.out, "xft", s.select) for lr, r in merge_runs.items()})
+            grid, wider = extend_grid(grid, [chosen["xft"]]), grid
+            if grid == wider:
+                break
     log("chosen on validation: " + ", ".join(f"{m} lr {lr:g}" for m, lr in chosen.items()))
 
     # 2. the study: every method on every seed, with its chosen learning rate
