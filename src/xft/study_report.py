@@ -90,7 +90,14 @@ def _pts(x: float | None, sign: bool = False) -> str:
 
 
 def _tuning_table(data: dict) -> str:
-    grids = data["tuning"]
+    """One table per grid (the training methods' learning rates, the learned merge's, ...)."""
+    groups: dict[tuple, dict] = {}
+    for method, t in data["tuning"].items():
+        groups.setdefault(tuple(sorted(t["grid"], key=float)), {})[method] = t
+    return "\n\n".join(_grid_table(grids) for grids in groups.values())
+
+
+def _grid_table(grids: dict) -> str:
     lrs = sorted({lr for t in grids.values() for lr in t["grid"]}, key=float)
     head = "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |"
     lines = [head, "|---|" + "---|" * (len(lrs) + 1)]
