@@ -340,9 +340,16 @@ class SFTConfig(TrainConfig):
             raise ConfigError(f"ewa share rate must be in [0, 1], got {self.ewa_share_rate}")
 
 
+from xft.merge_methods import MERGE_METHODS, TIES_DENSITY, TIES_SCALE  # noqa: E402  (torch-free)
+
+# Merge option (xft.merge_methods.MergeMethod.options) -> the MergeConfig setting that gives it.
+MERGE_OPTION_SETTINGS = {"scale": "merge_scale", "density": "merge_density"}
+
+
 @dataclass(kw_only=True)
 class MergeConfig(TrainConfig):
-    """Merge a trained MoE into a dense model: learn the mixing coefficients (or use fixed ones)."""
+    """Merge a trained MoE into a dense model (learned or fixed coefficients, or a tensor-level merge), and
+    optionally distill the MoE into it."""
 
     moe: str = setting(help="trained MoE: a local directory, a finished xft output, or a Hub id", flag=False)
     method: str = setting("learned", "how to merge (xft.merge.MERGE_METHODS): learned (train the mixing logits, "
@@ -350,6 +357,11 @@ class MergeConfig(TrainConfig):
                           choices=registry("xft.merge_methods", "MERGE_METHODS"))
     shared_weight: float = setting(0.75, "merge weight of the shared expert (lambda; paper: 0.75)")
     learn_shared_weight: bool = setting(False, "also learn the shared expert's weight (paper: fixed)")
+    merge_scale: float | None = setting(None, "task_arithmetic and ties: the scale alpha on the experts' merged "
+                                              "deltas to the shared expert (default: task_arithmetic 1/(N-1), "
+                                              f"the routed experts' mean; ties {TIES_SCALE:g})")
+    merge_density: float | None = setting(None, "ties: the fraction of each expert delta's entries kept, the "
+                                                f"largest in magnitude (default {TIES_DENSITY})")
     # The merge's own schedule, the paper's (docs/method.md §3): declared here, so it is never inherited
     # from an SFT's settings (a recipe's `merge` section over `train`, see xft.pipeline.recipe.LAYERS).
     epochs: float = setting(1.0, "passes over the data (paper: 1; ignored when --max-steps is set)")
@@ -357,6 +369,14 @@ class MergeConfig(TrainConfig):
     lr: float = setting(1e-5, "peak learning rate of the mixing logits (paper: 1e-5)")
     lr_scheduler: str = setting("linear", "learning-rate schedule after warm-up (transformers scheduler name)")
     warmup_steps: int = setting(125, "linear warm-up steps (paper: 125)")
+    # Distillation after the merge (not in the paper; docs/method.md "Beyond the paper").
+    distill_steps: int = setting(0, "after the merge, train the whole dense model this many optimizer steps to "
+                                    "match the MoE's next-token distributions on --data (KL on response tokens; "
+                                    "0: off)")
+    distill_lr: float = setting(1e-5, "peak learning rate of the distillation (all dense parameters train)")
+    distill_warmup_steps: int = setting(0, "linear warm-up steps of the distillation")
+    distill_temperature: float = setting(1.0, "softmax temperature T of teacher and student in the distillation "
+                                              "loss (T^2 KL)")
 
     def validate(self) -> None:
         super().validate()
@@ -364,8 +384,21 @@ class MergeConfig(TrainConfig):
             raise ConfigError("missing required setting: moe")
         if self.learns and self.data is None:
             raise ConfigError(f"method {self.method!r} trains on data: pass --data (or use a fixed method)")
+        if self.distill_steps > 0 and self.data is None:
+            raise ConfigError("distillation (distill_steps > 0) trains on data: pass --data")
         if not 0.0 <= self.shared_weight <= 1.0:
             raise ConfigError(f"shared weight must be in [0, 1], got {self.shared_weight}")
+        if self.distill_steps < 0 or self.distill_warmup_steps < 0:
+            raise ConfigError("distill steps and distill warmup steps must be 0 or more")
+        if self.distill_lr <= 0:
+            raise ConfigError(f"distill lr must be positive, got {self.distill_lr}")
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"distill temperature must be positive, got {self.distill_temperature}")
+        try:  # the method's own check (xft.merge_methods.OPTIONS), in the settings' names
+            MERGE_METHODS[self.method].check_options(self.merge_options(),
+                                                       spell=lambda n: MERGE_OPTION_SETTINGS.get(n, n))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def learns(self) -> bool:
@@ -373,6 +406,16 @@ class MergeConfig(TrainConfig):
         from xft.merge_methods import MERGE_METHODS
 
         return MERGE_METHODS[self.method].learns
+
+    def merge_options(self) -> dict:
+        """The options given to the merge method (`xft.merge(moe, method, **options)`): the settings that are set."""
+        return {option: getattr(self, name) for option, name in MERGE_OPTION_SETTINGS.items()
+                if getattr(self, name) is not None}
+
+    def distill_config(self) -> MergeConfig:
+        """This config with the distillation's schedule as the training schedule (what its Trainer runs)."""
+        return dataclasses.replace(self, max_steps=self.distill_steps, lr=self.distill_lr,
+                                   warmup_steps=self.distill_warmup_steps)
 
 
 # `report_to` integration -> (modules any one of which makes it work, pip package to install).

@@ -110,12 +110,14 @@ def resolve_precision(precision: str) -> tuple[torch.dtype, str | None]:
 
 
 def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str | None,
-                       evaluate: bool = False, logging_dir: str | None = None) -> TrainingArguments:
+                       evaluate: bool = False, logging_dir: str | None = None,
+                       evaluate_first: bool = False) -> TrainingArguments:
     """`TrainingArguments` for config `cfg` (an `xft.config.TrainConfig`).
 
     `evaluate`: compute the validation loss every `cfg.eval_steps` (default:
-    every checkpoint save). `logging_dir`: where TensorBoard writes (transformers
-    4.x field; 5.x sets it on the callback, see `make_trainer`).
+    every checkpoint save), and with `evaluate_first` also before the first
+    step. `logging_dir`: where TensorBoard writes (transformers 4.x field; 5.x
+    sets it on the callback, see `make_trainer`).
     """
     # Recompute activations in backward; non-reentrant so DDP's unused-parameter detection works.
     # (`activation_checkpointing` is the newer name of `gradient_checkpointing`.)
@@ -132,7 +134,8 @@ def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str 
     extra = dict(checkpointing)
     if evaluate:
         extra.update(eval_strategy="steps", eval_steps=cfg.eval_steps or cfg.save_steps,
-                     per_device_eval_batch_size=micro, prediction_loss_only=True)  # loss only: no logits kept
+                     per_device_eval_batch_size=micro, prediction_loss_only=True,  # loss only: no logits kept
+                     eval_on_start=evaluate_first)
     if logging_dir and "logging_dir" in _ARG_FIELDS:
         extra["logging_dir"] = logging_dir
     try:
@@ -386,16 +389,18 @@ class CompactProgress(ProgressCallback):
 
 def make_trainer(model, args: TrainingArguments, dataset, collator, tokenizer, *, ewa_share_rate: float = 0.0,
                  routing_log: str | None = None, progress: bool = True, eval_dataset=None,
-                 logging_dir: str | None = None) -> XFTTrainer:
-    """An `XFTTrainer` with the compact progress display and, if asked, EWA and a validation set.
+                 logging_dir: str | None = None, trainer_cls: type[XFTTrainer] = XFTTrainer,
+                 **trainer_kwargs) -> XFTTrainer:
+    """An `XFTTrainer` (or `trainer_cls`, given `trainer_kwargs`) with the compact progress display and, if
+    asked, EWA and a validation set.
 
     TensorBoard writes to `logging_dir` (unless TENSORBOARD_LOGGING_DIR says otherwise): its default
     is inside `args.output_dir`, the checkpoint folder, which is deleted when the run finishes.
     """
     callbacks = [EWACallback(ewa_share_rate)] if ewa_share_rate > 0 else []
-    trainer = XFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                         eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
-                         routing_log=routing_log)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                          eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
+                          routing_log=routing_log, **trainer_kwargs)
     for cb in trainer.callback_handler.callbacks:
         if type(cb).__name__ == "TensorBoardCallback" and logging_dir and getattr(cb, "logging_dir", None) is None:
             cb.logging_dir = logging_dir
