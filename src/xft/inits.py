@@ -91,12 +91,11 @@ def _copy(ffn: nn.Module, config: UpcycleConfig, layout: NeuronLayout | None,
 
 @torch.no_grad()
 def _drop(ffn: nn.Module, config: UpcycleConfig, layout: NeuronLayout, generator: torch.Generator | None) -> nn.Module:
+    if generator is None:  # structure only
+        return stack_copies(ffn, config.num_experts)
     stats = {name: _neuron_stats(p, layout.axes[name]) for name, p in ffn.named_parameters()
              if layout.axes[name] is not None}
-    experts = stack_copies(ffn, config.num_experts)
-    if generator is None:
-        return experts
-    stacks = dict(experts.named_parameters())
+    stacks = dict(stack_copies(ffn, config.num_experts).named_parameters())
     dropped = round(config.drop_rate * layout.size)
     for e in range(config.first_routed, config.num_experts):  # the routed experts
         index = torch.randperm(layout.size, generator=generator)[:dropped]  # [m] neurons of expert e
@@ -107,7 +106,7 @@ def _drop(ffn: nn.Module, config: UpcycleConfig, layout: NeuronLayout, generator
             shape[axis.dim + 1] = dropped
             z = torch.randn(shape, generator=generator).to(mean.device)
             neurons.index_copy_(axis.dim + 1, index.to(neurons.device), (mean + std * z).to(neurons.dtype))
-    return experts
+    return ffn
 
 
 def _neuron_stats(p: Tensor, axis: NeuronAxis) -> tuple[Tensor, Tensor]:
@@ -187,8 +186,8 @@ def stack_weights(weights: Tensor, first_routed: int, groups: int) -> Tensor:
 
 def whole_experts(block) -> tuple[nn.Module, UpcycleConfig]:
     """(experts container with one [N, *dense shape] stack per FFN parameter, the config they follow) of an
-    `xft.MoEBlock`: what merging sees. A granular block's shards are joined back (new tensors, config
-    granularity 1); any other block's experts are its own."""
+    `xft.MoEBlock`: what merging sees. A granular block's shards are joined back (in a new container, its
+    stacks views of the block's where the layout allows; config granularity 1); any other block's are its own."""
     g = block.config.shards
     if g == 1:
         return block.experts, block.config
