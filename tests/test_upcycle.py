@@ -8,7 +8,7 @@ from torch import nn
 
 import xft
 from xft.errors import UserError
-from xft.testing import ARCHITECTURES, tiny_model
+from xft.testing import ARCHITECTURES, MORE_ARCHITECTURES, tiny_model
 
 
 def _logits(model, ids, **kw):
@@ -31,9 +31,8 @@ def test_upcycled_model_computes_the_dense_model(arch):
 
 # Beyond the required list: same-shaped FFNs work unchanged; phi3 (fused gate_up_proj), bloom and mpt
 # (FFN takes the residual as a second argument) run through the generic functional_call path.
-@pytest.mark.parametrize("arch,impl", [("falcon", "fast"), ("olmo2", "fast"), ("granite", "fast"),
-                                       ("cohere", "fast"), ("gpt_bigcode", "fast"), ("phi3", "generic"),
-                                       ("bloom", "generic"), ("mpt", "generic")])
+@pytest.mark.parametrize("arch,impl", [(a, "generic" if a in ("phi3", "bloom", "mpt") else "fast")
+                                       for a in MORE_ARCHITECTURES])
 def test_other_architectures(arch, impl):
     dense = tiny_model(arch)
     ids = torch.randint(0, 300, (2, 8))

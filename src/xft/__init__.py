@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 export_lazily(__name__, {
     "is_moe_checkpoint": "xft.checkpoint", "load": "xft.checkpoint",
     "ConfigError": "xft.config", "UpcycleConfig": "xft.config",
+    "INITS": "xft.inits",
     "MERGE_METHODS": "xft.merge", "average_experts": "xft.merge", "build_merge_model": "xft.merge",
     "compile_merge": "xft.merge", "merge": "xft.merge", "merge_coefficients": "xft.merge",
     "MoEBlock": "xft.moe",

@@ -73,6 +73,7 @@ def _check_choices(config) -> None:
 
 # ---------------------------------------------------------------- upcycling
 
+
 @dataclass
 class UpcycleConfig:
     """How to upcycle every FFN of a dense model into an MoE block (docs/method.md §1)."""
@@ -100,7 +101,16 @@ class UpcycleConfig:
                                        "generic for FFNs it does not recognise); not part of the model: "
                                        "xft.load(path, expert_impl=...) overrides it",
                                choices=registry("xft.moe", "EXPERT_IMPLS"))
-    seed: int = setting(0, "seed for the routers' random initialisation")
+    seed: int = setting(0, "seed for the routers' random initialisation (and the drop init's draws)")
+    init: str = setting("copy", "how the experts start from the dense FFN: 'copy' (identical copies, the paper), "
+                                "'drop' (Drop-Upcycling: each routed expert re-draws a fraction drop_rate of its "
+                                "neurons) or 'granular' (each copy split into granularity experts of 1/G the "
+                                "intermediate size, top-k scaled by G); docs/method.md",
+                        choices=registry("xft.inits", "INITS"))
+    drop_rate: float | None = setting(None, "init 'drop' only: fraction in [0, 1] of each routed expert's "
+                                            "intermediate neurons re-initialised (default 0.5, the paper's)")
+    granularity: int | None = setting(None, "init 'granular' only (required there): fine-grained experts G per "
+                                            "expert; G must divide the FFN's intermediate size")
 
     def __post_init__(self):
         try:
@@ -122,6 +132,20 @@ class UpcycleConfig:
             bad(f"top_k={self.top_k}; must be at least 1")
         if self.balance_loss_weight < 0:
             bad(f"balance_loss_weight={self.balance_loss_weight}; must be >= 0")
+        self._check_init(bad)
+
+    def _check_init(self, bad) -> None:
+        """`drop_rate` and `granularity` belong to their init, with values it can use."""
+        if self.init == "drop" and self.drop_rate is None:
+            self.drop_rate = 0.5  # Drop-Upcycling's recommended rate
+        if self.drop_rate is not None and self.init != "drop":
+            bad(f"drop_rate={self.drop_rate} applies only to init='drop' (init={self.init!r})")
+        if self.drop_rate is not None and not (type_ok(self.drop_rate, float) and 0 <= self.drop_rate <= 1):
+            bad(f"drop_rate={self.drop_rate!r}; must be a fraction in [0, 1]")
+        if self.granularity is not None and self.init != "granular":
+            bad(f"granularity={self.granularity} applies only to init='granular' (init={self.init!r})")
+        if self.init == "granular" and not (type_ok(self.granularity, int) and self.granularity >= 1):
+            bad(f"init='granular' needs granularity=G, an integer >= 1 (got {self.granularity!r})")
 
     @property
     def scheme(self):
@@ -141,14 +165,19 @@ class UpcycleConfig:
         return self.scheme.first_routed
 
     @property
+    def shards(self) -> int:
+        """Stacked experts per expert: G with init 'granular' (each expert split G ways, xft.inits), else 1."""
+        return self.granularity if self.init == "granular" else 1
+
+    @property
     def num_routed(self) -> int:
-        """Number of routed experts R (the router's output size)."""
-        return self.scheme.num_routed(self.num_experts)
+        """Number of routed experts (the router's output size): R, or R·G for a granular init."""
+        return self.scheme.num_routed(self.num_experts) * self.shards
 
     @property
     def routed_top_k(self) -> int:
-        """Routed experts selected per token."""
-        return self.scheme.routed_k(self.top_k)
+        """Routed experts selected per token: k, or k·G for a granular init."""
+        return self.scheme.routed_k(self.top_k) * self.shards
 
     def to_dict(self) -> dict:
         """Plain dict for `config.json`."""

@@ -15,6 +15,9 @@ The tensor-level methods work on the experts' deltas `τ_i = W_i − B` to a bas
 `B` (the shared expert; without one, the experts' mean): ``"task_arithmetic"``
 `B + α·Σ_i τ_i` and ``"ties"`` (trim, elect sign, disjoint mean), see
 `task_arithmetic` and `ties` and docs/method.md "Beyond the paper".
+A granular MoE (`xft.inits`) is merged as the N experts its shards came from:
+each expert's G shards joined back into an FFN of the dense shapes
+(`xft.inits.whole_experts`), so every method applies unchanged.
 `merge` compiles directly; `build_merge_model` turns an MoE (in place) into a
 model of the dense architecture whose FFN weights are computed from the expert
 stacks and learnable `a^l` on the fly, and `compile_merge` writes the learned
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 
 from xft.ffn import FFNSpec, call_ffn
 from xft.hfconfig import dense_config
+from xft.inits import whole_experts
 # The registry, re-exported: `xft.merge.MERGE_METHODS` (= `xft.MERGE_METHODS`) is the list of merge methods.
 from xft.merge_methods import (  # noqa: F401
     MERGE_METHODS, TIES_DENSITY, TIES_SCALE, MergeInput, MergeMethod, get_merge_method, register_merge_method,
@@ -189,24 +193,30 @@ def merge(moe: nn.Module, method: str | None = None, *, shared_weight: float = 0
     """
     merger = get_merge_method(method or ("learned" if mixing_logits is not None else "init"))
     merger.check_options(options)
-    blocks = moe_blocks(moe)
-    with torch.no_grad():
-        ffns = {blocks[i]: _ffn_with(blocks[i].experts, merger(layer), merger.name)
-                for i, layer in merge_inputs(moe, shared_weight, mixing_logits, options).items()}
+    with torch.no_grad():  # layer by layer: a granular layer's joined experts live only while it is merged
+        ffns = {block: _ffn_with(experts, merger(layer), merger.name)
+                for _, block, experts, layer in _layers(moe, shared_weight, mixing_logits, options)}
     return _dense_copy(moe, ffns)
 
 
 def merge_inputs(moe: nn.Module, shared_weight: float = 0.75, mixing_logits: dict[int, Tensor] | None = None,
                  options: dict | None = None) -> dict[int, MergeInput]:
     """Layer index -> what a merge method gets for that layer, after checking the arguments."""
+    return {i: layer for i, _, _, layer in _layers(moe, shared_weight, mixing_logits, options)}
+
+
+def _layers(moe: nn.Module, shared_weight: float, mixing_logits: dict[int, Tensor] | None,
+            options: dict | None = None):
+    """After checking the arguments, per layer in order: (index, block, its experts as N whole FFNs, MergeInput)."""
     blocks = _blocks_to_merge(moe, shared_weight)
     if mixing_logits is not None and set(mixing_logits) != set(blocks):
         raise ValueError(f"mixing logits given for layers {sorted(mixing_logits)}; the model has "
                          f"layers {sorted(blocks)}")
     logits = mixing_logits or {}
-    return {i: MergeInput({name: p.detach() for name, p in block.expert_parameters().items()},
-                          block.config, shared_weight, logits.get(i), dict(options or {}))
-            for i, block in blocks.items()}
+    for i, block in blocks.items():
+        experts, config = whole_experts(block)
+        stacks = {name: p.detach() for name, p in experts.named_parameters()}
+        yield i, block, experts, MergeInput(stacks, config, shared_weight, logits.get(i), dict(options or {}))
 
 
 def _blocks_to_merge(moe: nn.Module, shared_weight: float) -> dict[int, MoEBlock]:
@@ -266,12 +276,13 @@ class LearnableMerge(nn.Module):
 
     def __init__(self, block: MoEBlock, shared_weight: float, learn_shared_weight: bool):
         super().__init__()
-        self.experts = block.experts.requires_grad_(False)
+        experts, config = whole_experts(block)  # a granular block's shards joined into N whole experts
+        self.experts = experts.requires_grad_(False)
         self.spec: FFNSpec | None = block.spec
-        self.num_experts = block.num_experts
-        self.shared_expert = block.config.shared_expert
+        self.num_experts = config.num_experts
+        self.shared_expert = config.shared_expert
         ref = next(self.experts.parameters())
-        num_logits = block.config.num_routed
+        num_logits = config.num_routed
         # fp32 even for a bf16 model: updates of ~1e-5 would vanish in bf16.
         self.mixing_logits = nn.Parameter(torch.zeros(num_logits, dtype=torch.float32, device=ref.device))
         self.shared_weight = float(shared_weight)

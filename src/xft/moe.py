@@ -4,7 +4,9 @@ router -> routing weights -> experts -> weighted sum. Every FFN parameter of
 the `N` experts is stored as one stacked tensor `[N, *shape]` inside
 `block.experts`, a parameter-for-parameter twin of the original FFN module
 (so `block.experts.gate_proj.weight` is `[N, I, d]`); expert `e` is the FFN
-run with the `e`-th slices. The experts module is only a container and a
+run with the `e`-th slices. How the stacks start is the config's `init`
+(`xft.inits`): a granular block stacks `N·G` experts of intermediate size I/G,
+the shared expert's G shards first. The experts module is only a container and a
 template for `functional_call`; it is never called directly.
 
 How the experts run is an entry of `EXPERT_IMPLS`, resolved once when the
@@ -19,9 +21,10 @@ on the input (its device and dtype) is looked at:
 
 Every kernel shares one `Dispatch` (T tokens, k routed experts per token): the
 rows of all experts grouped by expert — the shared expert's T rows (every
-token) first, then the T·k routed selections sorted by expert — gathered
-once, each expert's FFN run on its contiguous group, and the rows scaled by
-their routing weights and added back to their tokens (`index_add_`).
+token; T per shard of a granular block) first, then the T·k routed selections
+sorted by expert — gathered once, each expert's FFN run on its contiguous
+group, and the rows scaled by their routing weights and added back to their
+tokens (`index_add_`).
 
 Gradients of the stacks: the loop hands each expert a view of its slice and
 writes that expert's weight gradient straight into one `[N, ...]` buffer
@@ -46,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xft.ffn import FFNSpec, call_ffn, recognize
+from xft.ffn import FFNSpec, call_ffn, neuron_layout, recognize
+from xft.inits import INITS, stack_weights, tie_groups
 from xft.routing import NoisyTopKGate, balance_loss, get_routing, per_token_load
 
 if TYPE_CHECKING:  # xft.config imports this module for EXPERT_IMPLS
@@ -71,23 +75,39 @@ class RoutingRecord:
 
 
 class MoEBlock(nn.Module):
-    """N experts (copies of one FFN) behind a router; `forward(x [..., d]) -> [..., d]`."""
+    """N experts (started from one FFN by `config.init`) behind a router; `forward(x [..., d]) -> [..., d]`.
 
-    def __init__(self, ffn: nn.Module, hidden_size: int, config: UpcycleConfig):
+    `generator`: the init's random draws (drop; default: one seeded with `config.seed`); `init_weights`
+    False builds the structure only, for weights loaded next (no random draws).
+    """
+
+    def __init__(self, ffn: nn.Module, hidden_size: int, config: UpcycleConfig,
+                 generator: torch.Generator | None = None, init_weights: bool = True):
         super().__init__()
         self.config = config
         self.routing = get_routing(config.routing)
         self.num_experts = config.num_experts
         self.k = config.routed_top_k
         self.first_routed = config.first_routed
+        self.shards = config.shards  # stacked experts per expert (granular: G)
+        self.num_shared = config.first_routed * self.shards  # stacked experts every token goes through
         # Recognised once, before the parameters become stacks; `expert_impl` decides whether it is used.
         self._recognized: FFNSpec | None = recognize(ffn, hidden_size)
         ref = next(ffn.parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            gate = NoisyTopKGate(config.router, hidden_size, config.num_routed, config.noisy_gating)
+            routed = config.scheme.num_routed(config.num_experts)  # R
+            gate = NoisyTopKGate(config.router, hidden_size, routed, config.noisy_gating)
+            if self.shards > 1:  # granular: the copy init's router, each output repeated for the G shards
+                gate = tie_groups(gate, NoisyTopKGate(config.router, hidden_size, routed * self.shards,
+                                                      config.noisy_gating), self.shards)
         self.gate = gate.to(device=ref.device, dtype=ref.dtype)
-        self.experts = _stack_parameters(ffn, config.num_experts)
+        init = INITS[config.init]
+        # Where the FFN's parameters hold its intermediate neurons (inits that split or re-draw neurons).
+        self.layout = neuron_layout(ffn, hidden_size, self._recognized) if init.needs_layout else None
+        if init_weights and generator is None:
+            generator = torch.Generator().manual_seed(config.seed)
+        self.experts = init.build(ffn, config, self.layout, generator if init_weights else None)
         # Feature sizes of the stacked matrices (fixed from here on) and, per element size, whether
         # torch._grouped_mm takes them (`_grouped_mm_fits`).
         self._matrix_sizes = sorted({n for p in self.experts.parameters() if p.dim() == 3 for n in p.shape[1:]})
@@ -120,7 +140,8 @@ class MoEBlock(nn.Module):
         self._kernel = impl.resolve(self)
 
     def expert_parameters(self) -> dict[str, nn.Parameter]:
-        """FFN parameter name (as in the original FFN) -> live stacked parameter `[N, *shape]`."""
+        """FFN parameter name (as in the original FFN) -> live stacked parameter `[N, *shape]` (granular:
+        `[N·G, *shard shape]`, see `xft.inits`)."""
         return dict(self.experts.named_parameters())
 
     def forward(self, hidden: Tensor, *extra: Tensor) -> Tensor:
@@ -134,6 +155,9 @@ class MoEBlock(nn.Module):
         if torch.is_grad_enabled() or self.record_routing:
             load = per_token_load(top_i, logits.shape[-1], clean.float(), logits, std, self.config.load_estimate)
             self._record = RoutingRecord(weights[:, self.first_routed:], load)
+        if self.shards > 1:  # granular: one weight per stacked expert; a shard carries 1/G of the extra inputs
+            weights = stack_weights(weights, self.first_routed, self.shards)
+            extra = tuple(e / self.shards for e in extra)
         y = self._kernel(self, x, extra, weights.to(x.dtype), top_i)
         if self.spec is not None and self.spec.dropout is not None:
             y = self.spec.dropout(y)
@@ -176,33 +200,36 @@ class MoEBlock(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"num_experts={c.num_experts}, top_k={c.top_k}, routing={c.routing!r}, expert_impl={self.expert_impl!r}"
+        init = f", init={c.init!r}" + (f", granularity={c.granularity}" if c.init == "granular" else "")
+        return (f"num_experts={c.num_experts}, top_k={c.top_k}, routing={c.routing!r}{init}, "
+                f"expert_impl={self.expert_impl!r}")
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 class Dispatch:
-    """One forward's selections as G groups of rows, one per expert in order (G = N).
+    """One forward's selections as groups of rows, one per stacked expert in order (N, or N·G granular).
 
-    With a shared expert, group 0 is every token (weight `weights[:, 0]`); then the T·k routed selections
-    sorted by expert (stable: by token within an expert). Row j is token `token[j]` with weight `gate[j]`.
+    The `num_shared` shared groups (the shared expert, or its G shards) come first, each every token (weight
+    `weights[:, s]`); then the T·k routed selections sorted by expert (stable: by token within an expert).
+    Row j is token `token[j]` with weight `gate[j]`.
     """
 
-    def __init__(self, weights: Tensor, top_i: Tensor, first_routed: int):
-        """weights [T, N] (x's dtype), top_i [T, k] routed indices."""
+    def __init__(self, weights: Tensor, top_i: Tensor, num_shared: int):
+        """weights [T, S + R] (one per stacked expert, x's dtype), top_i [T, k] routed indices, S = num_shared."""
         tokens, k = top_i.shape
         flat = top_i.flatten()  # [T*k] routed index of each selection, token-major
         order = flat.argsort(stable=True)  # [T*k]
         token = order // k  # [T*k] token of each sorted selection
-        gate = weights[:, first_routed:].gather(1, top_i).flatten()[order]  # [T*k]
-        counts = torch.bincount(flat, minlength=weights.shape[1] - first_routed)  # [R] routed group sizes
-        if first_routed:  # the shared expert's group: every token, in order
-            token = torch.cat([torch.arange(tokens, device=token.device), token])
-            gate = torch.cat([weights[:, 0], gate])
-            counts = torch.cat([counts.new_full((1,), tokens), counts])
-        self.token = token  # [M] row -> token, M = T·k (+ T)
+        gate = weights[:, num_shared:].gather(1, top_i).flatten()[order]  # [T*k]
+        counts = torch.bincount(flat, minlength=weights.shape[1] - num_shared)  # [R] routed group sizes
+        if num_shared:  # the shared groups: every token, in order, per shared expert
+            token = torch.cat([torch.arange(tokens, device=token.device).repeat(num_shared), token])
+            gate = torch.cat([weights[:, :num_shared].t().flatten(), gate])
+            counts = torch.cat([counts.new_full((num_shared,), tokens), counts])
+        self.token = token  # [M] row -> token, M = T·k (+ S·T)
         self.gate = gate[:, None]  # [M, 1]
-        self.counts = counts  # [G] rows per expert
+        self.counts = counts  # [S + R] rows per stacked expert
 
     def groups(self, sizes: list[int]) -> list[tuple[int, slice]]:
         """(expert, its rows) of the non-empty groups, from the group sizes on the host (`counts.tolist()`)."""
@@ -317,7 +344,7 @@ def _bias_rows(y: Tensor, bias: Tensor | None, counts: Tensor) -> Tensor:
 def _run_loop(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
     """x [T, d], weights [T, N], top_i [T, k] -> Σ_e weights[:, e] · FFN_e(x): the spec's FFN per expert on
     its group of rows; one host sync, for the group sizes."""
-    spec, d = block.spec, Dispatch(weights, top_i, block.first_routed)
+    spec, d = block.spec, Dispatch(weights, top_i, block.num_shared)
     sizes = d.counts.tolist()  # the one host sync
     # Under autocast, plain F.linear on the views (its casts, gradients stacked by _ExpertViews).
     direct = torch.is_autocast_enabled(x.device.type)
@@ -351,7 +378,7 @@ def _run_grouped(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights:
     """
     if not block._grouped_mm_fits(x, warn=block.expert_impl == "grouped_mm"):
         return _run_loop(block, x, extra, weights, top_i)
-    spec, d = block.spec, Dispatch(weights, top_i, block.first_routed)
+    spec, d = block.spec, Dispatch(weights, top_i, block.num_shared)
     stacks = block.expert_parameters()
     offs = d.counts.cumsum(0).to(torch.int32)  # [N] end row of each expert's group
 
@@ -369,7 +396,7 @@ def _run_generic(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights:
     The stacks are `unbind`-ed once: indexing `W[e]` per expert would make every backward write a
     full-size `[N, ...]` gradient (docs/CORE_API.md).
     """
-    d = Dispatch(weights, top_i, block.first_routed)
+    d = Dispatch(weights, top_i, block.num_shared)
     sizes = d.counts.tolist()  # the one host sync
     stacks = {name: p.unbind(0) for name, p in block.experts.named_parameters()}  # N × [*shape] each
     out = torch.zeros_like(x)
@@ -414,16 +441,3 @@ EXPERT_IMPLS: dict[str, ExpertImpl] = {
     "generic": ExpertImpl(_run_generic, needs_spec=False),
 }
 
-
-def _stack_parameters(ffn: nn.Module, n: int) -> nn.Module:
-    """Turn `ffn` in place into the experts container: each parameter p -> independent [n, *p.shape] copies.
-
-    One FFN parameter at a time, so peak memory is one stack plus the original.
-    """
-    for name, p in list(ffn.named_parameters()):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = ffn.get_submodule(owner_name) if owner_name else ffn
-        # `clone` of an expanded view materialises n independent copies (no shared storage).
-        stack = p.detach().unsqueeze(0).expand(n, *p.shape).clone()
-        setattr(owner, leaf, nn.Parameter(stack, requires_grad=p.requires_grad))
-    return ffn

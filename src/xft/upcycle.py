@@ -27,11 +27,13 @@ from xft.hfconfig import CONFIG_KEY, mark_moe
 from xft.moe import MoEBlock
 
 
-def upcycle(model: nn.Module, config: UpcycleConfig | None = None) -> nn.Module:
-    """Turn every FFN of the dense causal LM `model` into an MoE block of identical copies (in place).
+def upcycle(model: nn.Module, config: UpcycleConfig | None = None, *, init_weights: bool = True) -> nn.Module:
+    """Turn every FFN of the dense causal LM `model` into an MoE block (in place), its experts started by
+    `config.init` (`xft.inits`): identical copies by default.
 
-    Returns `model`. With ``routing="xft"`` or ``"sparse"`` the result computes
-    exactly what the dense model did (until the experts are trained).
+    Returns `model`. With ``routing="xft"`` or ``"sparse"`` and init ``"copy"`` or
+    ``"granular"`` the result computes exactly what the dense model did (until the
+    experts are trained). `init_weights` False: structure only, for weights loaded next.
     """
     config = config or UpcycleConfig()
     if is_moe(model):
@@ -40,8 +42,10 @@ def upcycle(model: nn.Module, config: UpcycleConfig | None = None) -> nn.Module:
     hidden = model.config.hidden_size
     layers = decoder_layers(model)
     targets = [find_ffn(layer, name) for layer in layers]  # find all before changing any
+    generator = torch.Generator().manual_seed(config.seed)  # the init's draws (drop), layer after layer
     for layer, (attr, ffn) in zip(layers, targets):
-        setattr(layer, attr, MoEBlock(ffn, hidden, config).train(ffn.training))
+        block = MoEBlock(ffn, hidden, config, generator, init_weights=init_weights)
+        setattr(layer, attr, block.train(ffn.training))
     mark_moe(model.config, config.to_dict())  # config.json then says "xft_moe", never the dense type
     # A plain attribute (not a submodule): `copy.deepcopy(model)` copies the handles with the hook dicts
     # they point into, so the copy's handles remove the copy's hooks.
@@ -86,12 +90,14 @@ def routing_stats(model: nn.Module) -> dict[int, dict[str, Tensor]]:
 
 @torch.no_grad()
 def ewa_step(model: nn.Module, share_rate: float) -> None:
-    """EWA (Huang et al. 2023): pull every expert toward the experts' mean, W_i <- (1-β)W_i + β·mean_j W_j."""
+    """EWA (Huang et al. 2023): pull every expert toward the experts' mean, W_i <- (1-β)W_i + β·mean_j W_j
+    (granular: every shard toward the mean of the shards holding the same neurons)."""
     if not 0.0 <= share_rate <= 1.0:
         raise ValueError(f"EWA share rate must be in [0, 1], got {share_rate}")
     for block in moe_blocks(model).values():
         for stack in block.expert_parameters().values():
-            stack.lerp_(stack.mean(dim=0, keepdim=True).expand_as(stack), share_rate)
+            shards = stack.unflatten(0, (-1, block.shards))  # a view [N, G, *shape]
+            shards.lerp_(shards.mean(dim=0, keepdim=True).expand_as(shards), share_rate)
 
 
 def _ask_for_routing(model: nn.Module, args: tuple, kwargs: dict) -> None:
