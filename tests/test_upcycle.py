@@ -289,8 +289,9 @@ def test_routing_record_only_with_gradients_or_labels():
     x = torch.randn(5, moe.config.hidden_size)
     block(x)  # the block alone, with gradients: the record stays for whoever consumes it
     record = block.routing_record()
-    assert record.weights.shape == record.load.shape == (5, 7) and record.weights.requires_grad
-    assert record.load.sum().item() == 5 * 5  # no noise: each token selects k = 5 routed experts
+    weights, load = record.quantities["importance"], record.quantities["load"]  # cv2's: routed weights, load
+    assert weights.shape == load.shape == (5, 7) and weights.requires_grad
+    assert load.sum().item() == 5 * 5  # no noise: each token selects k = 5 routed experts
     with torch.no_grad():
         moe(ids, labels=ids)  # labels ask for the balance loss, also without gradients
     assert set(xft.routing_stats(moe)) == {0, 1}

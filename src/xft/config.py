@@ -89,7 +89,17 @@ class UpcycleConfig:
     noisy_gating: bool = setting(True, "add learned Gaussian noise to the router logits during training "
                                        "(Shazeer et al.)")
     balance_loss_weight: float = setting(0.01, "weight of the per-layer load-balancing loss cv²(importance) + "
-                                               "cv²(load); 0 disables it")
+                                               "cv²(load) (with --balance switch: its α); 0 disables it")
+    balance: str = setting("cv2", "load balancing: 'cv2' (the paper: cv²(importance) + cv²(load)), 'switch' "
+                                  "(Fedus et al.: R·Σ f_i·P_i) or 'aux_free' (no loss: a per-expert bias on "
+                                  "the selection scores, moved toward balance after each optimizer step; "
+                                  "DeepSeek-V3)", choices=registry("xft.routing", "BALANCES"))
+    balance_scope: str = setting("micro_batch", "statistics the balance loss is computed on: 'micro_batch' "
+                                                "(each forward's) or 'global' (summed over the optimizer step's "
+                                                "micro-batches and data-parallel processes)",
+                                 choices=registry("xft.routing", "BALANCE_SCOPES"))
+    balance_bias_rate: float = setting(1e-3, "aux_free: the step γ of each expert's selection bias per optimizer "
+                                             "step, b_i += γ·sign(mean load − load_i)")
     load_estimate: str = setting("corrected", "noisy-gate load estimate: 'corrected' (Shazeer et al.) or "
                                               "'faithful' (the paper's code, which compares the noise term "
                                               "alone with the top-k threshold)",
@@ -132,6 +142,11 @@ class UpcycleConfig:
             bad(f"top_k={self.top_k}; must be at least 1")
         if self.balance_loss_weight < 0:
             bad(f"balance_loss_weight={self.balance_loss_weight}; must be >= 0")
+        if not 0 <= self.balance_bias_rate < float("inf"):
+            bad(f"balance_bias_rate={self.balance_bias_rate}; must be a finite number >= 0")
+        if self.balance_method.selection_bias and self.balance_bias_rate == 0:
+            bad(f"balance={self.balance!r} with balance_bias_rate=0 never moves its selection bias; for no load "
+                "balancing at all use balance='cv2' with balance_loss_weight=0")
         self._check_init(bad)
 
     def _check_init(self, bad) -> None:
@@ -153,6 +168,13 @@ class UpcycleConfig:
         from xft.routing import ROUTINGS
 
         return ROUTINGS[self.routing]
+
+    @property
+    def balance_method(self):
+        """The `xft.routing.Balance` this config names."""
+        from xft.routing import BALANCES
+
+        return BALANCES[self.balance]
 
     @property
     def shared_expert(self) -> bool:

@@ -33,9 +33,13 @@ write a full-size gradient per expert, and plain `unbind` views a stacking
 copy of the whole gradient (docs/CORE_API.md, "Expert kernels"). The generic loop uses
 `unbind`; grouped_mm takes the stacks whole.
 
-The routing record (routed weights and per-token load, `[T, R]` each) that
-the model-level balance loss consumes is built only when gradients are on or
-`record_routing` asks for it (the model's hook sets it when labels are given).
+The routing record (the per-token quantities `[T, R]` the balance method sums:
+routed weights and load for cv2) that the model-level balance loss consumes is
+built only when gradients are on or `record_routing` asks for it (the model's
+hook sets it when labels are given). With ``balance="aux_free"`` the block also
+holds `selection_bias` [R], added to the selection scores only (saved with the
+model), and counts the load of the current optimizer step for its update
+(`xft.balance_step`).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from torch import Tensor, nn
 
 from xft.ffn import FFNSpec, call_ffn, neuron_layout, recognize
 from xft.inits import INITS, stack_weights, tie_groups
-from xft.routing import NoisyTopKGate, balance_loss, get_routing, per_token_load
+from xft.routing import NoisyTopKGate, get_balance, get_routing, token_quantities
 
 if TYPE_CHECKING:  # xft.config imports this module for EXPERT_IMPLS
     from xft.config import UpcycleConfig
@@ -61,17 +65,18 @@ if TYPE_CHECKING:  # xft.config imports this module for EXPERT_IMPLS
 class RoutingRecord:
     """One forward's routing, for the balance loss and for logging (fp32, with the router's gradient)."""
 
-    weights: Tensor  # [T, R] routing weights of the routed experts (0 where not selected)
-    load: Tensor  # [T, R] how much each token counts toward each routed expert's load
+    # name -> [T, R]: the per-token quantities the block's balance method sums (`xft.routing.token_quantities`;
+    # cv2: "importance", the routed weights, and "load")
+    quantities: dict[str, Tensor]
 
-    def balance_loss(self, token_mask: Tensor | None, weight: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """(loss, detached stats) over the tokens where `token_mask` [T] is true (all if None)."""
-        w, load = self.weights, self.load
-        if token_mask is not None:
-            w, load = w[token_mask], load[token_mask]
-        importance, load = w.sum(0), load.sum(0)  # [R] each
-        loss = balance_loss(importance, load, weight)
-        return loss, {"importance": importance.detach(), "load": load.detach(), "balance_loss": loss.detach()}
+    @property
+    def tokens(self) -> int:
+        """T, the number of tokens routed."""
+        return next(iter(self.quantities.values())).shape[0]
+
+    def sums(self, token_mask: Tensor | None) -> dict[str, Tensor]:
+        """name -> per-expert sum [R] over the tokens where `token_mask` [T] is true (all if None)."""
+        return {k: (q if token_mask is None else q[token_mask]).sum(0) for k, q in self.quantities.items()}
 
 
 class MoEBlock(nn.Module):
@@ -86,6 +91,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.config = config
         self.routing = get_routing(config.routing)
+        self.balance = get_balance(config.balance)
         self.num_experts = config.num_experts
         self.k = config.routed_top_k
         self.first_routed = config.first_routed
@@ -116,7 +122,13 @@ class MoEBlock(nn.Module):
         # Set per forward by the model's balance-loss hook: build the routing record even without gradients.
         self.record_routing = False
         self._record: RoutingRecord | None = None
-        self.stats: dict[str, Tensor] = {}  # from the last `finish_balance_loss`: importance, load [R], loss
+        self.stats: dict[str, Tensor] = {}  # from the last `balance_term`: the sums [R], load [R], loss
+        # aux_free: a per-expert bias [R] on the selection scores (None otherwise), a buffer so that checkpoints
+        # and resumed runs keep it; fp32 like the routing math in any model dtype, so that steps of ~1e-3 are not
+        # rounded away. `step_load` [R]: the load counted in this optimizer step's training forwards.
+        self.register_buffer("selection_bias", torch.zeros(config.num_routed, device=ref.device, dtype=torch.float32)
+                             if self.balance.selection_bias else None)
+        self.step_load: Tensor | None = None
         # DeepSpeed ZeRO-3 gathers only the parameters of the module being called; the stacks live in
         # `self.experts`, which is never called, so mark the block a "leaf" to gather all of it at once.
         self._z3_leaf = True
@@ -151,10 +163,10 @@ class MoEBlock(nn.Module):
         extra = tuple(e.reshape(x.shape[0], *e.shape[len(shape) - 1:]) for e in extra)
         clean, logits, std = self.gate(x)  # [T, R] each; std None without noise
         logits = logits.float()
-        weights, top_i = self.routing.combine(logits, self.k)  # [T, N] fp32, [T, k]
+        weights, top_i = self.routing.combine(logits, self.k, self.selection_bias)  # [T, N] fp32, [T, k]
         if torch.is_grad_enabled() or self.record_routing:
-            load = per_token_load(top_i, logits.shape[-1], clean.float(), logits, std, self.config.load_estimate)
-            self._record = RoutingRecord(weights[:, self.first_routed:], load)
+            self._record = RoutingRecord(token_quantities(self.balance.sums, weights[:, self.first_routed:], top_i,
+                                                          clean.float(), logits, std, self.config.load_estimate))
         if self.shards > 1:  # granular: one weight per stacked expert; a shard carries 1/G of the extra inputs
             weights = stack_weights(weights, self.first_routed, self.shards)
             extra = tuple(e / self.shards for e in extra)
@@ -176,8 +188,32 @@ class MoEBlock(nn.Module):
 
         Consumes the routing record and keeps its stats in `self.stats`.
         """
-        loss, self.stats = self._record.balance_loss(token_mask, self.config.balance_loss_weight)
+        return self.balance_term(self.balance_sums(token_mask))
+
+    def balance_sums(self, token_mask: Tensor | None) -> dict[str, Tensor]:
+        """This forward's per-expert sums [R] (`Balance.sums`) over the tokens where `token_mask` [T] is true.
+
+        Consumes the routing record. In training, an aux-free block adds the load to `step_load`.
+        """
+        sums = self._record.sums(token_mask)
         self._record = None
+        if self.selection_bias is not None and self.training:
+            load = sums[self.balance.load].detach()
+            self.step_load = load if self.step_load is None else self.step_load + load
+        return sums
+
+    def balance_term(self, sums: dict[str, Tensor], earlier: dict[str, Tensor] | None = None) -> Tensor:
+        """The balance loss of `sums` {name: [R]}, less that of `earlier` (sums already counted, detached).
+
+        Keeps the stats of `sums` (detached, with the loss and, for aux_free, the bias spread) in `self.stats`.
+        """
+        loss = self.balance.loss(sums, self.config.balance_loss_weight)
+        self.stats = {**{k: v.detach() for k, v in sums.items()}, "load": sums[self.balance.load].detach(),
+                      "balance_loss": loss.detach()}
+        if self.selection_bias is not None:
+            self.stats["bias_spread"] = self.selection_bias.max() - self.selection_bias.min()
+        if earlier is not None:
+            loss = loss - self.balance.loss(earlier, self.config.balance_loss_weight)
         return loss
 
     def _grouped_mm_fits(self, x: Tensor, warn: bool = True) -> bool:

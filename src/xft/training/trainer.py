@@ -10,7 +10,8 @@ precision, checkpointing and resume comes from `Trainer`; this module only
   `OUT/routing.jsonl` (the balance loss itself is already inside
   `outputs.loss`, added by the core's forward hook, token-weighted over the
   accumulation window);
-* runs EWA's expert averaging step after every optimizer step (callback);
+* runs EWA's expert averaging step and `xft.balance_step` (aux-free bias
+  update) after every optimizer step (callbacks);
 * plans the run before it starts (`planned_steps`: the optimizer steps Trainer
   will take, from the data size) and keeps TensorBoard logs out of the
   checkpoint folder (`OUT/logs`, which survives the run);
@@ -214,6 +215,8 @@ class RoutingMeter:
             share = (load / load.sum().clamp_min(1e-9)).tolist()  # fraction of routed tokens per expert
             layers[layer] = {"load_share": [round(x, 5) for x in share],
                              "balance_loss": float(acc["balance_loss"]) / self.count}
+            if "bias_spread" in acc:  # aux_free: max - min of the selection bias
+                layers[layer]["bias_spread"] = float(acc["bias_spread"]) / self.count
         self.sums, self.count = {}, 0
         num = len(next(iter(layers.values()))["load_share"])
         logs = {
@@ -221,6 +224,9 @@ class RoutingMeter:
             # busiest expert's share relative to a perfectly even split (1.0 = balanced), worst layer
             "max_expert_load": max(max(v["load_share"]) for v in layers.values()) * num,
         }
+        spreads = [v["bias_spread"] for v in layers.values() if "bias_spread" in v]
+        if spreads:
+            logs["bias_spread"] = max(spreads)  # worst layer
         return logs, layers
 
 
@@ -367,6 +373,13 @@ class EWACallback(TrainerCallback):
         xft.ewa_step(model, self.share_rate)
 
 
+class BalanceCallback(TrainerCallback):
+    """After every optimizer step: `xft.balance_step` (aux-free bias update; ends a global-scope step)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        xft.balance_step(model)
+
+
 class CompactProgress(ProgressCallback):
     """The Trainer's progress bar (with ETA), printing one short line per log step."""
 
@@ -374,7 +387,7 @@ class CompactProgress(ProgressCallback):
     # format would show as 0.000 while the model is changing.
     KEYS = (("loss", "loss {:.4f}"), ("eval_loss", "validation loss {:.4f}"), ("learning_rate", "lr {:.2e}"),
             ("balance_loss", "balance {:.4f}"), ("max_expert_load", "max load {:.2f}x"),
-            ("grad_norm", "grad {:.3g}"))
+            ("bias_spread", "bias spread {:.3g}"), ("grad_norm", "grad {:.3g}"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
@@ -398,6 +411,8 @@ def make_trainer(model, args: TrainingArguments, dataset, collator, tokenizer, *
     is inside `args.output_dir`, the checkpoint folder, which is deleted when the run finishes.
     """
     callbacks = [EWACallback(ewa_share_rate)] if ewa_share_rate > 0 else []
+    if xft.is_moe(model):
+        callbacks.append(BalanceCallback())
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator,
                           eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
                           routing_log=routing_log, **trainer_kwargs)
