@@ -25,10 +25,12 @@ def test_choose_takes_the_best_and_breaks_ties_low():
 
 def test_the_grid_grows_where_a_choice_sits_on_its_end():
     grid = [1.5e-3, 3e-3, 6e-3]
-    assert extend_grid(grid, [3e-3, 3e-3]) == grid
-    assert extend_grid(grid, [1.5e-3, 3e-3]) == [7.5e-4, *grid]
-    assert extend_grid(grid, [6e-3, 1.5e-3]) == [7.5e-4, *grid, 1.2e-2]
-    assert extend_grid([0.02], [0.02]) == [0.01, 0.02, 0.04]
+    middle, low, high = {1.5e-3: 0.1, 3e-3: 0.3, 6e-3: 0.2}, {1.5e-3: 0.3, 3e-3: 0.2, 6e-3: 0.0}, {6e-3: 0.5}
+    assert extend_grid(grid, [middle, middle]) == grid
+    assert extend_grid(grid, [low, middle]) == [7.5e-4, *grid]
+    assert extend_grid(grid, [{**low, **high}, low]) == [7.5e-4, *grid, 1.2e-2]
+    flat = {lr: 0.31 for lr in grid}  # a tie everywhere chooses the lowest rate but is no reason to look further
+    assert choose(flat) == 1.5e-3 and extend_grid(grid, [flat]) == grid
 
 
 def test_every_run_of_the_study_is_the_recipe_with_overrides():
@@ -135,7 +137,10 @@ def test_a_tiny_study_end_to_end_and_one_run_reproduced(tmp_path):
         grid = {float(lr): v["valid_pass@1"] for lr, v in t["grid"].items()}
         assert t["chosen"] == choose(grid)
         for lr in grid:  # tuning runs were scored on validation and never on the eval split
-            evaluated = os.listdir(out / "tune" / method / f"lr-{lr:g}" / "eval" / method)
+            where = out / "tune" / method
+            if method == "xft":  # merge-tuning runs merge the MoE trained at its chosen rate
+                where = where / f"moe-lr-{data['tuning']['moe']['chosen']:g}"
+            evaluated = os.listdir(where / f"lr-{lr:g}" / "eval" / method)
             assert evaluated == ["minicode-valid"]
     assert [e["seed"] for e in data["seeds"]] == [0, 1]
     assert set(data["seeds"][1]["results"]) == {"sft", "moe", "xft_init", "xft"}

@@ -115,8 +115,8 @@ class StudySection:
     lr: list = setting([1.5e-3, 3e-3, 6e-3], "learning rates every training method is tried with (same grid, "
                                            "same budget for all)")
     merge_lr: list = setting([5e-3, 2e-2, 8e-2], "learning rates the learned merge is tried with")
-    extend: int = setting(1, "times a grid grows by one step beyond an end that some method chose (every method "
-                             "gets the new rate)")
+    extend: int = setting(2, "times a grid grows by one step beyond an end where some method scored strictly "
+                             "best (every method gets the new rate)")
     select: str = setting("minicode-valid", "the validation benchmark every choice is made on (greedy pass@1); "
                                            "never one of eval.benchmarks")
 

@@ -11,8 +11,9 @@ The protocol is the recipe's `study` section (`StudySection`):
    validation split, disjoint from eval). The learned merge is tuned the same
    way over `study.merge_lr`, on the MoE trained at the MoE's chosen learning
    rate. Each method keeps its best learning rate (ties: the lower one).
-   When some method's best rate is an end of the grid, the grid grows by
-   one step at that end for every method (at most `study.extend` times).
+   When some method scores strictly best at an end of the grid, the grid
+   grows by one step at that end for every method (at most `study.extend`
+   times).
 2. **The study.** Every method of the recipe, with its chosen learning rate,
    on seeds 0 .. `study.seeds`-1 (one run directory per seed, `seed-N/`),
    evaluated on the recipe's benchmarks. Methods are paired by seed.
@@ -91,7 +92,7 @@ class Study:
 
     def merge_tune_run(self, moe_lr: float, lr: float) -> Run:
         moe = self.tune_run("moe", moe_lr)
-        return Run(os.path.join(self.out, TUNE_DIR, "xft", f"lr-{lr:g}"),
+        return Run(os.path.join(self.out, TUNE_DIR, "xft", f"moe-lr-{moe_lr:g}", f"lr-{lr:g}"),
                    [o for o in moe.overrides if not o.startswith("methods=")]
                    + ["methods=[xft]", f"merge.lr={lr!r}"], f"tune the learned merge at lr {lr:g}", 0.3)
 
@@ -115,15 +116,22 @@ def choose(scores: dict[float, float]) -> float:
     return max(sorted(scores), key=lambda lr: (scores[lr], -lr))
 
 
-def extend_grid(grid: list[float], chosen: list[float]) -> list[float]:
-    """`grid` (sorted) with one more point, at its geometric step, beyond each end that a choice sits on.
+def extend_grid(grid: list[float], scores: list[dict[float, float]]) -> list[float]:
+    """`grid` (sorted) with one more point, at its geometric step, beyond each end where some method scored
+    strictly best (`scores`: per method, learning rate -> validation score).
 
     A best value at the end of the grid may not be the best value: the grid
-    grows there, for every method alike (same grid, same budget).
+    grows there, for every method alike (same grid, same budget). A method
+    that scores the same everywhere does not grow it.
     """
-    step = grid[1] / grid[0] if len(grid) > 1 else 2.0
-    low = [grid[0] / step] if grid[0] in chosen else []
-    high = [grid[-1] * step] if grid[-1] in chosen else []
+    def best_at(end: float, inner: float) -> bool:
+        return any(choose(s) == end and s[end] > s[inner] for s in scores)
+
+    if len(grid) < 2:
+        return list(grid)
+    step = grid[1] / grid[0]
+    low = [grid[0] / step] if best_at(grid[0], grid[1]) else []
+    high = [grid[-1] * step] if best_at(grid[-1], grid[-2]) else []
     return low + list(grid) + high
 
 
@@ -171,9 +179,9 @@ def run_study(recipe_name: str, out: str, overrides: list[str] = (), jobs: int =
     for _ in range(s.extend + 1):
         tune = {m: {lr: study.tune_run(m, lr) for lr in grid} for m in study.tuned_methods}
         pool.run([r for runs in tune.values() for r in runs.values()])
-        chosen = {m: choose({lr: _pass_at_1(r.out, m, s.select) for lr, r in runs.items()})
-                  for m, runs in tune.items()}
-        grid, wider = extend_grid(grid, list(chosen.values())), grid
+        scores = {m: {lr: _pass_at_1(r.out, m, s.select) for lr, r in runs.items()} for m, runs in tune.items()}
+        chosen = {m: choose(v) for m, v in scores.items()}
+        grid, wider = extend_grid(grid, list(scores.values())), grid
         if grid == wider:
             break
         log(f"a choice at the end of the grid: every method also tries {sorted(set(grid) - set(wider))}")
@@ -186,8 +194,9 @@ def run_study(recipe_name: str, out: str, overrides: list[str] = (), jobs: int =
                 _seed_merge_run(tune["moe"][chosen["moe"]].out, run.out,
                                 load_recipe(recipe_name, study.user + run.overrides))
             pool.run(list(merge_runs.values()))
-            chosen["xft"] = choose({lr: _pass_at_1(r.out, "xft", s.select) for lr, r in merge_runs.items()})
-            grid, wider = extend_grid(grid, [chosen["xft"]]), grid
+            merge_scores = {lr: _pass_at_1(r.out, "xft", s.select) for lr, r in merge_runs.items()}
+            chosen["xft"] = choose(merge_scores)
+            grid, wider = extend_grid(grid, [merge_scores]), grid
             if grid == wider:
                 break
     log("chosen on validation: " + ", ".join(f"{m} lr {lr:g}" for m, lr in chosen.items()))
