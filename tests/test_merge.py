@@ -51,9 +51,11 @@ def registry():
     MERGE_METHODS.update(saved)
 
 
-@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+@pytest.mark.parametrize("method", sorted(n for n, m in MERGE_METHODS.items() if m.coefficients_fn))
 def test_every_method_computes_its_formula(method):
-    """Merged FFN parameters are Σ_e c_e W_e, and the merged model's logits are a hand-merged dense model's."""
+    """Merged FFN parameters are Σ_e c_e W_e, and the merged model's logits are a hand-merged dense model's.
+
+    (Every coefficient method; the tensor-level ones are checked in test_merge_methods_beyond.py.)"""
     dense = tiny_model("llama")
     moe = _perturb(xft.upcycle(copy.deepcopy(dense)))
     logits = {i: torch.randn(7) for i in range(2)} if method == "learned" else None
@@ -244,7 +246,7 @@ def test_merge_model_keeps_stacks_in_model_dtype():
 def test_bad_merge_arguments():
     moe = _perturbed_moe()
     with pytest.raises(ValueError, match="unknown merge method"):
-        xft.merge(moe, method="ties")
+        xft.merge(moe, method="nope")
     with pytest.raises(ValueError, match="shared_weight"):
         xft.merge(moe, shared_weight=1.5)
     with pytest.raises(ValueError, match="layers"):

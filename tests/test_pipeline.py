@@ -91,7 +91,10 @@ def test_every_method_has_one_stage_and_the_report_names_it():
         assert all(stage in every for stage in m.compute_chain if stage != "base")
     assert every["ewa"].deps == ("upcycle", "data") and every["xft_init"].deps == ("moe",)
     assert every["sft"].description == "dense SFT baseline"
-    assert [m for m in METHODS.values() if m.is_moe] == [METHODS[n] for n in ("moe", "sparse", "unnormalized")]
+    assert [m.name for m in METHODS.values() if m.is_moe][:3] == ["moe", "sparse", "unnormalized"]
+    # a variant MoE has its own upcycle stage; its merge merges it, not XFT's MoE
+    assert every["moe_drop"].deps == ("upcycle-moe_drop", "data") and every["xft_drop"].deps == ("moe_drop", "data")
+    assert every["xft_ties"].deps == ("moe",) and METHODS["xft_distill"].compute_chain == ("moe", "xft_distill")
     with pytest.raises(ValueError, match="'bogus'"):
         check_pairs([("xft", "bogus", "a claim")], "CLAIMS")
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import xft
 from xft.errors import UserError
-from xft.testing import ARCHITECTURES, tiny_model
+from xft.testing import ARCHITECTURES, MORE_ARCHITECTURES, tiny_model
 
 
 def _logits(model, ids, **kw):
@@ -31,9 +31,8 @@ def test_upcycled_model_computes_the_dense_model(arch):
 
 # Beyond the required list: same-shaped FFNs work unchanged; phi3 (fused gate_up_proj), bloom and mpt
 # (FFN takes the residual as a second argument) run through the generic functional_call path.
-@pytest.mark.parametrize("arch,impl", [("falcon", "fast"), ("olmo2", "fast"), ("granite", "fast"),
-                                       ("cohere", "fast"), ("gpt_bigcode", "fast"), ("phi3", "generic"),
-                                       ("bloom", "generic"), ("mpt", "generic")])
+@pytest.mark.parametrize("arch,impl", [(a, "generic" if a in ("phi3", "bloom", "mpt") else "fast")
+                                       for a in MORE_ARCHITECTURES])
 def test_other_architectures(arch, impl):
     dense = tiny_model(arch)
     ids = torch.randint(0, 300, (2, 8))
@@ -290,8 +289,9 @@ def test_routing_record_only_with_gradients_or_labels():
     x = torch.randn(5, moe.config.hidden_size)
     block(x)  # the block alone, with gradients: the record stays for whoever consumes it
     record = block.routing_record()
-    assert record.weights.shape == record.load.shape == (5, 7) and record.weights.requires_grad
-    assert record.load.sum().item() == 5 * 5  # no noise: each token selects k = 5 routed experts
+    weights, load = record.quantities["importance"], record.quantities["load"]  # cv2's: routed weights, load
+    assert weights.shape == load.shape == (5, 7) and weights.requires_grad
+    assert load.sum().item() == 5 * 5  # no noise: each token selects k = 5 routed experts
     with torch.no_grad():
         moe(ids, labels=ids)  # labels ask for the balance loss, also without gradients
     assert set(xft.routing_stats(moe)) == {0, 1}

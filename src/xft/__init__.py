@@ -19,11 +19,12 @@ __version__ = "0.1.0"
 export_lazily(__name__, {
     "is_moe_checkpoint": "xft.checkpoint", "load": "xft.checkpoint",
     "ConfigError": "xft.config", "UpcycleConfig": "xft.config",
+    "INITS": "xft.inits",
     "MERGE_METHODS": "xft.merge", "average_experts": "xft.merge", "build_merge_model": "xft.merge",
     "compile_merge": "xft.merge", "merge": "xft.merge", "merge_coefficients": "xft.merge",
     "MoEBlock": "xft.moe",
-    "ROUTERS": "xft.routing", "ROUTINGS": "xft.routing", "combine_weights": "xft.routing",
-    "expert_weights": "xft.upcycle", "ewa_step": "xft.upcycle", "is_moe": "xft.upcycle",
+    "BALANCES": "xft.routing", "ROUTERS": "xft.routing", "ROUTINGS": "xft.routing", "combine_weights": "xft.routing",
+    "balance_step": "xft.upcycle", "expert_weights": "xft.upcycle", "ewa_step": "xft.upcycle", "is_moe": "xft.upcycle",
     "moe_blocks": "xft.upcycle", "routing_stats": "xft.upcycle", "upcycle": "xft.upcycle",
     "upcycle_config": "xft.upcycle",
 })

@@ -62,7 +62,7 @@ def load(path: str, dtype: torch.dtype | str | None = None, device: str | torch.
     # no_init_weights also skips tying: alias a tied LM head to the embeddings now, so that the one saved
     # tensor fills both (Qwen2.5 0.5-3B, Llama-3.2, Gemma tie them; their checkpoints hold no lm_head).
     model.tie_weights()
-    upcycle(model, xft_config)
+    upcycle(model, xft_config, init_weights=False)  # structure only: every expert weight is loaded next
     _load_weights(model, _weight_files(path))
     return model.eval()
 
@@ -107,7 +107,7 @@ def skeleton(path: str) -> nn.Module:
         model = AutoModelForCausalLM.from_config(dense_config(copy.deepcopy(config)))
         model.tie_weights()
         if hasattr(config, CONFIG_KEY):
-            upcycle(model, UpcycleConfig.from_dict(getattr(config, CONFIG_KEY)))
+            upcycle(model, UpcycleConfig.from_dict(getattr(config, CONFIG_KEY)), init_weights=False)
     return model
 
 

@@ -24,7 +24,8 @@ from xft.errors import UserError
 COMMANDS = {
     "upcycle": ("xft.commands.core", "upcycle a dense model into an MoE (every FFN -> N experts)", False),
     "train": ("xft.commands.train", "instruction-tune a dense or MoE model (SFT, EWA)", True),
-    "merge": ("xft.commands.train", "merge a trained MoE into a dense model (learned, init, uniform)", True),
+    "merge": ("xft.commands.train", "merge a trained MoE into a dense model (learned or fixed merges, optional "
+                                    "distillation)", True),
     "eval": ("xft.eval.cli", "evaluate a model (or a samples file) on a code benchmark, sandboxed", False),
     "run": ("xft.commands.run", "run a whole XFT experiment from a YAML recipe (resumable stages)", True),
     "demo": ("xft.commands.run", "the whole XFT experiment on MiniCode on a CPU, with a report and plots", True),

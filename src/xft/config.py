@@ -73,6 +73,7 @@ def _check_choices(config) -> None:
 
 # ---------------------------------------------------------------- upcycling
 
+
 @dataclass
 class UpcycleConfig:
     """How to upcycle every FFN of a dense model into an MoE block (docs/method.md §1)."""
@@ -88,7 +89,17 @@ class UpcycleConfig:
     noisy_gating: bool = setting(True, "add learned Gaussian noise to the router logits during training "
                                        "(Shazeer et al.)")
     balance_loss_weight: float = setting(0.01, "weight of the per-layer load-balancing loss cv²(importance) + "
-                                               "cv²(load); 0 disables it")
+                                               "cv²(load) (with --balance switch: its α); 0 disables it")
+    balance: str = setting("cv2", "load balancing: 'cv2' (the paper: cv²(importance) + cv²(load)), 'switch' "
+                                  "(Fedus et al.: R·Σ f_i·P_i) or 'aux_free' (no loss: a per-expert bias on "
+                                  "the selection scores, moved toward balance after each optimizer step; "
+                                  "DeepSeek-V3)", choices=registry("xft.routing", "BALANCES"))
+    balance_scope: str = setting("micro_batch", "statistics the balance loss is computed on: 'micro_batch' "
+                                                "(each forward's) or 'global' (summed over the optimizer step's "
+                                                "micro-batches and data-parallel processes)",
+                                 choices=registry("xft.routing", "BALANCE_SCOPES"))
+    balance_bias_rate: float = setting(1e-3, "aux_free: the step γ of each expert's selection bias per optimizer "
+                                             "step, b_i += γ·sign(mean load − load_i)")
     load_estimate: str = setting("corrected", "noisy-gate load estimate: 'corrected' (Shazeer et al.) or "
                                               "'faithful' (the paper's code, which compares the noise term "
                                               "alone with the top-k threshold)",
@@ -100,7 +111,16 @@ class UpcycleConfig:
                                        "generic for FFNs it does not recognise); not part of the model: "
                                        "xft.load(path, expert_impl=...) overrides it",
                                choices=registry("xft.moe", "EXPERT_IMPLS"))
-    seed: int = setting(0, "seed for the routers' random initialisation")
+    seed: int = setting(0, "seed for the routers' random initialisation (and the drop init's draws)")
+    init: str = setting("copy", "how the experts start from the dense FFN: 'copy' (identical copies, the paper), "
+                                "'drop' (Drop-Upcycling: each routed expert re-draws a fraction drop_rate of its "
+                                "neurons) or 'granular' (each copy split into granularity experts of 1/G the "
+                                "intermediate size, top-k scaled by G); docs/method.md",
+                        choices=registry("xft.inits", "INITS"))
+    drop_rate: float | None = setting(None, "init 'drop' only: fraction in [0, 1] of each routed expert's "
+                                            "intermediate neurons re-initialised (default 0.5, the paper's)")
+    granularity: int | None = setting(None, "init 'granular' only (required there): fine-grained experts G per "
+                                            "expert; G must divide the FFN's intermediate size")
 
     def __post_init__(self):
         try:
@@ -122,6 +142,25 @@ class UpcycleConfig:
             bad(f"top_k={self.top_k}; must be at least 1")
         if self.balance_loss_weight < 0:
             bad(f"balance_loss_weight={self.balance_loss_weight}; must be >= 0")
+        if not 0 <= self.balance_bias_rate < float("inf"):
+            bad(f"balance_bias_rate={self.balance_bias_rate}; must be a finite number >= 0")
+        if self.balance_method.selection_bias and self.balance_bias_rate == 0:
+            bad(f"balance={self.balance!r} with balance_bias_rate=0 never moves its selection bias; for no load "
+                "balancing at all use balance='cv2' with balance_loss_weight=0")
+        self._check_init(bad)
+
+    def _check_init(self, bad) -> None:
+        """`drop_rate` and `granularity` belong to their init, with values it can use."""
+        if self.init == "drop" and self.drop_rate is None:
+            self.drop_rate = 0.5  # Drop-Upcycling's recommended rate
+        if self.drop_rate is not None and self.init != "drop":
+            bad(f"drop_rate={self.drop_rate} applies only to init='drop' (init={self.init!r})")
+        if self.drop_rate is not None and not (type_ok(self.drop_rate, float) and 0 <= self.drop_rate <= 1):
+            bad(f"drop_rate={self.drop_rate!r}; must be a fraction in [0, 1]")
+        if self.granularity is not None and self.init != "granular":
+            bad(f"granularity={self.granularity} applies only to init='granular' (init={self.init!r})")
+        if self.init == "granular" and not (type_ok(self.granularity, int) and self.granularity >= 1):
+            bad(f"init='granular' needs granularity=G, an integer >= 1 (got {self.granularity!r})")
 
     @property
     def scheme(self):
@@ -129,6 +168,13 @@ class UpcycleConfig:
         from xft.routing import ROUTINGS
 
         return ROUTINGS[self.routing]
+
+    @property
+    def balance_method(self):
+        """The `xft.routing.Balance` this config names."""
+        from xft.routing import BALANCES
+
+        return BALANCES[self.balance]
 
     @property
     def shared_expert(self) -> bool:
@@ -141,14 +187,19 @@ class UpcycleConfig:
         return self.scheme.first_routed
 
     @property
+    def shards(self) -> int:
+        """Stacked experts per expert: G with init 'granular' (each expert split G ways, xft.inits), else 1."""
+        return self.granularity if self.init == "granular" else 1
+
+    @property
     def num_routed(self) -> int:
-        """Number of routed experts R (the router's output size)."""
-        return self.scheme.num_routed(self.num_experts)
+        """Number of routed experts (the router's output size): R, or R·G for a granular init."""
+        return self.scheme.num_routed(self.num_experts) * self.shards
 
     @property
     def routed_top_k(self) -> int:
-        """Routed experts selected per token."""
-        return self.scheme.routed_k(self.top_k)
+        """Routed experts selected per token: k, or k·G for a granular init."""
+        return self.scheme.routed_k(self.top_k) * self.shards
 
     def to_dict(self) -> dict:
         """Plain dict for `config.json`."""
@@ -340,9 +391,16 @@ class SFTConfig(TrainConfig):
             raise ConfigError(f"ewa share rate must be in [0, 1], got {self.ewa_share_rate}")
 
 
+from xft.merge_methods import MERGE_METHODS, TIES_DENSITY, TIES_SCALE  # noqa: E402  (torch-free)
+
+# Merge option (xft.merge_methods.MergeMethod.options) -> the MergeConfig setting that gives it.
+MERGE_OPTION_SETTINGS = {"scale": "merge_scale", "density": "merge_density"}
+
+
 @dataclass(kw_only=True)
 class MergeConfig(TrainConfig):
-    """Merge a trained MoE into a dense model: learn the mixing coefficients (or use fixed ones)."""
+    """Merge a trained MoE into a dense model (learned or fixed coefficients, or a tensor-level merge), and
+    optionally distill the MoE into it."""
 
     moe: str = setting(help="trained MoE: a local directory, a finished xft output, or a Hub id", flag=False)
     method: str = setting("learned", "how to merge (xft.merge.MERGE_METHODS): learned (train the mixing logits, "
@@ -350,6 +408,11 @@ class MergeConfig(TrainConfig):
                           choices=registry("xft.merge_methods", "MERGE_METHODS"))
     shared_weight: float = setting(0.75, "merge weight of the shared expert (lambda; paper: 0.75)")
     learn_shared_weight: bool = setting(False, "also learn the shared expert's weight (paper: fixed)")
+    merge_scale: float | None = setting(None, "task_arithmetic and ties: the scale alpha on the experts' merged "
+                                              "deltas to the shared expert (default: task_arithmetic 1/(N-1), "
+                                              f"the routed experts' mean; ties {TIES_SCALE:g})")
+    merge_density: float | None = setting(None, "ties: the fraction of each expert delta's entries kept, the "
+                                                f"largest in magnitude (default {TIES_DENSITY})")
     # The merge's own schedule, the paper's (docs/method.md §3): declared here, so it is never inherited
     # from an SFT's settings (a recipe's `merge` section over `train`, see xft.pipeline.recipe.LAYERS).
     epochs: float = setting(1.0, "passes over the data (paper: 1; ignored when --max-steps is set)")
@@ -357,6 +420,14 @@ class MergeConfig(TrainConfig):
     lr: float = setting(1e-5, "peak learning rate of the mixing logits (paper: 1e-5)")
     lr_scheduler: str = setting("linear", "learning-rate schedule after warm-up (transformers scheduler name)")
     warmup_steps: int = setting(125, "linear warm-up steps (paper: 125)")
+    # Distillation after the merge (not in the paper; docs/method.md "Beyond the paper").
+    distill_steps: int = setting(0, "after the merge, train the whole dense model this many optimizer steps to "
+                                    "match the MoE's next-token distributions on --data (KL on response tokens; "
+                                    "0: off)")
+    distill_lr: float = setting(1e-5, "peak learning rate of the distillation (all dense parameters train)")
+    distill_warmup_steps: int = setting(0, "linear warm-up steps of the distillation")
+    distill_temperature: float = setting(1.0, "softmax temperature T of teacher and student in the distillation "
+                                              "loss (T^2 KL)")
 
     def validate(self) -> None:
         super().validate()
@@ -364,8 +435,21 @@ class MergeConfig(TrainConfig):
             raise ConfigError("missing required setting: moe")
         if self.learns and self.data is None:
             raise ConfigError(f"method {self.method!r} trains on data: pass --data (or use a fixed method)")
+        if self.distill_steps > 0 and self.data is None:
+            raise ConfigError("distillation (distill_steps > 0) trains on data: pass --data")
         if not 0.0 <= self.shared_weight <= 1.0:
             raise ConfigError(f"shared weight must be in [0, 1], got {self.shared_weight}")
+        if self.distill_steps < 0 or self.distill_warmup_steps < 0:
+            raise ConfigError("distill steps and distill warmup steps must be 0 or more")
+        if self.distill_lr <= 0:
+            raise ConfigError(f"distill lr must be positive, got {self.distill_lr}")
+        if not self.distill_temperature > 0:
+            raise ConfigError(f"distill temperature must be positive, got {self.distill_temperature}")
+        try:  # the method's own check (xft.merge_methods.OPTIONS), in the settings' names
+            MERGE_METHODS[self.method].check_options(self.merge_options(),
+                                                       spell=lambda n: MERGE_OPTION_SETTINGS.get(n, n))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def learns(self) -> bool:
@@ -373,6 +457,16 @@ class MergeConfig(TrainConfig):
         from xft.merge_methods import MERGE_METHODS
 
         return MERGE_METHODS[self.method].learns
+
+    def merge_options(self) -> dict:
+        """The options given to the merge method (`xft.merge(moe, method, **options)`): the settings that are set."""
+        return {option: getattr(self, name) for option, name in MERGE_OPTION_SETTINGS.items()
+                if getattr(self, name) is not None}
+
+    def distill_config(self) -> MergeConfig:
+        """This config with the distillation's schedule as the training schedule (what its Trainer runs)."""
+        return dataclasses.replace(self, max_steps=self.distill_steps, lr=self.distill_lr,
+                                   warmup_steps=self.distill_warmup_steps)
 
 
 # `report_to` integration -> (modules any one of which makes it work, pip package to install).

@@ -13,6 +13,11 @@
   exactly gets no spec and runs through `torch.func.functional_call` instead.
 * `call_ffn(spec, template, params, x)` computes what the FFN module computes
   with the given parameters, through the spec or `functional_call`.
+* `neuron_layout(ffn, hidden_size, spec)` finds where each FFN parameter holds
+  the intermediate neurons (the rows of the input projections, the columns of
+  the output projection, fused layouts included), for the inits that split or
+  re-initialise neurons (`xft.inits`); without a spec it is inferred from the
+  shapes and checked numerically: the FFN must be the sum of its neuron halves.
   `FFNSpec.run(x, linear)` is a recognised FFN's structure in one place: its
   own call runs it with `F.linear`, the MoE kernels with a `linear` over
   expert stacks.
@@ -23,6 +28,7 @@ through `xft.moe`, and `xft upcycle --help` must not load transformers).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 from dataclasses import dataclass
@@ -171,3 +177,96 @@ def _matches(spec: FFNSpec, ffn: nn.Module, hidden_size: int) -> bool:
     finally:
         ffn.train(was_training)
     return isinstance(ref, Tensor) and ref.shape == got.shape and torch.allclose(got, ref, rtol=1e-9, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- intermediate neurons
+
+@dataclass(frozen=True)
+class NeuronAxis:
+    """Where one FFN parameter holds the I intermediate neurons: dimension `dim`, as `blocks` runs of I
+    (2 for a fused [gate; up] projection such as Phi-3's gate_up_proj, neuron i at rows i and I + i)."""
+
+    dim: int
+    blocks: int = 1
+
+    def neurons(self, p: Tensor) -> Tensor:
+        """View of p with the neuron index on its own dimension `dim + 1`: [..., blocks, I, ...]."""
+        return p.unflatten(self.dim, (self.blocks, -1))
+
+    def take(self, p: Tensor, index: Tensor) -> Tensor:
+        """p restricted to the neurons `index` [m]: `dim` shrinks from blocks·I to blocks·m."""
+        return self.neurons(p).index_select(self.dim + 1, index).flatten(self.dim, self.dim + 1)
+
+
+@dataclass(frozen=True)
+class NeuronLayout:
+    """An FFN's intermediate size I and, per parameter name, its `NeuronAxis` (None: a parameter without
+    neurons, such as the output bias)."""
+
+    size: int
+    axes: dict[str, NeuronAxis | None]
+
+
+def neuron_layout(ffn: nn.Module, hidden_size: int, spec: FFNSpec | None = None) -> NeuronLayout:
+    """Where the parameters of `ffn` hold its intermediate neurons (UserError when that cannot be found).
+
+    With a spec: the rows of gate and up (their biases too) and the columns of down, transposed for
+    Conv1D. Without: the one dimension of each parameter that is not `hidden_size` holds the neurons,
+    in runs of I (the smallest such size); checked on random weights (not on the meta device).
+    """
+    params = dict(ffn.named_parameters())
+    name = type(ffn).__name__
+    if spec is not None:
+        axes = {}
+        for layer in filter(None, (spec.gate, spec.up, spec.down)):
+            into = layer != spec.down  # an input projection: the neurons are its outputs
+            dim = 0 if into else 1  # Linear weights are [out, in]
+            axes[f"{layer}.weight"] = NeuronAxis(1 - dim if layer in spec.transposed else dim)
+            if f"{layer}.bias" in params:
+                axes[f"{layer}.bias"] = NeuronAxis(0) if into else None
+        return NeuronLayout(params[f"{spec.up}.weight"].shape[1 if spec.up in spec.transposed else 0], axes)
+    sizes = {n for p in params.values() for n in p.shape if n != hidden_size}
+    if not sizes:
+        raise UserError(f"{name}: cannot tell its intermediate size from the hidden size {hidden_size}")
+    size, axes = min(sizes), {}
+    for pname, p in params.items():
+        dims = [i for i, n in enumerate(p.shape) if n != hidden_size]
+        if len(dims) > 1 or (dims and p.shape[dims[0]] % size):
+            raise UserError(f"{name}: parameter {pname} of shape {tuple(p.shape)} has no single intermediate "
+                            f"dimension (intermediate size {size}, hidden size {hidden_size})")
+        axes[pname] = NeuronAxis(dims[0], p.shape[dims[0]] // size) if dims else None
+    layout = NeuronLayout(size, axes)
+    meta = any(p.is_meta for p in params.values())  # shapes only (xft.checkpoint.skeleton): nothing to run
+    if not meta and not _splits_into_neurons(layout, ffn, hidden_size):
+        raise UserError(f"{name}: its output is not the sum of its intermediate neurons' contributions "
+                        f"(assumed layout {layout}); this init needs an FFN that splits along its neurons")
+    return layout
+
+
+@torch.no_grad()
+def _splits_into_neurons(layout: NeuronLayout, ffn: nn.Module, hidden_size: int) -> bool:
+    """Whether `ffn` (random float64 weights, eval mode) computes the sum of two FFNs on a random half of the
+    neurons each, the parameters without neurons and any extra inputs (Bloom's residual) halved."""
+    if layout.size < 2:
+        return False
+    g = torch.Generator().manual_seed(0)
+    w = {n: torch.randn(a.shape, generator=g, dtype=torch.float64) * 0.5 for n, a in ffn.named_parameters()}
+    x = torch.randn(7, hidden_size, generator=g, dtype=torch.float64)
+    # Required positional arguments after the hidden states: token-aligned tensors, as MoEBlock passes them.
+    extra = [torch.randn(7, hidden_size, generator=g, dtype=torch.float64)
+             for p in list(inspect.signature(ffn.forward).parameters.values())[1:]
+             if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    order = torch.randperm(layout.size, generator=g)
+    halves = (order[:layout.size // 2], order[layout.size // 2:])
+    was_training = ffn.training
+    ffn.eval()
+    try:
+        whole = functional_call(ffn, w, (x, *extra))
+        parts = [functional_call(ffn, {n: p / 2 if layout.axes[n] is None else layout.axes[n].take(p, half)
+                                       for n, p in w.items()}, (x, *(e / 2 for e in extra)))
+                 for half in halves]
+    except Exception:  # noqa: BLE001 - a layout the module cannot run with is not its layout
+        return False
+    finally:
+        ffn.train(was_training)
+    return isinstance(whole, Tensor) and torch.allclose(parts[0] + parts[1], whole, rtol=1e-9, atol=1e-9)

@@ -11,6 +11,13 @@ with coefficients `c^l ∈ R^N`:
 * ``"uniform"``: `c = 1/N` (also EWA's final merge).
 
 and every FFN parameter becomes `W^l = Σ_n c_n · W_n^l` (`weighted_sum`).
+The tensor-level methods work on the experts' deltas `τ_i = W_i − B` to a base
+`B` (the shared expert; without one, the experts' mean): ``"task_arithmetic"``
+`B + α·Σ_i τ_i` and ``"ties"`` (trim, elect sign, disjoint mean), see
+`task_arithmetic` and `ties` and docs/method.md "Beyond the paper".
+A granular MoE (`xft.inits`) is merged as the N experts its shards came from:
+each expert's G shards joined back into an FFN of the dense shapes
+(`xft.inits.whole_experts`), so every method applies unchanged.
 `merge` compiles directly; `build_merge_model` turns an MoE (in place) into a
 model of the dense architecture whose FFN weights are computed from the expert
 stacks and learnable `a^l` on the fly, and `compile_merge` writes the learned
@@ -32,9 +39,10 @@ from torch import Tensor, nn
 
 from xft.ffn import FFNSpec, call_ffn
 from xft.hfconfig import dense_config
+from xft.inits import whole_experts
 # The registry, re-exported: `xft.merge.MERGE_METHODS` (= `xft.MERGE_METHODS`) is the list of merge methods.
 from xft.merge_methods import (  # noqa: F401
-    MERGE_METHODS, MergeInput, MergeMethod, get_merge_method, register_merge_method,
+    MERGE_METHODS, TIES_DENSITY, TIES_SCALE, MergeInput, MergeMethod, get_merge_method, register_merge_method,
 )
 from xft.moe import MoEBlock
 from xft.upcycle import moe_blocks, remove_balance_loss
@@ -86,35 +94,129 @@ def learned_coefficients(layer: MergeInput) -> Tensor:
     return coefficients(layer.num_experts, layer.shared_expert, layer.shared_weight, layer.logits.detach().cpu())
 
 
+# ----------------------------------------------------------------------------- task vectors (tensor-level methods)
+
+def task_vectors(stack: Tensor, shared_expert: bool) -> tuple[Tensor, Tensor]:
+    """(base B [*shape], deltas τ [R, *shape]) in fp32 of one expert stack [N, *shape] (for task arithmetic).
+
+    With a shared expert B = W_0 and τ_i = W_i − W_0 for the R = N−1 routed
+    experts; without one (sparse routing) B = mean_n W_n and τ_n = W_n − B for all N.
+    """
+    w = stack.float()
+    base = w[0] if shared_expert else w.mean(0)
+    return base, (w[1:] if shared_expert else w) - base
+
+
+@torch.no_grad()
+def task_arithmetic(layer: MergeInput) -> dict[str, Tensor]:
+    """Task arithmetic (Ilharco et al. 2023): W = B + α·Σ_i τ_i, α = option "scale" (default 1/R).
+
+    The default α = 1/R gives the mean of the experts the deltas come from (the
+    routed ones): it never leaves the experts' convex hull, whatever N, where
+    the paper tunes α on validation data that a fixed merge does not have.
+    Without a shared expert the deltas to the experts' mean sum to zero, so
+    every α gives that mean (the uniform merge).
+    """
+    merged = {}
+    for name, s in layer.stacks.items():
+        base, tau = task_vectors(s, layer.shared_expert)  # [*shape], [R, *shape]
+        alpha = layer.options.get("scale", 1.0 / tau.shape[0])
+        merged[name] = (base + alpha * tau.sum(0)).to(s.dtype)
+    return merged
+
+
+def trim_mask(delta: Tensor, density: float) -> Tensor:
+    """Bool mask [*shape] of the k = max(1, round(density·numel)) entries of `delta` largest in magnitude.
+
+    Equal magnitudes at the threshold are broken toward the lower flat
+    (row-major) index, so the mask keeps exactly k entries and is deterministic.
+    """
+    a = delta.abs().flatten()  # [P]
+    k = min(a.numel(), max(1, round(density * a.numel())))
+    t = a.kthvalue(a.numel() - k + 1).values  # the k-th largest magnitude
+    above, tie = a > t, a == t
+    keep = above | (tie & (tie.cumsum(0) <= k - above.sum()))
+    return keep.view(delta.shape)
+
+
+def ties_deltas(tau: Tensor, density: float) -> Tensor:
+    """TIES' merged delta [*shape] of deltas τ [R, *shape]: trim each τ_i, elect signs, disjoint mean.
+
+    τ̂_i = τ_i on its `trim_mask` (else 0); γ = sign(Σ_i τ̂_i); the result is the
+    mean of the τ̂_i whose sign is γ (nonzero ones only), 0 where none is.
+    """
+    trimmed = torch.stack([t * trim_mask(t, density) for t in tau])  # [R, *shape], one mask at a time
+    elected = trimmed.sum(0).sign()  # [*shape]; 0 where the trimmed deltas cancel (then none agrees)
+    agree = (trimmed.sign() == elected) & (trimmed != 0)  # [R, *shape]
+    return (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+
+@torch.no_grad()
+def ties(layer: MergeInput) -> dict[str, Tensor]:
+    """TIES (Yadav et al. 2023) per FFN parameter: W = B + α·ties_deltas(τ, density).
+
+    Options "density" (default `TIES_DENSITY`) and "scale" α (default
+    `TIES_SCALE`). Trimming is per parameter tensor and per delta (the paper
+    trims each flattened task vector as a whole). Computed in float64, where
+    the deltas of fp32/bf16 weights and their sums are exact, so deltas that
+    cancel elect no sign rather than the sign of a rounding error (2 and −2;
+    without a shared expert, every entry that no delta trims away, as the
+    deltas to the mean sum to zero there).
+    """
+    density = layer.options.get("density", TIES_DENSITY)
+    alpha = layer.options.get("scale", TIES_SCALE)
+    merged = {}
+    for name, s in layer.stacks.items():
+        w = s.double()  # [N, *shape]
+        if layer.shared_expert:  # τ_i = W_i − W_0, i = 1..N−1
+            base, deltas, n = w[0], w[1:] - w[0], 1
+        else:  # n·τ_m = n·W_m − Σ W: the deltas to the mean B = Σ W / n, scaled by n to stay exact
+            total, n = w.sum(0), w.shape[0]
+            base, deltas = total / n, n * w - total
+        # ties_deltas commutes with a positive scale (magnitude ranks, signs, means), so /n undoes the n·τ.
+        merged[name] = (base + alpha * ties_deltas(deltas, density) / n).to(s.dtype)
+    return merged
+
+
 # ----------------------------------------------------------------------------- fixed merges
 
-def merge(moe: nn.Module, shared_weight: float = 0.75, mixing_logits: dict[int, Tensor] | None = None,
-          method: str | None = None) -> nn.Module:
+def merge(moe: nn.Module, method: str | None = None, *, shared_weight: float = 0.75,
+          mixing_logits: dict[int, Tensor] | None = None, **options) -> nn.Module:
     """A dense model of the MoE's original class and config whose FFNs are the merged experts.
 
     `method`: a name of `MERGE_METHODS` — ``"init"`` (default without
     logits), ``"uniform"``, ``"learned"`` (default with `mixing_logits`:
-    layer index -> `a^l`), or one registered at runtime. The MoE is left untouched.
+    layer index -> `a^l`), ``"task_arithmetic"``, ``"ties"``, or one
+    registered at runtime. `options`: the method's own (`MergeMethod.options`,
+    e.g. ``density=0.5`` for ties); another name or a bad value is a
+    ValueError. The MoE is left untouched.
     """
     merger = get_merge_method(method or ("learned" if mixing_logits is not None else "init"))
-    blocks = moe_blocks(moe)
-    with torch.no_grad():
-        ffns = {blocks[i]: _ffn_with(blocks[i].experts, merger(layer), merger.name)
-                for i, layer in merge_inputs(moe, shared_weight, mixing_logits).items()}
+    merger.check_options(options)
+    with torch.no_grad():  # layer by layer: a granular layer's joined experts live only while it is merged
+        ffns = {block: _ffn_with(experts, merger(layer), merger.name)
+                for _, block, experts, layer in _layers(moe, shared_weight, mixing_logits, options)}
     return _dense_copy(moe, ffns)
 
 
-def merge_inputs(moe: nn.Module, shared_weight: float = 0.75,
-                 mixing_logits: dict[int, Tensor] | None = None) -> dict[int, MergeInput]:
+def merge_inputs(moe: nn.Module, shared_weight: float = 0.75, mixing_logits: dict[int, Tensor] | None = None,
+                 options: dict | None = None) -> dict[int, MergeInput]:
     """Layer index -> what a merge method gets for that layer, after checking the arguments."""
+    return {i: layer for i, _, _, layer in _layers(moe, shared_weight, mixing_logits, options)}
+
+
+def _layers(moe: nn.Module, shared_weight: float, mixing_logits: dict[int, Tensor] | None,
+            options: dict | None = None):
+    """After checking the arguments, per layer in order: (index, block, its experts as N whole FFNs, MergeInput)."""
     blocks = _blocks_to_merge(moe, shared_weight)
     if mixing_logits is not None and set(mixing_logits) != set(blocks):
         raise ValueError(f"mixing logits given for layers {sorted(mixing_logits)}; the model has "
                          f"layers {sorted(blocks)}")
     logits = mixing_logits or {}
-    return {i: MergeInput({name: p.detach() for name, p in block.expert_parameters().items()},
-                          block.config, shared_weight, logits.get(i))
-            for i, block in blocks.items()}
+    for i, block in blocks.items():
+        experts, config = whole_experts(block)
+        stacks = {name: p.detach() for name, p in experts.named_parameters()}
+        yield i, block, experts, MergeInput(stacks, config, shared_weight, logits.get(i), dict(options or {}))
 
 
 def _blocks_to_merge(moe: nn.Module, shared_weight: float) -> dict[int, MoEBlock]:
@@ -174,12 +276,13 @@ class LearnableMerge(nn.Module):
 
     def __init__(self, block: MoEBlock, shared_weight: float, learn_shared_weight: bool):
         super().__init__()
-        self.experts = block.experts.requires_grad_(False)
+        experts, config = whole_experts(block)  # a granular block's shards joined into N whole experts
+        self.experts = experts.requires_grad_(False)
         self.spec: FFNSpec | None = block.spec
-        self.num_experts = block.num_experts
-        self.shared_expert = block.config.shared_expert
+        self.num_experts = config.num_experts
+        self.shared_expert = config.shared_expert
         ref = next(self.experts.parameters())
-        num_logits = block.config.num_routed
+        num_logits = config.num_routed
         # fp32 even for a bf16 model: updates of ~1e-5 would vanish in bf16.
         self.mixing_logits = nn.Parameter(torch.zeros(num_logits, dtype=torch.float32, device=ref.device))
         self.shared_weight = float(shared_weight)

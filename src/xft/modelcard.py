@@ -30,8 +30,8 @@ KINDS = {
     "dense": (False, "a dense model, instruction-tuned (supervised fine-tuning)"),
     "ewa": (False, "a dense model: an MoE trained with EWA (Experts Weights Averaging), its experts averaged "
                    "into one FFN per layer"),
-    "merged": (False, "a dense model merged from an XFT mixture-of-experts model: every FFN is a weighted "
-                      "sum of the experts' FFNs"),
+    "merged": (False, "a dense model merged from an XFT mixture-of-experts model: every FFN is computed from "
+                      "the experts' FFNs (a weighted sum, or a merge of their weights such as TIES)"),
 }
 
 

@@ -4,7 +4,9 @@ router -> routing weights -> experts -> weighted sum. Every FFN parameter of
 the `N` experts is stored as one stacked tensor `[N, *shape]` inside
 `block.experts`, a parameter-for-parameter twin of the original FFN module
 (so `block.experts.gate_proj.weight` is `[N, I, d]`); expert `e` is the FFN
-run with the `e`-th slices. The experts module is only a container and a
+run with the `e`-th slices. How the stacks start is the config's `init`
+(`xft.inits`): a granular block stacks `N·G` experts of intermediate size I/G,
+the shared expert's G shards first. The experts module is only a container and a
 template for `functional_call`; it is never called directly.
 
 How the experts run is an entry of `EXPERT_IMPLS`, resolved once when the
@@ -19,9 +21,10 @@ on the input (its device and dtype) is looked at:
 
 Every kernel shares one `Dispatch` (T tokens, k routed experts per token): the
 rows of all experts grouped by expert — the shared expert's T rows (every
-token) first, then the T·k routed selections sorted by expert — gathered
-once, each expert's FFN run on its contiguous group, and the rows scaled by
-their routing weights and added back to their tokens (`index_add_`).
+token; T per shard of a granular block) first, then the T·k routed selections
+sorted by expert — gathered once, each expert's FFN run on its contiguous
+group, and the rows scaled by their routing weights and added back to their
+tokens (`index_add_`).
 
 Gradients of the stacks: the loop hands each expert a view of its slice and
 writes that expert's weight gradient straight into one `[N, ...]` buffer
@@ -30,9 +33,13 @@ write a full-size gradient per expert, and plain `unbind` views a stacking
 copy of the whole gradient (docs/CORE_API.md, "Expert kernels"). The generic loop uses
 `unbind`; grouped_mm takes the stacks whole.
 
-The routing record (routed weights and per-token load, `[T, R]` each) that
-the model-level balance loss consumes is built only when gradients are on or
-`record_routing` asks for it (the model's hook sets it when labels are given).
+The routing record (the per-token quantities `[T, R]` the balance method sums:
+routed weights and load for cv2) that the model-level balance loss consumes is
+built only when gradients are on or `record_routing` asks for it (the model's
+hook sets it when labels are given). With ``balance="aux_free"`` the block also
+holds `selection_bias` [R], added to the selection scores only (saved with the
+model), and counts the load of the current optimizer step for its update
+(`xft.balance_step`).
 """
 
 from __future__ import annotations
@@ -46,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xft.ffn import FFNSpec, call_ffn, recognize
-from xft.routing import NoisyTopKGate, balance_loss, get_routing, per_token_load
+from xft.ffn import FFNSpec, call_ffn, neuron_layout, recognize
+from xft.inits import INITS, stack_weights, tie_groups
+from xft.routing import NoisyTopKGate, get_balance, get_routing, token_quantities
 
 if TYPE_CHECKING:  # xft.config imports this module for EXPERT_IMPLS
     from xft.config import UpcycleConfig
@@ -57,37 +65,55 @@ if TYPE_CHECKING:  # xft.config imports this module for EXPERT_IMPLS
 class RoutingRecord:
     """One forward's routing, for the balance loss and for logging (fp32, with the router's gradient)."""
 
-    weights: Tensor  # [T, R] routing weights of the routed experts (0 where not selected)
-    load: Tensor  # [T, R] how much each token counts toward each routed expert's load
+    # name -> [T, R]: the per-token quantities the block's balance method sums (`xft.routing.token_quantities`;
+    # cv2: "importance", the routed weights, and "load")
+    quantities: dict[str, Tensor]
 
-    def balance_loss(self, token_mask: Tensor | None, weight: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """(loss, detached stats) over the tokens where `token_mask` [T] is true (all if None)."""
-        w, load = self.weights, self.load
-        if token_mask is not None:
-            w, load = w[token_mask], load[token_mask]
-        importance, load = w.sum(0), load.sum(0)  # [R] each
-        loss = balance_loss(importance, load, weight)
-        return loss, {"importance": importance.detach(), "load": load.detach(), "balance_loss": loss.detach()}
+    @property
+    def tokens(self) -> int:
+        """T, the number of tokens routed."""
+        return next(iter(self.quantities.values())).shape[0]
+
+    def sums(self, token_mask: Tensor | None) -> dict[str, Tensor]:
+        """name -> per-expert sum [R] over the tokens where `token_mask` [T] is true (all if None)."""
+        return {k: (q if token_mask is None else q[token_mask]).sum(0) for k, q in self.quantities.items()}
 
 
 class MoEBlock(nn.Module):
-    """N experts (copies of one FFN) behind a router; `forward(x [..., d]) -> [..., d]`."""
+    """N experts (started from one FFN by `config.init`) behind a router; `forward(x [..., d]) -> [..., d]`.
 
-    def __init__(self, ffn: nn.Module, hidden_size: int, config: UpcycleConfig):
+    `generator`: the init's random draws (drop; default: one seeded with `config.seed`); `init_weights`
+    False builds the structure only, for weights loaded next (no random draws).
+    """
+
+    def __init__(self, ffn: nn.Module, hidden_size: int, config: UpcycleConfig,
+                 generator: torch.Generator | None = None, init_weights: bool = True):
         super().__init__()
         self.config = config
         self.routing = get_routing(config.routing)
+        self.balance = get_balance(config.balance)
         self.num_experts = config.num_experts
         self.k = config.routed_top_k
         self.first_routed = config.first_routed
+        self.shards = config.shards  # stacked experts per expert (granular: G)
+        self.num_shared = config.first_routed * self.shards  # stacked experts every token goes through
         # Recognised once, before the parameters become stacks; `expert_impl` decides whether it is used.
         self._recognized: FFNSpec | None = recognize(ffn, hidden_size)
         ref = next(ffn.parameters())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            gate = NoisyTopKGate(config.router, hidden_size, config.num_routed, config.noisy_gating)
+            routed = config.scheme.num_routed(config.num_experts)  # R
+            gate = NoisyTopKGate(config.router, hidden_size, routed, config.noisy_gating)
+            if self.shards > 1:  # granular: the copy init's router, each output repeated for the G shards
+                gate = tie_groups(gate, NoisyTopKGate(config.router, hidden_size, routed * self.shards,
+                                                      config.noisy_gating), self.shards)
         self.gate = gate.to(device=ref.device, dtype=ref.dtype)
-        self.experts = _stack_parameters(ffn, config.num_experts)
+        init = INITS[config.init]
+        # Where the FFN's parameters hold its intermediate neurons (inits that split or re-draw neurons).
+        self.layout = neuron_layout(ffn, hidden_size, self._recognized) if init.needs_layout else None
+        if init_weights and generator is None:
+            generator = torch.Generator().manual_seed(config.seed)
+        self.experts = init.build(ffn, config, self.layout, generator if init_weights else None)
         # Feature sizes of the stacked matrices (fixed from here on) and, per element size, whether
         # torch._grouped_mm takes them (`_grouped_mm_fits`).
         self._matrix_sizes = sorted({n for p in self.experts.parameters() if p.dim() == 3 for n in p.shape[1:]})
@@ -96,7 +122,13 @@ class MoEBlock(nn.Module):
         # Set per forward by the model's balance-loss hook: build the routing record even without gradients.
         self.record_routing = False
         self._record: RoutingRecord | None = None
-        self.stats: dict[str, Tensor] = {}  # from the last `finish_balance_loss`: importance, load [R], loss
+        self.stats: dict[str, Tensor] = {}  # from the last `balance_term`: the sums [R], load [R], loss
+        # aux_free: a per-expert bias [R] on the selection scores (None otherwise), a buffer so that checkpoints
+        # and resumed runs keep it; fp32 like the routing math in any model dtype, so that steps of ~1e-3 are not
+        # rounded away. `step_load` [R]: the load counted in this optimizer step's training forwards.
+        self.register_buffer("selection_bias", torch.zeros(config.num_routed, device=ref.device, dtype=torch.float32)
+                             if self.balance.selection_bias else None)
+        self.step_load: Tensor | None = None
         # DeepSpeed ZeRO-3 gathers only the parameters of the module being called; the stacks live in
         # `self.experts`, which is never called, so mark the block a "leaf" to gather all of it at once.
         self._z3_leaf = True
@@ -120,7 +152,8 @@ class MoEBlock(nn.Module):
         self._kernel = impl.resolve(self)
 
     def expert_parameters(self) -> dict[str, nn.Parameter]:
-        """FFN parameter name (as in the original FFN) -> live stacked parameter `[N, *shape]`."""
+        """FFN parameter name (as in the original FFN) -> live stacked parameter `[N, *shape]` (granular:
+        `[N·G, *shard shape]`, see `xft.inits`)."""
         return dict(self.experts.named_parameters())
 
     def forward(self, hidden: Tensor, *extra: Tensor) -> Tensor:
@@ -130,10 +163,13 @@ class MoEBlock(nn.Module):
         extra = tuple(e.reshape(x.shape[0], *e.shape[len(shape) - 1:]) for e in extra)
         clean, logits, std = self.gate(x)  # [T, R] each; std None without noise
         logits = logits.float()
-        weights, top_i = self.routing.combine(logits, self.k)  # [T, N] fp32, [T, k]
+        weights, top_i = self.routing.combine(logits, self.k, self.selection_bias)  # [T, N] fp32, [T, k]
         if torch.is_grad_enabled() or self.record_routing:
-            load = per_token_load(top_i, logits.shape[-1], clean.float(), logits, std, self.config.load_estimate)
-            self._record = RoutingRecord(weights[:, self.first_routed:], load)
+            self._record = RoutingRecord(token_quantities(self.balance.sums, weights[:, self.first_routed:], top_i,
+                                                          clean.float(), logits, std, self.config.load_estimate))
+        if self.shards > 1:  # granular: one weight per stacked expert; a shard carries 1/G of the extra inputs
+            weights = stack_weights(weights, self.first_routed, self.shards)
+            extra = tuple(e / self.shards for e in extra)
         y = self._kernel(self, x, extra, weights.to(x.dtype), top_i)
         if self.spec is not None and self.spec.dropout is not None:
             y = self.spec.dropout(y)
@@ -152,8 +188,32 @@ class MoEBlock(nn.Module):
 
         Consumes the routing record and keeps its stats in `self.stats`.
         """
-        loss, self.stats = self._record.balance_loss(token_mask, self.config.balance_loss_weight)
+        return self.balance_term(self.balance_sums(token_mask))
+
+    def balance_sums(self, token_mask: Tensor | None) -> dict[str, Tensor]:
+        """This forward's per-expert sums [R] (`Balance.sums`) over the tokens where `token_mask` [T] is true.
+
+        Consumes the routing record. In training, an aux-free block adds the load to `step_load`.
+        """
+        sums = self._record.sums(token_mask)
         self._record = None
+        if self.selection_bias is not None and self.training:
+            load = sums[self.balance.load].detach()
+            self.step_load = load if self.step_load is None else self.step_load + load
+        return sums
+
+    def balance_term(self, sums: dict[str, Tensor], earlier: dict[str, Tensor] | None = None) -> Tensor:
+        """The balance loss of `sums` {name: [R]}, less that of `earlier` (sums already counted, detached).
+
+        Keeps the stats of `sums` (detached, with the loss and, for aux_free, the bias spread) in `self.stats`.
+        """
+        loss = self.balance.loss(sums, self.config.balance_loss_weight)
+        self.stats = {**{k: v.detach() for k, v in sums.items()}, "load": sums[self.balance.load].detach(),
+                      "balance_loss": loss.detach()}
+        if self.selection_bias is not None:
+            self.stats["bias_spread"] = self.selection_bias.max() - self.selection_bias.min()
+        if earlier is not None:
+            loss = loss - self.balance.loss(earlier, self.config.balance_loss_weight)
         return loss
 
     def _grouped_mm_fits(self, x: Tensor, warn: bool = True) -> bool:
@@ -176,33 +236,36 @@ class MoEBlock(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"num_experts={c.num_experts}, top_k={c.top_k}, routing={c.routing!r}, expert_impl={self.expert_impl!r}"
+        init = f", init={c.init!r}" + (f", granularity={c.granularity}" if c.init == "granular" else "")
+        return (f"num_experts={c.num_experts}, top_k={c.top_k}, routing={c.routing!r}{init}, "
+                f"expert_impl={self.expert_impl!r}")
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 class Dispatch:
-    """One forward's selections as G groups of rows, one per expert in order (G = N).
+    """One forward's selections as groups of rows, one per stacked expert in order (N, or N·G granular).
 
-    With a shared expert, group 0 is every token (weight `weights[:, 0]`); then the T·k routed selections
-    sorted by expert (stable: by token within an expert). Row j is token `token[j]` with weight `gate[j]`.
+    The `num_shared` shared groups (the shared expert, or its G shards) come first, each every token (weight
+    `weights[:, s]`); then the T·k routed selections sorted by expert (stable: by token within an expert).
+    Row j is token `token[j]` with weight `gate[j]`.
     """
 
-    def __init__(self, weights: Tensor, top_i: Tensor, first_routed: int):
-        """weights [T, N] (x's dtype), top_i [T, k] routed indices."""
+    def __init__(self, weights: Tensor, top_i: Tensor, num_shared: int):
+        """weights [T, S + R] (one per stacked expert, x's dtype), top_i [T, k] routed indices, S = num_shared."""
         tokens, k = top_i.shape
         flat = top_i.flatten()  # [T*k] routed index of each selection, token-major
         order = flat.argsort(stable=True)  # [T*k]
         token = order // k  # [T*k] token of each sorted selection
-        gate = weights[:, first_routed:].gather(1, top_i).flatten()[order]  # [T*k]
-        counts = torch.bincount(flat, minlength=weights.shape[1] - first_routed)  # [R] routed group sizes
-        if first_routed:  # the shared expert's group: every token, in order
-            token = torch.cat([torch.arange(tokens, device=token.device), token])
-            gate = torch.cat([weights[:, 0], gate])
-            counts = torch.cat([counts.new_full((1,), tokens), counts])
-        self.token = token  # [M] row -> token, M = T·k (+ T)
+        gate = weights[:, num_shared:].gather(1, top_i).flatten()[order]  # [T*k]
+        counts = torch.bincount(flat, minlength=weights.shape[1] - num_shared)  # [R] routed group sizes
+        if num_shared:  # the shared groups: every token, in order, per shared expert
+            token = torch.cat([torch.arange(tokens, device=token.device).repeat(num_shared), token])
+            gate = torch.cat([weights[:, :num_shared].t().flatten(), gate])
+            counts = torch.cat([counts.new_full((num_shared,), tokens), counts])
+        self.token = token  # [M] row -> token, M = T·k (+ S·T)
         self.gate = gate[:, None]  # [M, 1]
-        self.counts = counts  # [G] rows per expert
+        self.counts = counts  # [S + R] rows per stacked expert
 
     def groups(self, sizes: list[int]) -> list[tuple[int, slice]]:
         """(expert, its rows) of the non-empty groups, from the group sizes on the host (`counts.tolist()`)."""
@@ -317,7 +380,7 @@ def _bias_rows(y: Tensor, bias: Tensor | None, counts: Tensor) -> Tensor:
 def _run_loop(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights: Tensor, top_i: Tensor) -> Tensor:
     """x [T, d], weights [T, N], top_i [T, k] -> Σ_e weights[:, e] · FFN_e(x): the spec's FFN per expert on
     its group of rows; one host sync, for the group sizes."""
-    spec, d = block.spec, Dispatch(weights, top_i, block.first_routed)
+    spec, d = block.spec, Dispatch(weights, top_i, block.num_shared)
     sizes = d.counts.tolist()  # the one host sync
     # Under autocast, plain F.linear on the views (its casts, gradients stacked by _ExpertViews).
     direct = torch.is_autocast_enabled(x.device.type)
@@ -351,7 +414,7 @@ def _run_grouped(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights:
     """
     if not block._grouped_mm_fits(x, warn=block.expert_impl == "grouped_mm"):
         return _run_loop(block, x, extra, weights, top_i)
-    spec, d = block.spec, Dispatch(weights, top_i, block.first_routed)
+    spec, d = block.spec, Dispatch(weights, top_i, block.num_shared)
     stacks = block.expert_parameters()
     offs = d.counts.cumsum(0).to(torch.int32)  # [N] end row of each expert's group
 
@@ -369,7 +432,7 @@ def _run_generic(block: MoEBlock, x: Tensor, extra: tuple[Tensor, ...], weights:
     The stacks are `unbind`-ed once: indexing `W[e]` per expert would make every backward write a
     full-size `[N, ...]` gradient (docs/CORE_API.md).
     """
-    d = Dispatch(weights, top_i, block.first_routed)
+    d = Dispatch(weights, top_i, block.num_shared)
     sizes = d.counts.tolist()  # the one host sync
     stacks = {name: p.unbind(0) for name, p in block.experts.named_parameters()}  # N × [*shape] each
     out = torch.zeros_like(x)
@@ -414,16 +477,3 @@ EXPERT_IMPLS: dict[str, ExpertImpl] = {
     "generic": ExpertImpl(_run_generic, needs_spec=False),
 }
 
-
-def _stack_parameters(ffn: nn.Module, n: int) -> nn.Module:
-    """Turn `ffn` in place into the experts container: each parameter p -> independent [n, *p.shape] copies.
-
-    One FFN parameter at a time, so peak memory is one stack plus the original.
-    """
-    for name, p in list(ffn.named_parameters()):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = ffn.get_submodule(owner_name) if owner_name else ffn
-        # `clone` of an expanded view materialises n independent copies (no shared storage).
-        stack = p.detach().unsqueeze(0).expand(n, *p.shape).clone()
-        setattr(owner, leaf, nn.Parameter(stack, requires_grad=p.requires_grad))
-    return ffn

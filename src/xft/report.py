@@ -27,7 +27,7 @@ import textwrap
 from dataclasses import dataclass, field
 
 from xft.artifacts import atomic_write_json, atomic_write_text
-from xft.pipeline.methods import METHODS, check_pairs, upcycle_stage
+from xft.pipeline.methods import METHODS, check_pairs
 from xft.training import rundir
 
 REPORT_SETTINGS = "report.json"  # title and preamble of report.md, so that `xft report` rebuilds the same one
@@ -115,7 +115,7 @@ def parameter_counts(model_path: str) -> tuple[int, int]:
     cfg = xft.upcycle_config(model)
     inactive = 0
     for stacks in xft.expert_weights(model).values():
-        per_expert = sum(p[0].numel() for p in stacks.values())
+        per_expert = sum(p[0].numel() for p in stacks.values()) * cfg.shards  # granular: G stacked shards each
         inactive += (cfg.num_experts - cfg.top_k) * per_expert
     return total, total - inactive
 
@@ -141,7 +141,7 @@ def collect(runs: list[str], benchmark: str = "minicode", methods: list[str] | N
                 if not os.path.isdir(stage_model):
                     continue
                 total, active = parameter_counts(stage_model)
-                upcycled = os.path.join(first, upcycle_stage(m.routing)) if m.ewa else None
+                upcycled = os.path.join(first, m.upcycle_stage) if m.ewa else None
                 if upcycled and os.path.isdir(upcycled):
                     active = parameter_counts(upcycled)[1]  # it trained the MoE it averaged at the end
                 sizes[stage] = (total, active, training_tokens(stage_model))

@@ -14,6 +14,10 @@ Routing schemes are entries of `ROUTINGS`, chosen by name:
 * ``"unnormalized"`` — shared expert with `g_0 = 1 - s_max` and the raw
   top-(K-1) probabilities for the routed experts; does *not* sum to 1 (the
   "scale mismatch" the paper identifies).
+
+Load-balancing methods are entries of `BALANCES` (docs/method.md, "Beyond the
+paper: load balancing"): ``"cv2"`` (the paper's loss), ``"switch"`` (Fedus et
+al.) and ``"aux_free"`` (no loss: a per-expert bias on the selection scores).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ class Routing:
 
     name: str
     has_shared_expert: bool
-    # (logits [T, R], k) -> (weights [T, N], selected routed indices [T, k])
-    combine: Callable[[Tensor, int], tuple[Tensor, Tensor]]
+    # (logits [T, R], k, selection bias [R] or None) -> (weights [T, N], selected routed indices [T, k]);
+    # the bias (aux-free balancing) changes which experts are selected, never their weights.
+    combine: Callable[[Tensor, int, Tensor | None], tuple[Tensor, Tensor]]
     sums_to_one: bool
 
     # The shared-expert arithmetic, in this one place: expert 0 is the shared one when there is one.
@@ -52,23 +57,36 @@ class Routing:
         return top_k - self.first_routed
 
 
-def _xft(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _select(scores: Tensor, k: int, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(scores [T, k], indices [T, k]) of the top-k experts by `scores + bias`, sorted by the unbiased scores.
+
+    The bias [R] only chooses the experts; the values returned (and so the weights) are the unbiased
+    scores. Without a bias this is `scores.topk(k)`; a zero bias selects and orders exactly the same.
+    """
+    if bias is None:
+        return scores.topk(k, dim=-1)
+    top_i = (scores + bias).topk(k, dim=-1).indices
+    top_s, order = scores.gather(-1, top_i).sort(dim=-1, descending=True, stable=True)
+    return top_s, top_i.gather(-1, order)
+
+
+def _xft(logits: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     p = logits.softmax(dim=-1)  # [T, R]
-    top_p, top_i = p.topk(k, dim=-1)  # [T, k], sorted: top_p[:, 0] = s_max
+    top_p, top_i = _select(p, k, bias)  # [T, k], sorted: top_p[:, 0] = s_max (of the selected experts)
     s_max = top_p[:, :1]
     # The softmax runs over the selected *probabilities* (not the logits), then is scaled by s_max.
     routed = top_p.softmax(dim=-1) * s_max
     return _assemble(1.0 - s_max, routed, top_i, logits.shape[-1]), top_i
 
 
-def _unnormalized(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _unnormalized(logits: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     p = logits.softmax(dim=-1)
-    top_p, top_i = p.topk(k, dim=-1)
+    top_p, top_i = _select(p, k, bias)
     return _assemble(1.0 - top_p[:, :1], top_p, top_i, logits.shape[-1]), top_i
 
 
-def _sparse(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    top_l, top_i = logits.topk(k, dim=-1)
+def _sparse(logits: Tensor, k: int, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    top_l, top_i = _select(logits, k, bias)
     weights = torch.zeros_like(logits).scatter(-1, top_i, top_l.softmax(dim=-1))
     return weights, top_i
 
@@ -203,3 +221,81 @@ def balance_loss(importance: Tensor, load: Tensor, weight: float) -> Tensor:
     if weight == 0:
         return importance.new_zeros((), dtype=torch.float32)
     return weight * (cv_squared(importance) + cv_squared(load))
+
+
+# ----------------------------------------------------------------------------- balance methods
+
+def token_quantities(names: tuple[str, ...], routed_weights: Tensor, top_i: Tensor, clean: Tensor, noisy: Tensor,
+                     std: Tensor | None, estimate: str = "corrected") -> dict[str, Tensor]:
+    """The per-token quantities `names` a balance method sums over tokens, `[T, R]` each.
+
+    * ``importance``: the routed experts' weights (0 where not selected);
+    * ``load``: Shazeer et al.'s load estimate (`per_token_load`; the selection count without noise);
+    * ``count``: 1 where the expert is selected, the hard selection count;
+    * ``probability``: the router's softmax over the R routed experts (of the logits routed on).
+    """
+    make = {
+        "importance": lambda: routed_weights,
+        "load": lambda: per_token_load(top_i, noisy.shape[-1], clean, noisy, std, estimate),
+        "count": lambda: torch.zeros_like(noisy).scatter(-1, top_i, 1.0),
+        "probability": lambda: noisy.softmax(dim=-1),
+    }
+    return {name: make[name]() for name in names}
+
+
+def _cv2_loss(sums: dict[str, Tensor], weight: float) -> Tensor:
+    return balance_loss(sums["importance"], sums["load"], weight)
+
+
+def switch_loss(count: Tensor, probability: Tensor, weight: float) -> Tensor:
+    """`weight · R · Σ_i f_i · P_i` (Fedus et al.) from per-expert sums over tokens [R]: 1·weight when balanced.
+
+    f_i = count_i / Σ count: expert i's share of the T·k selections (each of a token's k counts; Σ f = 1,
+    so the loss is k times smaller than transformers' `load_balancing_loss_func`); no gradient.
+    P_i = probability_i / T, the mean router probability, with T = Σ probability (each token's softmax
+    sums to 1; detached, a constant).
+    """
+    if weight == 0:
+        return probability.new_zeros((), dtype=torch.float32)
+    count, probability = count.float(), probability.float()
+    f = count / count.sum().clamp_min(1.0)
+    p = probability / probability.sum().detach().clamp_min(1e-10)
+    return weight * count.numel() * (f * p).sum()
+
+
+def _switch_loss(sums: dict[str, Tensor], weight: float) -> Tensor:
+    return switch_loss(sums["count"], sums["probability"], weight)
+
+
+def _no_loss(sums: dict[str, Tensor], weight: float) -> Tensor:
+    return next(iter(sums.values())).new_zeros((), dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Balance:
+    """A load-balancing method: which per-expert sums over tokens it needs and the loss it makes of them."""
+
+    name: str
+    sums: tuple[str, ...]  # per-token quantities (`token_quantities`) summed over tokens, [R] each
+    # (sums, weight) -> scalar, scale-invariant: L(c·sums) = L(sums) (the global scope's gradient relies on it)
+    loss: Callable[[dict[str, Tensor], float], Tensor]
+    load: str  # the sum that is the expert load (logged; the aux-free update balances it)
+    selection_bias: bool = False  # a per-expert bias [R] on the selection scores, moved by `xft.balance_step`
+
+
+BALANCES: dict[str, Balance] = {
+    "cv2": Balance("cv2", ("importance", "load"), _cv2_loss, load="load"),
+    "switch": Balance("switch", ("count", "probability"), _switch_loss, load="count"),
+    "aux_free": Balance("aux_free", ("count",), _no_loss, load="count", selection_bias=True),
+}
+
+# micro_batch: each forward's sums make its own loss; global: sums over the optimizer step's micro-batches
+# and the data-parallel processes (xft.upcycle; docs/method.md).
+BALANCE_SCOPES = ("micro_batch", "global")
+
+
+def get_balance(name: str) -> Balance:
+    """The balance method registered under `name` (ValueError listing the choices otherwise)."""
+    if name not in BALANCES:
+        raise ValueError(f"unknown balance {name!r}; expected one of {sorted(BALANCES)}")
+    return BALANCES[name]

@@ -17,6 +17,9 @@ from xft.minicode.base import train_tokenizer  # the one tokenizer trainer (Mini
 ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma", "phi", "gpt2", "gpt_neox", "starcoder2", "stablelm",
 )
+# Checked beyond that list: same-shaped FFNs, and FFNs only the generic expert path runs (phi3: fused
+# gate_up_proj; bloom and mpt: the FFN takes the residual as a second argument).
+MORE_ARCHITECTURES = ("falcon", "olmo2", "granite", "cohere", "gpt_bigcode", "phi3", "bloom", "mpt")
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 384, hidden: int = 32, layers: int = 2,

@@ -20,9 +20,11 @@ _TRAIN_EPILOG = ("OUT is the finished model (AutoModelForCausalLM.from_pretraine
 
 _MERGE_EPILOG = ("OUT is the dense model (the base architecture, loadable with plain transformers), "
                  "its tokenizer, and merge_coefficients.json: per layer, the coefficient of each expert "
-                 "(expert 0 is the shared one). --method init and uniform need no --data and take no training "
-                 "steps. --method learned trains with checkpoints in OUT/checkpoint-N; re-running the same "
-                 "command after an interruption resumes from the last one, and after it finished does nothing. " + _MULTI_GPU.format(cmd="merge"))
+                 "(expert 0 is the shared one; none for task_arithmetic and ties). Methods other than learned "
+                 "need no --data and take no training steps, unless --distill-steps. --method learned (and a "
+                 "distillation, in OUT/distill/) trains with checkpoints in OUT/checkpoint-N; re-running the same "
+                 "command after an interruption resumes from the last one, and after it finished does nothing. "
+                 + _MULTI_GPU.format(cmd="merge"))
 
 
 def register(subparsers) -> None:
@@ -35,13 +37,18 @@ def register(subparsers) -> None:
     add_arguments(p, SFTConfig, required=("data", "out"))
     p.set_defaults(func=_train)
 
-    p = subparsers.add_parser("merge", help="merge a trained MoE into a dense model (learned, init, uniform)",
+    p = subparsers.add_parser("merge", help="merge a trained MoE into a dense model (learned or fixed merges, "
+                                            "optional distillation)",
                               description="Merge the trained MoE back into a dense model of the original "
                                           "architecture (docs/training.md): each FFN becomes a weighted sum of "
                                           "its experts. --method learned (the paper's) trains only the per-layer "
                                           "mixing coefficients on --data (the shared expert's weight is "
                                           "--shared-weight, fixed unless --learn-shared-weight); init uses the "
-                                          "initial coefficients, uniform the plain average of the experts.",
+                                          "initial coefficients, uniform the plain average of the experts; "
+                                          "task_arithmetic and ties merge the experts' weight deltas to the "
+                                          "shared expert (--merge-scale, --merge-density). --distill-steps N "
+                                          "then trains the merged model N steps to match the MoE's next-token "
+                                          "distributions on --data.",
                               epilog=_MERGE_EPILOG)
     p.add_argument("moe", help="trained MoE: a local directory, a finished xft run, or a Hub id")
     add_arguments(p, MergeConfig, required=("out",))

@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from xft.pipeline.recipe import METHODS, load_recipe
+from xft.pipeline.methods import PAPER_METHODS
+from xft.pipeline.recipe import load_recipe
 from xft.pipeline.runner import run_pipeline
 
 RECIPE = "minicode"
 # The --full budget, as recipe overrides on top of recipes/minicode.yaml.
-FULL = ["methods=[" + ", ".join(METHODS) + "]", "train.max_steps=1250", "merge.max_steps=100"]
+FULL = ["methods=[" + ", ".join(PAPER_METHODS) + "]", "train.max_steps=1250", "merge.max_steps=100"]
 FULL_SEEDS = 3
 
 

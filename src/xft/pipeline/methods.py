@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MERGED_MOE = "moe"  # the method whose trained MoE every merge method merges
+MERGED_MOE = "moe"  # the method whose trained MoE a merge merges unless it says otherwise (Method.merge_of)
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,13 @@ class Method:
     glossary: str  # the report's glossary entry (markdown)
     stage: str = ""  # the description of its training or merge stage in the run log ("" for the base model)
     routing: str | None = None  # instruction tuning of an MoE upcycled with this routing (None: dense / merge)
+    upcycle: tuple[tuple[str, object], ...] = ()  # its MoE's UpcycleConfig settings beyond the recipe's (an init,
+    #                                               a balance); such an MoE has its own upcycle stage
     ewa: bool = False  # instruction tuning with expert weight averaging (the experts averaged at the end)
-    merge: str | None = None  # a merge of MERGED_MOE by this MergeConfig.method
+    merge: str | None = None  # a merge of the trained MoE `merge_of` by this MergeConfig.method
+    merge_of: str = MERGED_MOE  # a merge: the method whose trained MoE it merges
     section: str = "train"  # the recipe section its training settings come from (xft.pipeline.recipe.LAYERS)
+    tune: str = "lr"  # the setting of its section a study tunes (xft.pipeline.study)
 
     @property
     def kind(self) -> str:
@@ -42,7 +46,19 @@ class Method:
     @property
     def upcycle_stage(self) -> str | None:
         """The stage whose untrained MoE this method's SFT starts from (None: not upcycled)."""
-        return upcycle_stage(self.routing) if self.routing else None
+        if not self.routing:
+            return None
+        return f"upcycle-{self.name}" if self.upcycle else upcycle_stage(self.routing)
+
+    @property
+    def upcycle_settings(self) -> dict:
+        """The UpcycleConfig settings this method's MoE takes on top of the recipe's `upcycle` section."""
+        return {"routing": self.routing, **dict(self.upcycle)} if self.routing else {}
+
+    @property
+    def trains(self) -> bool:
+        """Whether producing this model runs a training stage of its own (an SFT, or a merge that learns)."""
+        return self.kind == "sft" or self.merge == "learned"
 
     @property
     def is_moe(self) -> bool:
@@ -53,7 +69,7 @@ class Method:
     def compute_chain(self) -> tuple[str, ...]:
         """The training stages whose compute this method's model carries (a merge: the MoE it merged)."""
         if self.kind == "merge":
-            return (MERGED_MOE, self.name) if self.merge == "learned" else (MERGED_MOE,)
+            return (self.merge_of, self.name) if self.trains else (self.merge_of,)
         return (self.name,)
 
 
@@ -114,8 +130,44 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         stage="MoE SFT, shared expert, unnormalized routing", routing="unnormalized", section="unnormalized"),
 )}
 
-# Routing scheme -> its upcycle stage, for every routing a method uses (in table order).
-UPCYCLE_STAGES: dict[str, str] = {m.routing: m.upcycle_stage for m in METHODS.values() if m.routing}
+PAPER_METHODS: tuple[str, ...] = tuple(METHODS)  # the paper's models, baselines and ablations
+
+# Beyond the paper (docs/method.md): other upcycling inits and load balancing, each an MoE and its learned
+# merge; other merge operators and distillation, each a merge of XFT's MoE.
+_VARIANTS = (
+    ("drop", (("init", "drop"), ("drop_rate", 0.5)), "Drop-Upcycling MoE (r = 0.5)",
+     "each routed expert re-initialises half of its FFN neurons (Drop-Upcycling), the shared expert stays exact"),
+    ("granular", (("init", "granular"), ("granularity", 2)), "granular MoE (G = 2)",
+     "each routed expert split into 2 half-size experts (granular upcycling, router in virtual groups)"),
+    ("aux_free", (("balance", "aux_free"),), "aux-loss-free MoE",
+     "balanced by a per-expert selection bias instead of the cv² loss (DeepSeek-V3)"),
+    ("switch", (("balance", "switch"),), "Switch-balanced MoE", "balanced by the Switch Transformer loss"),
+)
+for _name, _settings, _label, _what in _VARIANTS:
+    METHODS[f"moe_{_name}"] = Method(
+        f"moe_{_name}", f"beyond the paper: {_what}; not merged", _label,
+        f"**{_label}** (beyond the paper): XFT's MoE except that {_what}; not merged.",
+        stage=f"MoE SFT, {_label}", routing="xft", upcycle=_settings, section=f"moe_{_name}")
+    METHODS[f"xft_{_name}"] = Method(
+        f"xft_{_name}", f"beyond the paper: learned merge of the {_label}", f"XFT of the {_label}",
+        f"**XFT of the {_label}**: the {_label} merged back by XFT's learned merge.",
+        stage=f"learn the merge of the {_label}", merge="learned", merge_of=f"moe_{_name}", section="merge")
+for _method, _label, _what in (
+        ("task_arithmetic", "task-arithmetic merge", "shared expert + α·Σ of the routed experts' deltas to it"),
+        ("ties", "TIES merge", "TIES on the routed experts' deltas to the shared expert (trim, elect sign, "
+                               "disjoint mean)")):
+    METHODS[f"xft_{_method}"] = Method(
+        f"xft_{_method}", f"beyond the paper: {_what}, of the trained MoE", _label,
+        f"**{_label}** (beyond the paper): the trained MoE merged by {_what}; no learning.",
+        stage=_label, merge=_method)
+METHODS["xft_distill"] = Method(
+    "xft_distill", "beyond the paper: XFT's learned merge, then distilled from the MoE (KL)", "XFT + distillation",
+    "**XFT + distillation** (beyond the paper): the learned merge, then the whole dense model trained to match "
+    "the MoE's next-token distributions on the instruction data (`distill` section: steps, learning rate).",
+    stage="learn the merge, then distil the MoE into it", merge="learned", section="distill", tune="distill_lr")
+
+# Upcycle stage -> the UpcycleConfig settings of its MoE (beyond the recipe's), for every MoE a method trains.
+UPCYCLE_STAGES: dict[str, dict] = {m.upcycle_stage: m.upcycle_settings for m in METHODS.values() if m.routing}
 
 
 def check_pairs(pairs, what: str):

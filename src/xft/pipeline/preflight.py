@@ -61,9 +61,9 @@ def _for_recipe(check, *args) -> None:
 def _check_upcycling(recipe: Recipe, stage_names: set[str]) -> None:
     import xft
 
-    for routing, name in UPCYCLE_STAGES.items():
+    for name, settings in UPCYCLE_STAGES.items():
         if name in stage_names:
-            xft.UpcycleConfig(**{**recipe.upcycle, "routing": routing, "seed": recipe.seed})
+            xft.UpcycleConfig(**{**recipe.upcycle, **settings, "seed": recipe.seed})
 
 
 def _check_data(configs: dict) -> None:

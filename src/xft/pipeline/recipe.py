@@ -34,7 +34,7 @@ from xft.config import (
     MergeConfig, SFTConfig, UpcycleConfig, coerce, type_ok, check_flat, closest, flat_settings, setting, type_name,
 )
 from xft.errors import UserError
-from xft.pipeline.methods import METHODS  # the models a recipe can produce, in report order
+from xft.pipeline.methods import METHODS, PAPER_METHODS  # the models a recipe can produce, in report order
 
 
 
@@ -65,7 +65,12 @@ LAYERS = {
     "ewa": Layer(SFTConfig, inherits="train", extra=("share_rate",)),
     "sparse": Layer(SFTConfig, inherits="train"),
     "unnormalized": Layer(SFTConfig, inherits="train"),
+    "moe_drop": Layer(SFTConfig, inherits="train"),
+    "moe_granular": Layer(SFTConfig, inherits="train"),
+    "moe_aux_free": Layer(SFTConfig, inherits="train"),
+    "moe_switch": Layer(SFTConfig, inherits="train"),
     "merge": Layer(MergeConfig, inherits="train"),
+    "distill": Layer(MergeConfig, inherits="merge"),
 }
 # Every method's training settings come from one section (a study tunes each method's own learning rate).
 assert {m.section for m in METHODS.values()} <= set(LAYERS), "a method names a recipe section LAYERS lacks"
@@ -115,6 +120,7 @@ class StudySection:
     lr: list = setting([1.5e-3, 3e-3, 6e-3], "learning rates every training method is tried with (same grid, "
                                            "same budget for all)")
     merge_lr: list = setting([5e-3, 2e-2, 8e-2], "learning rates the learned merge is tried with")
+    distill_lr: list = setting([1e-4, 3e-4, 1e-3], "learning rates the distillation after a merge is tried with")
     extend: int = setting(2, "times a grid grows by one step beyond an end where some method scored strictly "
                              "best (every method gets the new rate)")
     select: str = setting("minicode-valid", "the validation benchmark every choice is made on (greedy pass@1); "
@@ -128,7 +134,7 @@ class Recipe:
     model: str = setting("minicode", "base model: a local directory, a Hub id, or 'minicode' (build MiniCode's "
                                 "tiny pretrained model)")
     seed: int = setting(0, "seed of every fine-tuning stage (data order, router init, noise)")
-    methods: list = setting(list(METHODS), f"models to produce and evaluate: {', '.join(METHODS)}")
+    methods: list = setting(list(PAPER_METHODS), f"models to produce and evaluate: {', '.join(METHODS)}")
     precision: str = setting("auto", "training precision for every stage (see xft train --precision)")
     base: BaseSection = field(default_factory=BaseSection, metadata={"help": "MiniCode base model"})
     data: DataSection = field(default_factory=DataSection, metadata={"help": "instruction data"})
@@ -140,7 +146,13 @@ class Recipe:
     ewa: dict = setting({"share_rate": 0.3}, "EWA: share_rate (β), plus SFTConfig fields overriding `train`")
     sparse: dict = setting({}, "SFTConfig fields overriding `train` for the sparse-upcycling ablation")
     unnormalized: dict = setting({}, "SFTConfig fields overriding `train` for the unnormalized-routing ablation")
+    moe_drop: dict = setting({}, "SFTConfig fields overriding `train` for the Drop-Upcycling MoE")
+    moe_granular: dict = setting({}, "SFTConfig fields overriding `train` for the granular MoE")
+    moe_aux_free: dict = setting({}, "SFTConfig fields overriding `train` for the aux-loss-free MoE")
+    moe_switch: dict = setting({}, "SFTConfig fields overriding `train` for the Switch-balanced MoE")
     merge: dict = setting({}, "MergeConfig fields for learning the merge (lr, epochs, shared_weight, ...)")
+    distill: dict = setting({"distill_steps": 100}, "MergeConfig fields overriding `merge` for xft_distill "
+                                                   "(distill_steps, distill_lr, ...)")
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "evaluation"})
     study: StudySection = field(default_factory=StudySection, metadata={"help": "the study's protocol "
                                                                         "(xft demo --study)"})
@@ -153,8 +165,8 @@ def section_settings(recipe: "Recipe", name: str) -> dict:
     schedule) updated by `merge`; `extra` keys (ewa.share_rate) left out."""
     layer = LAYERS[name]
     inherited = {}
-    if layer.inherits:
-        own = layer.own()
+    if layer.inherits:  # a section of the same config (distill over merge) inherits everything
+        own = layer.own() if LAYERS[layer.inherits].config is not layer.config else set()
         inherited = {k: v for k, v in section_settings(recipe, layer.inherits).items() if k not in own}
     mine = {k: v for k, v in getattr(recipe, name).items() if k not in layer.extra}
     return {**inherited, **mine}
@@ -192,7 +204,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"data.path: {recipe.data.path} does not exist")
     if not recipe.eval.benchmarks:
         raise UserError("eval.benchmarks: name at least one benchmark")
-    for key in ("lr", "merge_lr"):
+    for key in ("lr", "merge_lr", "distill_lr"):
         grid = getattr(recipe.study, key)
         if not grid or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in grid):
             raise UserError(f"study.{key}: expected a non-empty list of positive learning rates, got {grid!r}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from xft.artifacts import atomic_write_json, resolve_model
-from xft.pipeline.methods import MERGED_MOE, METHODS, UPCYCLE_STAGES, Method
+from xft.pipeline.methods import METHODS, UPCYCLE_STAGES, Method
 from xft.pipeline.recipe import Recipe, section_settings
 from xft.training import rundir
 
@@ -131,12 +131,13 @@ def _write_data(ctx: Context, out: str) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _upcycler(routing: str):
+def _upcycler(settings: dict):
+    """An upcycle stage: the base model upcycled with the recipe's `upcycle` section and `settings` on top."""
     def run(ctx: Context, out: str) -> None:
         import xft
         from xft.checkpoint import upcycle_checkpoint
 
-        config = xft.UpcycleConfig(**{**ctx.recipe.upcycle, "routing": routing, "seed": ctx.recipe.seed})
+        config = xft.UpcycleConfig(**{**ctx.recipe.upcycle, **settings, "seed": ctx.recipe.seed})
         upcycle_checkpoint(base_model(ctx), out, config)
     return run
 
@@ -160,25 +161,26 @@ def _sft(source: Callable[[Context], str], method: Method):
     return lambda ctx, out: sft_config(ctx, out, source, method)
 
 
-def merge_config(ctx: Context, out: str, method: str):
-    """The `MergeConfig` of one merge stage (ConfigError on a bad value).
+def merge_config(ctx: Context, out: str, method: Method):
+    """The `MergeConfig` of `method`'s merge stage (ConfigError on a bad value).
 
-    A learned merge takes `train`'s settings less the merge's own schedule
-    (`recipe.LAYERS`), then `merge`'s; a fixed merge trains nothing and takes `merge`'s only.
+    A merge that trains takes its section with what it inherits (`merge`:
+    `train`'s settings less the merge's own schedule, `recipe.LAYERS`); a
+    fixed merge trains nothing and takes the `merge` section's own settings only.
     """
     from xft.config import MergeConfig, from_flat
 
     r = ctx.recipe
-    learned = method == "learned"
-    settings = _settings(ctx, "merge") if learned else {**_settings(ctx, None), **r.merge}
-    if learned and r.data.merge_subset is not None:
-        settings["subset"] = r.data.merge_subset
-    if learned:
-        settings["data"] = train_data(ctx)
-    return from_flat(MergeConfig, {**settings, "moe": ctx.path(MERGED_MOE), "out": out, "method": method})
+    if method.trains:
+        settings = {**_settings(ctx, method.section), "data": train_data(ctx)}
+        if r.data.merge_subset is not None:
+            settings["subset"] = r.data.merge_subset
+    else:
+        settings = {**_settings(ctx, None), **r.merge}
+    return from_flat(MergeConfig, {**settings, "moe": ctx.path(method.merge_of), "out": out, "method": method.merge})
 
 
-def _merger(method: str):
+def _merger(method: Method):
     return lambda ctx, out: merge_config(ctx, out, method)
 
 
@@ -254,7 +256,7 @@ def _evaluator(method: str):
 def _method_stage(m: Method, base_deps: tuple[str, ...], data_deps: tuple[str, ...]) -> Stage:
     """The training stage that produces method `m`'s model, named after it (see `xft.pipeline.methods`)."""
     if m.kind == "merge":  # a merge of the trained MoE; only a learned merge reads data
-        return _training(m.name, (MERGED_MOE,) + (data_deps if m.merge == "learned" else ()), _merger(m.merge),
+        return _training(m.name, (m.merge_of,) + (data_deps if m.trains else ()), _merger(m),
                          m.stage)
     if m.upcycle_stage is None:  # instruction tuning of the dense base model
         return _training(m.name, base_deps + data_deps, _sft(base_model, m), m.stage)
@@ -270,8 +272,9 @@ def all_stages(recipe: Recipe) -> dict[str, Stage]:
         Stage("base", (), _build_base, "pretrain MiniCode's tiny base model"),
         Stage("data", (), _write_data, "write MiniCode's instruction-tuning split"),
     ]
-    for routing, name in UPCYCLE_STAGES.items():
-        stages.append(Stage(name, base_deps, _upcycler(routing), f"upcycle the base model ({routing} routing)"))
+    for name, settings in UPCYCLE_STAGES.items():
+        what = ", ".join(f"{k} {v}" for k, v in settings.items())
+        stages.append(Stage(name, base_deps, _upcycler(settings), f"upcycle the base model ({what})"))
     stages += [_method_stage(m, base_deps, data_deps) for m in METHODS.values() if m.kind != "base"]
     for method in recipe.methods:
         deps = base_deps if method == "base" else (method,)

@@ -82,6 +82,25 @@ class Study:
         """The recipe's methods that train from the base model (their learning rate is tuned)."""
         return [m for m in self.recipe.methods if METHODS[m].kind == "sft"]
 
+    @property
+    def tuned_merges(self) -> list[str]:
+        """The recipe's merges that learn, in table order, one per recipe section: a learned merge of another
+        MoE (xft_drop, ...) shares XFT's `merge` section and so its learning rate."""
+        sections, out = set(), []
+        for name in [m for m in METHODS if m in self.recipe.methods]:
+            m = METHODS[name]
+            if m.kind == "merge" and m.trains and m.section not in sections:
+                sections.add(m.section)
+                out.append(name)
+        return out
+
+    def grid(self, method: str) -> list[float]:
+        """The study grid of `method`'s tuned setting (`Method.tune`)."""
+        m, s = METHODS[method], self.recipe.study
+        if m.kind == "sft":
+            return sorted(s.lr)
+        return sorted(s.distill_lr if m.tune == "distill_lr" else s.merge_lr)
+
     def tune_run(self, method: str, lr: float) -> Run:
         m = METHODS[method]
         s = self.recipe.study
@@ -90,17 +109,26 @@ class Study:
                    [f"seed={s.tune_seed}", f"methods=[{method}]", f"{m.section}.lr={lr!r}",
                     f"eval.benchmarks=[{s.select}]"], f"tune {method} at lr {lr:g}", cost)
 
-    def merge_tune_run(self, moe_lr: float, lr: float) -> Run:
-        moe = self.tune_run("moe", moe_lr)
-        return Run(os.path.join(self.out, TUNE_DIR, "xft", f"moe-lr-{moe_lr:g}", f"lr-{lr:g}"),
-                   [o for o in moe.overrides if not o.startswith("methods=")]
-                   + ["methods=[xft]", f"merge.lr={lr!r}"], f"tune the learned merge at lr {lr:g}", 0.3)
+    def merge_tune_run(self, method: str, moe_lr: float, lr: float, earlier: dict[str, float]) -> Run:
+        """A tuning run of a learned merge at `lr`, merging its MoE trained at `moe_lr`, with the choices of the
+        merges tuned before it (`earlier`: method -> value; xft_distill learns XFT's merge first)."""
+        m = METHODS[method]
+        moe = self.tune_run(m.merge_of, moe_lr)
+        return Run(os.path.join(self.out, TUNE_DIR, method, f"moe-lr-{moe_lr:g}", f"lr-{lr:g}"),
+                   [o for o in moe.overrides if not o.startswith("methods=")] + _settings(earlier)
+                   + [f"methods=[{method}]", f"{m.section}.{m.tune}={lr!r}"],
+                   f"tune {method} at {m.tune} {lr:g}", 0.3)
 
     def seed_run(self, seed: int, chosen: dict[str, float]) -> Run:
         methods = [m for m in self.recipe.methods if seed == 0 or m != "base"]  # the base model: once
-        lrs = [f"{METHODS[m].section}.lr={lr!r}" for m, lr in chosen.items()]
+        lrs = _settings(chosen)
         return Run(os.path.join(self.out, f"seed-{seed}"), [f"seed={seed}", f"methods=[{', '.join(methods)}]", *lrs],
                    f"seed {seed}: {len(methods)} methods", 10.0)
+
+
+def _settings(chosen: dict[str, float]) -> list[str]:
+    """The `--set` overrides that give each method its chosen value: `<section>.<tuned setting>=value`."""
+    return [f"{METHODS[m].section}.{METHODS[m].tune}={v!r}" for m, v in chosen.items()]
 
 
 def _pass_at_1(run_dir: str, method: str, benchmark: str) -> float | None:
@@ -138,8 +166,9 @@ def extend_grid(grid: list[float], scores: list[dict[float, float]]) -> list[flo
 def _seed_merge_run(src: str, dst: str, recipe: Recipe) -> None:
     """Give the merge-tuning run `dst` the trained MoE of tuning run `src` (hard links), with `recipe` recorded.
 
-    Correct because the stages copied (base, data, upcycle, moe) depend only on
-    settings the two recipes share: they differ in `methods` and `merge.lr`.
+    Correct because the stages copied (base, data, upcycle, the MoE) depend
+    only on settings the two recipes share: they differ in `methods` and the
+    merge's own settings.
     """
     import shutil
 
@@ -152,8 +181,9 @@ def _seed_merge_run(src: str, dst: str, recipe: Recipe) -> None:
     if os.path.isfile(os.path.join(dst, RECIPE_FILE)):
         return
     os.makedirs(dst, exist_ok=True)
-    for stage in [s.name for s in plan(recipe) if s.training or s.name in ("base", "data", "upcycle")]:
-        if stage != "xft" and os.path.isdir(os.path.join(src, stage)):
+    copied = [s.name for s in plan(recipe) if s.name not in recipe.methods and not s.name.startswith("eval/")]
+    for stage in copied:  # everything the merge stage depends on: base, data, the upcycle, the trained MoE
+        if os.path.isdir(os.path.join(src, stage)):
             shutil.copytree(os.path.join(src, stage), os.path.join(dst, stage), copy_function=os.link,
                             ignore=shutil.ignore_patterns("checkpoint-*"))
     atomic_write_text(os.path.join(dst, RECIPE_FILE), yaml.safe_dump(to_dict(recipe), sort_keys=False))
@@ -185,17 +215,21 @@ def run_study(recipe_name: str, out: str, overrides: list[str] = (), jobs: int =
         if grid == wider:
             break
         log(f"a choice at the end of the grid: every method also tries {sorted(set(grid) - set(wider))}")
-    merge_runs = {}
-    if "xft" in recipe.methods and "moe" in chosen:
-        grid = sorted(s.merge_lr)
+    merge_runs: dict[str, dict[float, Run]] = {}
+    for method in study.tuned_merges:
+        source = METHODS[method].merge_of
+        if source not in chosen:
+            raise UserError(f"methods: {method} merges {source}, which the study's methods must include")
+        grid, earlier = study.grid(method), {m: chosen[m] for m in merge_runs}
         for _ in range(s.extend + 1):
+            runs = merge_runs.setdefault(method, {})
             for lr in grid:
-                run = merge_runs[lr] = study.merge_tune_run(chosen["moe"], lr)
-                _seed_merge_run(tune["moe"][chosen["moe"]].out, run.out,
+                run = runs[lr] = study.merge_tune_run(method, chosen[source], lr, earlier)
+                _seed_merge_run(tune[source][chosen[source]].out, run.out,
                                 load_recipe(recipe_name, study.user + run.overrides))
-            pool.run(list(merge_runs.values()))
-            merge_scores = {lr: _pass_at_1(r.out, "xft", s.select) for lr, r in merge_runs.items()}
-            chosen["xft"] = choose(merge_scores)
+            pool.run(list(runs.values()))
+            merge_scores = {lr: _pass_at_1(r.out, method, s.select) for lr, r in runs.items()}
+            chosen[method] = choose(merge_scores)
             grid, wider = extend_grid(grid, [merge_scores]), grid
             if grid == wider:
                 break

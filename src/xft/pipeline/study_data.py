@@ -181,8 +181,8 @@ def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list
         return {"grid": scores, "chosen": chosen[method]}
 
     tuning = {m: tuning_entry(m, runs) for m, runs in tune.items()}
-    if merge_runs:
-        tuning["xft"] = tuning_entry("xft", merge_runs)
+    for method, runs in merge_runs.items():
+        tuning[method] = tuning_entry(method, runs)
     per_seed = []
     for i, run in enumerate(seeds):
         methods = [m for m in r.methods if (i == 0 or m != "base")]

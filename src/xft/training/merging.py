@@ -1,20 +1,28 @@
-"""`learn_merge`: merge a trained MoE back into a dense model (docs/method.md §3).
+"""`learn_merge`: merge a trained MoE back into a dense model (docs/method.md §3), optionally distilling it.
 
 * "learned": `xft.build_merge_model` -> train only the mixing logits with the
   LM loss (paper: 1 epoch, lr 1e-5, 125 warm-up steps) -> `xft.compile_merge`;
 * any other method of `xft.MERGE_METHODS` ("init": the initial coefficients,
   shared λ and routed (1-λ)/(N-1); "uniform": the plain average of all
-  experts; or one registered at runtime): `xft.merge`, no training.
+  experts; "task_arithmetic" and "ties": tensor-level merges of the experts'
+  deltas to the shared expert, options `merge_scale` / `merge_density`; or one
+  registered at runtime): `xft.merge`, no training;
+* then, with `distill_steps > 0`, the merged model learns the MoE's next-token
+  distributions on the data (`xft.training.distill`, all dense parameters
+  train), its checkpoints in `<out>/distill/`.
 
 The result is a dense model of the MoE's original class and config, saved with
 the tokenizer in `<out>` itself, and `merge_coefficients.json` next to its
 weights: per layer the N coefficients (expert 0 = shared; null for a
 tensor-level method, which has none) and, for "learned", the mixing logits, so
-`xft.merge(moe, mixing_logits=...)` reproduces it.
+`xft.merge(moe, mixing_logits=...)` reproduces it — the merge, before any
+distillation (its "distilled" entry then says from which teacher and how long).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import warnings
 
@@ -23,15 +31,21 @@ from accelerate import PartialState
 
 import xft
 from xft.artifacts import atomic_write_json, copy_companions, resolve_model, servable_config
+from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.merge import merge_inputs, merge_modules
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
 from xft.config import MergeConfig
+from xft.training.distill import DistillTrainer
 from xft.training.stage import (
-    card_results, common_rows, config_record, finalize, load_tokenizer, prepare_data, run_trainer, summary,
+    card_results, check_schedule, cli_flag, common_rows, config_record, finalize, load_tokenizer, loss_curve,
+    run_trainer, summary, validation_curve,
 )
 from xft.training.trainer import resolve_precision
+
+# How `xft merge` spells the distillation's schedule, for the schedule checks' advice.
+DISTILL_FLAGS = {"max_steps": "distill_steps", "epochs": "distill_steps", "warmup_steps": "distill_warmup_steps"}
 
 
 def fixed_coefficients(moe, method: str, shared_weight: float) -> dict[int, list[float]] | None:
@@ -81,11 +95,64 @@ def coefficients_record(cfg: MergeConfig, moe_config: dict, coefficients: dict[i
     return record
 
 
-def learn_merge(config: MergeConfig) -> str:
-    """Merge the MoE `config.moe` into a dense model; return the path of the saved dense model.
+def prepare_merge_data(cfg: MergeConfig, tokenizer):
+    """(splits, collator, schedule warning or None) for the Trainer runs of `cfg`: the learned merge's, the
+    distillation's; each schedule checked (`check_schedule`) before anything trains."""
+    splits = load_splits(cfg.data, tokenizer)
+    runs = [(cfg, cli_flag)] if cfg.method == "learned" else []
+    if cfg.distill_steps > 0:
+        runs.append((cfg.distill_config(), lambda name, value=None: cli_flag(DISTILL_FLAGS.get(name, name), value)))
+    found = [w for c, flag in runs if (w := check_schedule(c, splits.stats.examples, flag=flag))]
+    return splits, Collator(pad_token_id(tokenizer)), "; ".join(found) or None
 
-    With method "learned", re-running the same config after an interruption
-    resumes from the last checkpoint in `config.out`.
+
+def release(trainer) -> None:
+    """Drop `trainer`'s references to its model (its state stays, for the records), so the memory is reused."""
+    trainer.model = trainer.model_wrapped = None
+    trainer.accelerator.free_memory()  # accelerate's own references; collects garbage, empties the device cache
+
+
+def distill_merge(student, teacher, cfg: MergeConfig, run: rundir.RunDir, splits, collator, tokenizer,
+                  mixed: str | None):
+    """Train `student` (in place) to match `teacher` for `cfg.distill_steps` steps; (trainer, seconds, the
+    checkpoint it resumed from or None).
+
+    Its checkpoints go to `<out>/distill/` and an interrupted distillation resumes from the last one.
+    The validation KL (with validation data) is computed before the first step as well.
+    """
+    sub = rundir.RunDir(os.path.join(run.root, rundir.DISTILL))
+    resume = sub.last_checkpoint()
+    trainer, _, seconds = run_trainer(student, cfg.distill_config(), sub, resume, splits, collator, tokenizer,
+                                      stage="distill", is_moe=False, mixed=mixed, trainer_cls=DistillTrainer,
+                                      trainer_kwargs={"teacher": teacher, "temperature": cfg.distill_temperature},
+                                      evaluate_first=True)
+    return trainer, seconds, resume
+
+
+def tidy_distill(run: rundir.RunDir) -> None:
+    """Delete a finished distillation's checkpoints and run file: `<out>/distill/` then keeps its logs, if any."""
+    sub = rundir.RunDir(os.path.join(run.root, rundir.DISTILL))
+    sub.remove_checkpoints()
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(sub.run_file)
+    with contextlib.suppress(OSError):
+        os.rmdir(sub.root)  # only if nothing is left
+
+
+def distill_record(cfg: MergeConfig, trainer, resumed_from: str | None) -> dict:
+    """What xft_training.json records of a distillation: teacher, schedule, KL curves, log history, resume point."""
+    return {"teacher": cfg.moe, "steps": trainer.state.global_step, "lr": cfg.distill_lr,
+            "warmup_steps": cfg.distill_warmup_steps, "temperature": cfg.distill_temperature,
+            "kl_curve": loss_curve(trainer), "validation_kl": validation_curve(trainer),
+            "resumed_from": resumed_from, "log_history": trainer.state.log_history}
+
+
+def learn_merge(config: MergeConfig) -> str:
+    """Merge the MoE `config.moe` into a dense model (then distill it if `config.distill_steps`); return the
+    path of the saved dense model.
+
+    Re-running the same config after an interruption resumes the training
+    runs (a learned merge, a distillation) from their last checkpoints in `config.out`.
     """
     cfg = config
     cfg.validate()
@@ -97,9 +164,9 @@ def learn_merge(config: MergeConfig) -> str:
     if not xft.is_moe_checkpoint(path):
         raise UserError(f"{cfg.moe} is a dense model, not an xft MoE; train an upcycled model first")
     tokenizer = load_tokenizer(path)
-    splits = warning = None
-    if cfg.method == "learned":
-        splits, collator, warning = prepare_data(cfg, tokenizer)
+    splits = collator = warning = None
+    if cfg.method == "learned" or cfg.distill_steps > 0:
+        splits, collator, warning = prepare_merge_data(cfg, tokenizer)
     dtype, mixed = resolve_precision(cfg.precision)
     transformers.set_seed(cfg.seed)
     moe = xft.load(path, dtype=dtype)
@@ -123,31 +190,54 @@ def learn_merge(config: MergeConfig) -> str:
     else:
         t0 = time.perf_counter()
         coefficients = fixed_coefficients(moe, cfg.method, cfg.shared_weight)
-        dense = xft.merge(moe, shared_weight=cfg.shared_weight, method=cfg.method)
+        dense = xft.merge(moe, cfg.method, shared_weight=cfg.shared_weight, **cfg.merge_options())
         logits, seconds = None, time.perf_counter() - t0
         if PartialState().is_main_process:
             rundir.start(run, cfg, "merge")
     record = coefficients_record(cfg, moe_config, coefficients, logits)
     if change is not None:
         record["max_change_from_init"] = change
+    training = config_record(cfg, "merge", splits, trainer, resume)
+
+    distiller = None
+    if cfg.distill_steps > 0:
+        if cfg.method == "learned":  # the MoE became the merge model: load the teacher again, free the former
+            model = moe = None
+            release(trainer)
+            moe = xft.load(path, dtype=dtype)
+        distiller, d_seconds, d_resume = distill_merge(dense, moe, cfg, run, splits, collator, tokenizer, mixed)
+        moe = None
+        record["distilled"] = {"teacher": cfg.moe, "steps": distiller.state.global_step,
+                               "note": "the saved weights are this merge, then distilled from the teacher"}
+        training["distillation"] = distill_record(cfg, distiller, d_resume)
+        training["processes"] = distiller.args.world_size
+        training["distributed"] = distiller.accelerator.distributed_type.value
     main = PartialState().is_main_process
 
     def save(tmp: str) -> None:
-        if main:
+        if distiller is not None:
+            distiller.save_model(tmp)  # every process: gathers sharded (FSDP / ZeRO-3) weights
+            if main and os.path.exists(f"{tmp}/training_args.bin"):
+                os.remove(f"{tmp}/training_args.bin")  # a pickle; the config is in xft_training.json
+        elif main:
             dense.save_pretrained(tmp)
+        if main:
             copy_companions(path, tmp, tokenizer)  # the MoE's (so the base's) tokenizer files, byte for byte
             servable_config(tmp)
             atomic_write_json(f"{tmp}/merge_coefficients.json", record)
-            atomic_write_json(f"{tmp}/xft_training.json", config_record(cfg, "merge", splits, trainer, resume))
-            write_card(tmp, cfg, path, trainer, change, run.final)
+            atomic_write_json(f"{tmp}/xft_training.json", training)
+            write_card(tmp, cfg, path, trainer, change, run.final, distiller)
 
     final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
+    if distiller is not None and main and not cfg.keep_checkpoints:
+        tidy_distill(run)
     if cfg.progress and main:
         n_params = sum(p.numel() for p in dense.parameters())
         rows = [("model saved to", final),
                 ("dense model", f"{type(dense).__name__}, {n_params:,} parameters, from {cfg.moe}"
                                 f"{' (resumed)' if resume else ''}"),
-                ("method", f"{cfg.method}, shared weight {cfg.shared_weight}")]
+                ("method", cfg.method + (f", shared weight {cfg.shared_weight}"
+                                         if xft.MERGE_METHODS[cfg.method].uses_shared_weight else ""))]
         if coefficients is not None:
             first = [c[0] for c in coefficients.values()]
             others = max(max(c[1:]) for c in coefficients.values())
@@ -155,29 +245,65 @@ def learn_merge(config: MergeConfig) -> str:
                                          f"largest other expert {others:.4f} (merge_coefficients.json)"))
         if change is not None:
             rows.append(("learned", f"max change of a coefficient from its init: {change:.2e}"))
+        options = cfg.merge_options()
+        if options:
+            rows.append(("options", ", ".join(f"{k} {v}" for k, v in options.items())))
         if trainer is not None:
             rows += common_rows(cfg, trainer, output, seconds, splits, final, warning)[1:]
+        if distiller is not None:
+            rows += distill_rows(cfg, distiller, d_seconds, splits, trainer is None, warning)
         print(summary("xft merge: done", rows), flush=True)
     return final
 
 
+def distill_rows(cfg: MergeConfig, trainer, seconds: float, splits, data_row: bool,
+                 warning: str | None) -> list[tuple[str, str]]:
+    """Summary rows of a distillation (`data_row`: also the data, when no learned merge reported it)."""
+    rows = []
+    if data_row:
+        rows = [r for r in common_rows(cfg.distill_config(), trainer, None, seconds, splits, "", warning)
+                if r[0] in ("data", "WARNING")]
+    rows.append(("distilled", f"{trainer.state.global_step} optimizer steps from the MoE {cfg.moe} (KL to its "
+                              f"next-token distributions, T {cfg.distill_temperature:g}, lr {cfg.distill_lr:g})"))
+    for name, curve in (("distill KL", loss_curve(trainer)), ("validation KL", validation_curve(trainer))):
+        if curve:
+            rows.append((name, f"{curve[0][1]:.3g} (step {curve[0][0]}) -> {curve[-1][1]:.3g} (step {curve[-1][0]})"))
+    rows.append(("distill time", f"{seconds:.1f} s this session"))
+    return rows
+
+
 def write_card(directory: str, cfg: MergeConfig, moe_path: str, trainer, change: float | None,
-               location: str) -> None:
-    """The model card (README.md) of an `xft merge` output."""
+               location: str, distiller=None) -> None:
+    """The model card (README.md) of an `xft merge` output (`distiller`: the distillation's trainer, if any)."""
+    merger = xft.MERGE_METHODS[cfg.method]
     how = {"learned": "per-layer mixing coefficients learned on data (only they were trained)",
-           "init": "the initial coefficients, no training"}.get(cfg.method, xft.MERGE_METHODS[cfg.method].help)
-    shared = ("" if cfg.method == "uniform" else f" Shared expert weight λ = {cfg.shared_weight}"
-              f"{' (learned per layer)' if cfg.learn_shared_weight else ''}.")
-    details = (f"Merge method `{cfg.method}`: {how}.{shared} The coefficients are in "
-               "merge_coefficients.json.")
-    settings = {"merge method": cfg.method, "shared expert weight": None if cfg.method == "uniform" else
-                cfg.shared_weight}
+           "init": "the initial coefficients, no training"}.get(cfg.method, merger.help)
+    shared = (f" Shared expert weight λ = {cfg.shared_weight}"
+              f"{' (learned per layer)' if cfg.learn_shared_weight else ''}." if merger.uses_shared_weight else "")
+    options = cfg.merge_options()
+    given = f" Options: {', '.join(f'{k} = {v}' for k, v in options.items())}." if options else ""
+    where = (" The coefficients are in merge_coefficients.json." if merger.coefficients_fn is not None else "")
+    details = f"Merge method `{cfg.method}`: {how}.{shared}{given}{where}"
+    settings = {"merge method": cfg.method, "shared expert weight": cfg.shared_weight if merger.uses_shared_weight
+                else None, **{f"merge {k}": v for k, v in options.items()}}
     results = {}
     if trainer is not None:
         settings.update({"learning rate": cfg.lr, "schedule": f"{cfg.lr_scheduler}, {cfg.warmup_steps} warm-up "
                          "steps", "optimizer": cfg.optimizer, "global batch": cfg.batch_size})
         results = {**card_results(trainer),
                    "max coefficient change from init": f"{change:.2e}" if change is not None else None}
+    if distiller is not None:
+        steps = distiller.state.global_step
+        details += (f" Then distilled: all weights of the merged model were trained for {steps} steps to match "
+                    f"the MoE {cfg.moe}'s next-token distributions on the data (KL on the response tokens, "
+                    f"temperature {cfg.distill_temperature:g}).")
+        settings.update({"distilled from": cfg.moe, "distillation steps": steps,
+                         "distillation learning rate": cfg.distill_lr,
+                         "distillation temperature": cfg.distill_temperature})
+        kl, validation = loss_curve(distiller), validation_curve(distiller)
+        results.update({"final distillation KL (training)": f"{kl[-1][1]:.3g}" if kl else None,
+                        "validation KL to the MoE, before -> after distillation":
+                            f"{validation[0][1]:.3g} -> {validation[-1][1]:.3g}" if validation else None})
     write_model_card(directory, kind="merged", base_model=base_model_of(moe_path), source=cfg.moe,
                      data=cfg.data.path if cfg.data else None, settings=settings, results=results, details=details,
                      location=location)

@@ -10,6 +10,8 @@ Layout of `--out OUT` (the ecosystem's convention: the output directory *is* the
     OUT/xft_run.json           the stage's config, written when training starts
     OUT/logs/                  TensorBoard (and other file-based) logs, kept after the run
     OUT/routing.jsonl          per-layer expert loads of an MoE run, one line per logging step
+    OUT/distill/               a merge's distillation (`xft merge --distill-steps`), itself laid out
+                               as a run directory: its checkpoints while it trains, its logs after
 
 Guarantees:
 * An interrupted run never leaves a top-level `config.json`: the model is
@@ -40,6 +42,7 @@ from xft.errors import UserError
 RUN_FILE = "xft_run.json"
 LOGS = "logs"
 ROUTING_LOG = "routing.jsonl"
+DISTILL = "distill"  # the run directory of a merge's distillation, inside the merge's
 MODEL_CONFIG = "config.json"  # moved into OUT last: its presence means "finished"
 STAGING = ".final.tmp"  # where the finished model is written before `publish` moves it into OUT
 # Where runs of xft 0.1 kept their model (OUT/final/): still found by `resolve_model`, never written.
@@ -132,17 +135,29 @@ class Plan:
     done: bool = False
 
 
+def setting_defaults(cls) -> dict:
+    """Flat setting name -> default of config class `cls` (settings without a default left out)."""
+    from dataclasses import MISSING
+
+    from xft.config import flat_settings
+
+    return {name: slot.field.default for name, slot in flat_settings(cls).items()
+            if slot.field.default is not MISSING}
+
+
 def prepare(root: str, config, stage: str) -> Plan:
     """Decide what to do with run directory `root` for training `config` of `stage`, touching nothing."""
-    return claim(root, record_of(config, stage), config.overwrite)
+    return claim(root, record_of(config, stage), config.overwrite, setting_defaults(type(config)))
 
 
-def claim(root: str, record: dict, overwrite: bool = False) -> Plan:
+def claim(root: str, record: dict, overwrite: bool = False, defaults: dict | None = None) -> Plan:
     """Decide what to do with output directory `root` for the command `record` describes, touching nothing.
 
     A finished run of the same settings is `done`; an interrupted one resumes
     from its last complete checkpoint. UserError for a run of other settings
-    unless `overwrite`, and for a non-empty directory xft did not write.
+    unless `overwrite`, and for a non-empty directory xft did not write. A
+    setting the recorded run lacks (one added to xft since) counts as its
+    `defaults` value.
     """
     run = RunDir(root)
     if os.path.exists(root) and not os.path.isdir(root):
@@ -156,7 +171,7 @@ def claim(root: str, record: dict, overwrite: bool = False) -> Plan:
                         "choose a new or empty --out")
     if overwrite:
         return Plan(run)
-    diff = list(settings_diff(run.read_record(), record, NON_SEMANTIC | RECORD_ONLY).values())
+    diff = list(settings_diff({**(defaults or {}), **run.read_record()}, record, NON_SEMANTIC | RECORD_ONLY).values())
     if run.is_finished():
         if diff:
             raise UserError(f"{root} already holds the finished model of another command ({'; '.join(diff[:4])}); "
@@ -212,6 +227,7 @@ def clear(run: RunDir) -> None:
             os.remove(path)
     run.remove_checkpoints()
     shutil.rmtree(run.logs, ignore_errors=True)
+    shutil.rmtree(os.path.join(run.root, DISTILL), ignore_errors=True)
     for name in (ROUTING_LOG, RUN_FILE):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(run.root, name))

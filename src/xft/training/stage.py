@@ -28,7 +28,7 @@ from xft.errors import UserError
 from xft.training import rundir
 from xft.config import report_targets, to_flat
 from xft.training.trainer import (
-    batch_plan, make_trainer, planned_steps, precision_used, training_arguments, world_size,
+    XFTTrainer, batch_plan, make_trainer, planned_steps, precision_used, training_arguments, world_size,
 )
 
 # A warm-up longer than this share of the run leaves little of it at the full learning rate.
@@ -89,15 +89,18 @@ def check_schedule(cfg, examples: int, processes: int | None = None, flag=cli_fl
 
 
 def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, splits, collator, tokenizer, *,
-                stage: str, is_moe: bool, mixed: str | None, ewa_share_rate: float = 0.0):
+                stage: str, is_moe: bool, mixed: str | None, ewa_share_rate: float = 0.0,
+                trainer_cls=None, trainer_kwargs: dict | None = None, evaluate_first: bool = False):
     """Create the run directory, train (resuming from `resume`), return (trainer, train output, seconds).
 
-    With validation data its loss is computed every `cfg.eval_steps` and once more at the end.
+    With validation data its loss is computed every `cfg.eval_steps` and once more at the end, and
+    with `evaluate_first` also before the first step (of a run that does not resume). `trainer_cls`
+    (default `XFTTrainer`) is built with `trainer_kwargs`.
     """
     micro, accum = batch_plan(cfg.batch_size, cfg.micro_batch_size, cfg.grad_accum, world_size())
     logs = run.logs
     args = training_arguments(cfg, run.checkpoints, micro, accum, mixed, evaluate=splits.eval is not None,
-                              logging_dir=logs)
+                              logging_dir=logs, evaluate_first=evaluate_first and not resume)
     routing_log = os.path.join(run.root, rundir.ROUTING_LOG) if is_moe else None
     state = PartialState()
     if state.is_main_process:
@@ -111,7 +114,7 @@ def run_trainer(model, cfg, run: rundir.RunDir, resume: str | None, splits, coll
     state.wait_for_everyone()
     trainer = make_trainer(model, args, splits.train, collator, tokenizer, ewa_share_rate=ewa_share_rate,
                            routing_log=routing_log, progress=cfg.progress, eval_dataset=splits.eval,
-                           logging_dir=logs)
+                           logging_dir=logs, trainer_cls=trainer_cls or XFTTrainer, **(trainer_kwargs or {}))
     whole = None
     if stage == "merge" and trainer.is_fsdp_enabled:
         # xft.compile_merge deep-copies the trained model, which FSDP2 modules refuse: train a sharded copy and

@@ -10,7 +10,8 @@ precision, checkpointing and resume comes from `Trainer`; this module only
   `OUT/routing.jsonl` (the balance loss itself is already inside
   `outputs.loss`, added by the core's forward hook, token-weighted over the
   accumulation window);
-* runs EWA's expert averaging step after every optimizer step (callback);
+* runs EWA's expert averaging step and `xft.balance_step` (aux-free bias
+  update) after every optimizer step (callbacks);
 * plans the run before it starts (`planned_steps`: the optimizer steps Trainer
   will take, from the data size) and keeps TensorBoard logs out of the
   checkpoint folder (`OUT/logs`, which survives the run);
@@ -110,12 +111,14 @@ def resolve_precision(precision: str) -> tuple[torch.dtype, str | None]:
 
 
 def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str | None,
-                       evaluate: bool = False, logging_dir: str | None = None) -> TrainingArguments:
+                       evaluate: bool = False, logging_dir: str | None = None,
+                       evaluate_first: bool = False) -> TrainingArguments:
     """`TrainingArguments` for config `cfg` (an `xft.config.TrainConfig`).
 
     `evaluate`: compute the validation loss every `cfg.eval_steps` (default:
-    every checkpoint save). `logging_dir`: where TensorBoard writes (transformers
-    4.x field; 5.x sets it on the callback, see `make_trainer`).
+    every checkpoint save), and with `evaluate_first` also before the first
+    step. `logging_dir`: where TensorBoard writes (transformers 4.x field; 5.x
+    sets it on the callback, see `make_trainer`).
     """
     # Recompute activations in backward; non-reentrant so DDP's unused-parameter detection works.
     # (`activation_checkpointing` is the newer name of `gradient_checkpointing`.)
@@ -132,7 +135,8 @@ def training_arguments(cfg, output_dir: str, micro: int, accum: int, mixed: str 
     extra = dict(checkpointing)
     if evaluate:
         extra.update(eval_strategy="steps", eval_steps=cfg.eval_steps or cfg.save_steps,
-                     per_device_eval_batch_size=micro, prediction_loss_only=True)  # loss only: no logits kept
+                     per_device_eval_batch_size=micro, prediction_loss_only=True,  # loss only: no logits kept
+                     eval_on_start=evaluate_first)
     if logging_dir and "logging_dir" in _ARG_FIELDS:
         extra["logging_dir"] = logging_dir
     try:
@@ -211,6 +215,8 @@ class RoutingMeter:
             share = (load / load.sum().clamp_min(1e-9)).tolist()  # fraction of routed tokens per expert
             layers[layer] = {"load_share": [round(x, 5) for x in share],
                              "balance_loss": float(acc["balance_loss"]) / self.count}
+            if "bias_spread" in acc:  # aux_free: max - min of the selection bias
+                layers[layer]["bias_spread"] = float(acc["bias_spread"]) / self.count
         self.sums, self.count = {}, 0
         num = len(next(iter(layers.values()))["load_share"])
         logs = {
@@ -218,6 +224,9 @@ class RoutingMeter:
             # busiest expert's share relative to a perfectly even split (1.0 = balanced), worst layer
             "max_expert_load": max(max(v["load_share"]) for v in layers.values()) * num,
         }
+        spreads = [v["bias_spread"] for v in layers.values() if "bias_spread" in v]
+        if spreads:
+            logs["bias_spread"] = max(spreads)  # worst layer
         return logs, layers
 
 
@@ -364,6 +373,13 @@ class EWACallback(TrainerCallback):
         xft.ewa_step(model, self.share_rate)
 
 
+class BalanceCallback(TrainerCallback):
+    """After every optimizer step: `xft.balance_step` (aux-free bias update; ends a global-scope step)."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        xft.balance_step(model)
+
+
 class CompactProgress(ProgressCallback):
     """The Trainer's progress bar (with ETA), printing one short line per log step."""
 
@@ -371,7 +387,7 @@ class CompactProgress(ProgressCallback):
     # format would show as 0.000 while the model is changing.
     KEYS = (("loss", "loss {:.4f}"), ("eval_loss", "validation loss {:.4f}"), ("learning_rate", "lr {:.2e}"),
             ("balance_loss", "balance {:.4f}"), ("max_expert_load", "max load {:.2f}x"),
-            ("grad_norm", "grad {:.3g}"))
+            ("bias_spread", "bias spread {:.3g}"), ("grad_norm", "grad {:.3g}"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
@@ -386,16 +402,20 @@ class CompactProgress(ProgressCallback):
 
 def make_trainer(model, args: TrainingArguments, dataset, collator, tokenizer, *, ewa_share_rate: float = 0.0,
                  routing_log: str | None = None, progress: bool = True, eval_dataset=None,
-                 logging_dir: str | None = None) -> XFTTrainer:
-    """An `XFTTrainer` with the compact progress display and, if asked, EWA and a validation set.
+                 logging_dir: str | None = None, trainer_cls: type[XFTTrainer] = XFTTrainer,
+                 **trainer_kwargs) -> XFTTrainer:
+    """An `XFTTrainer` (or `trainer_cls`, given `trainer_kwargs`) with the compact progress display and, if
+    asked, EWA and a validation set.
 
     TensorBoard writes to `logging_dir` (unless TENSORBOARD_LOGGING_DIR says otherwise): its default
     is inside `args.output_dir`, the checkpoint folder, which is deleted when the run finishes.
     """
     callbacks = [EWACallback(ewa_share_rate)] if ewa_share_rate > 0 else []
-    trainer = XFTTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                         eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
-                         routing_log=routing_log)
+    if xft.is_moe(model):
+        callbacks.append(BalanceCallback())
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                          eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
+                          routing_log=routing_log, **trainer_kwargs)
     for cb in trainer.callback_handler.callbacks:
         if type(cb).__name__ == "TensorBoardCallback" and logging_dir and getattr(cb, "logging_dir", None) is None:
             cb.logging_dir = logging_dir

@@ -1,0 +1,57 @@
+"""The beyond-the-paper methods in `xft run`: each one's stage computes what its registry entry promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import xft
+from xft.pipeline import load_recipe, run_pipeline
+from xft.pipeline.stages import merge_config
+
+from conftest import tiny_minicode_base
+from test_pipeline import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return tiny_minicode_base(tmp_path_factory.mktemp("base"), 32)
+
+
+def test_variant_sections_and_merges_build_the_configs_they_name(tiny_base, tmp_path):
+    from xft.pipeline.methods import METHODS
+    from xft.pipeline.stages import Context
+
+    recipe = load_recipe("minicode", tiny_overrides(tiny_base, "merge.lr=0.5", "distill.distill_steps=3",
+                                                    "moe_drop.lr=0.25"))
+    ctx = Context(recipe=recipe, root=str(tmp_path))
+    distill = merge_config(ctx, str(tmp_path / "d"), METHODS["xft_distill"])
+    assert (distill.method, distill.lr, distill.distill_steps) == ("learned", 0.5, 3)  # distill inherits merge
+    assert distill.moe.endswith("moe")
+    drop = merge_config(ctx, str(tmp_path / "x"), METHODS["xft_drop"])
+    assert drop.moe.endswith("moe_drop") and drop.lr == 0.5
+    ties = merge_config(ctx, str(tmp_path / "t"), METHODS["xft_ties"])
+    assert ties.method == "ties" and ties.data is None  # a fixed merge reads no data
+
+
+@pytest.mark.slow
+def test_variant_moe_and_its_merges_run_end_to_end(tiny_base, tmp_path):
+    """moe_drop upcycles with init=drop; xft_drop merges that MoE; ties / task arithmetic merge XFT's MoE
+    exactly as xft.merge does; xft_distill distils it: each output is a dense model of the base class."""
+    methods = "methods=[moe_drop, xft_drop, xft_ties, xft_task_arithmetic, xft_distill]"
+    run = tmp_path / "run"
+    run_pipeline(load_recipe("minicode", tiny_overrides(tiny_base, methods, "distill.distill_steps=2")),
+                 str(run), progress=False)
+    upcycled = json.loads((run / "upcycle-moe_drop" / "config.json").read_text())
+    assert json.dumps(upcycled).count('"drop"') >= 1
+    base_class = type(xft.load(str(tiny_base / "model")))
+    moe = xft.load(str(run / "moe"))
+    for method in ("xft_drop", "xft_ties", "xft_task_arithmetic", "xft_distill"):
+        model = xft.load(str(run / method))
+        assert type(model) is base_class and not xft.is_moe(model), method
+        assert (run / "eval" / method / "minicode" / "results.json").is_file()
+    expected = xft.merge(moe, "ties").state_dict()
+    got = xft.load(str(run / "xft_ties")).state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
