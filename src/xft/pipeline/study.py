@@ -30,7 +30,6 @@ turns it into tables.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -104,7 +103,7 @@ class Study:
     def tune_run(self, method: str, lr: float) -> Run:
         m = METHODS[method]
         s = self.recipe.study
-        cost = 2.5 if m.routing else 1.0  # an MoE step costs ~2.5 dense steps at this recipe's top-k
+        cost = 2.5 if m.routing else 1.0  # an MoE step costs several dense steps: start those first
         return Run(os.path.join(self.out, TUNE_DIR, method, f"lr-{lr:g}"),
                    [f"seed={s.tune_seed}", f"methods=[{method}]", f"{m.section}.lr={lr!r}",
                     f"eval.benchmarks=[{s.select}]"], f"tune {method} at lr {lr:g}", cost)
@@ -132,11 +131,10 @@ def _settings(chosen: dict[str, float]) -> list[str]:
 
 
 def _pass_at_1(run_dir: str, method: str, benchmark: str) -> float | None:
-    try:
-        with open(os.path.join(run_dir, "eval", method, benchmark, "results.json")) as f:
-            return json.load(f)["pass@1"]
-    except (OSError, ValueError, KeyError):
-        return None
+    """`method`'s pass@1 on `benchmark` in run `run_dir` (None if not evaluated)."""
+    from xft.report import eval_results
+
+    return (eval_results(run_dir, method, benchmark) or {}).get("pass@1")
 
 
 def choose(scores: dict[float, float]) -> float:
@@ -248,7 +246,7 @@ def run_study(recipe_name: str, out: str, overrides: list[str] = (), jobs: int =
 
 def _record_time(out: str, seconds: float, ran: int) -> float:
     """Add this invocation's wall time to out/study_time.json if it computed anything; returns the total."""
-    from xft.pipeline.study_data import _read_json
+    from xft.report import _read_json
 
     path = os.path.join(out, TIME_FILE)
     sessions = _read_json(path) or []

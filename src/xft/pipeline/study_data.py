@@ -16,16 +16,9 @@ import subprocess
 import time
 
 from xft.pipeline.methods import METHODS
+from xft.report import _read_json, eval_results
 
 SCHEMA = 1
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def commit() -> str | None:
@@ -118,7 +111,7 @@ def router_entropy(model_dir: str, texts: list[str]) -> list[float]:
 
 def _verdicts(run_dir: str, method: str, benchmark: str) -> str | None:
     """The per-task verdicts of one evaluation as a 0/1 string in task-id order."""
-    res = _read_json(os.path.join(run_dir, "eval", method, benchmark, "results.json")) or {}
+    res = eval_results(run_dir, method, benchmark) or {}
     tasks = res.get("tasks")
     if not isinstance(tasks, dict):
         return None
@@ -127,7 +120,7 @@ def _verdicts(run_dir: str, method: str, benchmark: str) -> str | None:
 
 
 def _result(run_dir: str, method: str, benchmark: str) -> dict | None:
-    res = _read_json(os.path.join(run_dir, "eval", method, benchmark, "results.json"))
+    res = eval_results(run_dir, method, benchmark)
     if not res:
         return None
     out = {"pass@1": res["pass@1"], "n_tasks": res.get("n_tasks"), "verdicts": _verdicts(run_dir, method, benchmark)}
