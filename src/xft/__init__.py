@@ -23,6 +23,8 @@ export_lazily(__name__, {
     "MERGE_METHODS": "xft.merge", "average_experts": "xft.merge", "build_merge_model": "xft.merge",
     "compile_merge": "xft.merge", "merge": "xft.merge", "merge_coefficients": "xft.merge",
     "MoEBlock": "xft.moe",
+    "expert_drift": "xft.merge_diagnostics", "held_out_loss": "xft.merge_diagnostics",
+    "merge_gap": "xft.merge_diagnostics", "routing_spread": "xft.merge_diagnostics",
     "BALANCES": "xft.routing", "ROUTERS": "xft.routing", "ROUTINGS": "xft.routing", "combine_weights": "xft.routing",
     "balance_step": "xft.upcycle", "expert_weights": "xft.upcycle", "ewa_step": "xft.upcycle", "is_moe": "xft.upcycle",
     "moe_blocks": "xft.upcycle", "routing_stats": "xft.upcycle", "upcycle": "xft.upcycle",

@@ -428,6 +428,9 @@ class MergeConfig(TrainConfig):
     distill_warmup_steps: int = setting(0, "linear warm-up steps of the distillation")
     distill_temperature: float = setting(1.0, "softmax temperature T of teacher and student in the distillation "
                                               "loss (T^2 KL)")
+    gap_examples: int = setting(128, "merge-gap diagnostics: validation examples (--eval-data / --eval-fraction) "
+                                     "the MoE's and the merged model's held-out loss and the routing spread are "
+                                     "measured on (0: only the expert drift)")
 
     def validate(self) -> None:
         super().validate()
@@ -443,6 +446,8 @@ class MergeConfig(TrainConfig):
             raise ConfigError("distill steps and distill warmup steps must be 0 or more")
         if self.distill_lr <= 0:
             raise ConfigError(f"distill lr must be positive, got {self.distill_lr}")
+        if self.gap_examples < 0:
+            raise ConfigError(f"gap examples must be 0 or more, got {self.gap_examples}")
         if not self.distill_temperature > 0:
             raise ConfigError(f"distill temperature must be positive, got {self.distill_temperature}")
         try:  # the method's own check (xft.merge_methods.OPTIONS), in the settings' names

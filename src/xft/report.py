@@ -198,6 +198,12 @@ CLAIMS: tuple[tuple[str, str, str], ...] = check_pairs((
     ("moe", "unnormalized", "normalized > unnormalized routing"),
 ), "report.CLAIMS")
 
+# Beyond the paper (docs/method.md): each variant against the paper's method it replaces, paired by seed.
+COMPARISONS: tuple[tuple[str, str, str], ...] = check_pairs(tuple(
+    (m.name, "moe" if m.kind == "sft" else "xft", f"{m.label} − {METHODS['moe' if m.kind == 'sft' else 'xft'].label}")
+    for m in METHODS.values() if m.name.startswith(("moe_", "xft_")) and m.name not in ("xft_init", "xft_uniform")
+) + (("xft_distill", "moe", "XFT + distillation − MoE"),), "report.COMPARISONS")
+
 
 def paired_differences(runs: list[str], benchmark: str = "minicode") -> list[tuple[str, list[float]]]:
     """Per claim whose two methods were evaluated in the same runs: pass@1 differences, one per run (seed).

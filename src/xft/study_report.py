@@ -22,10 +22,11 @@ import re
 
 from xft.artifacts import atomic_write_text
 from xft.errors import UserError
-from xft.report import CLAIMS, label
+from xft.report import CLAIMS, COMPARISONS, label
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 VERDICTS = {"holds": "**holds**", "reversed": "**reversed**", "unresolved": "unresolved"}
+READINGS = {"holds": "**higher**", "reversed": "**lower**", "unresolved": "unresolved"}  # a comparison's
 
 
 def load_study(path: str) -> dict:
@@ -51,13 +52,15 @@ def scores(data: dict) -> dict[str, dict[int, float]]:
     return out
 
 
-def claims(data: dict, level: float = 0.95, power: float = 0.8) -> list[tuple[str, str, str, object]]:
-    """Per claim of `xft.report.CLAIMS` whose two methods are in the study: (a, b, claim, xft.stats.Paired)."""
+def claims(data: dict, level: float = 0.95, power: float = 0.8,
+           pairs: tuple = CLAIMS) -> list[tuple[str, str, str, object]]:
+    """Per claim of `pairs` (the paper's, `xft.report.CLAIMS`; or `COMPARISONS`) whose two methods are in the
+    study: (a, b, claim, xft.stats.Paired)."""
     from xft.stats import paired
 
     s = scores(data)
     out = []
-    for a, b, claim in CLAIMS:
+    for a, b, claim in pairs:
         common = sorted(set(s.get(a, {})) & set(s.get(b, {})))
         if len(common) >= 2:
             out.append((a, b, claim, paired([s[a][i] for i in common], [s[b][i] for i in common],
@@ -89,17 +92,22 @@ def _pts(x: float | None, sign: bool = False) -> str:
     return f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
 
 
+def _setting(t: dict) -> str:
+    """The name of a tuning entry's setting in a table header: lr, merge_density, ..."""
+    return t.get("setting", "lr").rsplit(".", 1)[-1].removeprefix("distill_")
+
+
 def _tuning_table(data: dict) -> str:
-    """One table per grid (the training methods' learning rates, the learned merge's, ...)."""
+    """One table per grid (the training methods' learning rates, the learned merge's, TIES's densities, ...)."""
     groups: dict[tuple, dict] = {}
     for method, t in data["tuning"].items():
-        groups.setdefault(tuple(sorted(t["grid"], key=float)), {})[method] = t
-    return "\n\n".join(_grid_table(grids) for grids in groups.values())
+        groups.setdefault((_setting(t), tuple(sorted(t["grid"], key=float))), {})[method] = t
+    return "\n\n".join(_grid_table(grids, name) for (name, _), grids in groups.items())
 
 
-def _grid_table(grids: dict) -> str:
+def _grid_table(grids: dict, name: str = "lr") -> str:
     lrs = sorted({lr for t in grids.values() for lr in t["grid"]}, key=float)
-    head = "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " | chosen |"
+    head = "| method | " + " | ".join(f"{name} {lr}" for lr in lrs) + " | chosen |"
     lines = [head, "|---|" + "---|" * (len(lrs) + 1)]
     for method, t in grids.items():
         cells = []
@@ -117,8 +125,8 @@ def _methods_table(data: dict) -> str:
 
     s = scores(data)
     compute = data.get("compute", {})
-    lines = ["| model | pass@1, mean ± 95% CI | sd over seeds | min – max | seeds | training FLOPs (≈6·N·D) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | pass@1, mean ± 95% CI | sd over seeds | min – max | seeds | training FLOPs (≈6·N·D) | "
+             "training wall time (min, 1 thread) |", "|---|---|---|---|---|---|---|"]
     for method in data["methods"]:
         if method not in s:
             continue
@@ -130,21 +138,97 @@ def _methods_table(data: dict) -> str:
             score, sd = f"{100 * ci.mean:.1f} ± {100 * ci.half_width:.1f}", f"{100 * ci.sd:.1f}"
         else:
             score, sd = _pts(vals[0]), "-"
+        wall = wall_minutes(data, method)
         lines.append(f"| {label(method)} | {score} | {sd} | {_pts(min(vals))} – {_pts(max(vals))} | {len(vals)} "
-                     f"| {flops_text} |")
+                     f"| {flops_text} | {'-' if wall is None else f'{wall:.1f}'} |")
     return "\n".join(lines)
 
 
-def _claims_table(data: dict) -> str:
-    lines = ["| the paper's claim | paired difference (points), mean ± 95% CI over seeds | seeds where it holds "
+def wall_minutes(data: dict, method: str) -> float | None:
+    """Mean over seeds of the wall time (minutes, one thread) of the training stages `method`'s model carries:
+    its own, and for a merge the MoE's (`compute_chain`); None without timings."""
+    chain = (data["methods"].get(method) or {}).get("compute_chain") or [method]
+    per_seed = []
+    for e in data["seeds"]:
+        times = [(e["results"].get(m) or {}).get("train_seconds") for m in chain]
+        if all(t is not None for t in times):
+            per_seed.append(sum(times) / 60)
+    return sum(per_seed) / len(per_seed) if per_seed else None
+
+
+def _claims_table(data: dict, pairs: tuple = CLAIMS) -> str:
+    first = "the paper's claim" if pairs is CLAIMS else "comparison (first minus second)"
+    lines = [f"| {first} | paired difference (points), mean ± 95% CI over seeds | seeds where it holds "
              "| p (two-sided) | detectable at 80% power | task sampling ± | verdict |", "|---|---|---|---|---|---|---|"]
-    for a, b, claim, p in claims(data):
+    words = VERDICTS if pairs is CLAIMS else READINGS
+    for a, b, claim, p in claims(data, pairs=pairs):
         wins = sum(d > 0 for d in p.diffs)
         noise = task_noise(data, a, b)
         lines.append(f"| {claim} | {_pts(p.mean, True)} ± {100 * p.half_width:.1f} | {wins} of {p.n} "
                      f"| {p.p_value:.3f} | ≥ {100 * p.mde:.1f} | {'-' if noise is None else f'{100 * noise:.1f}'} "
-                     f"| {VERDICTS[p.verdict]} |")
+                     f"| {words[p.verdict]} |")
     return "\n".join(lines)
+
+
+def merge_gap_points(data: dict) -> list[dict]:
+    """One point per (merge method, seed) with merge-gap diagnostics: the MoE's mean expert drift and routing
+    spread (before merging), the held-out loss gap and the pass@1 gap, MoE minus merged (after)."""
+    points = []
+    for e in data["seeds"]:
+        for method, res in e["results"].items():
+            gap = res.get("merge_gap")
+            source = (data["methods"].get(method) or {}).get("merge_of")
+            if not gap or source not in e["results"]:
+                continue
+            points.append({"method": method, "seed": e["seed"], "drift": gap["mean_expert_drift"],
+                           "spread": gap.get("mean_routing_spread"), "loss_gap": gap.get("loss_gap"),
+                           "pass_gap": e["results"][source]["pass@1"] - res["pass@1"]})
+    return points
+
+
+def correlation_ci(x: list[float], y: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Pearson r of x and y with its Fisher-z interval (normal approximation, n ≥ 4); nan where undefined."""
+    from statistics import NormalDist
+
+    r, n = pearson(x, y), len(x)
+    if math.isnan(r) or n < 4 or abs(r) >= 1:
+        return r, float("nan"), float("nan")
+    z, half = math.atanh(r), NormalDist().inv_cdf(0.5 + level / 2) / math.sqrt(n - 3)
+    return r, math.tanh(z - half), math.tanh(z + half)
+
+
+def _gap_tables(data: dict) -> tuple[str, str]:
+    """(per merge method: mean drift, spread, loss gap and pass@1 gap with its t interval; how well each
+    before-merge diagnostic predicts each gap over the learned merges' (method, seed) points)."""
+    from xft.stats import mean_ci
+
+    points = merge_gap_points(data)
+    if not points:
+        return "", ""
+    lines = ["| merge | of | expert drift (before) | routing spread (before) | held-out loss gap (after) | "
+             "pass@1 gap, MoE − merged (points, ± 95% CI) |", "|---|---|---|---|---|---|"]
+    for method in data["methods"]:
+        rows = [p for p in points if p["method"] == method]
+        if not rows:
+            continue
+        mean = (lambda k: sum(p[k] for p in rows) / len(rows) if all(p[k] is not None for p in rows) else None)
+        passes = [p["pass_gap"] for p in rows]
+        ci = mean_ci(passes) if len(passes) >= 2 else None
+        fmt = (lambda v, f: "-" if v is None else f.format(v))
+        lines.append(f"| {label(method)} | {label(data['methods'][method]['merge_of'])} | "
+                     f"{fmt(mean('drift'), '{:.4f}')} | {fmt(mean('spread'), '{:.3f}')} | "
+                     f"{fmt(mean('loss_gap'), '{:+.4f}')} | "
+                     + (f"{_pts(ci.mean, True)} ± {100 * ci.half_width:.1f}" if ci else _pts(passes[0], True)) + " |")
+    learned = [p for p in points if (data["methods"][p["method"]].get("section") == "merge")]
+    corr = ["| predictor (before merging) | gap (after) | Pearson r [95% CI] | points |", "|---|---|---|---|"]
+    for x in ("drift", "spread"):
+        for y, name in (("loss_gap", "held-out loss gap"), ("pass_gap", "pass@1 gap")):
+            pts = [p for p in learned if p[x] is not None and p[y] is not None]
+            if len(pts) >= 4:
+                r, lo, hi = correlation_ci([p[x] for p in pts], [p[y] for p in pts])
+                corr.append(f"| {'expert drift' if x == 'drift' else 'routing spread'} | {name} | "
+                            f"{r:+.2f} [{lo:+.2f}, {hi:+.2f}] | {len(pts)} |")
+    return "\n".join(lines), "\n".join(corr) if len(corr) > 2 else ""
 
 
 def _seed_table(data: dict) -> str:
@@ -215,6 +299,23 @@ def render(data: dict, plots: dict[str, str] | None = None) -> str:
     ]
     if plots and plots.get("claims"):
         out += [f"![paired differences]({plots['claims']})", ""]
+    if claims(data, pairs=COMPARISONS):
+        out += ["**Beyond the paper**, each variant against the paper's method it replaces, paired by seed (same "
+                "columns; \"higher\" / \"lower\": the seed interval excludes 0):", "",
+                _claims_table(data, COMPARISONS), ""]
+    gaps, corr = _gap_tables(data)
+    if gaps:
+        out += ["**Merge gap**, per merge (mean over seeds). Before merging, from the MoE: expert drift (RMS "
+                "distance of the experts from their mean over all FFN weights, relative to the mean's norm, "
+                "averaged over layers) and routing spread (mean over tokens of the total-variation distance of a "
+                "token's routing weights from the average token's). After: the held-out loss of the merged model "
+                "minus the MoE's and the pass@1 the merge lost, on the first 128 validation problems with their "
+                "reference answers (`xft.merge_diagnostics`):", "", gaps, ""]
+        if corr:
+            out += ["How well the before-merge diagnostics predict the gap, over the learned merges' (MoE, seed) "
+                    "points (Pearson r, Fisher-z interval):", "", corr, ""]
+        if plots and plots.get("gap"):
+            out += [f"![merge gap against expert drift]({plots['gap']})", ""]
     out += ["**Per seed** (pass@1, %):", "", _seed_table(data), ""]
     if plots and plots.get("seeds"):
         out += [f"![pass@1 per seed]({plots['seeds']})", ""]
@@ -282,6 +383,25 @@ def _plot(data: dict, out_dir: str) -> dict[str, str]:
         fig.tight_layout()
         paths["loss"] = os.path.join(out_dir, "study_loss.png")
         fig.savefig(paths["loss"], dpi=120)
+        plt.close(fig)
+    points = [p for p in merge_gap_points(data) if p["loss_gap"] is not None]
+    if points:
+        methods = list(dict.fromkeys(p["method"] for p in points))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for i, m in enumerate(methods):
+            rows = [p for p in points if p["method"] == m]
+            for ax, key in zip(axes, ("loss_gap", "pass_gap")):
+                ax.scatter([p["drift"] for p in rows], [p[key] * (100 if key == "pass_gap" else 1) for p in rows],
+                           s=14, color=f"C{i % 10}", label=label(m))
+        axes[0].set_ylabel("held-out loss, merged − MoE (nats)")
+        axes[1].set_ylabel("pass@1, MoE − merged (points)")
+        for ax in axes:
+            ax.set_xlabel("expert drift before merging (mean over layers)")
+            ax.axhline(0, color="k", lw=0.6)
+        axes[1].legend(fontsize=6, loc="best")
+        fig.tight_layout()
+        paths["gap"] = os.path.join(out_dir, "study_merge_gap.png")
+        fig.savefig(paths["gap"], dpi=120)
         plt.close(fig)
     return paths
 

@@ -37,6 +37,8 @@ class Method:
     merge_of: str = MERGED_MOE  # a merge: the method whose trained MoE it merges
     section: str = "train"  # the recipe section its training settings come from (xft.pipeline.recipe.LAYERS)
     tune: str = "lr"  # the setting of its section a study tunes (xft.pipeline.study)
+    grid: str = ""  # the study's list of values for `tune` (StudySection field; default: lr, a merge merge_lr)
+    tune_max: float | None = None  # the largest value `tune` takes (a study's grid grows no further)
 
     @property
     def kind(self) -> str:
@@ -54,6 +56,16 @@ class Method:
     def upcycle_settings(self) -> dict:
         """The UpcycleConfig settings this method's MoE takes on top of the recipe's `upcycle` section."""
         return {"routing": self.routing, **dict(self.upcycle)} if self.routing else {}
+
+    @property
+    def study_grid(self) -> str:
+        """The StudySection field listing the values a study tries for `tune`."""
+        return self.grid or ("lr" if self.kind == "sft" else "merge_lr")
+
+    @property
+    def tuned(self) -> bool:
+        """Whether a study tunes this method: a training method, a merge that learns, a merge with an option grid."""
+        return self.trains or bool(self.grid)
 
     @property
     def trains(self) -> bool:
@@ -152,19 +164,23 @@ for _name, _settings, _label, _what in _VARIANTS:
         f"xft_{_name}", f"beyond the paper: learned merge of the {_label}", f"XFT of the {_label}",
         f"**XFT of the {_label}**: the {_label} merged back by XFT's learned merge.",
         stage=f"learn the merge of the {_label}", merge="learned", merge_of=f"moe_{_name}", section="merge")
-for _method, _label, _what in (
-        ("task_arithmetic", "task-arithmetic merge", "shared expert + α·Σ of the routed experts' deltas to it"),
+for _method, _label, _what, _option, _max in (
+        ("task_arithmetic", "task-arithmetic merge", "shared expert + α·Σ of the routed experts' deltas to it",
+         "merge_scale", None),
         ("ties", "TIES merge", "TIES on the routed experts' deltas to the shared expert (trim, elect sign, "
-                               "disjoint mean)")):
+                               "disjoint mean)", "merge_density", 1.0)):
     METHODS[f"xft_{_method}"] = Method(
         f"xft_{_method}", f"beyond the paper: {_what}, of the trained MoE", _label,
-        f"**{_label}** (beyond the paper): the trained MoE merged by {_what}; no learning.",
-        stage=_label, merge=_method)
+        f"**{_label}** (beyond the paper): the trained MoE merged by {_what}; no learning "
+        f"(`{_method}` section; a study tunes its `{_option}`).",
+        stage=_label, merge=_method, section=_method, tune=_option, grid=f"{_method}_{_option.split('_')[1]}",
+        tune_max=_max)
 METHODS["xft_distill"] = Method(
     "xft_distill", "beyond the paper: XFT's learned merge, then distilled from the MoE (KL)", "XFT + distillation",
     "**XFT + distillation** (beyond the paper): the learned merge, then the whole dense model trained to match "
     "the MoE's next-token distributions on the instruction data (`distill` section: steps, learning rate).",
-    stage="learn the merge, then distil the MoE into it", merge="learned", section="distill", tune="distill_lr")
+    stage="learn the merge, then distil the MoE into it", merge="learned", section="distill", tune="distill_lr",
+    grid="distill_lr")
 
 # Upcycle stage -> the UpcycleConfig settings of its MoE (beyond the recipe's), for every MoE a method trains.
 UPCYCLE_STAGES: dict[str, dict] = {m.upcycle_stage: m.upcycle_settings for m in METHODS.values() if m.routing}

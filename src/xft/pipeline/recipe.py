@@ -71,6 +71,8 @@ LAYERS = {
     "moe_switch": Layer(SFTConfig, inherits="train"),
     "merge": Layer(MergeConfig, inherits="train"),
     "distill": Layer(MergeConfig, inherits="merge"),
+    "task_arithmetic": Layer(MergeConfig, inherits="merge"),
+    "ties": Layer(MergeConfig, inherits="merge"),
 }
 # Every method's training settings come from one section (a study tunes each method's own learning rate).
 assert {m.section for m in METHODS.values()} <= set(LAYERS), "a method names a recipe section LAYERS lacks"
@@ -121,6 +123,10 @@ class StudySection:
                                            "same budget for all)")
     merge_lr: list = setting([5e-3, 2e-2, 8e-2], "learning rates the learned merge is tried with")
     distill_lr: list = setting([1e-4, 3e-4, 1e-3], "learning rates the distillation after a merge is tried with")
+    ties_density: list = setting([0.1, 0.2, 0.4], "TIES densities (fraction of each delta kept) xft_ties is tried "
+                                                 "with")
+    task_arithmetic_scale: list = setting([0.1, 0.2, 0.4], "task-arithmetic scales α xft_task_arithmetic is tried "
+                                                          "with")
     extend: int = setting(2, "times a grid grows by one step beyond an end where some method scored strictly "
                              "best (every method gets the new rate)")
     select: str = setting("minicode-valid", "the validation benchmark every choice is made on (greedy pass@1); "
@@ -153,6 +159,9 @@ class Recipe:
     merge: dict = setting({}, "MergeConfig fields for learning the merge (lr, epochs, shared_weight, ...)")
     distill: dict = setting({"distill_steps": 100}, "MergeConfig fields overriding `merge` for xft_distill "
                                                    "(distill_steps, distill_lr, ...)")
+    task_arithmetic: dict = setting({}, "MergeConfig fields overriding `merge` for xft_task_arithmetic "
+                                        "(merge_scale)")
+    ties: dict = setting({}, "MergeConfig fields overriding `merge` for xft_ties (merge_density, merge_scale)")
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "evaluation"})
     study: StudySection = field(default_factory=StudySection, metadata={"help": "the study's protocol "
                                                                         "(xft demo --study)"})
@@ -204,10 +213,10 @@ def validate(recipe: Recipe) -> Recipe:
         raise UserError(f"data.path: {recipe.data.path} does not exist")
     if not recipe.eval.benchmarks:
         raise UserError("eval.benchmarks: name at least one benchmark")
-    for key in ("lr", "merge_lr", "distill_lr"):
+    for key in sorted({m.study_grid for m in METHODS.values() if m.tuned}):
         grid = getattr(recipe.study, key)
         if not grid or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in grid):
-            raise UserError(f"study.{key}: expected a non-empty list of positive learning rates, got {grid!r}")
+            raise UserError(f"study.{key}: expected a non-empty list of positive values, got {grid!r}")
     return recipe
 
 

@@ -68,15 +68,29 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def recipe_differences(saved: dict, recipe: Recipe) -> tuple[list[str], list[str]]:
+def recipe_differences(saved: dict, recipe: Recipe, work: list[str] | None = None) -> tuple[list[str], list[str]]:
     """(training differences, evaluation-only differences) between a run's saved recipe and `recipe`.
 
     Each is a list of "key: old -> new". Evaluation settings (`eval.*`) change
     only the evaluation stages, which re-run where their settings changed.
+    Given the run's stages with `work` (`finished_work`), a setting read only
+    by methods with no work there yet is no difference: a method added to a
+    run brings its own settings (a study's chosen `ties.merge_density`).
     """
     diff = settings_diff(_flatten(saved), _flatten(to_dict(recipe)), _NON_SEMANTIC)
-    return [d for k, d in diff.items() if not k.startswith("eval.")], [d for k, d in diff.items()
-                                                                       if k.startswith("eval.")]
+    training = [d for k, d in diff.items() if not k.startswith("eval.")
+                and (work is None or not _unread(k.split(".", 1)[0], work))]
+    return training, [d for k, d in diff.items() if k.startswith("eval.")]
+
+
+def _unread(section: str, work: list[str]) -> bool:
+    """Whether recipe section `section` is read only by methods whose stages hold no work yet (`work`): a method
+    section (`moe`, `ties`, ...) or one that only method sections inherit (`merge` under `distill`, `ties`)."""
+    def chain(name: str) -> list[str]:
+        return [name, *chain(LAYERS[name].inherits)] if LAYERS[name].inherits else [name]
+
+    readers = [m.name for m in METHODS.values() if section in chain(m.section)]
+    return bool(readers) and not any(name in work for name in readers)
 
 
 def _every_stage() -> dict[str, Stage]:
@@ -128,8 +142,8 @@ def check_run_dir(root: str, recipe: Recipe, overwrite: bool = False) -> list[st
     if os.path.isfile(path):
         with open(path) as f:
             saved = yaml.safe_load(f) or {}
-        training, eval_changes = recipe_differences(saved, recipe)
         work = finished_work(root)
+        training, eval_changes = recipe_differences(saved, recipe, work)
         if overwrite or (training and not work):
             clear_run_dir(root)  # with no work to keep, a changed recipe starts over (a stage that failed early)
             eval_changes = []

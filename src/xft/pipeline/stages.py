@@ -166,7 +166,8 @@ def merge_config(ctx: Context, out: str, method: Method):
 
     A merge that trains takes its section with what it inherits (`merge`:
     `train`'s settings less the merge's own schedule, `recipe.LAYERS`); a
-    fixed merge trains nothing and takes the `merge` section's own settings only.
+    fixed merge trains nothing and takes the `merge` section's own settings,
+    then its own section's (`ties`, `task_arithmetic`: its tuned option).
     """
     from xft.config import MergeConfig, from_flat
 
@@ -176,7 +177,8 @@ def merge_config(ctx: Context, out: str, method: Method):
         if r.data.merge_subset is not None:
             settings["subset"] = r.data.merge_subset
     else:
-        settings = {**_settings(ctx, None), **r.merge}
+        own = getattr(r, method.section) if method.section not in ("train", "merge") else {}
+        settings = {**_settings(ctx, None), **r.merge, **own}
     return from_flat(MergeConfig, {**settings, "moe": ctx.path(method.merge_of), "out": out, "method": method.merge})
 
 

@@ -83,22 +83,20 @@ class Study:
 
     @property
     def tuned_merges(self) -> list[str]:
-        """The recipe's merges that learn, in table order, one per recipe section: a learned merge of another
-        MoE (xft_drop, ...) shares XFT's `merge` section and so its learning rate."""
+        """The recipe's merges that learn or take a tuned option (`Method.tuned`), in table order, one per recipe
+        section: a learned merge of another MoE (xft_drop, ...) shares XFT's `merge` section and its learning
+        rate."""
         sections, out = set(), []
         for name in [m for m in METHODS if m in self.recipe.methods]:
             m = METHODS[name]
-            if m.kind == "merge" and m.trains and m.section not in sections:
+            if m.kind == "merge" and m.tuned and m.section not in sections:
                 sections.add(m.section)
                 out.append(name)
         return out
 
     def grid(self, method: str) -> list[float]:
-        """The study grid of `method`'s tuned setting (`Method.tune`)."""
-        m, s = METHODS[method], self.recipe.study
-        if m.kind == "sft":
-            return sorted(s.lr)
-        return sorted(s.distill_lr if m.tune == "distill_lr" else s.merge_lr)
+        """The study grid of `method`'s tuned setting (`Method.tune`, its values `Method.study_grid`)."""
+        return sorted(getattr(self.recipe.study, METHODS[method].study_grid))
 
     def tune_run(self, method: str, lr: float) -> Run:
         m = METHODS[method]
@@ -109,11 +107,13 @@ class Study:
                     f"eval.benchmarks=[{s.select}]"], f"tune {method} at lr {lr:g}", cost)
 
     def merge_tune_run(self, method: str, moe_lr: float, lr: float, earlier: dict[str, float]) -> Run:
-        """A tuning run of a learned merge at `lr`, merging its MoE trained at `moe_lr`, with the choices of the
-        merges tuned before it (`earlier`: method -> value; xft_distill learns XFT's merge first)."""
+        """A tuning run of a merge at `lr` (the value of its tuned setting), merging its MoE trained at `moe_lr`,
+        with the choices of the merges tuned before it (`earlier`: method -> value; xft_distill learns XFT's
+        merge first)."""
         m = METHODS[method]
         moe = self.tune_run(m.merge_of, moe_lr)
-        return Run(os.path.join(self.out, TUNE_DIR, method, f"moe-lr-{moe_lr:g}", f"lr-{lr:g}"),
+        label = "lr" if m.tune.endswith("lr") else m.tune
+        return Run(os.path.join(self.out, TUNE_DIR, method, f"moe-lr-{moe_lr:g}", f"{label}-{lr:g}"),
                    [o for o in moe.overrides if not o.startswith("methods=")] + _settings(earlier)
                    + [f"methods=[{method}]", f"{m.section}.{m.tune}={lr!r}"],
                    f"tune {method} at {m.tune} {lr:g}", 0.3)
@@ -142,9 +142,9 @@ def choose(scores: dict[float, float]) -> float:
     return max(sorted(scores), key=lambda lr: (scores[lr], -lr))
 
 
-def extend_grid(grid: list[float], scores: list[dict[float, float]]) -> list[float]:
+def extend_grid(grid: list[float], scores: list[dict[float, float]], upper: float | None = None) -> list[float]:
     """`grid` (sorted) with one more point, at its geometric step, beyond each end where some method scored
-    strictly best (`scores`: per method, learning rate -> validation score).
+    strictly best (`scores`: per method, learning rate -> validation score); never above `upper`.
 
     A best value at the end of the grid may not be the best value: the grid
     grows there, for every method alike (same grid, same budget). A method
@@ -157,7 +157,7 @@ def extend_grid(grid: list[float], scores: list[dict[float, float]]) -> list[flo
         return list(grid)
     step = grid[1] / grid[0]
     low = [grid[0] / step] if best_at(grid[0], grid[1]) else []
-    high = [grid[-1] * step] if best_at(grid[-1], grid[-2]) else []
+    high = [grid[-1] * step] if best_at(grid[-1], grid[-2]) and (upper is None or grid[-1] * step <= upper) else []
     return low + list(grid) + high
 
 
@@ -228,10 +228,10 @@ def run_study(recipe_name: str, out: str, overrides: list[str] = (), jobs: int =
             pool.run(list(runs.values()))
             merge_scores = {lr: _pass_at_1(r.out, method, s.select) for lr, r in runs.items()}
             chosen[method] = choose(merge_scores)
-            grid, wider = extend_grid(grid, [merge_scores]), grid
+            grid, wider = extend_grid(grid, [merge_scores], METHODS[method].tune_max), grid
             if grid == wider:
                 break
-    log("chosen on validation: " + ", ".join(f"{m} lr {lr:g}" for m, lr in chosen.items()))
+    log("chosen on validation: " + ", ".join(f"{m} {METHODS[m].tune} {v:g}" for m, v in chosen.items()))
 
     # 2. the study: every method on every seed, with its chosen learning rate
     seeds = [study.seed_run(i, chosen) for i in range(s.seeds)]

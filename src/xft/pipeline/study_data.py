@@ -19,6 +19,8 @@ from xft.pipeline.methods import METHODS
 from xft.report import _read_json, eval_results
 
 SCHEMA = 1
+GAP_DIR = "merge_gap"  # in the study's directory: per seed, each merge's gap diagnostics measured on validation
+GAP_EXAMPLES = 128  # validation problems (with their reference answers) the merge gap is measured on
 
 
 def commit() -> str | None:
@@ -142,6 +144,69 @@ def _probe_texts(n: int = 64) -> list[str]:
     return [t["prompt"] + "\n" + t["response"] for t in load_tasks("valid")[:n]]
 
 
+def _gap_batches(moe_dir: str, recipe) -> list:
+    """Collator batches of the first GAP_EXAMPLES validation problems with their reference answers, as
+    instruction data in the recipe's format, tokenized by the MoE's tokenizer."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from xft.config import DataConfig
+    from xft.data import Collator, load_dataset, pad_token_id
+    from xft.minicode.benchmark import load_tasks
+
+    train = recipe.train
+    tok = AutoTokenizer.from_pretrained(moe_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "valid.jsonl")
+        with open(path, "w") as f:
+            for t in load_tasks("valid")[:GAP_EXAMPLES]:
+                f.write(json.dumps({"instruction": t["prompt"], "response": t["response"]}) + "\n")
+        kwargs = {k: train[k] for k in ("max_length", "template") if k in train}
+        ds, _ = load_dataset(DataConfig(path=path, **kwargs), tok)
+    collate = Collator(pad_token_id(tok))
+    return [collate([ds[j] for j in range(i, min(i + 16, len(ds)))]) for i in range(0, len(ds), 16)]
+
+
+def merge_gaps(study, run_dir: str, seed: int, methods: list[str]) -> dict[str, dict]:
+    """Per merge method of `methods` in run `run_dir`: its merge-gap diagnostics (xft.merge_diagnostics) on
+    validation data — the MoE's expert drift, routing spread and held-out loss, the merged model's held-out loss.
+
+    Measured once and kept in the study's GAP_DIR/seed-N/<method>.json (the runs themselves are not touched);
+    the MoE's part once per MoE.
+    """
+    from xft.artifacts import atomic_write_json
+    from xft.merge_diagnostics import before_merge, held_out_loss
+
+    out, moes = {}, {}
+    for method in methods:
+        m = METHODS[method]
+        if m.kind != "merge" or not os.path.isfile(os.path.join(run_dir, method, "config.json")):
+            continue
+        path = os.path.join(study.out, GAP_DIR, f"seed-{seed}", f"{method}.json")
+        saved = _read_json(path)
+        if saved is None:
+            import copy
+
+            from transformers import AutoModelForCausalLM
+
+            import xft
+
+            if m.merge_of not in moes:
+                moe_dir = os.path.join(run_dir, m.merge_of)
+                batches = _gap_batches(moe_dir, study.recipe)
+                moes[m.merge_of] = (batches, before_merge(xft.load(moe_dir), batches))
+            batches, gap = moes[m.merge_of]
+            gap = copy.copy(gap)
+            gap.merged_loss = held_out_loss(AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, method)),
+                                            batches)
+            saved = gap.to_dict()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write_json(path, saved)
+        out[method] = saved
+    return out
+
+
 def _compute(run_dir: str, methods: list[str], benchmark: str) -> dict:
     """Per method: parameters, active parameters, training tokens and ≈6·N·D FLOPs (xft.report.collect)."""
     from xft.report import collect
@@ -166,12 +231,13 @@ def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list
     sel = r.study.select
 
     def tuning_entry(method: str, runs: dict) -> dict:
-        scores = {}
+        scores = {}  # the tuned setting's value -> validation pass@1 (and final training loss)
         for lr, run in runs.items():
             res = _result(run.out, method, sel) or {}
             scores[f"{lr:g}"] = {"valid_pass@1": res.get("pass@1"),
                                  "final_loss": (res.get("diagnostics") or {}).get("final_loss")}
-        return {"grid": scores, "chosen": chosen[method]}
+        return {"setting": f"{METHODS[method].section}.{METHODS[method].tune}", "grid": scores,
+                "chosen": chosen[method]}
 
     tuning = {m: tuning_entry(m, runs) for m, runs in tune.items()}
     for method, runs in merge_runs.items():
@@ -179,10 +245,12 @@ def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list
     per_seed = []
     for i, run in enumerate(seeds):
         methods = [m for m in r.methods if (i == 0 or m != "base")]
+        results = {m: res for m in methods if (res := _result(run.out, m, bench))}
+        for m, gap in merge_gaps(study, run.out, i, list(results)).items():
+            results[m]["merge_gap"] = gap
         per_seed.append({
             "seed": i, "run": os.path.relpath(run.out, study.out),
-            "command": shlex.join(run.command(study.recipe_name, study.user)),
-            "results": {m: res for m in methods if (res := _result(run.out, m, bench))},
+            "command": shlex.join(run.command(study.recipe_name, study.user)), "results": results,
         })
     return {
         "schema": SCHEMA,
@@ -192,7 +260,9 @@ def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list
         "overrides": study.user,
         "protocol": {**to_dict(r)["study"], "budget": r.train, "merge": r.merge,
                      "selection": f"greedy pass@1 on {sel}; ties: the lower learning rate"},
-        "methods": {m: {"label": METHODS[m].label, "section": METHODS[m].section} for m in r.methods},
+        "methods": {m: {"label": METHODS[m].label, "section": METHODS[m].section,
+                        "compute_chain": list(METHODS[m].compute_chain), "merge_of": METHODS[m].merge_of
+                        if METHODS[m].kind == "merge" else None} for m in r.methods},
         "tuning": tuning,
         "seeds": per_seed,
         "compute": _compute(seeds[0].out, r.methods, bench),

@@ -34,6 +34,7 @@ from xft.artifacts import atomic_write_json, copy_companions, resolve_model, ser
 from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.merge import merge_inputs, merge_modules
+from xft.merge_diagnostics import before_merge, held_out_loss
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
 from xft.config import MergeConfig
@@ -45,6 +46,7 @@ from xft.training.stage import (
 from xft.training.trainer import resolve_precision
 
 # How `xft merge` spells the distillation's schedule, for the schedule checks' advice.
+GAP_FILE = "merge_gap.json"  # the merge-gap diagnostics (xft.merge_diagnostics), next to the merged weights
 DISTILL_FLAGS = {"max_steps": "distill_steps", "epochs": "distill_steps", "warmup_steps": "distill_warmup_steps"}
 
 
@@ -104,6 +106,19 @@ def prepare_merge_data(cfg: MergeConfig, tokenizer):
         runs.append((cfg.distill_config(), lambda name, value=None: cli_flag(DISTILL_FLAGS.get(name, name), value)))
     found = [w for c, flag in runs if (w := check_schedule(c, splits.stats.examples, flag=flag))]
     return splits, Collator(pad_token_id(tokenizer)), "; ".join(found) or None
+
+
+def gap_batches(cfg: MergeConfig, splits, tokenizer) -> list | None:
+    """Up to `cfg.gap_examples` validation examples as Collator batches for the merge-gap diagnostics; None
+    without validation data (or with gap_examples 0)."""
+    if not cfg.gap_examples or cfg.data is None or not (cfg.data.eval_path or cfg.data.eval_fraction):
+        return None
+    if splits is None:
+        splits = load_splits(cfg.data, tokenizer)
+    held_out = splits.eval.select(range(min(cfg.gap_examples, len(splits.eval))))
+    collator, size = Collator(pad_token_id(tokenizer)), cfg.micro_batch_size or 8
+    return [collator([held_out[j] for j in range(i, min(i + size, len(held_out)))])
+            for i in range(0, len(held_out), size)]
 
 
 def release(trainer) -> None:
@@ -171,6 +186,8 @@ def learn_merge(config: MergeConfig) -> str:
     transformers.set_seed(cfg.seed)
     moe = xft.load(path, dtype=dtype)
     moe_config = dict(moe.config.xft)
+    batches = gap_batches(cfg, splits, tokenizer)
+    gap = before_merge(moe, batches)  # before the merge model takes the MoE's modules over
 
     trainer = output = None
     seconds, change = 0.0, None
@@ -213,6 +230,8 @@ def learn_merge(config: MergeConfig) -> str:
         training["processes"] = distiller.args.world_size
         training["distributed"] = distiller.accelerator.distributed_type.value
     main = PartialState().is_main_process
+    if batches and main and (distiller is None or PartialState().num_processes == 1):
+        gap.merged_loss = held_out_loss(dense, batches)  # (a sharded distilled model is not measured)
 
     def save(tmp: str) -> None:
         if distiller is not None:
@@ -226,6 +245,7 @@ def learn_merge(config: MergeConfig) -> str:
             servable_config(tmp)
             atomic_write_json(f"{tmp}/merge_coefficients.json", record)
             atomic_write_json(f"{tmp}/xft_training.json", training)
+            atomic_write_json(f"{tmp}/{GAP_FILE}", gap.to_dict())
             write_card(tmp, cfg, path, trainer, change, run.final, distiller)
 
     final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
@@ -252,6 +272,7 @@ def learn_merge(config: MergeConfig) -> str:
             rows += common_rows(cfg, trainer, output, seconds, splits, final, warning)[1:]
         if distiller is not None:
             rows += distill_rows(cfg, distiller, d_seconds, splits, trainer is None, warning)
+        rows += gap.rows()
         print(summary("xft merge: done", rows), flush=True)
     return final
 
