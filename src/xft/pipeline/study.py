@@ -271,7 +271,7 @@ class _Pool:
         """Whether `run` already holds every stage of its recipe, computed with these very settings."""
         import yaml
 
-        from xft.pipeline.runner import RECIPE_FILE, recipe_differences
+        from xft.pipeline.runner import RECIPE_FILE, finished_work, recipe_differences
         from xft.pipeline.stages import Context, plan
 
         try:
@@ -280,7 +280,7 @@ class _Pool:
         except OSError:
             return False
         recipe = load_recipe(self.study.recipe_name, self.study.user + run.overrides)
-        training, evaluation = recipe_differences(saved, recipe)
+        training, evaluation = recipe_differences(saved, recipe, finished_work(run.out))
         ctx = Context(recipe=recipe, root=run.out, progress=False)
         return not training and not evaluation and all(stage.done(ctx) for stage in plan(recipe))
 
