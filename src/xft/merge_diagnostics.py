@@ -1,4 +1,5 @@
-"""Merge-gap diagnostics: what predicts how much a merge loses, and what it lost (docs/method.md §5).
+"""Merge-gap diagnostics: what predicts how much a merge loses, and what it lost (docs/method.md, "Beyond the
+paper: the merge gap").
 
 Before merging, per MoE layer:
 

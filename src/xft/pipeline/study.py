@@ -10,7 +10,9 @@ The protocol is the recipe's `study` section (`StudySection`):
    seeds), and scored by greedy pass@1 on `study.select` (MiniCode's
    validation split, disjoint from eval). The learned merge is tuned the same
    way over `study.merge_lr`, on the MoE trained at the MoE's chosen learning
-   rate. Each method keeps its best learning rate (ties: the lower one).
+   rate; so is every merge with an option (`Method.tune` over the study list
+   `Method.study_grid`: TIES's density, task arithmetic's scale, the
+   distillation's rate). Each method keeps its best value (ties: the lower one).
    When some method scores strictly best at an end of the grid, the grid
    grows by one step at that end for every method (at most `study.extend`
    times).
@@ -24,7 +26,7 @@ any (method, seed) re-runs alone (`xft run ... --set methods=[moe]`) and
 computes the same model and pass@1. Re-running the study skips what is
 finished. `study.json` holds the protocol, the tuning scores and choices,
 per-seed pass@1 (and per-task verdicts), the training diagnostics of every
-run, and the commit, command, machine and wall time; `xft report --study`
+run, each merge's merge gap (`study_data.merge_gaps`), and the commit, command, machine and wall time; `xft report --study`
 turns it into tables.
 """
 
