@@ -52,6 +52,18 @@ def test_variant_moe_and_its_merges_run_end_to_end(tiny_base, tmp_path):
         model = xft.load(str(run / method))
         assert type(model) is base_class and not xft.is_moe(model), method
         assert (run / "eval" / method / "minicode" / "results.json").is_file()
+    # the distilled merge's compute: its MoE's, the learned merge's steps, and the distillation's (student 6·N
+    # and teacher forward 2·N_active per token)
+    from xft import report
+
+    rows = {r.method: r for r in report.collect([str(run)], "minicode")}
+    params, active = rows["xft_distill"].params, rows["moe_drop"].active_params
+    distilled = report.training_tokens(str(run / "xft_distill"), "distillation")
+    merged = report.training_tokens(str(run / "xft_distill"))
+    assert distilled > 0 and merged > 0
+    moe_flops = 6.0 * report.parameter_counts(str(run / "moe"))[1] * report.training_tokens(str(run / "moe"))
+    assert rows["xft_distill"].flops == pytest.approx(moe_flops + 6.0 * params * merged
+                                                      + (6.0 * params + 2.0 * active) * distilled)
     expected = xft.merge(moe, "ties").state_dict()
     got = xft.load(str(run / "xft_ties")).state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -49,6 +49,12 @@ def test_report_of_a_finished_run_explains_itself(tiny_run, capsys):
     assert any(link.endswith("docs/results.md") for link in links) and any(link.endswith("README.md")
                                                                            for link in links)
     assert all(os.path.isfile(run / link) for link in links), links  # relative to the report, and there
+    # the merge gap: the merged model's drift as its merge_gap.json says, the pass@1 it lost as evaluated
+    gap = json.loads((run / "xft" / "merge_gap.json").read_text())
+    lost = 100 * (report.eval_results(str(run), "moe", "minicode")["pass@1"]
+                  - report.eval_results(str(run), "xft", "minicode")["pass@1"])
+    row = next(line for line in text.splitlines() if line.startswith("| XFT learned merge | MoE (unmerged) |"))
+    assert f"| {gap['mean_expert_drift']:.4f} |" in row and row.endswith(f"| {lost:+.1f} |")
 
 
 def test_rerun_that_skips_everything_keeps_the_reported_wall_time(tiny_run):

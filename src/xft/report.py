@@ -96,9 +96,12 @@ def model_dir(run: str, method: str) -> str | None:
     return legacy if os.path.isfile(os.path.join(legacy, "config.json")) else os.path.join(run, method)
 
 
-def training_tokens(model_path: str) -> int:
-    """Tokens the run that produced `model_path` trained on (from its xft_training.json)."""
+def training_tokens(model_path: str, part: str | None = None) -> int:
+    """Tokens the run that produced `model_path` trained on (from its xft_training.json); `part="distillation"`:
+    those of the distillation after a merge (0 without one)."""
     record = _read_json(os.path.join(model_path, "xft_training.json")) or {}
+    if part:
+        record = record.get(part) or {}
     seen = [h["num_input_tokens_seen"] for h in record.get("log_history", []) if "num_input_tokens_seen" in h]
     return int(max(seen)) if seen else 0
 
@@ -150,6 +153,10 @@ def collect(runs: list[str], benchmark: str = "minicode", methods: list[str] | N
                 active = row.params
             row.tokens += tokens
             row.flops += 6.0 * active * tokens
+            if m.kind == "merge" and stage == method and (distilled := training_tokens(path, "distillation")):
+                teacher = sizes.get(m.merge_of, (0, 0, 0))[1]  # the MoE's forward (2·N) beside the student's 6·N
+                row.tokens += distilled
+                row.flops += (6.0 * row.params + 2.0 * teacher) * distilled
         own = sizes.get(chain[0])
         row.active_params = own[1] if METHODS[method].is_moe and own else row.params
         rows.append(row)
@@ -572,6 +579,11 @@ def write_report(out: str, runs: list[str], title: str, preamble: str = "", meth
     if breakdown:
         lines += ["## By generalization kind", "", "Pass@1 on held-out compositions and held-out phrasings "
                   "(mean over seeds; see the glossary):", "", breakdown, ""]
+    gaps = _merge_gap_table(runs, [r.method for r in rows], bench)
+    if gaps:
+        lines += ["## Merge gap", "", "What each merge lost and how far its MoE's experts had drifted apart before "
+                  "it (mean over runs; merge_gap.json of each merge, docs/method.md \"Beyond the paper: the merge "
+                  f"gap\"; pass@1 on {bench}):", "", gaps, ""]
     drawn = [(key, alt, path) for key, alt, path in plots if path]
     if drawn:
         lines += ["## Plots", ""]
@@ -622,6 +634,34 @@ def _breakdown_table(runs: list[str], methods: list[str], benchmark: str) -> str
         lines.append(f"| {label(method)} | "
                      + " | ".join(f"{100 * sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
     return "\n".join(lines)
+
+
+def _merge_gap_table(runs: list[str], methods: list[str], benchmark: str) -> str:
+    """Per merge of `methods`: its MoE's expert drift, the held-out loss gap where measured, and the pass@1 the
+    merge lost (MoE minus merged), each averaged over the runs that have it."""
+    lines = []
+    for method in methods:
+        m = METHODS.get(method)
+        if m is None or m.kind != "merge":
+            continue
+        drift, loss, lost = [], [], []
+        for run in runs:
+            gap = _read_json(os.path.join(run, method, "merge_gap.json")) or {}
+            if gap.get("mean_expert_drift") is not None:
+                drift.append(gap["mean_expert_drift"])
+            if gap.get("loss_gap") is not None:
+                loss.append(gap["loss_gap"])
+            merged, moe = eval_results(run, method, benchmark), eval_results(run, m.merge_of, benchmark)
+            if merged and moe:
+                lost.append(moe["pass@1"] - merged["pass@1"])
+        if drift or lost:
+            mean = (lambda v, f: f.format(sum(v) / len(v)) if v else "-")
+            lines.append(f"| {label(method)} | {label(m.merge_of)} | {mean(drift, '{:.4f}')} | "
+                         f"{mean(loss, '{:+.4f}')} | {mean([100 * x for x in lost], '{:+.1f}')} |")
+    if not lines:
+        return ""
+    return "\n".join(["| merge | of | expert drift (before) | held-out loss gap | pass@1 lost (points) |",
+                      "|---|---|---|---|---|", *lines])
 
 
 def _timings_table(runs: list[str]) -> str:
