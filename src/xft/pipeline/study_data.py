@@ -172,9 +172,14 @@ def merge_gaps(study, run_dir: str, seed: int, methods: list[str]) -> dict[str, 
     """Per merge method of `methods` in run `run_dir`: its merge-gap diagnostics (xft.merge_diagnostics) on
     validation data — the MoE's expert drift, routing spread and held-out loss, the merged model's held-out loss.
 
-    Measured once and kept in the study's GAP_DIR/seed-N/<method>.json (the runs themselves are not touched);
-    the MoE's part once per MoE.
+    Measured once and kept in the study's GAP_DIR/seed-N/<method>.json (the runs themselves are not touched;
+    delete that directory to measure again); the MoE's part once per MoE.
     """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    import xft
     from xft.artifacts import atomic_write_json
     from xft.merge_diagnostics import before_merge, held_out_loss
 
@@ -186,12 +191,6 @@ def merge_gaps(study, run_dir: str, seed: int, methods: list[str]) -> dict[str, 
         path = os.path.join(study.out, GAP_DIR, f"seed-{seed}", f"{method}.json")
         saved = _read_json(path)
         if saved is None:
-            import copy
-
-            from transformers import AutoModelForCausalLM
-
-            import xft
-
             if m.merge_of not in moes:
                 moe_dir = os.path.join(run_dir, m.merge_of)
                 batches = _gap_batches(moe_dir, study.recipe)
