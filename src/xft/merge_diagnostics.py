@@ -36,11 +36,14 @@ def expert_drift(moe: nn.Module) -> dict[int, float]:
     out = {}
     for i, block in moe_blocks(moe).items():
         experts, _ = whole_experts(block)
-        stacks = [p.detach().double().flatten(1) for p in experts.parameters()]  # [N, numel] each
-        flat = torch.cat(stacks, dim=1)  # [N, P]
-        mean = flat.mean(0)
-        spread = (flat - mean).pow(2).sum(1).mean().sqrt()
-        out[i] = float(spread / mean.norm().clamp_min(torch.finfo(torch.float64).tiny))
+        squares = norm = 0.0  # Σ_e ‖W_e − W̄‖², ‖W̄‖², accumulated per parameter and expert (fp64, one
+        for stack in experts.parameters():  # expert's copy at a time: a 7B layer fits beside the model)
+            stack = stack.detach()  # [N, *shape]
+            mean = sum(stack[e].double() for e in range(stack.shape[0])) / stack.shape[0]
+            norm += float(mean.pow(2).sum())
+            squares += sum(float((stack[e].double() - mean).pow(2).sum()) for e in range(stack.shape[0]))
+        n = next(experts.parameters()).shape[0]
+        out[i] = (squares / n) ** 0.5 / max(norm ** 0.5, torch.finfo(torch.float64).tiny)
     return out
 
 
