@@ -34,6 +34,12 @@ def test_variant_sections_and_merges_build_the_configs_they_name(tiny_base, tmp_
     assert drop.moe.endswith("moe_drop") and drop.lr == 0.5
     ties = merge_config(ctx, str(tmp_path / "t"), METHODS["xft_ties"])
     assert ties.method == "ties" and ties.data is None  # a fixed merge reads no data
+    # a section set in part keeps its other defaults: tuning distill.distill_lr still distils 100 steps
+    partial = load_recipe("minicode", tiny_overrides(tiny_base, "distill.distill_lr=0.001", "ewa.lr=0.1"))
+    assert partial.distill == {"distill_steps": 100, "distill_lr": 0.001}
+    assert partial.ewa == {"share_rate": 0.3, "lr": 0.1}
+    distill = merge_config(Context(recipe=partial, root=str(tmp_path)), str(tmp_path / "d"), METHODS["xft_distill"])
+    assert (distill.distill_steps, distill.distill_lr) == (100, 0.001)
 
 
 @pytest.mark.slow

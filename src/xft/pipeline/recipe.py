@@ -227,10 +227,14 @@ def _build(cls, values: dict, where: str):
     _check_fields_shallow(cls, values, where)
     hints = typing.get_type_hints(cls)
     kwargs = {}
+    defaults = {f.name: f.default_factory() for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING}
     for key, value in values.items():
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, f"{where}.{key}" if where else key)
+        elif isinstance(defaults.get(key), dict) and isinstance(value, dict):
+            kwargs[key] = {**defaults[key], **value}  # a section given in part keeps its other defaults
         else:
             kwargs[key] = value
     return cls(**kwargs)
