@@ -190,13 +190,21 @@ def test_the_merge_gap_and_the_variants_are_reported_from_the_file(tmp_path):
     half = statistics.NormalDist().inv_cdf(0.975) / (len(x) - 3) ** 0.5
     assert (lo, hi) == pytest.approx((math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)))
     assert lo < r < hi
+    # within groups: the correlation of the residuals from each group's means, 1 degree of freedom fewer per mean
+    groups = [p["method"] for p in points]
+    resid = {k: [v - statistics.mean(w for w, g in zip(vals, groups) if g == h) for v, h in zip(vals, groups)]
+             for k, vals in (("x", x), ("y", y))}
+    rw, lw, hw = correlation_ci(x, y, groups=groups)
+    assert rw == pytest.approx(statistics.correlation(resid["x"], resid["y"]))
+    half_w = statistics.NormalDist().inv_cdf(0.975) / (len(x) - 4) ** 0.5
+    assert (lw, hw) == pytest.approx((math.tanh(math.atanh(rw) - half_w), math.tanh(math.atanh(rw) + half_w)))
     # the merge's wall time carries its MoE's: seeds' (120 + i + 10) s
     assert wall_minutes(data, "xft") == pytest.approx(sum(130 + i for i in range(6)) / 6 / 60)
     text = render(data)
     assert "XFT of the Drop-Upcycling MoE (r = 0.5) − XFT learned merge" in text  # the variant beside XFT
     assert "merge_density 0.1" in text  # the tuned option is named in its grid
     gap_rows = [line for line in text.splitlines() if line.startswith("| expert drift | held-out loss gap")]
-    assert len(gap_rows) == 1 and f"{r:+.2f}" in gap_rows[0]
+    assert len(gap_rows) == 1 and f"{r:+.2f}" in gap_rows[0] and f"{rw:+.2f}" in gap_rows[0]
     path = tmp_path / "study.json"
     path.write_text(json.dumps(data))
     study_report(str(path))

@@ -186,14 +186,26 @@ def merge_gap_points(data: dict) -> list[dict]:
     return points
 
 
-def correlation_ci(x: list[float], y: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Pearson r of x and y with its Fisher-z interval (normal approximation, n ≥ 4); nan where undefined."""
+def correlation_ci(x: list[float], y: list[float], level: float = 0.95,
+                   groups: list | None = None) -> tuple[float, float, float]:
+    """Pearson r of x and y with its Fisher-z interval (normal approximation); nan where undefined.
+
+    `groups` (one label per point): the pooled within-group correlation instead — x and y centred on their
+    group's means, the interval's degrees of freedom reduced by the g − 1 means removed.
+    """
     from statistics import NormalDist
 
+    controls = 0
+    if groups is not None:
+        def centred(v):
+            means = {g: sum(a for a, h in zip(v, groups) if h == g) / groups.count(g) for g in set(groups)}
+            return [a - means[g] for a, g in zip(v, groups)]
+
+        x, y, controls = centred(x), centred(y), len(set(groups)) - 1
     r, n = pearson(x, y), len(x)
-    if math.isnan(r) or n < 4 or abs(r) >= 1:
+    if math.isnan(r) or n - 3 - controls < 1 or abs(r) >= 1:
         return r, float("nan"), float("nan")
-    z, half = math.atanh(r), NormalDist().inv_cdf(0.5 + level / 2) / math.sqrt(n - 3)
+    z, half = math.atanh(r), NormalDist().inv_cdf(0.5 + level / 2) / math.sqrt(n - 3 - controls)
     return r, math.tanh(z - half), math.tanh(z + half)
 
 
@@ -220,14 +232,17 @@ def _gap_tables(data: dict) -> tuple[str, str]:
                      f"{fmt(mean('loss_gap'), '{:+.4f}')} | "
                      + (f"{_pts(ci.mean, True)} ± {100 * ci.half_width:.1f}" if ci else _pts(passes[0], True)) + " |")
     learned = [p for p in points if (data["methods"][p["method"]].get("section") == "merge")]
-    corr = ["| predictor (before merging) | gap (after) | Pearson r [95% CI] | points |", "|---|---|---|---|"]
+    corr = ["| predictor (before merging) | gap (after) | Pearson r [95% CI], all points | within each MoE kind "
+            "| points |", "|---|---|---|---|---|"]
     for x in ("drift", "spread"):
         for y, name in (("loss_gap", "held-out loss gap"), ("pass_gap", "pass@1 gap")):
             pts = [p for p in learned if p[x] is not None and p[y] is not None]
             if len(pts) >= 4:
-                r, lo, hi = correlation_ci([p[x] for p in pts], [p[y] for p in pts])
+                xs, ys = [p[x] for p in pts], [p[y] for p in pts]
+                cells = [correlation_ci(xs, ys), correlation_ci(xs, ys, groups=[p["method"] for p in pts])]
                 corr.append(f"| {'expert drift' if x == 'drift' else 'routing spread'} | {name} | "
-                            f"{r:+.2f} [{lo:+.2f}, {hi:+.2f}] | {len(pts)} |")
+                            + " | ".join(f"{r:+.2f} [{lo:+.2f}, {hi:+.2f}]" for r, lo, hi in cells)
+                            + f" | {len(pts)} |")
     return "\n".join(lines), "\n".join(corr) if len(corr) > 2 else ""
 
 
@@ -313,7 +328,8 @@ def render(data: dict, plots: dict[str, str] | None = None) -> str:
                 "reference answers (`xft.merge_diagnostics`):", "", gaps, ""]
         if corr:
             out += ["How well the before-merge diagnostics predict the gap, over the learned merges' (MoE, seed) "
-                    "points (Pearson r, Fisher-z interval):", "", corr, ""]
+                    "points (Pearson r, Fisher-z interval; \"within each MoE kind\": both centred on each merge's "
+                    "own means, so differences between the kinds of MoE do not count):", "", corr, ""]
         if plots and plots.get("gap"):
             out += [f"![merge gap against expert drift]({plots['gap']})", ""]
     out += ["**Per seed** (pass@1, %):", "", _seed_table(data), ""]
