@@ -334,6 +334,8 @@ for balance in json.loads(sys.argv[2]):
     out[balance] = {"plain": plain, "accumulated": accumulated, "step_over": not hasattr(moe, "_xft_balance_step")}
 if rank == 0:
     print("RESULT " + json.dumps(out))
+dist.barrier()
+dist.destroy_process_group()  # before exit: gloo's threads torn down at exit can abort a rank (SIGABRT)
 """
 
 
