@@ -146,19 +146,24 @@ class MergeGap:
 
     def rows(self) -> list[tuple[str, str]]:
         """Summary rows for `xft merge`."""
-        def span(values: dict[int, float]) -> str:
-            return (f"mean {sum(values.values()) / len(values):.4f} over {len(values)} layers "
-                    f"({min(values.values()):.4f}..{max(values.values()):.4f})")
+        def span(values: dict[int, float], mean: float) -> str:
+            return f"mean {mean:.4f} over {len(values)} layers ({min(values.values()):.4f}..{max(values.values()):.4f})"
 
-        rows = [("expert drift", span(self.drift))]
+        rows = [("expert drift", span(self.drift, self.mean_drift))]
         if self.spread:
-            rows.append(("routing spread", span(self.spread)))
+            rows.append(("routing spread", span(self.spread, self.mean_spread)))
         if self.loss_gap is not None:
             rows.append(("held-out loss", f"MoE {self.moe_loss:.4f} -> merged {self.merged_loss:.4f} "
                                           f"(gap {self.loss_gap:+.4f}, {self.examples} examples)"))
         else:
             rows.append(("held-out loss", "not measured: pass validation data (--eval-data or --eval-fraction)"))
         return rows
+
+
+def collate(examples, collator, size: int) -> list:
+    """`examples` (a sequence of tokenized examples, e.g. a `datasets.Dataset`) as `collator` batches of `size`."""
+    return [collator([examples[j] for j in range(i, min(i + size, len(examples)))])
+            for i in range(0, len(examples), size)]
 
 
 def before_merge(moe: nn.Module, batches: list | None) -> MergeGap:

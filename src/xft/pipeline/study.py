@@ -26,8 +26,8 @@ any (method, seed) re-runs alone (`xft run ... --set methods=[moe]`) and
 computes the same model and pass@1. Re-running the study skips what is
 finished. `study.json` holds the protocol, the tuning scores and choices,
 per-seed pass@1 (and per-task verdicts), the training diagnostics of every
-run, each merge's merge gap (`study_data.merge_gaps`), and the commit, command, machine and wall time; `xft report --study`
-turns it into tables.
+run, each merge's merge gap (`study_data.merge_gaps`), and the commit,
+command, machine and wall time; `xft report --study` turns it into tables.
 """
 
 from __future__ import annotations

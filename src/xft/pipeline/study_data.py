@@ -153,6 +153,7 @@ def _gap_batches(moe_dir: str, recipe) -> list:
 
     from xft.config import DataConfig
     from xft.data import Collator, load_dataset, pad_token_id
+    from xft.merge_diagnostics import collate
     from xft.minicode.benchmark import load_tasks
 
     train = recipe.train
@@ -164,8 +165,7 @@ def _gap_batches(moe_dir: str, recipe) -> list:
                 f.write(json.dumps({"instruction": t["prompt"], "response": t["response"]}) + "\n")
         kwargs = {k: train[k] for k in ("max_length", "template") if k in train}
         ds, _ = load_dataset(DataConfig(path=path, **kwargs), tok)
-    collate = Collator(pad_token_id(tok))
-    return [collate([ds[j] for j in range(i, min(i + 16, len(ds)))]) for i in range(0, len(ds), 16)]
+    return collate(ds, Collator(pad_token_id(tok)), 16)
 
 
 def merge_gaps(study, run_dir: str, seed: int, methods: list[str]) -> dict[str, dict]:

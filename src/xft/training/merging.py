@@ -34,7 +34,7 @@ from xft.artifacts import atomic_write_json, copy_companions, resolve_model, ser
 from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.merge import merge_inputs, merge_modules
-from xft.merge_diagnostics import before_merge, held_out_loss
+from xft.merge_diagnostics import before_merge, collate, held_out_loss
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
 from xft.config import MergeConfig
@@ -116,9 +116,7 @@ def gap_batches(cfg: MergeConfig, splits, tokenizer) -> list | None:
     if splits is None:
         splits = load_splits(cfg.data, tokenizer)
     held_out = splits.eval.select(range(min(cfg.gap_examples, len(splits.eval))))
-    collator, size = Collator(pad_token_id(tokenizer)), cfg.micro_batch_size or 8
-    return [collator([held_out[j] for j in range(i, min(i + size, len(held_out)))])
-            for i in range(0, len(held_out), size)]
+    return collate(held_out, Collator(pad_token_id(tokenizer)), cfg.micro_batch_size or 8)
 
 
 def release(trainer) -> None:
