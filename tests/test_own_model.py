@@ -157,6 +157,7 @@ def test_plain_transformers_refuses_an_moe_checkpoint(moe_dir):
 
 def test_auto_classes_load_an_moe_exactly_once_xft_is_imported(moe_dir):
     # A fresh process, as a user's script: `import xft` first, then plain transformers.
+    parent, name = os.path.split(moe_dir.rstrip("/"))
     code = textwrap.dedent(f"""
         import json, torch, xft
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -164,17 +165,24 @@ def test_auto_classes_load_an_moe_exactly_once_xft_is_imported(moe_dir):
         with torch.no_grad():
             logits = auto(torch.arange(3, 12).reshape(1, 9)).logits.flatten().tolist()
         AutoTokenizer.from_pretrained({moe_dir!r})
-        try:
-            AutoModelForCausalLM.from_pretrained({moe_dir!r}, revision="other")
+        # what transformers passes on its own (download options, its private plumbing) is honoured ...
+        again = AutoModelForCausalLM.from_pretrained({parent!r}, subfolder={name!r}, local_files_only=True,
+                                                     force_download=False, revision="main")
+        hook = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained({moe_dir!r}))]
+        later = hook.from_pretrained({moe_dir!r}, _from_auto=True, _a_later_release_adds_this=1)
+        same = all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in
+                   zip(auto.state_dict().values(), again.state_dict().values(), later.state_dict().values()))
+        try:  # ... an argument it cannot honour is refused, not ignored
+            AutoModelForCausalLM.from_pretrained({moe_dir!r}, quantization_config={{"quant_method": "gguf"}})
             refused = False
         except ValueError:
             refused = True
-        print(json.dumps({{"moe": xft.is_moe(auto), "logits": logits, "refused": refused,
+        print(json.dumps({{"moe": xft.is_moe(auto), "logits": logits, "refused": refused, "same": same,
                           "type": AutoConfig.from_pretrained({moe_dir!r}).model_type}}))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["moe"] and got["type"] == "qwen2" and got["refused"]  # an argument it cannot honour: refused
+    assert got["moe"] and got["type"] == "qwen2" and got["same"] and got["refused"]
     torch.testing.assert_close(got["logits"], logits_of(xft.load(moe_dir)), rtol=0, atol=0)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 
 import torch
 from safetensors import safe_open
@@ -39,31 +40,45 @@ def is_moe_checkpoint(path: str) -> bool:
     return hasattr(_config(resolve_model(path)), CONFIG_KEY)
 
 
+# `from_pretrained`'s options for where the files come from; `xft.load` honours them for MoE and dense alike.
+HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "proxies", "token", "revision", "subfolder")
+
+
 def load(path: str, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-         expert_impl: str | None = None, **kwargs) -> nn.Module:
+         expert_impl: str | None = None, config=None, **kwargs) -> nn.Module:
     """Load a dense or MoE causal LM from a model directory, a finished xft run or a hub id (detected).
 
     `dtype`: None keeps the checkpoint's dtype; `device`: where to put the model
     (default CPU); `expert_impl`: an MoE's expert kernel instead of the recorded one
-    (`UpcycleConfig.expert_impl`; it changes speed, not results). Extra `kwargs` go
-    to `from_pretrained` for dense models.
+    (`UpcycleConfig.expert_impl`; it changes speed, not results); `config`: a loaded
+    config to use instead of the checkpoint's. `kwargs`: `from_pretrained`'s download
+    options (`HUB_OPTIONS`) and `attn_implementation` for any model; a dense model takes
+    every other `from_pretrained` argument too, an MoE refuses them (UserError).
     """
+    if kwargs.get("subfolder") and os.path.isdir(str(path)):
+        path = os.path.join(str(path), kwargs.pop("subfolder"))
+    hub = {k: v for k, v in kwargs.items() if k in HUB_OPTIONS and v is not None}
     path = resolve_model(path)
-    config = _config(path)
+    config = config if config is not None else _config(path, **hub)
     if not hasattr(config, CONFIG_KEY):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", **kwargs)
         return model.to(device) if device is not None else model
+    other = sorted(k for k, v in kwargs.items() if k not in HUB_OPTIONS + ("attn_implementation",) and v is not None)
+    if other:
+        raise UserError(f"{path} is an xft MoE; loading it does not take {', '.join(other)} "
+                        f"(it takes dtype, device, expert_impl, attn_implementation and {', '.join(HUB_OPTIONS)})")
     xft_config = UpcycleConfig.from_dict(getattr(config, CONFIG_KEY))
     if expert_impl is not None:
         xft_config = dataclasses.replace(xft_config, expert_impl=expert_impl)  # validated again
     dtype = _resolve_dtype(dtype, config)
+    attn = {"attn_implementation": kwargs["attn_implementation"]} if kwargs.get("attn_implementation") else {}
     with no_init_weights(), torch.device(device or "cpu"):  # every tensor is overwritten below
-        model = AutoModelForCausalLM.from_config(dense_config(copy.deepcopy(config)), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(dense_config(copy.deepcopy(config)), dtype=dtype, **attn)
     # no_init_weights also skips tying: alias a tied LM head to the embeddings now, so that the one saved
     # tensor fills both (Qwen2.5 0.5-3B, Llama-3.2, Gemma tie them; their checkpoints hold no lm_head).
     model.tie_weights()
     upcycle(model, xft_config, init_weights=False)  # structure only: every expert weight is loaded next
-    _load_weights(model, _weight_files(path))
+    _load_weights(model, _weight_files(path, **hub))
     return model.eval()
 
 
@@ -111,9 +126,9 @@ def skeleton(path: str) -> nn.Module:
     return model
 
 
-def _config(path: str):
+def _config(path: str, **hub):
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, **hub)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model config from {path!r}: {str(e).splitlines()[0]}") from None
 
@@ -124,17 +139,17 @@ def _resolve_dtype(dtype, config) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _weight_files(path: str) -> list[str]:
+def _weight_files(path: str, **hub) -> list[str]:
     """Local paths of the checkpoint's safetensors files (one, or the shards of an index)."""
-    index = cached_file(path, _INDEX, _raise_exceptions_for_missing_entries=False)
+    index = cached_file(path, _INDEX, _raise_exceptions_for_missing_entries=False, **hub)
     if index is None:
-        single = cached_file(path, _WEIGHTS, _raise_exceptions_for_missing_entries=False)
+        single = cached_file(path, _WEIGHTS, _raise_exceptions_for_missing_entries=False, **hub)
         if single is None:
             raise UserError(f"{path}: no {_WEIGHTS} or {_INDEX} (an xft MoE is saved as safetensors)")
         return [single]
     with open(index) as f:
         shards = sorted(set(json.load(f)["weight_map"].values()))
-    return [cached_file(path, shard) for shard in shards]
+    return [cached_file(path, shard, **hub) for shard in shards]
 
 
 @torch.no_grad()

@@ -113,20 +113,28 @@ class XFTMoEConfig(PretrainedConfig):
 class _AutoLoader:
     """`AutoModelForCausalLM.from_pretrained` on an xft MoE directory, in a process that imported xft."""
 
-    # What AutoModelForCausalLM passes along that xft.load honours; anything else is refused, not ignored
-    # (an ignored `revision` or `quantization_config` would load something other than what was asked).
-    _PASSED = {"config", "trust_remote_code", "code_revision", "_commit_hash", "adapter_kwargs"}
+    # What the Auto classes pass along that changes nothing here: an xft MoE has no remote code or adapter.
+    _NEUTRAL = {"trust_remote_code", "code_revision", "adapter_kwargs"}
 
     @classmethod
     def from_pretrained(cls, path, *args, config=None, dtype=None, torch_dtype=None, device_map=None, **kwargs):
-        from xft.checkpoint import load
+        """Load through `xft.load`: download options are honoured, arguments it cannot honour refused (ValueError).
 
-        unsupported = sorted(k for k, v in kwargs.items() if k not in cls._PASSED and v is not None)
-        if args or unsupported or (device_map is not None and not isinstance(device_map, str)):
+        Private arguments (`_from_auto`, `_commit_hash`, ...) are transformers' own plumbing between its
+        loaders, not requests about what to load, so a release that adds one does not break this hook.
+        """
+        from xft.checkpoint import load
+        from xft.errors import UserError
+
+        if args or (device_map is not None and not isinstance(device_map, str)):
             raise ValueError(f"{path} is an xft MoE: from_pretrained loads it through xft.load(path, dtype, "
-                             f"device), which does not take {unsupported or 'these arguments'}")
+                             f"device), which takes no positional model arguments or per-module device_map")
+        asked = {k: v for k, v in kwargs.items() if not k.startswith("_") and k not in cls._NEUTRAL}
         device = None if device_map in (None, "auto") else device_map
-        return load(str(path), dtype=dtype or torch_dtype, device=device)
+        try:
+            return load(str(path), dtype=dtype or torch_dtype, device=device, config=config, **asked)
+        except UserError as e:
+            raise ValueError(str(e)) from None
 
 
 AutoConfig.register(MODEL_TYPE, XFTMoEConfig, exist_ok=True)
