@@ -81,7 +81,7 @@ def test_plan_orders_dependencies_and_runs_only_what_methods_need():
 
 def test_every_method_has_one_stage_and_the_report_names_it():
     """The method table decides the stages and the report's names; CLAIMS compare methods of the table."""
-    from xft import report
+    from xft.pipeline import report
     from xft.pipeline.methods import check_pairs
 
     every = stages_mod.all_stages(load_recipe("minicode", ["methods=[" + ",".join(METHODS) + "]"]))
@@ -244,7 +244,7 @@ def test_parallel_stage_failure_names_the_stage_and_its_log(tiny_base, tmp_path)
 # ---------------------------------------------------------------- report
 
 def test_report_table_and_plots(tmp_path):
-    from xft import report
+    from xft.pipeline import report
 
     rows = [report.Row("base", [0.1]), report.Row("xft", [0.5, 0.6, 0.55], params=10, tokens=2_000_000,
                                                   flops=3e12)]
@@ -263,7 +263,7 @@ def test_report_table_and_plots(tmp_path):
 
 def test_claims_are_paired_by_seed(tmp_path):
     """Differences are taken within each seed; the verdict follows the interval of their mean."""
-    from xft import report
+    from xft.pipeline import report
 
     scores = {"moe": [0.30, 0.50, 0.40], "xft": [0.32, 0.52, 0.43], "sft": [0.35, 0.40, 0.30]}
     runs = []
@@ -285,15 +285,14 @@ def test_claims_are_paired_by_seed(tmp_path):
     assert "one seed" in one
 
 
-def test_running_stage_progress_is_read_from_its_log(tmp_path):
-    from xft.pipeline import runner
+def test_running_job_progress_is_read_from_its_log(tmp_path):
+    from xft.pipeline import scheduler
 
-    (tmp_path / "logs").mkdir()
-    assert runner._stage_progress(str(tmp_path), "moe") == ""  # no log yet
-    log = tmp_path / "logs" / "eval-moe.log"
+    log = tmp_path / "eval-moe.log"
+    assert scheduler._log_progress(str(log)) == ""  # no log yet
     log.write_text("Loading...\n" + "".join(f"\r generate moe:  {i}%|#| {i * 4}/400 [00:0{i % 9}<00:10]"
                                              for i in range(1, 60)))
-    assert runner._stage_progress(str(tmp_path), "eval/moe") == "236/400"
+    assert scheduler._log_progress(str(log)) == "236/400"
 
 
 # ---------------------------------------------------------------- run directories: upfront checks, changes, overwrite

@@ -60,7 +60,7 @@ def test_variant_moe_and_its_merges_run_end_to_end(tiny_base, tmp_path):
         assert (run / "eval" / method / "minicode" / "results.json").is_file()
     # the distilled merge's compute: its MoE's, the learned merge's steps, and the distillation's (student 6·N
     # and teacher forward 2·N_active per token)
-    from xft import report
+    from xft.pipeline import report
 
     rows = {r.method: r for r in report.collect([str(run)], "minicode")}
     params, active = rows["xft_distill"].params, rows["moe_drop"].active_params
@@ -73,3 +73,37 @@ def test_variant_moe_and_its_merges_run_end_to_end(tiny_base, tmp_path):
     expected = xft.merge(moe, "ties").state_dict()
     got = xft.load(str(run / "xft_ties")).state_dict()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_new_method_is_one_row_of_the_method_table(tmp_path):
+    # A fresh process adds one row (a merge with its own section and an option grid) as if it stood in the table
+    # (SECTION_OWNERS is derived from the table at import; the recipe module is re-read after the row is in):
+    # the recipe section, its defaults, the study grid, the stages and the report label all follow.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import importlib, json
+        from xft.pipeline import methods, recipe
+        row = methods.Method("xft_half", "a half-way merge", "half merge", "**half merge**: ...", stage="half merge",
+                             merge="task_arithmetic", section="half", defaults=(("merge_scale", 0.5),),
+                             tune="merge_scale", grid="half_scale", grid_values=(0.25, 0.5))
+        methods.METHODS[row.name] = row
+        methods.SECTION_OWNERS[row.section] = row
+        importlib.reload(recipe)
+        from xft.pipeline.recipe import LAYERS, Recipe, load_recipe
+        from xft.pipeline.report import label
+        from xft.pipeline.stages import plan
+        from xft.study.design import Study
+        recipe = load_recipe("minicode", ["methods=[xft_half]", "half.merge_density=0.3"])
+        study = Study("minicode", recipe, "out")
+        print(json.dumps({"inherits": LAYERS["half"].inherits, "section": recipe.half,
+                          "grid": study.grid("xft_half"), "tuned": study.tuned_merges,
+                          "stages": [s.name for s in plan(recipe)], "label": label("xft_half")}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["inherits"] == "merge" and got["section"] == {"merge_scale": 0.5, "merge_density": 0.3}
+    assert got["grid"] == [0.25, 0.5] and got["tuned"] == ["xft_half"] and got["label"] == "half merge"
+    assert got["stages"][-2:] == ["xft_half", "eval/xft_half"] and "moe" in got["stages"]

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from xft import report
+from xft.pipeline import report
 from xft.cli import main as cli
 from xft.pipeline import load_recipe, run_pipeline
 from conftest import tiny_minicode_base

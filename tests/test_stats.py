@@ -8,7 +8,8 @@ from statistics import NormalDist
 import pytest
 
 from xft.stats import (
-    fmt_paired, mde, mde_approx, mean_ci, nct_cdf, paired, paired_power, power_sentence, t_cdf, t_quantile,
+    binomial_two_sided_p, correlation_ci, fmt_paired, holm, mcnemar, mde, mde_approx, mean_ci, nct_cdf, paired,
+    paired_power, power_sentence, proportion_ci, sign_flip_p, sign_test_p, t_cdf, t_quantile,
 )
 
 DFS = [0.5, 1, 2, 3.7, 9, 30, 250, 1000]
@@ -269,3 +270,86 @@ def test_against_scipy():
                 ref = st.nct.cdf(x, df, nc)
                 if math.isfinite(ref):  # scipy answers nan in some far tails (e.g. x = -12.7, df = 1, nc = 16)
                     assert nct_cdf(x, df, nc) == pytest.approx(ref, abs=1e-9)
+
+
+# ---------------------------------------------------------------- exact tests, family-wise adjustment, correlations
+
+def _brute_sign_flip(diffs):
+    """The definition: the share of all 2^n sign patterns whose |sum| reaches the observed |sum|."""
+    import itertools
+
+    observed = abs(sum(diffs))
+    flips = [abs(sum(s * d for s, d in zip(signs, diffs))) for signs in itertools.product((1, -1), repeat=len(diffs))]
+    return sum(f >= observed - 1e-12 for f in flips) / len(flips)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sign_flip_p_is_the_exact_permutation_distribution(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 11)
+    diffs = [rng.choice([-0.0125, 0.0, 0.0025, 0.005, 0.0175, -0.03]) for _ in range(n)]  # pass@1 steps: ties
+    assert sign_flip_p(diffs) == pytest.approx(_brute_sign_flip(diffs), abs=1e-15)
+
+
+def test_sign_flip_p_limits():
+    assert sign_flip_p([0.1] * 8) == 2 / 256  # all positive: only the observed pattern and its mirror
+    assert sign_flip_p([0.0, 0.0]) == 1.0
+    with pytest.raises(ValueError, match="enumerates"):
+        sign_flip_p([0.1] * 23)
+
+
+def test_holm_equals_closed_testing_with_bonferroni_local_tests():
+    # Holm's adjusted p for H_i is max over every subset S ∋ i of |S|·min_{j∈S} p_j (closed testing principle).
+    import itertools
+
+    rng = random.Random(3)
+    for _ in range(20):
+        ps = [rng.choice([rng.random(), rng.random() ** 4, 0.05]) for _ in range(rng.randint(1, 6))]
+        want = [min(1.0, max(len(s) * min(ps[j] for j in s) for r in range(1, len(ps) + 1)
+                             for s in itertools.combinations(range(len(ps)), r) if i in s)) for i in range(len(ps))]
+        assert holm(ps) == pytest.approx(want, abs=1e-15)
+    with pytest.raises(ValueError):
+        holm([0.5, 1.5])
+
+
+def test_exact_tests_against_scipy():
+    st = pytest.importorskip("scipy.stats")
+    for n in range(0, 31):
+        for k in range(n + 1):
+            want = st.binomtest(k, n, 0.5).pvalue if n else 1.0
+            assert binomial_two_sided_p(k, n) == pytest.approx(want, abs=1e-12)
+    assert mcnemar(3, 12) == pytest.approx(st.binomtest(3, 15, 0.5).pvalue, abs=1e-12)
+    diffs = [0.02, -0.005, 0.0, 0.0125, 0.03, 0.01, -0.0025, 0.0175]
+    assert sign_test_p(diffs) == pytest.approx(st.binomtest(5, 7, 0.5).pvalue, abs=1e-12)  # the tie dropped
+    perm = st.permutation_test((diffs,), lambda x: sum(x), permutation_type="samples", n_resamples=math.inf)
+    assert sign_flip_p(diffs) == pytest.approx(min(1.0, perm.pvalue), abs=1e-12)
+    p = paired([d + 0.3 for d in diffs], [0.3] * len(diffs))
+    assert p.p_value == pytest.approx(st.ttest_rel([d + 0.3 for d in diffs], [0.3] * len(diffs)).pvalue, abs=1e-10)
+    assert (p.p_permutation, p.p_sign, p.wins, p.ties) == (sign_flip_p(p.diffs), sign_test_p(p.diffs), 5, 1)
+
+
+def test_intervals_against_scipy():
+    st = pytest.importorskip("scipy.stats")
+    xs = [0.31, 0.28, 0.35, 0.30, 0.27, 0.33, 0.29, 0.36, 0.32, 0.30, 0.31]  # 11 seeds: 10 df, past any table
+    ci = mean_ci(xs)
+    lo, hi = st.t.interval(0.95, len(xs) - 1, loc=ci.mean, scale=st.sem(xs))
+    assert (ci.lo, ci.hi) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
+    assert proportion_ci(0.3, 400) == pytest.approx(st.norm.ppf(0.975) * math.sqrt(0.3 * 0.7 / 400), abs=1e-15)
+    rng = random.Random(0)
+    x = [rng.gauss(0, 1) for _ in range(30)]
+    y = [a + rng.gauss(0, 2) for a in x]
+    ref = st.pearsonr(x, y)
+    r, lo, hi = correlation_ci(x, y)
+    want = ref.confidence_interval(0.95)
+    assert (r, lo, hi) == (pytest.approx(ref.statistic, abs=1e-12), pytest.approx(want.low, abs=1e-12),
+                           pytest.approx(want.high, abs=1e-12))
+
+
+def test_run_report_interval_uses_t_at_every_seed_count():
+    # The run report's mean ± CI over seeds is mean_ci's (no table that falls back to 1.96 from 10 df).
+    from xft.pipeline.report import Row
+
+    for n in (2, 5, 11, 40):
+        scores = [0.3 + 0.01 * ((7 * i) % 5) for i in range(n)]
+        assert Row("sft", scores).ci95 == mean_ci(scores).half_width
+    assert Row("sft", [0.3]).ci95 is None

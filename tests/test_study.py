@@ -11,8 +11,9 @@ import pytest
 
 from xft.errors import UserError
 from xft.pipeline.recipe import load_recipe
-from xft.pipeline.study import STUDY_RECIPE, Study, choose, extend_grid, run_study
-from xft.study_report import BEGIN, END, claims, load_study, replace_block, scores, study_report, task_noise
+from xft.stats import t_quantile
+from xft.study.design import STUDY_RECIPE, Study, choose, extend_grid, run_study
+from xft.study.report import BEGIN, END, claims, load_study, replace_block, scores, study_report, task_noise
 from conftest import tiny_minicode_base
 
 from test_pipeline import tiny_overrides
@@ -175,7 +176,8 @@ def _study_with_merge_gaps(n: int = 6) -> dict:
 def test_the_merge_gap_and_the_variants_are_reported_from_the_file(tmp_path):
     import statistics
 
-    from xft.study_report import correlation_ci, merge_gap_points, render, wall_minutes
+    from xft.stats import correlation_ci
+    from xft.study.report import merge_gap_points, render, wall_minutes
 
     data = _study_with_merge_gaps()
     points = merge_gap_points(data)
@@ -219,7 +221,8 @@ def test_task_sampling_error_is_the_standard_error_over_tasks_of_the_seed_mean_d
     per_task = [1.0, 0.0, 0.5, 0.0]
     mean = sum(per_task) / 4
     sd = (sum((d - mean) ** 2 for d in per_task) / 3) ** 0.5
-    assert task_noise(data, "xft", "moe") == pytest.approx(1.96 * sd / 2)
+    # Student's t over the 4 tasks (3 df), the one rule of every interval xft prints
+    assert task_noise(data, "xft", "moe") == pytest.approx(t_quantile(0.975, 3) * sd / 2)
     assert task_noise(data, "xft", "sft") is None  # sft has no verdicts in this study
 
 

@@ -20,10 +20,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from typing import Iterator
 
 from xft.errors import UserError
 
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+RUN_FILE = "xft_run.json"  # in an --out directory while its command works on it (xft.training.rundir)
+LEGACY_FINAL = "final"  # where runs of xft 0.1 kept their model (OUT/final/): still found, never written
 
 
 # Files of a model directory that are not the weights or the model config: the tokenizer in its several
@@ -83,6 +86,45 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     import json
 
     atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON value in `path`, or None when the file is missing or damaged (a record that may not exist yet)."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """(line number, value) of every non-blank line of a JSON-lines file (gzip if it ends in .gz).
+
+    UserError naming the file and line on malformed JSON or non-UTF-8 text; OSError as raised.
+    """
+    import gzip
+    import json
+
+    path = os.fspath(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield lineno, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(json_error(path, lineno, e)) from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text (expected JSON lines)") from None
+
+
+def json_error(path: str, lineno: int, e) -> str:
+    """One line for a `json.JSONDecodeError` at `lineno` of `path`."""
+    at = "" if e.msg.endswith(" at") else " at"  # some decoder messages already end in "at"
+    return f"{path} line {lineno}: malformed JSON ({e.msg}{at} column {e.colno})"
 
 
 @contextlib.contextmanager
@@ -155,15 +197,13 @@ def follow_umask(root: str) -> None:
 
 def resolve_model(path: str) -> str:
     """`path` as a loadable location: a model directory, a finished run's model, or a Hub id; UserError if not."""
-    from xft.training.rundir import LEGACY_FINAL, RunDir
-
     path = str(path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             return path
         if os.path.isfile(os.path.join(path, LEGACY_FINAL, "config.json")):
             return os.path.join(path, LEGACY_FINAL)
-        if os.path.isfile(RunDir(path).run_file):
+        if os.path.isfile(os.path.join(path, RUN_FILE)):
             raise UserError(f"{path} is an unfinished xft run (no model yet); resume it by re-running its command")
         raise UserError(f"{path} is not a model directory (no config.json)")
     if os.path.exists(path):

@@ -40,6 +40,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from xft.artifacts import json_error, read_jsonl
 from xft.config import KINDS, DataConfig  # noqa: F401  (DataConfig: the config of this module)
 from xft.errors import UserError
 
@@ -176,27 +177,11 @@ def _from_sharegpt(row: dict) -> None:
 
 def _read_jsonl(path: str) -> Records:
     rows, where = [], []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(_json_error(path, lineno, e)) from None
-                _check_is_record(row, f"{path} line {lineno}")
-                rows.append(row)
-                where.append(f"{path} line {lineno}")
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text (expected JSON lines)") from None
+    for lineno, row in read_jsonl(path):
+        _check_is_record(row, f"{path} line {lineno}")
+        rows.append(row)
+        where.append(f"{path} line {lineno}")
     return Records(rows, where)
-
-
-def _json_error(path: str, lineno: int, e: json.JSONDecodeError) -> str:
-    # Some decoder messages already end in "at" ("Unterminated string starting at").
-    at = "" if e.msg.endswith(" at") else " at"
-    return f"{path} line {lineno}: malformed JSON ({e.msg}{at} column {e.colno})"
 
 
 def _read_json(path: str) -> Records:
@@ -204,7 +189,7 @@ def _read_json(path: str) -> Records:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise UserError(_json_error(path, e.lineno, e)) from None
+        raise UserError(json_error(path, e.lineno, e)) from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):

@@ -1,10 +1,15 @@
-"""Statistics of a seed-paired study: t intervals, paired differences and the smallest detectable effect.
+"""Every interval and test xft prints: run reports, the study, the merge gap.
 
     p = paired(scores_a, scores_b)       # same seeds, same order: a_i - b_i per seed
-    p.verdict, p.lo, p.hi, p.p_value     # "holds" / "reversed" / "unresolved"
+    p.verdict, p.lo, p.hi, p.p_value     # "holds" / "reversed" / "unresolved"; paired t
+    p.p_permutation, p.p_sign            # exact sign-flip permutation and sign-test p-values
     fmt_paired(p), power_sentence(p)     # "+4.8 ± 3.1 points", "detects ≥ 6.2 points at 80% power"
+    mean_ci(xs), proportion_ci(p, n)     # a mean over seeds (t), a pass rate over tasks (normal)
+    holm(p_values), mcnemar(b, c)        # family-wise adjustment; exact McNemar on discordant tasks
+    correlation_ci(x, y)                 # Pearson r with its Fisher-z interval
 
-Pure Python (`math` only), so reports need neither numpy nor scipy.
+Pure Python (`math` only), so reports need neither numpy nor scipy; the tests
+check it against scipy and against exact enumerations.
 
 * Student's t CDF: the regularized incomplete beta function, evaluated by its
   continued fraction (DLMF 8.17.22) with the modified Lentz method; its
@@ -160,6 +165,15 @@ def _newton_in_bracket(f, fprime, lo: float, hi: float) -> float:
 
 def _normal_cdf(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def normal_quantile(p: float) -> float:
+    """The x with Φ(x) = p, for 0 < p < 1."""
+    from statistics import NormalDist
+
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"normal_quantile needs 0 < p < 1, got {p}")
+    return NormalDist().inv_cdf(p)
 
 
 # ---------------------------------------------------------------- noncentral t
@@ -326,6 +340,10 @@ class Paired:
     power: float
     mde: float  # smallest true difference detected with probability `power` (noncentral t, exact)
     mde_approx: float  # (t_{1-α/2} + t_{power}) · sd/√n, for comparison
+    p_permutation: float = math.nan  # two-sided exact sign-flip permutation test of the mean difference
+    p_sign: float = math.nan  # two-sided exact sign test (ties dropped)
+    wins: int = 0  # seeds where a > b
+    ties: int = 0  # seeds where a == b
 
 
 def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95, power: float = 0.8) -> Paired:
@@ -347,7 +365,114 @@ def paired(a: Sequence[float], b: Sequence[float], level: float = 0.95, power: f
         p_value = 1.0 if ci.mean == 0 else 0.0
     verdict = "holds" if ci.lo > 0 else "reversed" if ci.hi < 0 else "unresolved"
     return Paired(diffs, ci.mean, ci.half_width, ci.lo, ci.hi, ci.sd, n, level, p_value, verdict, power,
-                  mde(ci.sd, n, level, power), mde_approx(ci.sd, n, level, power))
+                  mde(ci.sd, n, level, power), mde_approx(ci.sd, n, level, power),
+                  sign_flip_p(diffs), sign_test_p(diffs), sum(d > 0 for d in diffs), sum(d == 0 for d in diffs))
+
+
+# ---------------------------------------------------------------- exact tests
+
+_MAX_EXACT = 22  # sign flips enumerated exactly up to 2^22 (~4M sums, a few seconds in pure Python)
+
+
+def sign_flip_p(diffs: Sequence[float]) -> float:
+    """Two-sided exact permutation p-value of mean(diffs) = 0: the share of the 2^n sign flips whose
+    |sum| is at least the observed |sum| (the observed one included, so p ≥ 2^-n).
+
+    Sums are compared after rounding to 1e-9 of the largest |d|, so that floating-point noise in equal
+    sums neither adds nor drops a flip. ValueError past 2^22 flips (22 seeds).
+    """
+    ds = _finite(diffs, "diffs")
+    n = len(ds)
+    if n > _MAX_EXACT:
+        raise ValueError(f"sign_flip_p enumerates 2^n flips exactly; n = {n} > {_MAX_EXACT}")
+    if n == 0:
+        raise ValueError("sign_flip_p needs at least one difference")
+    scale = max((abs(d) for d in ds), default=0.0) or 1.0
+    observed = abs(math.fsum(ds))
+    total, extreme, signs = math.fsum(ds), 0, [1] * n
+    # Gray code: consecutive sign patterns differ in one flip, so each new sum costs one addition.
+    for k in range(1 << n):
+        if k:
+            i = (k & -k).bit_length() - 1
+            total -= 2 * signs[i] * ds[i]
+            signs[i] = -signs[i]
+        extreme += abs(total) >= observed - 1e-9 * scale
+    return extreme / (1 << n)
+
+
+def binomial_two_sided_p(k: int, n: int) -> float:
+    """Two-sided exact p-value of k successes in n fair trials: P(|X - n/2| ≥ |k - n/2|), X ~ Bin(n, ½)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"binomial_two_sided_p needs 0 ≤ k ≤ n, got k={k}, n={n}")
+    if n == 0:
+        return 1.0
+    far = abs(2 * k - n)
+    return min(1.0, sum(math.comb(n, j) for j in range(n + 1) if abs(2 * j - n) >= far) / 2.0 ** n)
+
+
+def sign_test_p(diffs: Sequence[float]) -> float:
+    """Two-sided exact sign test: are positive and negative differences equally likely? Ties are dropped."""
+    ds = _finite(diffs, "diffs")
+    return binomial_two_sided_p(sum(d > 0 for d in ds), sum(d != 0 for d in ds))
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant counts (b: only A right, c: only B right)."""
+    return binomial_two_sided_p(b, b + c)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as given): reject H_i at family-wise level α iff
+    adjusted_i ≤ α. Controls the family-wise error under any dependence between the tests."""
+    ps = [float(p) for p in p_values]
+    if any(not 0.0 <= p <= 1.0 for p in ps):
+        raise ValueError(f"p-values must lie in [0, 1], got {ps}")
+    m, running, out = len(ps), 0.0, [0.0] * len(ps)
+    for rank, i in enumerate(sorted(range(m), key=lambda j: ps[j])):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+# ---------------------------------------------------------------- pass rates and correlations
+
+def proportion_ci(p: float, n: int, level: float = 0.95) -> float:
+    """Half-width of the normal-approximation interval of a pass rate `p` over `n` tasks (nan for n = 0)."""
+    if not n:
+        return math.nan
+    return normal_quantile(0.5 + 0.5 * level) * math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation of two equally long lists (nan when either is constant)."""
+    n = len(x)
+    mx, my = math.fsum(x) / n, math.fsum(y) / n
+    sxy = math.fsum((a - mx) * (b - my) for a, b in zip(x, y))
+    sx, sy = math.sqrt(math.fsum((a - mx) ** 2 for a in x)), math.sqrt(math.fsum((b - my) ** 2 for b in y))
+    return sxy / (sx * sy) if sx and sy else math.nan
+
+
+def correlation_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95,
+                   groups: Sequence | None = None) -> tuple[float, float, float]:
+    """Pearson r of x and y with its Fisher-z interval (normal approximation); nan where undefined.
+
+    `groups` (one label per point): the pooled within-group correlation instead — x and y centred on their
+    group's means, the interval's degrees of freedom reduced by the g − 1 means removed.
+    """
+    x, y, controls = list(x), list(y), 0
+    if groups is not None:
+        groups = list(groups)
+
+        def centred(v):
+            means = {g: math.fsum(a for a, h in zip(v, groups) if h == g) / groups.count(g) for g in set(groups)}
+            return [a - means[g] for a, g in zip(v, groups)]
+
+        x, y, controls = centred(x), centred(y), len(set(groups)) - 1
+    r, n = pearson(x, y), len(x)
+    if math.isnan(r) or n - 3 - controls < 1 or abs(r) >= 1:
+        return r, math.nan, math.nan
+    z, half = math.atanh(r), normal_quantile(0.5 + level / 2) / math.sqrt(n - 3 - controls)
+    return r, math.tanh(z - half), math.tanh(z + half)
 
 
 def fmt_paired(p: Paired, scale: float = 100.0, unit: str = "points") -> str:

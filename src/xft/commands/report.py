@@ -26,10 +26,10 @@ def register(subparsers) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from xft.errors import UserError
-    from xft.report import build_report
+    from xft.pipeline.report import build_report
 
     if args.study:
-        from xft.study_report import study_report
+        from xft.study.report import study_report
 
         if args.dir:
             raise UserError("give either DIR (a run's report) or --study STUDY_JSON, not both")

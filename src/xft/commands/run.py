@@ -1,4 +1,4 @@
-"""`xft run RECIPE` and `xft demo`: thin wrappers over `xft.pipeline` and `xft.report`.
+"""`xft run RECIPE` and `xft demo`: thin wrappers over `xft.pipeline` and `xft.pipeline.report`.
 
 `register` imports nothing heavy (no torch, transformers or the pipeline), so
 `xft --help` and `xft run --help` stay fast; the commands import what they run.
@@ -118,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from xft.device import resolve_device
     from xft.pipeline import load_recipe, run_pipeline
-    from xft.report import build_report
+    from xft.pipeline.report import build_report
 
     recipe = load_recipe(args.recipe, args.overrides)
     device = resolve_device(args.device)
@@ -165,8 +165,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _study(args: argparse.Namespace) -> int:
     from xft.errors import UserError
-    from xft.pipeline.study import STUDY_RECIPE, run_study
-    from xft.study_report import study_report
+    from xft.study.design import STUDY_RECIPE, run_study
+    from xft.study.report import study_report
 
     if args.full or args.seeds is not None:
         raise UserError("--study has its own protocol (recipe minicode-study: seeds, grid); use "

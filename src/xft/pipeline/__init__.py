@@ -7,7 +7,7 @@
 Modules: `methods` (the table of models an experiment produces), `recipe`
 (typed config + overrides), `stages` (the stage graph),
 `runner` (skip / resume / atomic artifacts), `evaluate` (generation + sandboxed
-tests), `demo` (the CPU demo's budgets and seeds). Tables and plots: `xft.report`.
+tests), `demo` (the CPU demo's budgets and seeds). Tables and plots: `xft.pipeline.report`.
 """
 
 from xft.pipeline.methods import METHODS, Method

@@ -41,7 +41,7 @@ def run_demo(out: str, seeds: int = 1, full: bool = False, device: str = "cpu",
     `jobs` / `threads`: stages at once and torch threads per stage (`run_pipeline`);
     `overwrite`: start every seed's run over; `command` is recorded for the report.
     """
-    from xft.report import write_report
+    from xft.pipeline.report import write_report
 
     overrides = (FULL if full else []) + list(extra_overrides)
     runs = []

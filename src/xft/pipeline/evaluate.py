@@ -12,8 +12,8 @@ results.json also holds pass@1 by problem family and by generalization kind).
 from __future__ import annotations
 
 
-def evaluate_model(model_path: str, benchmark: str, out: str, *, limit: int | None = None,
-                   max_new_tokens: int = 512, batch_size: int = 16, workers: int | None = None,
+def evaluate_model(model_path: str, benchmark: str, out: str, *, max_new_tokens: int, batch_size: int,
+                   limit: int | None = None, workers: int | None = None,
                    data: str | None = None, device: str = "cpu", progress: bool = False,
                    label: str | None = None, base_model: bool = False, template: str = "magicoder") -> dict:
     """Greedy pass@1 of the model at `model_path` on `benchmark`; writes samples and results.json to `out`."""

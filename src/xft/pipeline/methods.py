@@ -35,9 +35,14 @@ class Method:
     ewa: bool = False  # instruction tuning with expert weight averaging (the experts averaged at the end)
     merge: str | None = None  # a merge of the trained MoE `merge_of` by this MergeConfig.method
     merge_of: str = MERGED_MOE  # a merge: the method whose trained MoE it merges
-    section: str = "train"  # the recipe section its training settings come from (xft.pipeline.recipe.LAYERS)
-    tune: str = "lr"  # the setting of its section a study tunes (xft.pipeline.study)
+    section: str = "train"  # the recipe section its training settings come from (xft.pipeline.recipe.LAYERS);
+    #                         a section no other method declared first is the method's own: the recipe gets it
+    #                         (over `train` for an SFT, over `merge` for a merge) with `defaults` and `extra`
+    defaults: tuple[tuple[str, object], ...] = ()  # its own section's defaults (distill: distill_steps 100)
+    extra: tuple[str, ...] = ()  # its own section's keys that are not stage settings (ewa: share_rate)
+    tune: str = "lr"  # the setting of its section a study tunes (xft.study)
     grid: str = ""  # the study's list of values for `tune` (StudySection field; default: lr, a merge merge_lr)
+    grid_values: tuple[float, ...] = ()  # with `grid`: the values that list holds by default
     tune_max: float | None = None  # the largest value `tune` takes (a study's grid grows no further)
 
     @property
@@ -109,7 +114,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         "**EWA** (expert weight averaging, EWA_DS): MoE SFT in which, after every optimizer step, each "
         "expert moves a fraction β (ewa.share_rate) toward the experts' mean; at the end the experts are "
         "averaged into one dense FFN. A baseline for merging.",
-        stage="MoE SFT with EWA, experts averaged", routing="xft", ewa=True, section="ewa"),
+        stage="MoE SFT with EWA, experts averaged", routing="xft", ewa=True, section="ewa",
+        defaults=(("share_rate", 0.3),), extra=("share_rate",)),
     Method(
         "xft_init", "XFT init merge: shared expert λ, routed experts (1-λ)/(N-1), no learning", "XFT init merge",
         "**XFT init merge**: the trained MoE merged back into the base architecture without learning: "
@@ -164,23 +170,28 @@ for _name, _settings, _label, _what in _VARIANTS:
         f"xft_{_name}", f"beyond the paper: learned merge of the {_label}", f"XFT of the {_label}",
         f"**XFT of the {_label}**: the {_label} merged back by XFT's learned merge.",
         stage=f"learn the merge of the {_label}", merge="learned", merge_of=f"moe_{_name}", section="merge")
-for _method, _label, _what, _option, _max in (
+for _method, _label, _what, _option, _max, _values in (
         ("task_arithmetic", "task-arithmetic merge", "shared expert + α·Σ of the routed experts' deltas to it",
-         "merge_scale", None),
+         "merge_scale", None, (0.1, 0.2, 0.4)),
         ("ties", "TIES merge", "TIES on the routed experts' deltas to the shared expert (trim, elect sign, "
-                               "disjoint mean)", "merge_density", 1.0)):
+                               "disjoint mean)", "merge_density", 1.0, (0.1, 0.2, 0.4))):
     METHODS[f"xft_{_method}"] = Method(
         f"xft_{_method}", f"beyond the paper: {_what}, of the trained MoE", _label,
         f"**{_label}** (beyond the paper): the trained MoE merged by {_what}; no learning "
         f"(`{_method}` section; a study tunes its `{_option}`).",
         stage=_label, merge=_method, section=_method, tune=_option, grid=f"{_method}_{_option.split('_')[1]}",
-        tune_max=_max)
+        grid_values=_values, tune_max=_max)
 METHODS["xft_distill"] = Method(
     "xft_distill", "beyond the paper: XFT's learned merge, then distilled from the MoE (KL)", "XFT + distillation",
     "**XFT + distillation** (beyond the paper): the learned merge, then the whole dense model trained to match "
     "the MoE's next-token distributions on the instruction data (`distill` section: steps, learning rate).",
-    stage="learn the merge, then distil the MoE into it", merge="learned", section="distill", tune="distill_lr",
-    grid="distill_lr")
+    stage="learn the merge, then distil the MoE into it", merge="learned", section="distill",
+    defaults=(("distill_steps", 100),), tune="distill_lr", grid="distill_lr", grid_values=(1e-4, 3e-4, 1e-3))
+
+# Recipe section -> the first method that names it (whose row declares the section's defaults and extras).
+SECTION_OWNERS: dict[str, Method] = {}
+for _m in METHODS.values():
+    SECTION_OWNERS.setdefault(_m.section, _m)
 
 # Upcycle stage -> the UpcycleConfig settings of its MoE (beyond the recipe's), for every MoE a method trains.
 UPCYCLE_STAGES: dict[str, dict] = {m.upcycle_stage: m.upcycle_settings for m in METHODS.values() if m.routing}

@@ -25,7 +25,7 @@ import os
 import re
 
 from xft.errors import UserError
-from xft.pipeline.recipe import Recipe
+from xft.pipeline.recipe import Recipe, upcycle_config
 from xft.pipeline.methods import METHODS, UPCYCLE_STAGES
 from xft.pipeline.stages import Context, benchmark_data, plan
 
@@ -59,11 +59,9 @@ def _for_recipe(check, *args) -> None:
 
 
 def _check_upcycling(recipe: Recipe, stage_names: set[str]) -> None:
-    import xft
-
     for name, settings in UPCYCLE_STAGES.items():
         if name in stage_names:
-            xft.UpcycleConfig(**{**recipe.upcycle, **settings, "seed": recipe.seed})
+            upcycle_config(recipe, settings)
 
 
 def _check_data(configs: dict) -> None:

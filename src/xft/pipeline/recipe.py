@@ -31,10 +31,10 @@ import yaml
 
 from xft import recipes
 from xft.config import (
-    MergeConfig, SFTConfig, UpcycleConfig, coerce, type_ok, check_flat, closest, flat_settings, setting, type_name,
+    DecodingConfig, MergeConfig, SFTConfig, UpcycleConfig, coerce, type_ok, check_flat, closest, flat_settings, setting, type_name,
 )
 from xft.errors import UserError
-from xft.pipeline.methods import METHODS, PAPER_METHODS  # the models a recipe can produce, in report order
+from xft.pipeline.methods import METHODS, PAPER_METHODS, SECTION_OWNERS  # the models a recipe can produce
 
 
 
@@ -57,25 +57,20 @@ class Layer:
 _PIPELINE_OWNED = {"model", "moe", "data", "out", "method", "overwrite", "ewa_share_rate"} | {
     name for name, slot in flat_settings(SFTConfig).items() if slot.path[0] == "upcycle"}
 
-LAYERS = {
+def _own_layer(method) -> Layer:
+    """A method's own section: its config's settings over `train` (an SFT) or over `merge` (a merge)."""
+    if method.kind == "merge":
+        return Layer(MergeConfig, inherits="merge", extra=method.extra)
+    return Layer(SFTConfig, inherits="train", extra=method.extra)
+
+
+# The sections every recipe has, then one per method that names a section of its own (xft.pipeline.methods).
+_BASE_LAYERS = {
     "upcycle": Layer(UpcycleConfig),
     "train": Layer(SFTConfig),
-    "dense": Layer(SFTConfig, inherits="train"),
-    "moe": Layer(SFTConfig, inherits="train"),
-    "ewa": Layer(SFTConfig, inherits="train", extra=("share_rate",)),
-    "sparse": Layer(SFTConfig, inherits="train"),
-    "unnormalized": Layer(SFTConfig, inherits="train"),
-    "moe_drop": Layer(SFTConfig, inherits="train"),
-    "moe_granular": Layer(SFTConfig, inherits="train"),
-    "moe_aux_free": Layer(SFTConfig, inherits="train"),
-    "moe_switch": Layer(SFTConfig, inherits="train"),
     "merge": Layer(MergeConfig, inherits="train"),
-    "distill": Layer(MergeConfig, inherits="merge"),
-    "task_arithmetic": Layer(MergeConfig, inherits="merge"),
-    "ties": Layer(MergeConfig, inherits="merge"),
 }
-# Every method's training settings come from one section (a study tunes each method's own learning rate).
-assert {m.section for m in METHODS.values()} <= set(LAYERS), "a method names a recipe section LAYERS lacks"
+LAYERS = {**_BASE_LAYERS, **{name: _own_layer(m) for name, m in SECTION_OWNERS.items() if name not in _BASE_LAYERS}}
 _OWNED = {"upcycle": {"routing", "seed"}}  # per section; the training sections: _PIPELINE_OWNED
 
 
@@ -99,6 +94,9 @@ class DataSection:
                                           "(default: all of it, as the paper)")
 
 
+_DECODING = DecodingConfig.__dataclass_fields__
+
+
 @dataclass
 class EvalSection:
     """Evaluation of every produced model."""
@@ -106,65 +104,76 @@ class EvalSection:
     benchmarks: list = setting(["minicode"], "benchmarks (xft eval registry names), e.g. minicode, humaneval, "
                                         "humaneval+, mbpp, mbpp+")
     limit: int | None = setting(None, "evaluate on the first N tasks of each benchmark only (default: all)")
-    max_new_tokens: int = setting(384, "generation length limit per task (greedy decoding)")
-    batch_size: int = setting(16, "prompts generated together")
+    # generation defaults: DecodingConfig's, the one place `xft eval` and the pipeline take them from
+    max_new_tokens: int = setting(_DECODING["max_new_tokens"].default, "generation length limit per task (greedy "
+                                                                       "decoding)")
+    batch_size: int = setting(_DECODING["batch_size"].default, "prompts generated together")
     workers: int | None = setting(None, "parallel sandboxed test runs (default: the CPU count)")
     data: dict = setting({}, "benchmark name -> data file, for benchmarks that are not bundled (EvalPlus), e.g. "
                         "--set eval.data.mbpp+=MbppPlus.jsonl.gz (mbpp reads the mbpp+ file unless given its own)")
 
 
-@dataclass
-class StudySection:
-    """The protocol of `xft demo --study` (xft.pipeline.study); a single `xft run` ignores it."""
+def _study_fields() -> list[tuple]:
+    """The study's protocol: seeds, the shared grids, one grid per method that tunes an option of its own."""
+    own = [(m.grid, list, setting(list(m.grid_values), f"values of {m.section}.{m.tune} {m.name} is tried with "
+                                                       f"({m.label})"))
+           for m in METHODS.values() if m.grid and m.grid not in ("lr", "merge_lr")]
+    return [
+        ("seeds", int, setting(8, "seeds of the study (0 .. seeds-1): every method runs on each, paired by seed")),
+        ("tune_seed", int, setting(100, "the seed of the tuning runs (not one of the study's seeds)")),
+        ("lr", list, setting([1.5e-3, 3e-3, 6e-3], "learning rates every training method is tried with (same "
+                                                   "grid, same budget for all)")),
+        ("merge_lr", list, setting([5e-3, 2e-2, 8e-2], "learning rates the learned merge is tried with")),
+        *own,
+        ("extend", int, setting(2, "times a grid grows by one step beyond an end where some method scored "
+                                   "strictly best (every method gets the new rate)")),
+        ("select", str, setting("minicode-valid", "the validation benchmark every choice is made on (greedy "
+                                                  "pass@1); never one of eval.benchmarks")),
+    ]
 
-    seeds: int = setting(8, "seeds of the study (0 .. seeds-1): every method runs on each, paired by seed")
-    tune_seed: int = setting(100, "the seed of the tuning runs (not one of the study's seeds)")
-    lr: list = setting([1.5e-3, 3e-3, 6e-3], "learning rates every training method is tried with (same grid, "
-                                           "same budget for all)")
-    merge_lr: list = setting([5e-3, 2e-2, 8e-2], "learning rates the learned merge is tried with")
-    distill_lr: list = setting([1e-4, 3e-4, 1e-3], "learning rates the distillation after a merge is tried with")
-    ties_density: list = setting([0.1, 0.2, 0.4], "TIES densities (fraction of each delta kept) xft_ties is tried "
-                                                 "with")
-    task_arithmetic_scale: list = setting([0.1, 0.2, 0.4], "task-arithmetic scales α xft_task_arithmetic is tried "
-                                                          "with")
-    extend: int = setting(2, "times a grid grows by one step beyond an end where some method scored strictly "
-                             "best (every method gets the new rate)")
-    select: str = setting("minicode-valid", "the validation benchmark every choice is made on (greedy pass@1); "
-                                           "never one of eval.benchmarks")
+
+StudySection = dataclasses.make_dataclass("StudySection", _study_fields(), namespace={
+    "__doc__": "The protocol of `xft demo --study` (xft.study); a single `xft run` ignores it.",
+    "__module__": __name__})
+
+_SECTION_HELP = {
+    "upcycle": "xft.UpcycleConfig fields (num_experts, top_k, router, noisy_gating, ...); routing is set per method",
+    "train": "SFTConfig fields for every instruction-tuning run (MoE, dense, EWA, ablations)",
+    "merge": "MergeConfig fields for learning the merge (lr, epochs, shared_weight, ...)",
+}
 
 
-@dataclass
-class Recipe:
-    """One XFT experiment: base model -> upcycle -> MoE SFT -> merge -> evaluate, plus baselines."""
+def _section_field(name: str) -> tuple:
+    """A recipe section's field: a mapping of settings, with its owner's defaults and a help line."""
+    layer, owner = LAYERS[name], SECTION_OWNERS.get(name)
+    if name in _SECTION_HELP:
+        return name, dict, setting({}, _SECTION_HELP[name])
+    extra = f"{', '.join(layer.extra)}, plus " if layer.extra else ""
+    return name, dict, setting(dict(owner.defaults), f"{extra}{layer.config.__name__} fields overriding "
+                                                     f"`{layer.inherits}` for {owner.name} ({owner.label})")
 
-    model: str = setting("minicode", "base model: a local directory, a Hub id, or 'minicode' (build MiniCode's "
-                                "tiny pretrained model)")
-    seed: int = setting(0, "seed of every fine-tuning stage (data order, router init, noise)")
-    methods: list = setting(list(PAPER_METHODS), f"models to produce and evaluate: {', '.join(METHODS)}")
-    precision: str = setting("auto", "training precision for every stage (see xft train --precision)")
-    base: BaseSection = field(default_factory=BaseSection, metadata={"help": "MiniCode base model"})
-    data: DataSection = field(default_factory=DataSection, metadata={"help": "instruction data"})
-    upcycle: dict = setting({}, "xft.UpcycleConfig fields (num_experts, top_k, router, noisy_gating, ...); "
-                           "routing is set per method")
-    train: dict = setting({}, "SFTConfig fields for every instruction-tuning run (MoE, dense, EWA, ablations)")
-    dense: dict = setting({}, "SFTConfig fields overriding `train` for the dense SFT baseline")
-    moe: dict = setting({}, "SFTConfig fields overriding `train` for the MoE (method moe, the one XFT merges)")
-    ewa: dict = setting({"share_rate": 0.3}, "EWA: share_rate (β), plus SFTConfig fields overriding `train`")
-    sparse: dict = setting({}, "SFTConfig fields overriding `train` for the sparse-upcycling ablation")
-    unnormalized: dict = setting({}, "SFTConfig fields overriding `train` for the unnormalized-routing ablation")
-    moe_drop: dict = setting({}, "SFTConfig fields overriding `train` for the Drop-Upcycling MoE")
-    moe_granular: dict = setting({}, "SFTConfig fields overriding `train` for the granular MoE")
-    moe_aux_free: dict = setting({}, "SFTConfig fields overriding `train` for the aux-loss-free MoE")
-    moe_switch: dict = setting({}, "SFTConfig fields overriding `train` for the Switch-balanced MoE")
-    merge: dict = setting({}, "MergeConfig fields for learning the merge (lr, epochs, shared_weight, ...)")
-    distill: dict = setting({"distill_steps": 100}, "MergeConfig fields overriding `merge` for xft_distill "
-                                                   "(distill_steps, distill_lr, ...)")
-    task_arithmetic: dict = setting({}, "MergeConfig fields overriding `merge` for xft_task_arithmetic "
-                                        "(merge_scale)")
-    ties: dict = setting({}, "MergeConfig fields overriding `merge` for xft_ties (merge_density, merge_scale)")
-    eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "evaluation"})
-    study: StudySection = field(default_factory=StudySection, metadata={"help": "the study's protocol "
-                                                                        "(xft demo --study)"})
+
+Recipe = dataclasses.make_dataclass("Recipe", [
+    ("model", str, setting("minicode", "base model: a local directory, a Hub id, or 'minicode' (build MiniCode's "
+                                       "tiny pretrained model)")),
+    ("seed", int, setting(0, "seed of every fine-tuning stage (data order, router init, noise)")),
+    ("methods", list, setting(list(PAPER_METHODS), f"models to produce and evaluate: {', '.join(METHODS)}")),
+    ("precision", str, setting("auto", "training precision for every stage (see xft train --precision)")),
+    ("base", BaseSection, field(default_factory=BaseSection, metadata={"help": "MiniCode base model"})),
+    ("data", DataSection, field(default_factory=DataSection, metadata={"help": "instruction data"})),
+    *[_section_field(name) for name in LAYERS],
+    ("eval", EvalSection, field(default_factory=EvalSection, metadata={"help": "evaluation"})),
+    ("study", StudySection, field(default_factory=StudySection, metadata={"help": "the study's protocol "
+                                                                                    "(xft demo --study)"})),
+], namespace={"__doc__": "One XFT experiment: base model -> upcycle -> MoE SFT -> merge -> evaluate, plus "
+                         "baselines. Its sections follow from xft.pipeline.methods (one per method's own section).",
+              "__module__": __name__})
+
+
+def upcycle_config(recipe, settings: dict):
+    """The `UpcycleConfig` of an upcycle stage: the recipe's `upcycle` section, the stage's `settings` (a method's
+    routing, init, balance) on top, the recipe's seed (ConfigError on a bad value)."""
+    return UpcycleConfig(**{**recipe.upcycle, **settings, "seed": recipe.seed})
 
 
 # ---------------------------------------------------------------- sections

@@ -28,10 +28,7 @@ with `jobs=1`: each stage computes from its inputs alone.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
-import subprocess
 import sys
 import time
 from typing import Callable
@@ -42,12 +39,12 @@ from xft.artifacts import atomic_write_text
 from xft.errors import UserError
 from xft.pipeline.recipe import LAYERS, METHODS, Recipe, StudySection, to_dict
 from xft.pipeline.stages import Context, Stage, all_stages, plan
-from xft.artifacts import atomic_dir, atomic_write_json, settings_diff
+from xft.artifacts import atomic_dir, settings_diff
+from xft.pipeline.scheduler import (SESSIONS_FILE, TIMINGS_FILE, Job, record_session, record_time, run_jobs,
+                                    thread_env)
 from xft.training import rundir
 
 RECIPE_FILE = "recipe.yaml"
-TIMINGS_FILE = "timings.json"
-SESSIONS_FILE = "sessions.json"
 # Recipe keys that do not change what the stages compute.
 _NON_SEMANTIC = {"methods", "eval.workers"} | {f"{s}.{k}" for s in LAYERS if s != "upcycle"
                                               for k in rundir.NON_SEMANTIC} | {
@@ -160,41 +157,6 @@ def check_run_dir(root: str, recipe: Recipe, overwrite: bool = False) -> list[st
     return eval_changes
 
 
-def _record_time(root: str, stage: str, seconds: float) -> None:
-    path = os.path.join(root, TIMINGS_FILE)
-    timings = read_timings(root)
-    timings[stage] = round(timings.get(stage, 0.0) + seconds, 2)
-    atomic_write_json(path, timings)
-
-
-def read_timings(root: str) -> dict[str, float]:
-    """Stage name -> wall seconds spent on it (over all sessions that worked on it)."""
-    try:
-        with open(os.path.join(root, TIMINGS_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def read_sessions(root: str) -> list[dict]:
-    """The invocations that ran stages in `root`: command, device, machine, wall seconds, stages run."""
-    try:
-        with open(os.path.join(root, SESSIONS_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return []
-
-
-def _record_session(root: str, command: str | None, device: str, seconds: float, stages: list[str]) -> None:
-    """Append this invocation to sessions.json (only when it ran a stage: a re-run that skips all is no session)."""
-    import platform
-
-    session = {"command": command, "device": device, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-               "seconds": round(seconds, 2), "stages": stages,
-               "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    atomic_write_json(os.path.join(root, SESSIONS_FILE), read_sessions(root) + [session])
-
-
 def run_stage(stage: Stage, ctx: Context) -> None:
     """Run one stage so that its directory appears only complete."""
     out = ctx.path(stage.name)
@@ -246,7 +208,7 @@ def run_pipeline(recipe: Recipe, out: str, device: str = "cpu", progress: bool =
             _run_sequential(stages, ctx, say, state, ran)
     finally:
         if main and ran:
-            _record_session(out, command, device, time.perf_counter() - t0, ran)
+            record_session(out, command, time.perf_counter() - t0, ran, device)
     return ctx
 
 
@@ -265,7 +227,7 @@ def _run_sequential(stages: list[Stage], ctx: Context, say: Callable[[str], None
         state.wait_for_everyone()
         seconds = time.perf_counter() - t0
         if state.is_main_process:
-            _record_time(ctx.root, stage.name, seconds)
+            record_time(ctx.root, stage.name, seconds)
         say(f"{head} -- done in {seconds:.0f} s")
 
 
@@ -288,30 +250,6 @@ def _log_path(root: str, stage: str) -> str:
     return os.path.join(root, "logs", stage.replace("/", "-") + ".log")
 
 
-_BAR_COUNT = re.compile(r"(\d+)/(\d+) \[")  # "360/800 [" in a tqdm line
-
-
-def _stage_progress(root: str, stage: str) -> str:
-    """"done/total" of the newest progress bar in a running stage's log ("" if it shows none yet)."""
-    try:
-        with open(_log_path(root, stage), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 2048))
-            tail = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    found = _BAR_COUNT.findall(tail)
-    return f"{found[-1][0]}/{found[-1][1]}" if found else ""
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def _run_parallel(stages: list[Stage], ctx: Context, say: Callable[[str], None], jobs: int,
                   threads: int | None, ran: list[str]) -> None:
     """Run `stages` (in plan order) as up to `jobs` worker processes, each once its dependencies are done.
@@ -319,78 +257,19 @@ def _run_parallel(stages: list[Stage], ctx: Context, say: Callable[[str], None],
     Appends the name of every stage it starts to `ran`.
     """
     import torch
-    from tqdm.auto import tqdm
 
     threads = threads or max(1, torch.get_num_threads() // jobs)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     priority = _dependents(stages)
-    number = {s.name: i for i, s in enumerate(stages, 1)}
-    head = {s.name: _headline(number[s.name], len(stages), s) for s in stages}
-    finished = {s.name for s in stages if s.done(ctx)}
-    for name in sorted(finished, key=number.get):
-        say(f"{head[name]} -- finished earlier, skipped")
-    pending = [s for s in stages if s.name not in finished]
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
-    failed: list[tuple[str, int]] = []
-    os.makedirs(os.path.join(ctx.root, "logs"), exist_ok=True)
-    bar = tqdm(total=len(pending), desc="stages", unit="stage", disable=not ctx.progress, dynamic_ncols=True)
-    shown, shown_for, shown_at = "", [], 0.0
-
-    def note(line: str) -> None:
-        with tqdm.external_write_mode():
-            say(line)
-
-    try:
-        while pending or running:
-            ready = [s for s in pending if all(d in finished for d in s.deps)]
-            while ready and len(running) < jobs and not failed:
-                stage = max(ready, key=lambda s: (priority[s.name], -number[s.name]))
-                ready.remove(stage)
-                pending.remove(stage)
-                ran.append(stage.name)
-                cmd = [sys.executable, "-m", "xft.pipeline.worker", ctx.root, stage.name, "--device", ctx.device,
-                       "--threads", str(threads)] + (["--progress"] if ctx.progress else [])
-                with open(_log_path(ctx.root, stage.name), "a") as logf:
-                    running[stage.name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env),
-                                           time.perf_counter())
-                note(f"{head[stage.name]} ... (log: {_log_path(ctx.root, stage.name)})")
-            if not running:
-                if failed or not pending:
-                    break
-                raise RuntimeError(f"stages {[s.name for s in pending]} wait on stages that never run")
-            if ctx.progress and (set(running) != set(shown_for) or time.monotonic() - shown_at > 2.0):
-                # the running stages and their own bars' counts; redrawn on a new stage or every 2 s at most,
-                # so that a log without a tty stays short
-                status = ", ".join(f"{name} {_stage_progress(ctx.root, name)}".strip() for name in running)
-                shown_for, shown_at = list(running), time.monotonic()
-                if status != shown:
-                    shown = status
-                    bar.set_postfix_str(shown)
-            time.sleep(0.2)
-            for name, (proc, t0) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                del running[name]
-                seconds = time.perf_counter() - t0
-                if rc != 0:
-                    failed.append((name, rc))
-                    note(f"{head[name]} -- FAILED (exit {rc}) after {seconds:.0f} s")
-                    continue
-                finished.add(name)
-                _record_time(ctx.root, name, seconds)
-                bar.update(1)
-                note(f"{head[name]} -- done in {seconds:.0f} s")
-    except BaseException:  # Ctrl-C or a bug here: leave no orphaned workers behind
-        for proc, _ in running.values():
-            proc.terminate()
-        for proc, _ in running.values():
-            proc.wait()
-        raise
-    finally:
-        bar.close()
-    if failed:
-        name, rc = failed[0]
-        path = _log_path(ctx.root, name)
-        raise UserError(f"stage {name} failed (exit {rc}); re-running the same command resumes it. "
-                        f"Last lines of {path}:\n{_tail(path)}")
+    todo = []
+    for i, stage in enumerate(stages, 1):
+        head = _headline(i, len(stages), stage)
+        if stage.done(ctx):
+            say(f"{head} -- finished earlier, skipped")
+            continue
+        argv = [sys.executable, "-m", "xft.pipeline.worker", ctx.root, stage.name, "--device", ctx.device,
+                "--threads", str(threads)] + (["--progress"] if ctx.progress else [])
+        todo.append(Job(stage.name, argv, _log_path(ctx.root, stage.name), deps=tuple(stage.deps),
+                        priority=priority[stage.name], env=thread_env(threads), title=head, noun="stage"))
+    ran.extend(j.name for j in todo)
+    run_jobs(todo, jobs, say, progress=ctx.progress, on_done=lambda job, seconds: record_time(ctx.root, job.name,
+                                                                                                seconds))

@@ -33,7 +33,7 @@ from typing import Callable
 
 from xft.artifacts import atomic_write_json, resolve_model
 from xft.pipeline.methods import METHODS, UPCYCLE_STAGES, Method
-from xft.pipeline.recipe import Recipe, section_settings
+from xft.pipeline.recipe import Recipe, section_settings, upcycle_config
 from xft.training import rundir
 
 MINICODE_SEED = 0  # MiniCode's published splits; its train/eval leakage rules hold within one seed
@@ -134,11 +134,9 @@ def _write_data(ctx: Context, out: str) -> None:
 def _upcycler(settings: dict):
     """An upcycle stage: the base model upcycled with the recipe's `upcycle` section and `settings` on top."""
     def run(ctx: Context, out: str) -> None:
-        import xft
         from xft.checkpoint import upcycle_checkpoint
 
-        config = xft.UpcycleConfig(**{**ctx.recipe.upcycle, **settings, "seed": ctx.recipe.seed})
-        upcycle_checkpoint(base_model(ctx), out, config)
+        upcycle_checkpoint(base_model(ctx), out, upcycle_config(ctx.recipe, settings))
     return run
 
 

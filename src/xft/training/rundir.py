@@ -36,17 +36,14 @@ import re
 import shutil
 from dataclasses import dataclass
 
-from xft.artifacts import atomic_write_json, follow_umask, settings_diff
+from xft.artifacts import LEGACY_FINAL, RUN_FILE, atomic_write_json, follow_umask, settings_diff  # noqa: F401
 from xft.errors import UserError
 
-RUN_FILE = "xft_run.json"
 LOGS = "logs"
 ROUTING_LOG = "routing.jsonl"
 DISTILL = "distill"  # the run directory of a merge's distillation, inside the merge's
 MODEL_CONFIG = "config.json"  # moved into OUT last: its presence means "finished"
 STAGING = ".final.tmp"  # where the finished model is written before `publish` moves it into OUT
-# Where runs of xft 0.1 kept their model (OUT/final/): still found by `resolve_model`, never written.
-LEGACY_FINAL = "final"
 # Fields that do not change what a run computes; they may differ when resuming or re-running.
 NON_SEMANTIC = {"overwrite", "progress", "report_to", "logging_steps", "save_total_limit", "num_workers",
                 "save_steps", "keep_checkpoints", "eval_steps", "gap_examples"}  # gap_examples: a diagnostic

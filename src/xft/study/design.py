@@ -33,13 +33,9 @@ command, machine and wall time; `xft report --study` turns it into tables.
 from __future__ import annotations
 
 import os
-import platform
 import shlex
-import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,10 +43,12 @@ from xft.artifacts import atomic_write_json
 from xft.errors import UserError
 from xft.pipeline.methods import METHODS
 from xft.pipeline.recipe import Recipe, load_recipe, to_dict
+from xft.pipeline.report import eval_results
+from xft.pipeline.scheduler import Job, read_sessions, record_session, run_jobs, thread_env
+from xft.study.collect import collect_study
 
 STUDY_RECIPE = "minicode-study"  # the bundled recipe whose `study` section is the protocol
 STUDY_FILE = "study.json"
-TIME_FILE = "study_time.json"  # wall seconds of every invocation that computed something
 TUNE_DIR = "tune"
 
 
@@ -134,8 +132,6 @@ def _settings(chosen: dict[str, float]) -> list[str]:
 
 def _pass_at_1(run_dir: str, method: str, benchmark: str) -> float | None:
     """`method`'s pass@1 on `benchmark` in run `run_dir` (None if not evaluated)."""
-    from xft.report import eval_results
-
     return (eval_results(run_dir, method, benchmark) or {}).get("pass@1")
 
 
@@ -238,36 +234,20 @@ def run_study(recipe_name: str, out: str, overrides: list[str] = (), jobs: int =
     # 2. the study: every method on every seed, with its chosen learning rate
     seeds = [study.seed_run(i, chosen) for i in range(s.seeds)]
     pool.run(seeds)
-    from xft.pipeline.study_data import collect_study
-
-    wall = _record_time(out, time.time() - t0, pool.ran)
+    if pool.ran:
+        record_session(out, command, time.time() - t0, pool.ran)
+    wall = sum(x["seconds"] for x in read_sessions(out))
     data = collect_study(study, tune, merge_runs, chosen, seeds, wall_seconds=wall, command=command, jobs=jobs)
     atomic_write_json(os.path.join(out, STUDY_FILE), data)
     return data
 
 
-def _record_time(out: str, seconds: float, ran: int) -> float:
-    """Add this invocation's wall time to out/study_time.json if it computed anything; returns the total."""
-    from xft.report import _read_json
-
-    path = os.path.join(out, TIME_FILE)
-    sessions = _read_json(path) or []
-    if ran:
-        sessions.append({"seconds": round(seconds, 1), "runs": ran,
-                         "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        atomic_write_json(path, sessions)
-    return sum(s["seconds"] for s in sessions)
-
-
 class _Pool:
-    """Runs `xft run` processes, `jobs` at a time, each on one thread; fails with the first failure's log."""
+    """Runs the study's `xft run` processes through the pipeline's scheduler, `jobs` at a time, one thread each."""
 
     def __init__(self, study: Study, jobs: int, log: Callable[[str], None]):
         self.study, self.jobs, self.log = study, jobs, log
-        self.done = 0
-        self.ran = 0  # runs this invocation computed something in (the others were finished)
-        self.lock = threading.Lock()
-        os.makedirs(os.path.join(study.out, "logs"), exist_ok=True)
+        self.ran: list[str] = []  # runs this invocation computed something in (the others were finished)
 
     def finished(self, run: Run) -> bool:
         """Whether `run` already holds every stage of its recipe, computed with these very settings."""
@@ -286,47 +266,17 @@ class _Pool:
         ctx = Context(recipe=recipe, root=run.out, progress=False)
         return not training and not evaluation and all(stage.done(ctx) for stage in plan(recipe))
 
-    def _one(self, run: Run) -> None:
-        if self.finished(run):
-            with self.lock:
-                self.done += 1
-            return
-        self.ran += 1
+    def run(self, runs: list[Run]) -> None:
+        """Run the unfinished ones of `runs` (longest first) and wait for all; raises on the first failure."""
+        todo = [self._job(r) for r in runs if not self.finished(r)]
+        self.log(f"{len(runs)} run(s), {len(runs) - len(todo)} finished earlier, {self.jobs} at a time: "
+                 + "; ".join(r.what for r in runs[:3]) + ("; ..." if len(runs) > 3 else ""))
+        self.ran += [j.name for j in todo]
+        run_jobs(todo, self.jobs, self.log)
+
+    def _job(self, run: Run) -> Job:
         cmd = run.command(self.study.recipe_name, self.study.user)
         name = os.path.relpath(run.out, self.study.out).replace(os.sep, "-")
-        path = os.path.join(self.study.out, "logs", f"{name}.log")
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        t0 = time.perf_counter()
-        with open(path, "a") as f:
-            f.write(f"$ {shlex.join(cmd)}\n")
-            f.flush()
-            rc = subprocess.call([sys.executable, "-m", "xft.cli", *cmd[1:], "--no-progress", "--no-report"],
-                                 stdout=f, stderr=subprocess.STDOUT, env=env)
-        if rc != 0:
-            with open(path, errors="replace") as f:
-                tail = "".join(f.readlines()[-15:])
-            raise UserError(f"{run.what} failed (exit {rc}); re-running the study resumes it. "
-                            f"Last lines of {path}:\n{tail}")
-        with self.lock:
-            self.done += 1
-            self.log(f"  {run.what}: done in {time.perf_counter() - t0:.0f} s ({self.done} runs finished)")
-
-    def run(self, runs: list[Run]) -> None:
-        """Run `runs` (longest first) and wait for all; re-raises the first failure."""
-        runs = sorted(runs, key=lambda r: -r.cost)
-        self.log(f"{len(runs)} run(s), {self.jobs} at a time: " + "; ".join(r.what for r in runs[:3])
-                 + ("; ..." if len(runs) > 3 else ""))
-        with ThreadPoolExecutor(self.jobs) as ex:
-            for f in [ex.submit(self._one, r) for r in runs]:
-                f.result()
-
-
-def machine() -> str:
-    """The machine a study ran on, in words."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.machine()}"
+        return Job(name, [sys.executable, "-m", "xft.cli", *cmd[1:], "--no-progress", "--no-report"],
+                   os.path.join(self.study.out, "logs", f"{name}.log"), priority=run.cost, env=thread_env(1),
+                   header=f"$ {shlex.join(cmd)}", title=run.what, noun="study run")

@@ -22,7 +22,8 @@ import re
 
 from xft.artifacts import atomic_write_text
 from xft.errors import UserError
-from xft.report import CLAIMS, COMPARISONS, label
+from xft.pipeline.report import CLAIMS, COMPARISONS, label
+from xft.stats import correlation_ci, mean_ci, paired, pearson
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 VERDICTS = {"holds": "**holds**", "reversed": "**reversed**", "unresolved": "unresolved"}
@@ -54,10 +55,8 @@ def scores(data: dict) -> dict[str, dict[int, float]]:
 
 def claims(data: dict, level: float = 0.95, power: float = 0.8,
            pairs: tuple = CLAIMS) -> list[tuple[str, str, str, object]]:
-    """Per claim of `pairs` (the paper's, `xft.report.CLAIMS`; or `COMPARISONS`) whose two methods are in the
+    """Per claim of `pairs` (the paper's, `xft.pipeline.report.CLAIMS`; or `COMPARISONS`) whose two methods are in the
     study: (a, b, claim, xft.stats.Paired)."""
-    from xft.stats import paired
-
     s = scores(data)
     out = []
     for a, b, claim in pairs:
@@ -69,7 +68,7 @@ def claims(data: dict, level: float = 0.95, power: float = 0.8,
 
 
 def task_noise(data: dict, a: str, b: str) -> float | None:
-    """Half-width (95%, normal) of the task-sampling error of the seed-mean paired difference a − b.
+    """Half-width (95%, Student's t over the tasks) of the task-sampling error of the seed-mean paired difference a − b.
 
     Per task, the difference of the verdicts averaged over the seeds; its
     standard error over the tasks is what drawing another eval set of the same
@@ -81,9 +80,7 @@ def task_noise(data: dict, a: str, b: str) -> float | None:
         return None
     n_tasks = len(rows[0][0])
     per_task = [sum(int(va[t]) - int(vb[t]) for va, vb in rows) / len(rows) for t in range(n_tasks)]
-    mean = sum(per_task) / n_tasks
-    var = sum((d - mean) ** 2 for d in per_task) / (n_tasks - 1)
-    return 1.96 * math.sqrt(var / n_tasks)
+    return mean_ci(per_task).half_width
 
 
 def _pts(x: float | None, sign: bool = False) -> str:
@@ -121,8 +118,6 @@ def _grid_table(grids: dict, name: str = "lr") -> str:
 
 
 def _methods_table(data: dict) -> str:
-    from xft.stats import mean_ci
-
     s = scores(data)
     compute = data.get("compute", {})
     lines = ["| model | pass@1, mean ± 95% CI | sd over seeds | min – max | seeds | training FLOPs (≈6·N·D) | "
@@ -186,34 +181,9 @@ def merge_gap_points(data: dict) -> list[dict]:
     return points
 
 
-def correlation_ci(x: list[float], y: list[float], level: float = 0.95,
-                   groups: list | None = None) -> tuple[float, float, float]:
-    """Pearson r of x and y with its Fisher-z interval (normal approximation); nan where undefined.
-
-    `groups` (one label per point): the pooled within-group correlation instead — x and y centred on their
-    group's means, the interval's degrees of freedom reduced by the g − 1 means removed.
-    """
-    from statistics import NormalDist
-
-    controls = 0
-    if groups is not None:
-        def centred(v):
-            means = {g: sum(a for a, h in zip(v, groups) if h == g) / groups.count(g) for g in set(groups)}
-            return [a - means[g] for a, g in zip(v, groups)]
-
-        x, y, controls = centred(x), centred(y), len(set(groups)) - 1
-    r, n = pearson(x, y), len(x)
-    if math.isnan(r) or n - 3 - controls < 1 or abs(r) >= 1:
-        return r, float("nan"), float("nan")
-    z, half = math.atanh(r), NormalDist().inv_cdf(0.5 + level / 2) / math.sqrt(n - 3 - controls)
-    return r, math.tanh(z - half), math.tanh(z + half)
-
-
 def _gap_tables(data: dict) -> tuple[str, str]:
     """(per merge method: mean drift, spread, loss gap and pass@1 gap with its t interval; how well each
     before-merge diagnostic predicts each gap over the learned merges' (method, seed) points)."""
-    from xft.stats import mean_ci
-
     points = merge_gap_points(data)
     if not points:
         return "", ""
@@ -254,15 +224,6 @@ def _seed_table(data: dict) -> str:
         if method in s:
             lines.append(f"| {label(method)} | " + " | ".join(_pts(s[method].get(i)) for i in seeds) + " |")
     return "\n".join(lines)
-
-
-def pearson(x: list[float], y: list[float]) -> float:
-    """Pearson correlation of two equally long lists (nan when either is constant)."""
-    n = len(x)
-    mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sx, sy = math.sqrt(sum((a - mx) ** 2 for a in x)), math.sqrt(sum((b - my) ** 2 for b in y))
-    return sxy / (sx * sy) if sx and sy else float("nan")
 
 
 def _diagnostics_table(data: dict) -> tuple[str, list[str]]:
@@ -330,8 +291,8 @@ def render(data: dict, plots: dict[str, str] | None = None) -> str:
             out += ["How well the before-merge diagnostics predict the gap, over the learned merges' (MoE, seed) "
                     "points (Pearson r, Fisher-z interval; \"within each MoE kind\": both centred on each merge's "
                     "own means, so differences between the kinds of MoE do not count):", "", corr, ""]
-        if plots and plots.get("gap"):
-            out += [f"![merge gap against expert drift]({plots['gap']})", ""]
+        if plots and plots.get("merge_gap"):
+            out += [f"![merge gap against expert drift]({plots['merge_gap']})", ""]
     out += ["**Per seed** (pass@1, %):", "", _seed_table(data), ""]
     if plots and plots.get("seeds"):
         out += [f"![pass@1 per seed]({plots['seeds']})", ""]
@@ -347,79 +308,90 @@ def render(data: dict, plots: dict[str, str] | None = None) -> str:
 
 def _plot(data: dict, out_dir: str) -> dict[str, str]:
     """study_claims.png (paired differences with intervals), study_seeds.png (pass@1 per method, one dot per
-    seed) and study_loss.png (each training method's loss curve per seed)."""
-    from xft.report import _pyplot
+    seed), study_loss.png (each training method's loss curve per seed), study_merge_gap.png (gaps vs drift)."""
+    from xft.pipeline.report import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     paths = {}
+    for name, draw in (("claims", _plot_claims), ("seeds", _plot_seeds), ("loss", _plot_loss),
+                       ("merge_gap", _plot_gap)):
+        fig = draw(plt, data)
+        if fig is not None:
+            fig.tight_layout()
+            paths[name] = os.path.join(out_dir, f"study_{name}.png")
+            fig.savefig(paths[name], dpi=120)
+            plt.close(fig)
+    return paths
+
+
+def _plot_claims(plt, data: dict):
     cl = claims(data)
-    if cl:
-        fig, ax = plt.subplots(figsize=(8, 0.45 * len(cl) + 1.2))
-        for i, (_, _, claim, p) in enumerate(cl):
-            y = len(cl) - 1 - i
-            ax.errorbar(100 * p.mean, y, xerr=100 * p.half_width, fmt="o", color="C0", capsize=3)
-            ax.scatter([100 * d for d in p.diffs], [y] * p.n, s=8, color="0.5", zorder=0)
-        ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(range(len(cl)))
-        ax.set_yticklabels([c[2] for c in reversed(cl)], fontsize=8)
-        ax.set_xlabel("paired difference in pass@1 (points): mean ± 95% CI; grey: seeds")
-        fig.tight_layout()
-        paths["claims"] = os.path.join(out_dir, "study_claims.png")
-        fig.savefig(paths["claims"], dpi=120)
-        plt.close(fig)
+    if not cl:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(cl) + 1.2))
+    for i, (_, _, claim, p) in enumerate(cl):
+        y = len(cl) - 1 - i
+        ax.errorbar(100 * p.mean, y, xerr=100 * p.half_width, fmt="o", color="C0", capsize=3)
+        ax.scatter([100 * d for d in p.diffs], [y] * p.n, s=8, color="0.5", zorder=0)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(cl)))
+    ax.set_yticklabels([c[2] for c in reversed(cl)], fontsize=8)
+    ax.set_xlabel("paired difference in pass@1 (points): mean ± 95% CI; grey: seeds")
+    return fig
+
+
+def _plot_seeds(plt, data: dict):
     s = scores(data)
     methods = [m for m in data["methods"] if m in s]
-    if methods:
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        for i, m in enumerate(methods):
-            vals = [100 * v for v in s[m].values()]
-            ax.scatter([i] * len(vals), vals, s=12, color="C0")
-            ax.hlines(sum(vals) / len(vals), i - 0.3, i + 0.3, color="C1")
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels([label(m) for m in methods], rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(f"pass@1 on {data.get('benchmark')} (%)")
-        fig.tight_layout()
-        paths["seeds"] = os.path.join(out_dir, "study_seeds.png")
-        fig.savefig(paths["seeds"], dpi=120)
-        plt.close(fig)
+    if not methods:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for i, m in enumerate(methods):
+        vals = [100 * v for v in s[m].values()]
+        ax.scatter([i] * len(vals), vals, s=12, color="C0")
+        ax.hlines(sum(vals) / len(vals), i - 0.3, i + 0.3, color="C1")
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels([label(m) for m in methods], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"pass@1 on {data.get('benchmark')} (%)")
+    return fig
+
+
+def _plot_loss(plt, data: dict):
     curves = [(m, [(e["seed"], e["results"][m]) for e in data["seeds"] if m in e["results"]
                    and (e["results"][m].get("diagnostics") or {}).get("loss_curve")]) for m in data["methods"]]
     curves = [(m, rows) for m, rows in curves if rows]
-    if curves:
-        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), sharey=True, squeeze=False)
-        for ax, (m, rows) in zip(axes[0], curves):
-            worst = min(res["pass@1"] for _, res in rows)
-            for seed, res in rows:
-                steps, losses = zip(*res["diagnostics"]["loss_curve"])
-                ax.plot(steps, losses, lw=0.8, color="C3" if res["pass@1"] == worst else "0.6")
-            ax.set_yscale("log")
-            ax.set_title(label(m), fontsize=8)
-            ax.set_xlabel("step", fontsize=8)
-        axes[0][0].set_ylabel("training loss (red: the seed with the lowest pass@1)", fontsize=7)
-        fig.tight_layout()
-        paths["loss"] = os.path.join(out_dir, "study_loss.png")
-        fig.savefig(paths["loss"], dpi=120)
-        plt.close(fig)
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3), sharey=True, squeeze=False)
+    for ax, (m, rows) in zip(axes[0], curves):
+        worst = min(res["pass@1"] for _, res in rows)
+        for seed, res in rows:
+            steps, losses = zip(*res["diagnostics"]["loss_curve"])
+            ax.plot(steps, losses, lw=0.8, color="C3" if res["pass@1"] == worst else "0.6")
+        ax.set_yscale("log")
+        ax.set_title(label(m), fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+    axes[0][0].set_ylabel("training loss (red: the seed with the lowest pass@1)", fontsize=7)
+    return fig
+
+
+def _plot_gap(plt, data: dict):
     points = [p for p in merge_gap_points(data) if p["loss_gap"] is not None]
-    if points:
-        methods = list(dict.fromkeys(p["method"] for p in points))
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for i, m in enumerate(methods):
-            rows = [p for p in points if p["method"] == m]
-            for ax, key in zip(axes, ("loss_gap", "pass_gap")):
-                ax.scatter([p["drift"] for p in rows], [p[key] * (100 if key == "pass_gap" else 1) for p in rows],
-                           s=14, color=f"C{i % 10}", label=label(m))
-        axes[0].set_ylabel("held-out loss, merged − MoE (nats)")
-        axes[1].set_ylabel("pass@1, MoE − merged (points)")
-        for ax in axes:
-            ax.set_xlabel("expert drift before merging (mean over layers)")
-            ax.axhline(0, color="k", lw=0.6)
-        axes[1].legend(fontsize=6, loc="best")
-        fig.tight_layout()
-        paths["gap"] = os.path.join(out_dir, "study_merge_gap.png")
-        fig.savefig(paths["gap"], dpi=120)
-        plt.close(fig)
-    return paths
+    if not points:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, m in enumerate(dict.fromkeys(p["method"] for p in points)):
+        rows = [p for p in points if p["method"] == m]
+        for ax, key in zip(axes, ("loss_gap", "pass_gap")):
+            ax.scatter([p["drift"] for p in rows], [p[key] * (100 if key == "pass_gap" else 1) for p in rows],
+                       s=14, color=f"C{i % 10}", label=label(m))
+    axes[0].set_ylabel("held-out loss, merged − MoE (nats)")
+    axes[1].set_ylabel("pass@1, MoE − merged (points)")
+    for ax in axes:
+        ax.set_xlabel("expert drift before merging (mean over layers)")
+        ax.axhline(0, color="k", lw=0.6)
+    axes[1].legend(fontsize=6, loc="best")
+    return fig
 
 
 def replace_block(text: str, block: str, where: str) -> str:

@@ -19,20 +19,18 @@ The confidence interval of a mean over seeds is Student's t at 95%.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import textwrap
 from dataclasses import dataclass, field
 
-from xft.artifacts import atomic_write_json, atomic_write_text
+from xft.artifacts import atomic_write_json, atomic_write_text, read_json, read_jsonl
 from xft.pipeline.methods import METHODS, check_pairs
+from xft.stats import mean_ci, proportion_ci
 from xft.training import rundir
 
 REPORT_SETTINGS = "report.json"  # title and preamble of report.md, so that `xft report` rebuilds the same one
-
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclass
@@ -53,11 +51,7 @@ class Row:
     @property
     def ci95(self) -> float | None:
         """Half-width of the 95% confidence interval of the mean (None with one seed)."""
-        n = len(self.scores)
-        if n < 2:
-            return None
-        sd = math.sqrt(sum((s - self.mean) ** 2 for s in self.scores) / (n - 1))
-        return _T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+        return mean_ci(self.scores).half_width if self.scores else None
 
 
 def label(method: str) -> str:
@@ -65,24 +59,11 @@ def label(method: str) -> str:
     return METHODS[method].label if method in METHODS else method
 
 
-def binomial_ci95(p: float, n: int) -> float:
-    """Half-width of a normal-approximation 95% interval of a pass rate over `n` tasks (one seed)."""
-    return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
-
-
 # ---------------------------------------------------------------- reading run directories
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
 
 def eval_results(run: str, method: str, benchmark: str) -> dict | None:
     """results.json of `method` on `benchmark` in run directory `run` (None if not evaluated)."""
-    return _read_json(os.path.join(run, "eval", method, benchmark, "results.json"))
+    return read_json(os.path.join(run, "eval", method, benchmark, "results.json"))
 
 
 def model_dir(run: str, method: str) -> str | None:
@@ -99,7 +80,7 @@ def model_dir(run: str, method: str) -> str | None:
 def training_tokens(model_path: str, part: str | None = None) -> int:
     """Tokens the run that produced `model_path` trained on (from its xft_training.json); `part="distillation"`:
     those of the distillation after a merge (0 without one)."""
-    record = _read_json(os.path.join(model_path, "xft_training.json")) or {}
+    record = read_json(os.path.join(model_path, "xft_training.json")) or {}
     if part:
         record = record.get(part) or {}
     seen = [h["num_input_tokens_seen"] for h in record.get("log_history", []) if "num_input_tokens_seen" in h]
@@ -184,7 +165,7 @@ def table(rows: list[Row], n_tasks: int | None = None) -> str:
         if len(r.scores) > 1:
             score = f"{100 * r.mean:.1f} ± {100 * r.ci95:.1f}"
         elif n_tasks:
-            score = f"{100 * r.mean:.1f} ± {100 * binomial_ci95(r.mean, n_tasks):.1f}"
+            score = f"{100 * r.mean:.1f} ± {100 * proportion_ci(r.mean, n_tasks):.1f}"
         else:
             score = f"{100 * r.mean:.1f}"
         note = " (pretraining)" if r.method == "base" else ""
@@ -248,7 +229,8 @@ def claims_table(diffs: list[tuple[str, list[float]]]) -> str:
 
 # ---------------------------------------------------------------- plots
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,11 +241,11 @@ def _pyplot():
 
 def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None, benchmark: str = "MiniCode") -> str:
     """Bar chart of pass@1 per model with 95% error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = ["\n".join(textwrap.wrap(label(r.method), 16)) for r in rows]
     means = [100 * r.mean for r in rows]
-    errs = [100 * (r.ci95 if r.ci95 is not None else binomial_ci95(r.mean, n_tasks or 0) if n_tasks else 0)
+    errs = [100 * (r.ci95 if r.ci95 is not None else proportion_ci(r.mean, n_tasks or 0) if n_tasks else 0)
             for r in rows]
     colors = ["#999999" if r.method == "base" else "#d62728" if r.method == "xft" else "#1f77b4" for r in rows]
     ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color=colors)
@@ -288,15 +270,14 @@ def read_routing_log(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "routing.jsonl")
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [record for _, record in read_jsonl(path)]
 
 
 def plot_expert_load(records: list[dict], path: str) -> str | None:
     """Per layer: each routed expert's share of the routed tokens over training steps."""
     if not records:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     layers = sorted(records[0]["layers"], key=int)
     cols = min(4, len(layers))
     rows_ = math.ceil(len(layers) / cols)
@@ -326,7 +307,7 @@ def plot_merge_coefficients(record: dict | None, path: str) -> str | None:
     """Heat map of the learned mixing coefficients, layer × expert (expert 0 = shared)."""
     if not record:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
 
     layers = sorted(record["coefficients"], key=int)
@@ -406,7 +387,7 @@ def _score(scores: list[float], n_tasks: int | None) -> str:
     if row.ci95 is not None:
         return f"{100 * row.mean:.1f} ± {100 * row.ci95:.1f}"
     if n_tasks:
-        return f"{100 * row.mean:.1f} ± {100 * binomial_ci95(row.mean, n_tasks):.1f}"
+        return f"{100 * row.mean:.1f} ± {100 * proportion_ci(row.mean, n_tasks):.1f}"
     return f"{100 * row.mean:.1f}"
 
 
@@ -495,7 +476,9 @@ DOCS = {"README": "README.md", "RESULTS": "docs/results.md", "MINICODE": "docs/m
 
 def _doc_links(out: str) -> dict[str, str]:
     """DOCS key -> link target relative to `out`, for the docs this checkout has (none in a plain install)."""
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above src/xft/
+    import xft
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(xft.__file__))))  # above src/xft/
     return {key: os.path.relpath(os.path.join(repo, rel), os.path.abspath(out)) for key, rel in DOCS.items()
             if os.path.isfile(os.path.join(repo, rel))}
 
@@ -515,7 +498,7 @@ def _duration(seconds: float) -> str:
 
 def _header(runs: list[str]) -> str:
     """Command, machine and wall time, from what the runs recorded (unchanged by a re-run that skips all)."""
-    from xft.pipeline.runner import read_sessions, read_timings
+    from xft.pipeline.scheduler import read_sessions, read_timings
 
     sessions = [s for run in runs for s in read_sessions(run)]
     stage = sum(sum(read_timings(run).values()) for run in runs)
@@ -563,7 +546,7 @@ def write_report(out: str, runs: list[str], title: str, preamble: str = "", meth
               plot_expert_load(read_routing_log(os.path.join(runs[0], "moe")),
                                os.path.join(plots_dir, "expert_load.png"))),
              ("merge_coefficients", "learned merge coefficients per layer",
-              plot_merge_coefficients(_read_json(os.path.join(model_dir(runs[0], "xft"), "merge_coefficients.json")),
+              plot_merge_coefficients(read_json(os.path.join(model_dir(runs[0], "xft"), "merge_coefficients.json")),
                                       os.path.join(plots_dir, "merge_coefficients.png")))]
     seeds = max((len(r.scores) for r in rows), default=len(runs))
     lines = [f"# {title}", "", preamble.strip(), "", _header(runs), "",
@@ -611,7 +594,7 @@ def build_report(path: str) -> tuple[str, str]:
     The title and preamble are the ones the report was first written with (xft demo's), if any.
     """
     runs = find_runs(path)
-    saved = _read_json(os.path.join(path, REPORT_SETTINGS)) or {}
+    saved = read_json(os.path.join(path, REPORT_SETTINGS)) or {}
     title = saved.get("title") or f"XFT report: {os.path.basename(os.path.abspath(path))}"
     return write_report(path, runs, title, preamble=saved.get("preamble", ""))
 
@@ -646,7 +629,7 @@ def _merge_gap_table(runs: list[str], methods: list[str], benchmark: str) -> str
             continue
         drift, loss, lost = [], [], []
         for run in runs:
-            gap = _read_json(os.path.join(run, method, "merge_gap.json")) or {}
+            gap = read_json(os.path.join(run, method, "merge_gap.json")) or {}
             if gap.get("mean_expert_drift") is not None:
                 drift.append(gap["mean_expert_drift"])
             if gap.get("loss_gap") is not None:
@@ -667,7 +650,7 @@ def _merge_gap_table(runs: list[str], methods: list[str], benchmark: str) -> str
 def _timings_table(runs: list[str]) -> str:
     total: dict[str, float] = {}
     for run in runs:
-        for stage, seconds in (_read_json(os.path.join(run, "timings.json")) or {}).items():
+        for stage, seconds in (read_json(os.path.join(run, "timings.json")) or {}).items():
             total[stage] = total.get(stage, 0.0) + seconds
     if not total:
         return ""

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shlex
 import subprocess
 import time
 
+from xft.artifacts import read_json
 from xft.pipeline.methods import METHODS
-from xft.report import _read_json, eval_results
+from xft.pipeline.report import eval_results
 
 SCHEMA = 1
 GAP_DIR = "merge_gap"  # in the study's directory: per seed, each merge's gap diagnostics measured on validation
@@ -44,7 +46,7 @@ def diagnostics(model_dir: str) -> dict:
     curves), and the worst layer's load imbalance over training (max / mean
     expert share, routing.jsonl).
     """
-    record = _read_json(os.path.join(model_dir, "xft_training.json")) or {}
+    record = read_json(os.path.join(model_dir, "xft_training.json")) or {}
     history = [h for h in record.get("log_history", []) if "loss" in h]
     if not history:
         return {}
@@ -126,7 +128,7 @@ def _result(run_dir: str, method: str, benchmark: str) -> dict | None:
     if not res:
         return None
     out = {"pass@1": res["pass@1"], "n_tasks": res.get("n_tasks"), "verdicts": _verdicts(run_dir, method, benchmark)}
-    timings = _read_json(os.path.join(run_dir, "timings.json")) or {}
+    timings = read_json(os.path.join(run_dir, "timings.json")) or {}
     if method in timings:
         out["train_seconds"] = timings[method]
     if METHODS[method].kind == "sft":
@@ -189,7 +191,7 @@ def merge_gaps(study, run_dir: str, seed: int, methods: list[str]) -> dict[str, 
         if m.kind != "merge" or not os.path.isfile(os.path.join(run_dir, method, "config.json")):
             continue
         path = os.path.join(study.out, GAP_DIR, f"seed-{seed}", f"{method}.json")
-        saved = _read_json(path)
+        saved = read_json(path)
         if saved is None:
             if m.merge_of not in moes:
                 moe_dir = os.path.join(run_dir, m.merge_of)
@@ -207,8 +209,8 @@ def merge_gaps(study, run_dir: str, seed: int, methods: list[str]) -> dict[str, 
 
 
 def _compute(run_dir: str, methods: list[str], benchmark: str) -> dict:
-    """Per method: parameters, active parameters, training tokens and ≈6·N·D FLOPs (xft.report.collect)."""
-    from xft.report import collect
+    """Per method: parameters, active parameters, training tokens and ≈6·N·D FLOPs (xft.pipeline.report.collect)."""
+    from xft.pipeline.report import collect
 
     return {r.method: {"params": r.params, "active_params": r.active_params, "tokens": r.tokens, "flops": r.flops}
             for r in collect([run_dir], benchmark, methods)}
@@ -216,14 +218,11 @@ def _compute(run_dir: str, methods: list[str], benchmark: str) -> dict:
 
 def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list, *, wall_seconds: float,
                   command: str | None, jobs: int) -> dict:
-    """The contents of study.json for a finished study (`xft.pipeline.study.run_study`)."""
-    import platform
-
+    """The contents of study.json for a finished study (`xft.study.run_study`)."""
     import torch
     import transformers
 
     from xft.pipeline.recipe import to_dict
-    from xft.pipeline.study import machine
 
     r = study.recipe
     bench = r.eval.benchmarks[0]
@@ -271,3 +270,14 @@ def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list
                        "transformers": transformers.__version__,
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
+
+
+def machine() -> str:
+    """The machine a study ran on, in words."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.machine()}"
