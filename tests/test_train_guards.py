@@ -6,6 +6,7 @@ Tiny models from test_train's workspace; each run is a few optimizer steps.
 """
 
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -61,8 +62,11 @@ def test_planned_steps_are_the_trainers(tmp_path, examples, settings):
     args = training_arguments(cfg, str(tmp_path), micro, accum, None)
     data = Dataset.from_dict({"input_ids": [[1, 2]] * examples, "labels": [[1, 2]] * examples})
     trainer = make_trainer(tiny_model(), args, data, Collator(0), None, progress=False)
-    assert trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1] == \
-        planned_steps(examples, cfg, 1)
+    count = trainer.set_initial_training_values  # the Trainer's own step count; its last value is max_steps
+    # transformers 5.0 still takes the total batch size as an argument (later releases compute it)
+    total = (args.train_batch_size * args.gradient_accumulation_steps * args.world_size,) if \
+        "total_train_batch_size" in inspect.signature(count).parameters else ()
+    assert count(args, trainer.get_train_dataloader(), *total)[-1] == planned_steps(examples, cfg, 1)
 
 
 def test_warmup_longer_than_the_run_is_refused_before_loading(ws, tmp_path, capsys):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from pathlib import Path
 from typing import Iterator
 
 from xft.errors import UserError
@@ -196,7 +197,8 @@ def follow_umask(root: str) -> None:
 
 
 def resolve_model(path: str) -> str:
-    """`path` as a loadable location: a model directory, a finished run's model, or a Hub id; UserError if not."""
+    """`path` as a loadable location: a model directory, a finished run's model, a GGUF file (`xft.gguf`:
+    converted once into a cached model directory, which is returned) or a Hub id; UserError if not."""
     path = str(path)
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
@@ -206,13 +208,25 @@ def resolve_model(path: str) -> str:
         if os.path.isfile(os.path.join(path, RUN_FILE)):
             raise UserError(f"{path} is an unfinished xft run (no model yet); resume it by re-running its command")
         raise UserError(f"{path} is not a model directory (no config.json)")
+    from xft.gguf import is_gguf_argument, model_dir
+
+    if is_gguf_argument(path):
+        return model_dir(path)
     if os.path.exists(path):
-        raise UserError(f"model path {path} is a file; expected a model directory or a Hub id")
+        raise UserError(f"model path {path} is a file; expected a model directory, a .gguf file or a Hub id")
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
     if looks_local or not HUB_ID.fullmatch(path):
         raise UserError(f"model path {path} does not exist")
     _check_hub_id(path)
     return path
+
+
+def cache_root() -> Path:
+    """Where xft caches what it builds (MiniCode base models, converted GGUF files): $XFT_CACHE_DIR, else
+    $XDG_CACHE_HOME/xft, else ~/.cache/xft."""
+    if os.environ.get("XFT_CACHE_DIR"):
+        return Path(os.environ["XFT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xft"
 
 
 def _check_hub_id(repo_id: str) -> None:

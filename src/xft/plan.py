@@ -211,7 +211,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def read_config(model: str) -> dict:
-    """The `config.json` of a Hub id, a model directory (or finished xft run) or a path to the file itself."""
+    """The `config.json` of a Hub id, a model directory (or finished xft run), a GGUF file (its metadata alone:
+    nothing is dequantized) or a path to the file itself."""
+    from xft.gguf import is_gguf_argument, read_config as gguf_config
+
+    if is_gguf_argument(model):
+        return gguf_config(model)
     if os.path.isfile(model):
         path = model
     else:

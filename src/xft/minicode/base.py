@@ -27,7 +27,7 @@ bit for bit with
     python -m xft.minicode.base --out DIR --threads 1
 
 Caching: with `out_dir=None` any other model is built once under
-`$XFT_CACHE_DIR` (default `~/.cache/xft`) in `minicode-base-<hash>` and
+the xft cache (`xft.artifacts.cache_root()`) in `minicode-base-<hash>` and
 reused; the directory appears only complete (built aside, then renamed).
 """
 
@@ -42,7 +42,7 @@ import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from xft.artifacts import atomic_dir
+from xft.artifacts import atomic_dir, cache_root
 from xft.errors import UserError
 
 GENERATOR_VERSION = 2  # bump when MiniCode's generated text changes (and rebuild the shipped model)
@@ -102,11 +102,6 @@ def build_inputs(budget: BaseBudget, seed: int) -> dict:
 def cache_key(budget: BaseBudget, seed: int) -> str:
     """Short hash of `build_inputs`."""
     return hashlib.sha256(json.dumps(build_inputs(budget, seed), sort_keys=True).encode()).hexdigest()[:12]
-
-
-def cache_root() -> Path:
-    """Where built base models are cached: $XFT_CACHE_DIR, else ~/.cache/xft."""
-    return Path(os.environ.get("XFT_CACHE_DIR") or Path.home() / ".cache" / "xft")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
