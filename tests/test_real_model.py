@@ -173,3 +173,16 @@ def test_short_moe_sft_and_learned_merge_through_the_cli_lower_held_out_loss(con
     assert cli(["merge", moe, "--out", merged, "--max-steps", "4", "--lr", "0.05", *common]) == 0
     before, after_sft, after_merge = (_held_out_loss(d, valid) for d in (moe0, moe, merged))
     assert after_sft < before and after_merge < before, (before, after_sft, after_merge)
+
+
+def test_the_real_model_recipe_runs_end_to_end(converted, tmp_path):
+    # The bundled recipe as it is, shrunk by --set only: its model argument, chat template and stages work.
+    out = tmp_path / "run"
+    sets = ["methods=[base, sft, xft_init]", "data.size=16", "train.max_steps=2", "train.warmup_steps=0",
+            "train.micro_batch_size=8", "train.batch_size=8", "eval.limit=2", "eval.max_new_tokens=24"]
+    assert cli(["run", "smollm2-135m", "--out", str(out), "--no-progress",
+                *[w for s in sets for w in ("--set", s)]]) == 0
+    for method in ("base", "sft", "xft_init"):
+        results = json.loads((out / "eval" / method / "minicode" / "results.json").read_text())
+        assert results["n_tasks"] == 2 and 0.0 <= results["pass@1"] <= 1.0
+    assert json.loads((out / "sft" / "config.json").read_text())["model_type"] == "llama"

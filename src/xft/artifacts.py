@@ -208,10 +208,10 @@ def resolve_model(path: str) -> str:
         if os.path.isfile(os.path.join(path, RUN_FILE)):
             raise UserError(f"{path} is an unfinished xft run (no model yet); resume it by re-running its command")
         raise UserError(f"{path} is not a model directory (no config.json)")
-    from xft.gguf import is_gguf_argument, model_dir
+    from xft.gguf import is_gguf_argument
 
     if is_gguf_argument(path):
-        return model_dir(path)
+        return _converted_gguf(path)
     if os.path.exists(path):
         raise UserError(f"model path {path} is a file; expected a model directory, a .gguf file or a Hub id")
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
@@ -219,6 +219,21 @@ def resolve_model(path: str) -> str:
         raise UserError(f"model path {path} does not exist")
     _check_hub_id(path)
     return path
+
+
+def _converted_gguf(arg: str) -> str:
+    """The cached checkpoint of the GGUF file `arg` names (`xft.gguf`), converted now if it is not there yet."""
+    import sys
+
+    from xft import gguf
+
+    path = gguf.gguf_file(arg)
+    target = cache_root() / "gguf" / gguf.cache_name(path)
+    if not (target / "config.json").is_file():
+        print(f"xft: converting {path} to a checkpoint in {target} (once per file)", file=sys.stderr)
+        with atomic_dir(str(target)) as tmp:
+            gguf.convert(path, tmp)
+    return str(target)
 
 
 def cache_root() -> Path:

@@ -6,12 +6,13 @@
 
 `transformers` reads a GGUF file (`from_pretrained(dir, gguf_file=name)`,
 with the `gguf` package) by dequantizing every tensor, but the object it
-returns refuses `save_pretrained`. `model_dir(arg)` therefore rebuilds the
+returns refuses `save_pretrained`. `convert` therefore rebuilds the
 same class from the file's config, loads the dequantized tensors into it in
 fp32 (exact: every quantized value is a scale times an integer plus an
 offset, representable in fp32) and writes a model directory with the
-tokenizer, its chat template and the generation config. It does this once per
-file content, in the xft cache (`artifacts.cache_root() / "gguf"`, keyed by
+tokenizer, its chat template and the generation config. `resolve_model` (the
+one rule for model arguments, `xft.artifacts`) does this once per file
+content, in the xft cache (`cache_root() / "gguf" / cache_name(file)`, keyed by
 the file's SHA-256), and atomically; every later use is a directory lookup.
 A command's `--dtype` or precision then applies as for any checkpoint (fp32 →
 bf16 rounds once, as dequantizing straight to bf16 would).
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 from xft.errors import UserError
@@ -62,18 +62,10 @@ def gguf_file(arg: str) -> Path:
     return found[0]
 
 
-def model_dir(arg: str) -> str:
-    """The model directory converted from the GGUF file that `arg` names (converted now if not cached)."""
-    from xft.artifacts import atomic_dir, cache_root
-
-    path = gguf_file(arg)
+def cache_name(path: Path) -> str:
+    """The name of the converted checkpoint of GGUF file `path` in the cache: its stem and content hash."""
     _check_magic(path)
-    target = cache_root() / "gguf" / f"{path.stem}-{_sha256(path)[:16]}"
-    if not (target / "config.json").is_file():
-        print(f"xft: converting {path} to a checkpoint in {target} (once per file)", file=sys.stderr)
-        with atomic_dir(str(target)) as tmp:
-            convert(path, tmp)
-    return str(target)
+    return f"{path.stem}-{_sha256(path)[:16]}"
 
 
 def read_config(arg: str) -> dict:
