@@ -58,6 +58,22 @@ def registry(module: str, name: str):
     return lambda: tuple(getattr(importlib.import_module(module), name))
 
 
+def registry_value(read, base=str):
+    """argparse `type` of a registry setting: `base(text)`, checked against the registry `read()` returns.
+
+    The registries live with the torch code they name; reading them while building a
+    parser would make every `--help` import torch (~2 s), and argparse reads any
+    `choices` to format help. A `type` runs only when the flag is given.
+    """
+    def convert(text):
+        value, allowed = base(text), tuple(read())
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"invalid choice {value!r}; choose from {', '.join(map(str, allowed))}")
+        return value
+    convert.__name__ = base.__name__  # argparse names the type in its own messages
+    return convert
+
+
 def choices_of(f: dataclasses.Field) -> tuple | None:
     """The allowed values of field `f` (a registry is read now), or None if any value of its type goes."""
     choices = f.metadata.get("choices")
@@ -696,8 +712,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
                                 help=f"{help_} (default: {'on' if default else 'off'})")
             continue
         default = slot.field.default
-        choices = choices_of(slot.field)
-        group.add_argument(flag, type=_base_type(slot.type), default=argparse.SUPPRESS, choices=choices,
+        choices, kind = slot.field.metadata.get("choices"), _base_type(slot.type)
+        if callable(choices):  # a registry: read when the flag is given, not for --help
+            choices, kind = None, registry_value(choices, kind)
+        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices,
                             required=name in required, metavar=None if choices else name.upper(),
                             help=help_ + ("" if default in (None, MISSING) else f" (default: {default})"))
 
