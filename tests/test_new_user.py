@@ -1,0 +1,59 @@
+"""What a new user hit (issue 23), each through the command they ran: threads, config.json types, Trainer
+names, the reporting backend, "another command", run summaries, model cards, MoEs in plain transformers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_train import FAST, make_workspace
+from xft.cli import main as cli
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("ws"))
+
+
+@pytest.fixture
+def threads():
+    """Restore torch's thread count after a test that sets it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The one error line a failed `xft COMMAND` printed (asserted to be one line, no traceback)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"xft {command}: error: "), err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- --threads
+
+@pytest.mark.parametrize("command", ["upcycle", "train", "merge", "eval"])
+def test_every_command_that_runs_a_model_takes_threads(command, capsys):
+    from xft.cli import build_parser
+
+    args = build_parser(command).parse_args([command, "m", "--out", "o", "--threads", "1"]
+                                            + {"eval": ["--benchmark", "humaneval"], "train": ["--data", "d"]}.get(command, []))
+    assert args.threads == 1
+
+
+def test_threads_are_set_before_the_model_runs(ws, tmp_path, threads):
+    torch.set_num_threads(2)
+    assert cli(["upcycle", str(ws / "llama"), "--out", str(tmp_path / "moe"), "--num-experts", "4",
+                "--top-k", "2", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == 1
+
+
+def test_threads_below_one_is_refused_before_anything_is_written(ws, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(["train", str(ws / "llama"), "--data", str(ws / "data.jsonl"), "--out", str(out),
+                "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in one_line_error(capsys, "train") and not out.exists()
