@@ -57,3 +57,36 @@ def test_threads_below_one_is_refused_before_anything_is_written(ws, tmp_path, c
     assert cli(["train", str(ws / "llama"), "--data", str(ws / "data.jsonl"), "--out", str(out),
                 "--threads", "0"]) == 2
     assert "--threads must be at least 1" in one_line_error(capsys, "train") and not out.exists()
+
+
+# ---------------------------------------------------------------- other tools' names
+
+@pytest.mark.parametrize("command", ["train", "merge"])
+def test_trainer_names_at_the_command_say_which_flag_is_meant(command, capsys):
+    from xft.config import ALIASES
+
+    for name in ("learning_rate", "num_train_epochs", "per_device_train_batch_size",
+                 "gradient_accumulation_steps"):
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(SystemExit) as e:  # as argparse exits on its usage errors
+            cli([command, "m", "--data", "d", "--out", "o", flag, "2"])
+        assert e.value.code == 2
+        meant = "--" + ALIASES[name].replace("_", "-")
+        assert f"unknown option {flag} (did you mean {meant}?)" in one_line_error(capsys, command)
+
+
+def test_every_alias_names_a_setting_or_flag_that_exists():
+    from xft.config import ALIASES, DecodingConfig, MergeConfig, SFTConfig, UpcycleConfig, flat_settings
+
+    known = set().union(*(flat_settings(c) for c in (SFTConfig, MergeConfig, DecodingConfig, UpcycleConfig)))
+    assert set(ALIASES.values()) <= known | {"model", "eval_data"}, set(ALIASES.values()) - known
+
+
+def test_trainer_names_in_set_say_which_key_is_meant():
+    from xft.errors import UserError
+    from xft.pipeline import load_recipe
+
+    with pytest.raises(UserError, match=r"unknown recipe key train\.learning_rate \(did you mean 'lr'\?\)"):
+        load_recipe("minicode", ["train.learning_rate=1e-5"])
+    with pytest.raises(UserError, match=r"merge\.gradient_accumulation_steps \(did you mean 'grad_accum'\?\)"):
+        load_recipe("minicode", ["merge.gradient_accumulation_steps=4"])

@@ -616,10 +616,45 @@ def type_name(tp) -> str:
     return " or ".join(type_name(a) for a in args) if args else getattr(tp, "__name__", str(tp))
 
 
+# What other tools call xft's settings (transformers' TrainingArguments, TRL, MoE configs) -> the flat setting.
+# The one table behind "did you mean" for flags (`--learning-rate`), recipe keys and `--set train.learning_rate`.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
+    "per_device_eval_batch_size": "micro_batch_size", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "lr_scheduler", "optim": "optimizer",
+    "warmup_ratio": "warmup_steps", "output_dir": "out", "model_name_or_path": "model",
+    "dataset_name": "data", "dataset_path": "data", "train_file": "data", "validation_file": "eval_data",
+    "eval_dataset": "eval_data", "max_seq_length": "max_length", "dataset_text_field": "text_field",
+    "bf16": "precision", "fp16": "precision", "eval_strategy": "eval_steps", "evaluation_strategy": "eval_steps",
+    "save_strategy": "save_steps", "logging_strategy": "logging_steps", "overwrite_output_dir": "overwrite",
+    "num_local_experts": "num_experts", "n_routed_experts": "num_experts", "num_experts_per_tok": "top_k",
+    "router_aux_loss_coef": "balance_loss_weight", "aux_loss_coef": "balance_loss_weight",
+    "dataloader_num_workers": "num_workers", "max_new_token": "max_new_tokens", "num_samples": "n_samples",
+}
+
+
+def closest_name(name: str, known) -> str | None:
+    """The setting among `known` that `name` means: another tool's name for it (`ALIASES`) or a near miss."""
+    known = list(known)
+    alias = ALIASES.get(name.replace("-", "_"))
+    if alias in known:
+        return alias
+    match = difflib.get_close_matches(name, known, n=1)
+    return match[0] if match else None
+
+
 def closest(name: str, known) -> str:
-    """" (did you mean 'x'?)" for a near miss of `name` among `known`, else ""."""
-    match = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    """" (did you mean 'x'?)" for what `name` may mean among `known` (`closest_name`), else ""."""
+    match = closest_name(name, known)
+    return f" (did you mean {match!r}?)" if match else ""
+
+
+def suggest_option(option: str, options) -> str:
+    """" (did you mean --lr?)" for an unknown command-line `option` (`--learning-rate[=X]`) among a command's
+    `options`, else ""."""
+    names = {o.lstrip("-").replace("-", "_"): o for o in options if o.startswith("--")}
+    match = closest_name(option.split("=", 1)[0].lstrip("-").replace("-", "_"), names)
+    return f" (did you mean {names[match]}?)" if match else ""
 
 
 def check_flat(cls, values: dict, where: str = "", skip=frozenset(), what: str = "setting") -> dict:
