@@ -90,3 +90,30 @@ def test_trainer_names_in_set_say_which_key_is_meant():
         load_recipe("minicode", ["train.learning_rate=1e-5"])
     with pytest.raises(UserError, match=r"merge\.gradient_accumulation_steps \(did you mean 'grad_accum'\?\)"):
         load_recipe("minicode", ["merge.gradient_accumulation_steps=4"])
+
+
+# ---------------------------------------------------------------- config.json
+
+@pytest.fixture(scope="module")
+def bad_config_model(ws):
+    """The tiny Llama with `"hidden_size": "sixty-four"` in its config.json."""
+    import shutil
+
+    bad = ws / "bad_config"
+    if not bad.exists():
+        shutil.copytree(ws / "llama", bad)
+        config = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**config, "hidden_size": "sixty-four"}))
+    return bad
+
+
+@pytest.mark.parametrize("argv", [["upcycle"], ["train", "--data", "DATA"], ["merge", "--method", "uniform"],
+                                  ["eval", "--benchmark", "minicode", "--limit", "1"]])
+def test_a_config_value_of_the_wrong_type_is_one_line_naming_file_and_field(ws, bad_config_model, tmp_path,
+                                                                             argv, capsys):
+    argv = [a.replace("DATA", str(ws / "data.jsonl")) for a in argv]
+    out = tmp_path / "out"
+    assert cli([argv[0], str(bad_config_model), *argv[1:], "--out", str(out)]) == 2
+    line = one_line_error(capsys, argv[0])
+    assert f"{bad_config_model / 'config.json'}: field 'hidden_size'" in line and "'sixty-four'" in line
+    assert not out.exists()

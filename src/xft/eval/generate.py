@@ -62,13 +62,12 @@ class RowSampler:
 def load_model(path: str, dtype: str | None = None, device: str | None = None):
     """(model, tokenizer) from a model directory, a finished xft run or a hub id; dense or xft MoE."""
     import xft
-    from transformers import AutoTokenizer
-
     from xft.artifacts import resolve_model
+    from xft.checkpoint import load_tokenizer
 
     path = resolve_model(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)  # checks config.json first (a field of the wrong type: one line)
         model = xft.load(path, dtype=dtype, device=device)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None

@@ -20,9 +20,9 @@ from dataclasses import asdict
 import torch
 from accelerate import PartialState
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import AutoTokenizer
 
 from xft.artifacts import atomic_write_text
+from xft.checkpoint import load_tokenizer  # noqa: F401  (the stages load their tokenizer through it)
 from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.training import rundir
@@ -33,14 +33,6 @@ from xft.training.trainer import (
 
 # A warm-up longer than this share of the run leaves little of it at the full learning rate.
 WARMUP_WARN_SHARE = 0.5
-
-
-def load_tokenizer(path: str):
-    """The tokenizer saved with model `path`; UserError if there is none."""
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
 
 
 def prepare_data(cfg, tokenizer):
