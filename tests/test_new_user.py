@@ -117,3 +117,43 @@ def test_a_config_value_of_the_wrong_type_is_one_line_naming_file_and_field(ws, 
     line = one_line_error(capsys, argv[0])
     assert f"{bad_config_model / 'config.json'}: field 'hidden_size'" in line and "'sixty-four'" in line
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- --report-to
+
+BROKEN_PROTOBUF = "from google.protobuf import runtime_version_of_a_newer_protobuf  # as tensorboard's generated code\n"
+
+
+def test_a_reporting_backend_that_does_not_import_is_one_line_before_anything_loads(ws, tmp_path):
+    """tensorboard installed over a protobuf too old for it (what installing evalplus did): its generated
+    protobuf modules fail to import, which `import tensorboard` alone does not show."""
+    proto = tmp_path / "site" / "tensorboard" / "compat" / "proto"
+    proto.mkdir(parents=True)
+    for d in (proto, proto.parent, proto.parent.parent):
+        (d / "__init__.py").write_text("")
+    (proto / "event_pb2.py").write_text(BROKEN_PROTOBUF)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run([sys.executable, "-m", "xft.cli", "train", str(ws / "llama"), "--data",
+                           str(ws / "data.jsonl"), "--out", str(out), "--report-to", "tensorboard"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--report-to tensorboard: tensorboard is installed but does not import" in proc.stderr
+    assert "pip install -U tensorboard protobuf" in proc.stderr and not out.exists()
+
+
+def test_a_start_that_did_no_work_does_not_make_the_corrected_command_another_command(tmp_path):
+    from xft.config import SFTConfig
+    from xft.errors import UserError
+    from xft.training import rundir
+
+    failed = SFTConfig(model="m", data="d.jsonl", out=str(tmp_path / "run"), report_to="none", lr=1e-3)
+    rundir.start(rundir.prepare(failed.out, failed, "sft").run, failed, "sft")  # then it died: no checkpoint
+    fixed = SFTConfig(model="m", data="d.jsonl", out=failed.out, lr=2e-3)
+    plan = rundir.prepare(fixed.out, fixed, "sft")
+    assert not plan.done and plan.resume is None
+    rundir.start(plan.run, fixed, "sft")
+    assert plan.run.read_record()["lr"] == 2e-3  # the corrected command is the run's command now
+    os.makedirs(os.path.join(fixed.out, "checkpoint-1"))  # once it has done work, other settings are refused
+    with pytest.raises(UserError, match="interrupted run with other settings"):
+        rundir.prepare(failed.out, failed, "sft")

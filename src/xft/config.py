@@ -490,9 +490,11 @@ class MergeConfig(TrainConfig):
                                    warmup_steps=self.distill_warmup_steps)
 
 
-# `report_to` integration -> (modules any one of which makes it work, pip package to install).
+# `report_to` integration -> (modules any one of which makes it work, pip package to install). TensorBoard's
+# module is one of its generated protobuf files: `import tensorboard` succeeds with a protobuf too old for it
+# (as installing evalplus leaves it), and the writer would fail only once the model is loaded.
 INTEGRATIONS = {
-    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "tensorboard": (("tensorboard.compat.proto.event_pb2", "tensorboardX"), "tensorboard"),
     "wandb": (("wandb",), "wandb"),
     "mlflow": (("mlflow",), "mlflow"),
     "comet_ml": (("comet_ml",), "comet-ml"),
@@ -515,13 +517,12 @@ def report_targets(report_to: str) -> list[str]:
 
 
 def check_report_to(report_to: str) -> None:
-    """ConfigError unless every integration in `report_to` is known and its package importable.
+    """ConfigError unless every integration in `report_to` is known and its package imports.
 
     Checked before anything is loaded: transformers would fail with a traceback
-    once the model is built.
+    once the model is built. An installed package that does not import (a
+    dependency too old or too new for it) is named with the import's error.
     """
-    import importlib.util
-
     for name in report_targets(report_to):
         if name == "all":
             continue
@@ -529,8 +530,28 @@ def check_report_to(report_to: str) -> None:
             raise ConfigError(f"unknown --report-to {name!r}; choose none, all or one or more (comma-separated) "
                               f"of {', '.join(INTEGRATIONS)}")
         modules, package = INTEGRATIONS[name]
-        if not any(importlib.util.find_spec(m) for m in modules):
+        errors = [e for e in map(_import_error, modules) if e != "absent"]
+        if not errors:
             raise ConfigError(f"--report-to {name} needs the {package} package: pip install {package}")
+        if None not in errors:
+            also = " protobuf" if "protobuf" in errors[0].lower() else ""
+            raise ConfigError(f"--report-to {name}: {package} is installed but does not import ({errors[0]}); "
+                              f"pip install -U {package}{also}")
+
+
+def _import_error(module: str) -> str | None:
+    """None if `module` imports, "absent" if it is not installed, else the error's first line."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module) is None:
+            return "absent"
+        importlib.import_module(module)
+        return None
+    except ModuleNotFoundError as e:
+        return "absent" if e.name and module.startswith(e.name) else f"{type(e).__name__}: {e}".splitlines()[0]
+    except Exception as e:  # any failure of a third-party import: ImportError, TypeError from protobuf, ...
+        return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
 # ---------------------------------------------------------------- the bridge: flat settings

@@ -108,6 +108,12 @@ class RunDir:
                 continue  # killed while saving: skip it
         return None
 
+    def has_progress(self) -> bool:
+        """Whether the run did any work worth keeping: a checkpoint, a model, a distillation. A run file
+        alone (a start that failed, e.g. on a missing package) records nothing another command could lose."""
+        return bool(self.checkpoint_dirs()) or os.path.isfile(os.path.join(self.root, MODEL_CONFIG)) \
+            or os.path.isdir(os.path.join(self.root, DISTILL))
+
     def incomplete_checkpoints(self) -> list[str]:
         """Checkpoint folders newer than the last complete one (a save that was cut off)."""
         last = self.last_checkpoint()
@@ -177,6 +183,8 @@ def claim(root: str, record: dict, overwrite: bool = False, defaults: dict | Non
             raise UserError(f"{root} already holds the finished model of another command ({'; '.join(diff[:4])}); "
                             "pass --overwrite to replace it, or choose another --out")
         return Plan(run, done=True)
+    if diff and not run.has_progress():
+        return Plan(run)  # `begin` records the new command over the failed start's
     if diff:
         raise UserError(f"{root} holds an interrupted run with other settings ({'; '.join(diff[:4])}); "
                         "re-run the same command to resume it, or pass --overwrite to start over")
@@ -212,7 +220,7 @@ def begin(run: RunDir, record: dict, overwrite: bool = False) -> None:
         for path in run.incomplete_checkpoints():
             shutil.rmtree(path, ignore_errors=True)
     os.makedirs(run.root, exist_ok=True)
-    if not os.path.isfile(run.run_file):
+    if not os.path.isfile(run.run_file) or not run.has_progress():
         atomic_write_json(run.run_file, record)
 
 
