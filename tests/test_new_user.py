@@ -157,3 +157,61 @@ def test_a_start_that_did_no_work_does_not_make_the_corrected_command_another_co
     os.makedirs(os.path.join(fixed.out, "checkpoint-1"))  # once it has done work, other settings are refused
     with pytest.raises(UserError, match="interrupted run with other settings"):
         rundir.prepare(failed.out, failed, "sft")
+
+
+# ---------------------------------------------------------------- "another command"
+
+def _started(cfg, stage: str, finished: bool = False):
+    """`cfg`'s run directory as a run that did work: a checkpoint, and with `finished` its model."""
+    from xft.training import rundir
+
+    rundir.start(rundir.RunDir(cfg.out), cfg, stage)
+    os.makedirs(os.path.join(cfg.out, "checkpoint-1"))
+    if finished:
+        open(os.path.join(cfg.out, "config.json"), "w").write("{}")
+
+
+def test_the_refusal_counts_every_differing_setting(tmp_path):
+    from xft.config import SFTConfig
+    from xft.errors import UserError
+    from xft.training import rundir
+
+    base = dict(model="m", data="d.jsonl", out=str(tmp_path / "run"))
+    _started(SFTConfig(**base), "sft")
+    few = dict(lr=1e-3, epochs=2.0, warmup_steps=3)
+    with pytest.raises(UserError) as e:
+        rundir.prepare(base["out"], SFTConfig(**base, **few), "sft")
+    assert all(f"{k}: " in str(e.value) for k in few) and "more" not in str(e.value)
+    many = dict(few, weight_decay=0.1, max_grad_norm=1.0, batch_size=32, seed=1, optimizer="adamw_torch",
+                lr_scheduler="cosine", max_steps=5, ewa_share_rate=0.5)
+    with pytest.raises(UserError) as e:
+        rundir.prepare(base["out"], SFTConfig(**base, **many), "sft")
+    shown = [k for k in many if f"{k}: " in str(e.value)]
+    assert len(shown) == rundir.SHOWN_DIFFERENCES
+    assert f"and {len(many) - rundir.SHOWN_DIFFERENCES} more" in str(e.value)
+
+
+def test_another_subcommands_output_is_named_as_such(tmp_path):
+    from xft.config import MergeConfig, SFTConfig
+    from xft.errors import UserError
+    from xft.training import rundir
+
+    out = str(tmp_path / "merged")
+    _started(MergeConfig(moe="moe", out=out, method="uniform"), "merge", finished=True)
+    with pytest.raises(UserError) as e:
+        rundir.prepare(out, SFTConfig(model="m", data="d.jsonl", out=out), "sft")
+    assert "holds the finished model of `xft merge`, not of `xft train`" in str(e.value)
+    assert "method" not in str(e.value) and "->" not in str(e.value)  # no irrelevant settings
+
+
+def test_eval_into_a_model_directory_never_suggests_an_overwrite_it_would_refuse(tmp_path):
+    from xft.errors import UserError
+    from xft.eval.evaluate import check_out
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for overwrite in (False, True):
+        with pytest.raises(UserError) as e:
+            check_out(str(model), overwrite=overwrite)
+        assert "is a model directory" in str(e.value) and "--overwrite" not in str(e.value)

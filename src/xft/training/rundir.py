@@ -177,18 +177,35 @@ def claim(root: str, record: dict, overwrite: bool = False, defaults: dict | Non
                         "choose a new or empty --out")
     if overwrite:
         return Plan(run)
-    diff = list(settings_diff({**(defaults or {}), **run.read_record()}, record, NON_SEMANTIC | RECORD_ONLY).values())
-    if run.is_finished():
-        if diff:
-            raise UserError(f"{root} already holds the finished model of another command ({'; '.join(diff[:4])}); "
-                            "pass --overwrite to replace it, or choose another --out")
-        return Plan(run, done=True)
-    if diff and not run.has_progress():
+    recorded = run.read_record()
+    diff = list(settings_diff({**(defaults or {}), **recorded}, record, NON_SEMANTIC | RECORD_ONLY).values())
+    if diff and not run.is_finished() and not run.has_progress():
         return Plan(run)  # `begin` records the new command over the failed start's
     if diff:
-        raise UserError(f"{root} holds an interrupted run with other settings ({'; '.join(diff[:4])}); "
-                        "re-run the same command to resume it, or pass --overwrite to start over")
-    return Plan(run, run.last_checkpoint())
+        raise UserError(refusal(root, recorded, record, diff, run.is_finished()))
+    return Plan(run, done=True) if run.is_finished() else Plan(run, run.last_checkpoint())
+
+
+# The command that writes each stage's run directory (its record's "stage").
+COMMANDS = {"sft": "train", "merge": "merge", "upcycle": "upcycle"}
+SHOWN_DIFFERENCES = 8  # a refusal lists this many differing settings, then says how many more
+
+
+def refusal(root: str, recorded: dict, record: dict, diff: list[str], finished: bool) -> str:
+    """Why `record`'s command may not use `root`, which holds `recorded`'s output: another subcommand's
+    output (named, not its settings), or the settings that differ, every one of them counted."""
+    what = "the finished model" if finished else "an interrupted run"
+    fix = "pass --overwrite to replace it, or choose another --out" if finished else \
+        "re-run the same command to resume it, or pass --overwrite to start over"
+    old, new = (COMMANDS.get(r.get("stage"), r.get("stage")) for r in (recorded, record))
+    if old != new:
+        return (f"{root} holds {what} of `xft {old}`, not of `xft {new}`: choose another --out (or pass "
+                f"--overwrite to replace it)")
+    shown = "; ".join(diff[:SHOWN_DIFFERENCES])
+    more = f"; and {len(diff) - SHOWN_DIFFERENCES} more" if len(diff) > SHOWN_DIFFERENCES else ""
+    if finished:
+        return f"{root} already holds the finished model of another command ({shown}{more}); {fix}"
+    return f"{root} holds an interrupted run with other settings ({shown}{more}); {fix}"
 
 
 def already_done(run: RunDir, command: str) -> str:
