@@ -215,3 +215,30 @@ def test_eval_into_a_model_directory_never_suggests_an_overwrite_it_would_refuse
         with pytest.raises(UserError) as e:
             check_out(str(model), overwrite=overwrite)
         assert "is a model directory" in str(e.value) and "--overwrite" not in str(e.value)
+
+
+# ---------------------------------------------------------------- what the saved models say
+
+@pytest.fixture(scope="module")
+def upcycled(ws):
+    assert cli(["upcycle", str(ws / "llama"), "--out", str(ws / "moe"), "--num-experts", "4", "--top-k", "2"]) == 0
+    return ws / "moe"
+
+
+def _config(directory) -> dict:
+    return json.loads((directory / "config.json").read_text())
+
+
+def test_trained_and_merged_models_keep_the_base_models_use_cache(ws, upcycled, tmp_path):
+    """Trainer turns `use_cache` off while it trains; the saved models must generate with the cache as the base."""
+    from xft.config import MergeConfig, SFTConfig
+    from xft.training import learn_merge, train_sft
+
+    base = _config(ws / "llama").get("use_cache", True)
+    data = str(ws / "data.jsonl")
+    dense = train_sft(SFTConfig(model=str(ws / "llama"), data=data, out=str(tmp_path / "sft"), max_steps=1,
+                                gradient_checkpointing=True, **FAST))
+    merged = learn_merge(MergeConfig(moe=str(upcycled), data=data, out=str(tmp_path / "merged"), max_steps=1,
+                                     **FAST))
+    for out in (dense, merged):
+        assert _config(tmp_path / os.path.basename(out))["use_cache"] == base, out
