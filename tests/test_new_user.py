@@ -242,3 +242,34 @@ def test_trained_and_merged_models_keep_the_base_models_use_cache(ws, upcycled, 
                                      **FAST))
     for out in (dense, merged):
         assert _config(tmp_path / os.path.basename(out))["use_cache"] == base, out
+
+
+def _card_lines(directory, prefix: str) -> list[str]:
+    return [line for line in (directory / "README.md").read_text().splitlines() if line.startswith(prefix)]
+
+
+def test_cards_name_paths_any_reader_can_follow_and_a_merge_names_the_original_base(ws, tmp_path, monkeypatch):
+    """Relative paths given by the caller are absolute in the cards; a merge of an MoE names the dense model the
+    MoE was upcycled from as its base, not the MoE."""
+    monkeypatch.chdir(ws)  # the user's directory: every path below is relative to it
+    rel_out = os.path.relpath(tmp_path, ws)
+    assert cli(["upcycle", "llama", "--out", f"{rel_out}/moe", "--num-experts", "4", "--top-k", "2"]) == 0
+    assert cli(["merge", f"{rel_out}/moe", "--out", f"{rel_out}/merged", "--method", "uniform"]) == 0
+    for out in ("moe", "merged"):
+        assert _card_lines(tmp_path / out, "- base model: ") == [f"- base model: `{ws / 'llama'}`"], out
+    assert _card_lines(tmp_path / "merged", "- made from: ") == [f"- made from: `{tmp_path / 'moe'}`"]
+    assert f'from_pretrained("{tmp_path / "merged"}")' in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_what_plain_transformers_says_of_an_moe_is_answered_by_its_card_and_config(upcycled):
+    """In a process without xft, transformers refuses the MoE with advice to upgrade it; the directory's card
+    (what a user or the Hub shows beside it) names that refusal and the loader, as config.json's note does."""
+    from xft.modelcard import MOE_NOTE
+
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(upcycled)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert proc.returncode != 0 and "model type `xft_moe`" in proc.stderr
+    card = (upcycled / "README.md").read_text()
+    assert "does not recognize the model type `xft_moe`" in card and "upgrading transformers" in card
+    assert MOE_NOTE in card and _config(upcycled)["xft_note"] == MOE_NOTE
+    assert f'xft.load("{upcycled}")' in card
