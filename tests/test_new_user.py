@@ -273,3 +273,17 @@ def test_what_plain_transformers_says_of_an_moe_is_answered_by_its_card_and_conf
     assert "does not recognize the model type `xft_moe`" in card and "upgrading transformers" in card
     assert MOE_NOTE in card and _config(upcycled)["xft_note"] == MOE_NOTE
     assert f'xft.load("{upcycled}")' in card
+
+
+# ---------------------------------------------------------------- eval's per-task errors
+
+def test_an_answer_without_the_function_is_reported_as_such_and_its_own_errors_as_they_are():
+    from xft.eval import evaluate, load_benchmark
+
+    task = next(iter(load_benchmark("humaneval").tasks.values()))  # HumanEval/0: has_close_elements
+    samples = [{"task_id": task.task_id, "solution": "x = 1\n"}]
+    ev = evaluate(None, "humaneval", None, samples=samples, partial=True, workers=1)
+    assert ev.tasks[task.task_id]["error"] == f"the answer does not define {task.entry_point}"
+    own = [{"task_id": task.task_id, "solution": f"def {task.entry_point}(*a):\n    return {{}}['k']\n"}]
+    ev = evaluate(None, "humaneval", None, samples=own, partial=True, workers=1)
+    assert ev.tasks[task.task_id]["error"].startswith("KeyError")  # the program's own KeyError stays one
