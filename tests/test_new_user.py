@@ -287,3 +287,56 @@ def test_an_answer_without_the_function_is_reported_as_such_and_its_own_errors_a
     own = [{"task_id": task.task_id, "solution": f"def {task.entry_point}(*a):\n    return {{}}['k']\n"}]
     ev = evaluate(None, "humaneval", None, samples=own, partial=True, workers=1)
     assert ev.tasks[task.task_id]["error"].startswith("KeyError")  # the program's own KeyError stays one
+
+
+# ---------------------------------------------------------------- --expert-impl and the sandbox level everywhere
+
+@pytest.mark.parametrize("command,config", [("train", "SFTConfig"), ("merge", "MergeConfig"),
+                                            ("eval", "DecodingConfig"), ("upcycle", "UpcycleConfig")])
+def test_every_command_that_runs_a_model_takes_expert_impl_from_its_config(command, config):
+    import xft.config
+    from xft.cli import build_parser
+    from xft.config import from_args
+
+    extra = {"eval": ["--benchmark", "humaneval"], "train": ["--data", "d"], "merge": ["--method", "uniform"]}
+    args = build_parser(command).parse_args([command, "m", "--out", "o", "--expert-impl", "generic",
+                                             *extra.get(command, [])])
+    assert from_args(getattr(xft.config, config), args).expert_impl == "generic"
+
+
+def test_expert_impl_of_a_run_that_upcycles_is_the_upcycled_moes():
+    from xft.config import SFTConfig, UpcycleConfig
+
+    cfg = SFTConfig(model="m", data="d", out="o", upcycle=UpcycleConfig(), expert_impl="generic")
+    assert cfg.upcycle.expert_impl == "generic"
+
+
+def test_recipes_set_expert_impl_and_the_sandbox_level_and_bad_values_are_caught_before_any_stage():
+    from xft.errors import UserError
+    from xft.pipeline import load_recipe
+    from xft.pipeline.preflight import _check_benchmarks
+    from xft.pipeline.recipe import section_settings
+
+    recipe = load_recipe("minicode", ["train.expert_impl=generic", "merge.expert_impl=fast",
+                                      "eval.expert_impl=generic", "eval.sandbox=rlimits"])
+    assert section_settings(recipe, "moe")["expert_impl"] == "generic"
+    assert section_settings(recipe, "merge")["expert_impl"] == "fast"
+    assert (recipe.eval.expert_impl, recipe.eval.sandbox) == ("generic", "rlimits")
+    with pytest.raises(UserError, match=r"eval: sandbox='bogus'; expected one of auto, .*rlimits"):
+        _check_benchmarks(load_recipe("minicode", ["eval.sandbox=bogus"]))
+
+
+def test_a_trained_moe_runs_with_the_kernel_asked_for_and_keeps_its_results(ws, upcycled, tmp_path):
+    """The kernel changes speed, not results: the same MoE trained with the generic kernel (any FFN, through
+    torch.func) reaches the weights the fast kernel reaches; the run records the kernel it used."""
+    from safetensors.torch import load_file
+
+    from xft.config import SFTConfig
+    from xft.training import train_sft
+
+    runs = {impl: train_sft(SFTConfig(model=str(upcycled), data=str(ws / "data.jsonl"), out=str(tmp_path / impl),
+                                      max_steps=2, lr=1e-2, expert_impl=impl, **FAST)) for impl in ("fast", "generic")}
+    a, b = (load_file(os.path.join(run, "model.safetensors")) for run in runs.values())
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    record = json.loads((tmp_path / "generic" / "xft_training.json").read_text())
+    assert record["config"]["expert_impl"] == "generic"

@@ -80,9 +80,18 @@ def choices_of(f: dataclasses.Field) -> tuple | None:
     return tuple(choices()) if callable(choices) else choices
 
 
+def setting_of(cls, name: str):
+    """A fresh field declaring what setting `name` of config class `cls` declares (default, help, choices):
+    for a place that offers the same setting under its own section (a recipe's `eval`)."""
+    f = cls.__dataclass_fields__[name]
+    return setting(f.default, f.metadata["help"], choices=f.metadata["choices"])
+
+
 def _check_choices(config) -> None:
     for f in fields(config):
         allowed = choices_of(f)
+        if getattr(config, f.name) is None and f.default is None:
+            continue  # an optional setting left unset (e.g. expert_impl: the model's own)
         if allowed is not None and getattr(config, f.name) not in allowed:
             raise ConfigError(f"{f.name}={getattr(config, f.name)!r}; expected one of {', '.join(map(str, allowed))}")
 
@@ -270,6 +279,32 @@ class DataConfig:
             raise ConfigError(f"subset must be a fraction in (0, 1] or a record count, got {self.subset}")
 
 
+# ---------------------------------------------------------------- running a model
+
+def _expert_impl_override():
+    """The `expert_impl` setting of every command that runs a model (train, merge, eval; upcycle records it)."""
+    return setting(None, "expert kernel of an MoE for this run: fast, grouped_mm, generic or auto (default: the one "
+                         "its config.json records; see xft upcycle --expert-impl); changes speed, not results",
+                   choices=registry("xft.moe", "EXPERT_IMPLS"))
+
+
+def sandbox_levels() -> tuple[str, ...]:
+    """`auto` (the strongest level this machine has) and the sandbox's levels (xft.eval.sandbox.LEVELS)."""
+    return ("auto", *importlib.import_module("xft.eval.sandbox").LEVELS)
+
+
+@dataclass
+class ExecutionConfig:
+    """How `xft eval` runs the answers' tests."""
+
+    sandbox: str = setting("auto", "isolation level of the sandbox the tests run in: auto (the strongest "
+                                   "available), namespaces, userns or rlimits (docs/evaluation.md)",
+                           choices=sandbox_levels)
+
+    def __post_init__(self):
+        _check_choices(self)
+
+
 # ---------------------------------------------------------------- evaluation
 
 @dataclass
@@ -289,6 +324,7 @@ class DecodingConfig:
     seed: int = setting(0, "sampling seed")
     backend: str = setting("hf", "hf: transformers generate; vllm: vLLM (GPU, dense models, optional extra)",
                            choices=("hf", "vllm"))
+    expert_impl: str | None = _expert_impl_override()
 
     def __post_init__(self):
         self.validate()
@@ -350,6 +386,7 @@ class TrainConfig:
     keep_checkpoints: bool = setting(False, "keep OUT/checkpoint-N after the run finishes (default: delete them)")
     overwrite: bool = setting(False, "replace the output of another command in OUT instead of stopping")
     progress: bool = setting(True, "show progress bars and the end-of-run summary")
+    expert_impl: str | None = _expert_impl_override()
 
     def __post_init__(self):
         if isinstance(self.data, (str, bytes)) or hasattr(self.data, "__fspath__"):
@@ -395,6 +432,8 @@ class SFTConfig(TrainConfig):
             self.upcycle = None
         if self.upcycle is not None:
             self.upcycle.seed = self.seed  # the routers' init follows the run's seed
+            if self.expert_impl is not None:  # one --expert-impl: the run's kernel is the upcycled MoE's
+                self.upcycle.expert_impl = self.expert_impl
         super().__post_init__()
 
     def validate(self) -> None:

@@ -32,6 +32,7 @@ import yaml
 from xft import recipes
 from xft.config import (
     MergeConfig, SFTConfig, UpcycleConfig, coerce, type_ok, check_flat, closest, flat_settings, setting, type_name,
+    DecodingConfig, ExecutionConfig, setting_of,
 )
 from xft.errors import UserError
 from xft.pipeline.methods import METHODS, PAPER_METHODS  # the models a recipe can produce, in report order
@@ -111,6 +112,8 @@ class EvalSection:
     workers: int | None = setting(None, "parallel sandboxed test runs (default: the CPU count)")
     data: dict = setting({}, "benchmark name -> data file, for benchmarks that are not bundled (EvalPlus), e.g. "
                         "--set eval.data.mbpp+=MbppPlus.jsonl.gz (mbpp reads the mbpp+ file unless given its own)")
+    expert_impl: str | None = setting_of(DecodingConfig, "expert_impl")  # as xft eval --expert-impl
+    sandbox: str = setting_of(ExecutionConfig, "sandbox")  # as xft eval --sandbox
 
 
 @dataclass

@@ -155,7 +155,7 @@ def load_inputs(cfg: MergeConfig) -> Inputs:
         splits, collator, warning = prepare_merge_data(cfg, tokenizer)
     dtype, mixed = resolve_precision(cfg.precision)
     transformers.set_seed(cfg.seed)
-    moe = xft.load(path, dtype=dtype)
+    moe = xft.load(path, dtype=dtype, expert_impl=cfg.expert_impl)
     batches = gap_batches(cfg, splits, tokenizer)
     gap = before_merge(moe, batches)  # before the merge model takes the MoE's modules over
     return Inputs(path, tokenizer, moe, dict(moe.config.xft), dtype, mixed, splits, collator, warning, batches, gap)
@@ -221,7 +221,7 @@ def distill(cfg: MergeConfig, inputs: Inputs, merged: Merged, run: rundir.RunDir
     """
     if inputs.moe is None:
         release(merged.trainer)
-        inputs.moe = xft.load(inputs.path, dtype=inputs.dtype)
+        inputs.moe = xft.load(inputs.path, dtype=inputs.dtype, expert_impl=cfg.expert_impl)
     sub = rundir.RunDir(os.path.join(run.root, rundir.DISTILL))
     resume = sub.last_checkpoint()
     trainer, _, seconds = run_trainer(merged.dense, cfg.distill_config(), sub, resume, inputs.splits,

@@ -49,7 +49,8 @@ STAGING = ".final.tmp"  # where the finished model is written before `publish` m
 LEGACY_FINAL = "final"
 # Fields that do not change what a run computes; they may differ when resuming or re-running.
 NON_SEMANTIC = {"overwrite", "progress", "report_to", "logging_steps", "save_total_limit", "num_workers",
-                "save_steps", "keep_checkpoints", "eval_steps", "gap_examples"}  # gap_examples: a diagnostic
+                "save_steps", "keep_checkpoints", "eval_steps", "gap_examples",  # gap_examples: a diagnostic
+                "expert_impl"}  # the MoE kernel: speed, not results
 # Entries of the run file that record what happened, not settings.
 RECORD_ONLY = {"outputs"}
 _CKPT = re.compile(r"^checkpoint-(\d+)$")

@@ -27,7 +27,7 @@ from xft.training.trainer import resolve_precision
 def build_model(cfg: SFTConfig, path: str, dtype):
     """The model to train: loaded (dense or MoE), upcycled first if `cfg.upcycle`."""
     transformers.set_seed(cfg.seed)
-    model = xft.load(path, dtype=dtype)
+    model = xft.load(path, dtype=dtype, expert_impl=cfg.expert_impl)
     if cfg.upcycle:
         if xft.is_moe(model):
             raise UserError(f"{path} is already an MoE; drop --upcycle to train it")
