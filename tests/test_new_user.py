@@ -340,3 +340,36 @@ def test_a_trained_moe_runs_with_the_kernel_asked_for_and_keeps_its_results(ws, 
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     record = json.loads((tmp_path / "generic" / "xft_training.json").read_text())
     assert record["config"]["expert_impl"] == "generic"
+
+
+# ---------------------------------------------------------------- xft report of hand-made outputs
+
+def test_report_of_a_folder_of_hand_made_outputs(ws, tmp_path, capsys):
+    from xft.eval import load_benchmark
+
+    folder = tmp_path / "runs"
+    assert cli(["upcycle", str(ws / "llama"), "--out", str(folder / "moe"), "--num-experts", "4", "--top-k", "2"]) == 0
+    assert cli(["train", str(folder / "moe"), "--data", str(ws / "data.jsonl"), "--out", str(folder / "sft"),
+                "--max-steps", "2", "--batch-size", "8", "--warmup-steps", "0", "--no-progress"]) == 0
+    tasks = list(load_benchmark("humaneval").tasks.values())[:2]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": t.task_id, "completion": c}) + "\n"
+                               for t, c in zip(tasks, [tasks[0].canonical_solution, "    pass\n"])))
+    assert cli(["eval", "--samples", str(samples), "--benchmark", "humaneval", "--partial", "--workers", "1",
+                "--out", str(folder / "eval" / "humaneval")]) == 0
+    capsys.readouterr()
+
+    assert cli(["report", str(folder)]) == 0
+    assert "| eval/humaneval | humaneval |" in capsys.readouterr().out
+    report = (folder / "report.md").read_text()
+    training = json.loads((folder / "sft" / "xft_training.json").read_text())["log_history"]
+    loss = [h["loss"] for h in training if "loss" in h][-1]
+    assert f"| moe | xft upcycle | finished | `{ws / 'llama'}` |" in report
+    assert f"| sft | xft train | finished | `{folder / 'moe'}` | 2 | {loss:.4f} | - |" in report
+    assert f"| eval/humaneval | humaneval | `samples {samples}` | 50.0 | 2 |" in report
+
+
+def test_report_of_a_folder_without_xft_outputs_is_one_line(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli(["report", str(tmp_path)]) == 2
+    assert "nor any output of xft upcycle/train/merge/eval" in one_line_error(capsys, "report")
