@@ -202,6 +202,11 @@ def test_another_subcommands_output_is_named_as_such(tmp_path):
         rundir.prepare(out, SFTConfig(model="m", data="d.jsonl", out=out), "sft")
     assert "holds the finished model of `xft merge`, not of `xft train`" in str(e.value)
     assert "method" not in str(e.value) and "->" not in str(e.value)  # no irrelevant settings
+    evaluated = tmp_path / "eval"
+    evaluated.mkdir()
+    (evaluated / "results.json").write_text("{}")
+    with pytest.raises(UserError, match="holds the results of `xft eval`"):
+        rundir.prepare(str(evaluated), SFTConfig(model="m", data="d.jsonl", out=str(evaluated)), "sft")
 
 
 def test_eval_into_a_model_directory_never_suggests_an_overwrite_it_would_refuse(tmp_path):

@@ -172,6 +172,8 @@ def claim(root: str, record: dict, overwrite: bool = False, defaults: dict | Non
     if not os.path.isdir(root) or not os.listdir(root):
         return Plan(run)
     if not os.path.isfile(run.run_file):
+        if os.path.isfile(os.path.join(root, "results.json")):  # what `xft eval --out` writes
+            raise UserError(f"{root} holds the results of `xft eval`; choose a new or empty --out")
         legacy = " (a run of xft 0.1: its model is in final/)" if os.path.isdir(
             os.path.join(root, LEGACY_FINAL)) else ""
         raise UserError(f"output directory {root} is not empty and is not an xft output directory{legacy}; "
