@@ -378,3 +378,12 @@ def test_report_of_a_folder_without_xft_outputs_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     assert cli(["report", str(tmp_path)]) == 2
     assert "nor any output of xft upcycle/train/merge/eval" in one_line_error(capsys, "report")
+
+
+def test_a_run_that_leaves_the_kernel_alone_checks_its_settings_without_torch():
+    """expert_impl unset reads no kernel registry (xft.moe is torch): settings still fail fast."""
+    code = ("import sys\nfrom xft.config import DecodingConfig, ExecutionConfig, MergeConfig, SFTConfig\n"
+            "SFTConfig(model='m', data='d', out='o'); MergeConfig(moe='m', out='o', method='uniform')\n"
+            "DecodingConfig(); ExecutionConfig()\nprint('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr

@@ -89,9 +89,9 @@ def setting_of(cls, name: str):
 
 def _check_choices(config) -> None:
     for f in fields(config):
-        allowed = choices_of(f)
         if getattr(config, f.name) is None and f.default is None:
-            continue  # an optional setting left unset (e.g. expert_impl: the model's own)
+            continue  # an optional setting left unset (e.g. expert_impl: the model's own); no registry read
+        allowed = choices_of(f)
         if allowed is not None and getattr(config, f.name) not in allowed:
             raise ConfigError(f"{f.name}={getattr(config, f.name)!r}; expected one of {', '.join(map(str, allowed))}")
 
