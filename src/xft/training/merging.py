@@ -99,13 +99,22 @@ def coefficients_record(cfg: MergeConfig, moe_config: dict, coefficients: dict[i
     return record
 
 
-def prepare_merge_data(cfg: MergeConfig, tokenizer):
-    """(splits, collator, schedule warning or None) for the Trainer runs of `cfg`: the learned merge's, the
-    distillation's; each schedule checked (`check_schedule`) before anything trains."""
-    splits = load_splits(cfg.data, tokenizer)
+def training_runs(cfg: MergeConfig) -> list[tuple[MergeConfig, object]]:
+    """The Trainer runs of `cfg` (the learned merge's, the distillation's), each with how `xft merge` spells
+    its schedule's settings (for the schedule checks' advice)."""
     runs = [(cfg, cli_flag)] if cfg.method == "learned" else []
     if cfg.distill_steps > 0:
         runs.append((cfg.distill_config(), lambda name, value=None: cli_flag(DISTILL_FLAGS.get(name, name), value)))
+    return runs
+
+
+def prepare_merge_data(cfg: MergeConfig, tokenizer):
+    """(splits, collator, schedule warning or None) for the Trainer runs of `cfg`, each schedule checked
+    (`check_schedule`) before anything trains; (None, None, None) when nothing trains."""
+    runs = training_runs(cfg)
+    if not runs:
+        return None, None, None
+    splits = load_splits(cfg.data, tokenizer)
     found = [w for c, flag in runs if (w := check_schedule(c, splits.stats.examples, flag=flag))]
     return splits, Collator(pad_token_id(tokenizer)), "; ".join(found) or None
 
@@ -150,9 +159,7 @@ def load_inputs(cfg: MergeConfig) -> Inputs:
     if not xft.is_moe_checkpoint(path):
         raise UserError(f"{cfg.moe} is a dense model, not an xft MoE; train an upcycled model first")
     tokenizer = load_tokenizer(path)
-    splits = collator = warning = None
-    if cfg.method == "learned" or cfg.distill_steps > 0:
-        splits, collator, warning = prepare_merge_data(cfg, tokenizer)
+    splits, collator, warning = prepare_merge_data(cfg, tokenizer)
     dtype, mixed = resolve_precision(cfg.precision)
     transformers.set_seed(cfg.seed)
     moe = xft.load(path, dtype=dtype, expert_impl=cfg.expert_impl)
