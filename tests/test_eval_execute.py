@@ -102,7 +102,8 @@ def test_io_timeout_and_missing_entry_point(mbpp_subset_file, sandbox):
                {"task_id": t.task_id, "solution": "def something_else():\n    return 1\n"}]
     slow, missing = check_samples(bench, samples, sandbox, time_limits=TimeLimits(max_phase=2.0))
     assert not slow.passed and "timed out" in slow.error
-    assert not missing.passed and missing.status == "error" and "KeyError" in missing.error
+    assert not missing.passed and missing.status == "error"
+    assert "the answer does not define is_not_prime" in missing.error
 
 
 def test_unknown_benchmark_is_a_user_error():

@@ -220,6 +220,7 @@ def test_interrupted_run_with_other_settings_is_refused(tmp_path):
     assert again.resume is None and not again.done  # same settings, no checkpoint yet: starts over
     cfg.progress = False  # not a setting that changes the result
     rundir.prepare(cfg.out, cfg, "sft")
+    os.makedirs(f"{cfg.out}/checkpoint-1")  # work done: other settings would lose it (test_new_user: none done)
     cfg.lr = 2e-3
     with pytest.raises(UserError, match=r"other settings \(lr: 0.001 -> 0.002\)"):
         rundir.prepare(cfg.out, cfg, "sft")

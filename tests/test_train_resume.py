@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -43,7 +44,7 @@ def test_kill_9_then_rerun_gives_identical_weights(tmp_path):
 
     interrupted = tmp_path / "interrupted"
     # The uninterrupted reference runs alongside (2 cores), to keep the test short.
-    reference = subprocess.Popen(command(ws, tmp_path / "reference"), stdout=subprocess.DEVNULL,
+    reference = subprocess.Popen(command(ws, tmp_path / "reference"), stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
     proc = subprocess.Popen(command(ws, interrupted), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_checkpoint(proc, interrupted)
@@ -56,7 +57,14 @@ def test_kill_9_then_rerun_gives_identical_weights(tmp_path):
     assert "(resumed)" in resumed.stdout  # it did resume: the summary says so
     record = json.loads((interrupted / "xft_training.json").read_text())
     assert record["resumed_from"].endswith(f"checkpoint-{SAVE}")
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+    reference_out, reference_err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, reference_err[-2000:]
+    # The summary's loss is the whole run's, the steps before the kill included: as the uninterrupted run's.
+    loss_row = [[line for line in out.splitlines() if line.startswith("training loss")][0]
+                for out in (resumed.stdout, reference_out)]
+    assert "(step 1)" in loss_row[0]
+    mean = [float(row.rsplit("mean ", 1)[1]) for row in loss_row]
+    assert mean[0] == pytest.approx(mean[1], abs=2e-4), loss_row
 
     # The resumed run replayed the steps after checkpoint-3; the routing log has each step once, in order.
     steps = [json.loads(line)["step"] for line in (interrupted / "routing.jsonl").read_text().splitlines()]

@@ -56,16 +56,20 @@ def copy_companions(source: str, dst: str, tokenizer=None) -> None:
         shutil.copyfile(os.path.join(source, name), os.path.join(dst, name))
 
 
-def servable_config(directory: str) -> None:
-    """Make `directory`/config.json readable by older tools too: `torch_dtype` beside transformers 5's `dtype`."""
+def update_config(directory: str, *, torch_dtype_alias: bool = False, **fields) -> None:
+    """Set `fields` in `directory`/config.json (e.g. the base model's `use_cache`, which Trainer turns off while
+    training); with `torch_dtype_alias`, make it readable by older tools too: `torch_dtype` beside
+    transformers 5's `dtype`."""
     import json
 
     path = os.path.join(directory, "config.json")
     with open(path) as f:
         config = json.load(f)
-    if "dtype" in config and "torch_dtype" not in config:
-        config["torch_dtype"] = config["dtype"]
-        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    new = {**config, **fields}
+    if torch_dtype_alias and "dtype" in new and "torch_dtype" not in new:
+        new["torch_dtype"] = new["dtype"]
+    if new != config:
+        atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

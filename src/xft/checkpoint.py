@@ -89,17 +89,12 @@ def upcycle_checkpoint(model: str, out: str, config: UpcycleConfig, location: st
     generation-config files byte for byte, and a model card (`location`: the path
     the card shows, when `out` is a temporary directory renamed afterwards).
     """
-    from transformers import AutoTokenizer
-
     from xft.artifacts import copy_companions
     from xft.modelcard import base_model_of, write_model_card
     from xft.upcycle import is_moe
 
     path = resolve_model(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
+    tokenizer = load_tokenizer(path)
     moe = load(path)
     if is_moe(moe):
         raise UserError(f"{model} is already an xft MoE; XFT upcycles a dense model")
@@ -126,11 +121,32 @@ def skeleton(path: str) -> nn.Module:
     return model
 
 
-def _config(path: str, **hub):
+def load_config(path: str, **hub):
+    """The model config at `path` (resolved); UserError naming the file, and the field of a wrong type."""
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return AutoConfig.from_pretrained(path, **hub)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model config from {path!r}: {str(e).splitlines()[0]}") from None
+    except StrictDataclassError as e:  # transformers 5 validates field types: name the field, not a traceback
+        cause = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+        raise UserError(f"{os.path.join(path, 'config.json')}: {cause[0].lower() + cause[1:]}") from None
+
+
+_config = load_config
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved with model `path` (resolved), its config.json checked first; UserError if either
+    cannot be loaded (a tokenizer may read config.json, and would fail with a traceback there)."""
+    from transformers import AutoTokenizer
+
+    load_config(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
 
 
 def _resolve_dtype(dtype, config) -> torch.dtype:

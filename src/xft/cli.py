@@ -66,11 +66,28 @@ def _command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _unrecognized(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> None:
+    """Exit 2 with one line naming the `unknown` arguments and, for an option, the flag meant where we can
+    tell (`--learning-rate` -> `--lr`: `xft.config.ALIASES`, or a near miss) among the command's own flags."""
+    from xft.config import suggest_option
+
+    command = getattr(args, "command", None)
+    sub = parser._subparsers._group_actions[0].choices.get(command) if parser._subparsers else None
+    target = sub if sub is not None and sub.get_default("func") else parser
+    options = [u.split("=", 1)[0] + suggest_option(u, target._option_string_actions)
+               for u in unknown if u.startswith("-")]
+    what = f"unknown option{'s' if len(options) > 1 else ''} {', '.join(options)}" if options else \
+        f"unrecognized arguments: {' '.join(unknown)}"
+    target.exit(2, f"{target.prog}: error: {what}; see {target.prog} --help\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `xft` console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command(argv))
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _unrecognized(parser, args, unknown)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -58,14 +58,39 @@ def registry(module: str, name: str):
     return lambda: tuple(getattr(importlib.import_module(module), name))
 
 
+def registry_value(read, base=str):
+    """argparse `type` of a registry setting: `base(text)`, checked against the registry `read()` returns.
+
+    The registries live with the torch code they name; reading them while building a
+    parser would make every `--help` import torch (~2 s), and argparse reads any
+    `choices` to format help. A `type` runs only when the flag is given.
+    """
+    def convert(text):
+        value, allowed = base(text), tuple(read())
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"invalid choice {value!r}; choose from {', '.join(map(str, allowed))}")
+        return value
+    convert.__name__ = base.__name__  # argparse names the type in its own messages
+    return convert
+
+
 def choices_of(f: dataclasses.Field) -> tuple | None:
     """The allowed values of field `f` (a registry is read now), or None if any value of its type goes."""
     choices = f.metadata.get("choices")
     return tuple(choices()) if callable(choices) else choices
 
 
+def setting_of(cls, name: str):
+    """A fresh field declaring what setting `name` of config class `cls` declares (default, help, choices):
+    for a place that offers the same setting under its own section (a recipe's `eval`)."""
+    f = cls.__dataclass_fields__[name]
+    return setting(f.default, f.metadata["help"], choices=f.metadata["choices"])
+
+
 def _check_choices(config) -> None:
     for f in fields(config):
+        if getattr(config, f.name) is None and f.default is None:
+            continue  # an optional setting left unset (e.g. expert_impl: the model's own); no registry read
         allowed = choices_of(f)
         if allowed is not None and getattr(config, f.name) not in allowed:
             raise ConfigError(f"{f.name}={getattr(config, f.name)!r}; expected one of {', '.join(map(str, allowed))}")
@@ -254,6 +279,32 @@ class DataConfig:
             raise ConfigError(f"subset must be a fraction in (0, 1] or a record count, got {self.subset}")
 
 
+# ---------------------------------------------------------------- running a model
+
+def _expert_impl_override():
+    """The `expert_impl` setting of every command that runs a model (train, merge, eval; upcycle records it)."""
+    return setting(None, "expert kernel of an MoE for this run: fast, grouped_mm, generic or auto (default: the one "
+                         "its config.json records; see xft upcycle --expert-impl); changes speed, not results",
+                   choices=registry("xft.moe", "EXPERT_IMPLS"))
+
+
+def sandbox_levels() -> tuple[str, ...]:
+    """`auto` (the strongest level this machine has) and the sandbox's levels (xft.eval.sandbox.LEVELS)."""
+    return ("auto", *importlib.import_module("xft.eval.sandbox").LEVELS)
+
+
+@dataclass
+class ExecutionConfig:
+    """How `xft eval` runs the answers' tests."""
+
+    sandbox: str = setting("auto", "isolation level of the sandbox the tests run in: auto (the strongest "
+                                   "available), namespaces, userns or rlimits (docs/evaluation.md)",
+                           choices=sandbox_levels)
+
+    def __post_init__(self):
+        _check_choices(self)
+
+
 # ---------------------------------------------------------------- evaluation
 
 @dataclass
@@ -273,6 +324,7 @@ class DecodingConfig:
     seed: int = setting(0, "sampling seed")
     backend: str = setting("hf", "hf: transformers generate; vllm: vLLM (GPU, dense models, optional extra)",
                            choices=("hf", "vllm"))
+    expert_impl: str | None = _expert_impl_override()
 
     def __post_init__(self):
         self.validate()
@@ -334,6 +386,7 @@ class TrainConfig:
     keep_checkpoints: bool = setting(False, "keep OUT/checkpoint-N after the run finishes (default: delete them)")
     overwrite: bool = setting(False, "replace the output of another command in OUT instead of stopping")
     progress: bool = setting(True, "show progress bars and the end-of-run summary")
+    expert_impl: str | None = _expert_impl_override()
 
     def __post_init__(self):
         if isinstance(self.data, (str, bytes)) or hasattr(self.data, "__fspath__"):
@@ -379,6 +432,8 @@ class SFTConfig(TrainConfig):
             self.upcycle = None
         if self.upcycle is not None:
             self.upcycle.seed = self.seed  # the routers' init follows the run's seed
+            if self.expert_impl is not None:  # one --expert-impl: the run's kernel is the upcycled MoE's
+                self.upcycle.expert_impl = self.expert_impl
         super().__post_init__()
 
     def validate(self) -> None:
@@ -474,9 +529,11 @@ class MergeConfig(TrainConfig):
                                    warmup_steps=self.distill_warmup_steps)
 
 
-# `report_to` integration -> (modules any one of which makes it work, pip package to install).
+# `report_to` integration -> (modules any one of which makes it work, pip package to install). TensorBoard's
+# module is one of its generated protobuf files: `import tensorboard` succeeds with a protobuf too old for it
+# (as installing evalplus leaves it), and the writer would fail only once the model is loaded.
 INTEGRATIONS = {
-    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "tensorboard": (("tensorboard.compat.proto.event_pb2", "tensorboardX"), "tensorboard"),
     "wandb": (("wandb",), "wandb"),
     "mlflow": (("mlflow",), "mlflow"),
     "comet_ml": (("comet_ml",), "comet-ml"),
@@ -499,13 +556,12 @@ def report_targets(report_to: str) -> list[str]:
 
 
 def check_report_to(report_to: str) -> None:
-    """ConfigError unless every integration in `report_to` is known and its package importable.
+    """ConfigError unless every integration in `report_to` is known and its package imports.
 
     Checked before anything is loaded: transformers would fail with a traceback
-    once the model is built.
+    once the model is built. An installed package that does not import (a
+    dependency too old or too new for it) is named with the import's error.
     """
-    import importlib.util
-
     for name in report_targets(report_to):
         if name == "all":
             continue
@@ -513,8 +569,28 @@ def check_report_to(report_to: str) -> None:
             raise ConfigError(f"unknown --report-to {name!r}; choose none, all or one or more (comma-separated) "
                               f"of {', '.join(INTEGRATIONS)}")
         modules, package = INTEGRATIONS[name]
-        if not any(importlib.util.find_spec(m) for m in modules):
+        errors = [e for e in map(_import_error, modules) if e != "absent"]
+        if not errors:
             raise ConfigError(f"--report-to {name} needs the {package} package: pip install {package}")
+        if None not in errors:
+            also = " protobuf" if "protobuf" in errors[0].lower() else ""
+            raise ConfigError(f"--report-to {name}: {package} is installed but does not import ({errors[0]}); "
+                              f"pip install -U {package}{also}")
+
+
+def _import_error(module: str) -> str | None:
+    """None if `module` imports, "absent" if it is not installed, else the error's first line."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(module) is None:
+            return "absent"
+        importlib.import_module(module)
+        return None
+    except ModuleNotFoundError as e:
+        return "absent" if e.name and module.startswith(e.name) else f"{type(e).__name__}: {e}".splitlines()[0]
+    except Exception as e:  # any failure of a third-party import: ImportError, TypeError from protobuf, ...
+        return f"{type(e).__name__}: {e}".splitlines()[0]
 
 
 # ---------------------------------------------------------------- the bridge: flat settings
@@ -600,10 +676,45 @@ def type_name(tp) -> str:
     return " or ".join(type_name(a) for a in args) if args else getattr(tp, "__name__", str(tp))
 
 
+# What other tools call xft's settings (transformers' TrainingArguments, TRL, MoE configs) -> the flat setting.
+# The one table behind "did you mean" for flags (`--learning-rate`), recipe keys and `--set train.learning_rate`.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
+    "per_device_eval_batch_size": "micro_batch_size", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "lr_scheduler", "optim": "optimizer",
+    "warmup_ratio": "warmup_steps", "output_dir": "out", "model_name_or_path": "model",
+    "dataset_name": "data", "dataset_path": "data", "train_file": "data", "validation_file": "eval_data",
+    "eval_dataset": "eval_data", "max_seq_length": "max_length", "dataset_text_field": "text_field",
+    "bf16": "precision", "fp16": "precision", "eval_strategy": "eval_steps", "evaluation_strategy": "eval_steps",
+    "save_strategy": "save_steps", "logging_strategy": "logging_steps", "overwrite_output_dir": "overwrite",
+    "num_local_experts": "num_experts", "n_routed_experts": "num_experts", "num_experts_per_tok": "top_k",
+    "router_aux_loss_coef": "balance_loss_weight", "aux_loss_coef": "balance_loss_weight",
+    "dataloader_num_workers": "num_workers", "max_new_token": "max_new_tokens", "num_samples": "n_samples",
+}
+
+
+def closest_name(name: str, known) -> str | None:
+    """The setting among `known` that `name` means: another tool's name for it (`ALIASES`) or a near miss."""
+    known = list(known)
+    alias = ALIASES.get(name.replace("-", "_"))
+    if alias in known:
+        return alias
+    match = difflib.get_close_matches(name, known, n=1)
+    return match[0] if match else None
+
+
 def closest(name: str, known) -> str:
-    """" (did you mean 'x'?)" for a near miss of `name` among `known`, else ""."""
-    match = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    """" (did you mean 'x'?)" for what `name` may mean among `known` (`closest_name`), else ""."""
+    match = closest_name(name, known)
+    return f" (did you mean {match!r}?)" if match else ""
+
+
+def suggest_option(option: str, options) -> str:
+    """" (did you mean --lr?)" for an unknown command-line `option` (`--learning-rate[=X]`) among a command's
+    `options`, else ""."""
+    names = {o.lstrip("-").replace("-", "_"): o for o in options if o.startswith("--")}
+    match = closest_name(option.split("=", 1)[0].lstrip("-").replace("-", "_"), names)
+    return f" (did you mean {names[match]}?)" if match else ""
 
 
 def check_flat(cls, values: dict, where: str = "", skip=frozenset(), what: str = "setting") -> dict:
@@ -696,8 +807,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
                                 help=f"{help_} (default: {'on' if default else 'off'})")
             continue
         default = slot.field.default
-        choices = choices_of(slot.field)
-        group.add_argument(flag, type=_base_type(slot.type), default=argparse.SUPPRESS, choices=choices,
+        choices, kind = slot.field.metadata.get("choices"), _base_type(slot.type)
+        if callable(choices):  # a registry: read when the flag is given, not for --help
+            choices, kind = None, registry_value(choices, kind)
+        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices,
                             required=name in required, metavar=None if choices else name.upper(),
                             help=help_ + ("" if default in (None, MISSING) else f" (default: {default})"))
 

@@ -3,7 +3,9 @@
 `resolve_device("auto")` is the first CUDA GPU when torch sees one, else the
 CPU; an explicit name is checked against what this torch build can use, so
 `--device cuda` on a CPU-only build is a one-line error, not a traceback from
-deep inside a model.
+deep inside a model. `--threads` (every command that runs a model) is chosen
+here too: torch's default of one thread per core slows down many-fold when
+other processes share those cores (`xft train` measured 63x slower).
 """
 
 from __future__ import annotations
@@ -33,3 +35,23 @@ def resolve_device(name: str | None, option: str = "--device") -> str:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"{option} {name!r}: unsupported device type; expected auto, cpu, cuda, cuda:N or mps")
     return str(device)
+
+
+THREADS_HELP = ("CPU threads for torch (default: one per core); on a machine busy with other work, "
+                "--threads 1 is often several times faster")
+
+
+def add_threads_option(parser, default: int | None = None, help: str = THREADS_HELP) -> None:
+    """The `--threads N` option of a command that runs a model (`set_threads(args.threads)` applies it)."""
+    parser.add_argument("--threads", type=int, default=default, metavar="N", help=help)
+
+
+def set_threads(n: int | None) -> None:
+    """Use `n` CPU threads in torch (None: torch's default, one per core); UserError if `n` < 1."""
+    if n is None:
+        return
+    if n < 1:
+        raise UserError(f"--threads must be at least 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)

@@ -27,13 +27,14 @@ import sys
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from xft.modelcard import MOE_NOTE
+
 MODEL_TYPE = "xft_moe"
 ARCHITECTURE = "XFTMoEForCausalLM"
 CONFIG_KEY = "xft"
 _BASE_TYPE = "base_model_type"
 _BASE_ARCHS = "base_architectures"
-_NOTE = ("an xft Mixture-of-Experts checkpoint: load it with xft.load(path) (pip install xft), "
-         "or merge it into a dense model with `xft merge`")
+_NOTE = MOE_NOTE  # written into config.json as "xft_note"; the model card says it too
 
 
 class _MoEConfigMixin:

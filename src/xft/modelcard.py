@@ -9,7 +9,9 @@ card names `AutoModelForCausalLM.from_pretrained`, which needs no xft.
 The YAML front matter carries `library_name`, `base_model` (only when it is a
 Hub id: a local path there would fail the Hub's validation), `tags` and
 `pipeline_tag`. `base_model_of` reads a card back, so a model made from an xft
-output names the original Hub base, not the intermediate directory.
+output names the original base (a Hub id, or a local model's absolute path),
+not the intermediate directory. Local paths in a card are absolute: a card
+read from another directory (or by `base_model_of`) means what it says.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ import os
 from xft.artifacts import HUB_ID
 
 CARD = "README.md"
+_BASE_LINE = "- base model: `"  # how the body names the base model (base_model_of reads it back)
+
+# What an MoE's config.json says to tools without xft ("xft_note"), and what its card says. Plain transformers
+# refuses the model type `xft_moe` with advice to upgrade transformers, which cannot help; the card is what
+# a user (or the Hub page) shows beside that error.
+MOE_NOTE = ("an xft Mixture-of-Experts checkpoint: load it with xft.load(path) (pip install xft), "
+            "or merge it into a dense model with `xft merge`")
 
 # kind -> (is an MoE, what it is)
 KINDS = {
@@ -51,10 +60,12 @@ def write_model_card(directory: str, *, kind: str, base_model: str | None = None
     if kind not in KINDS:
         raise ValueError(f"unknown model card kind {kind!r}; choose one of {', '.join(KINDS)}")
     is_moe, what = KINDS[kind]
+    base_model, source, data = _local(base_model), _local(source), _local(data)
+    location = os.path.abspath(location or directory)
     path = os.path.join(directory, CARD)
     with open(path, "w", encoding="utf-8") as f:
         f.write(_front_matter(kind, is_moe, base_model))
-        f.write(_body(location or directory, is_moe, what, base_model, source, data, settings, results,
+        f.write(_body(location, is_moe, what, base_model, source, data, settings, results,
                       details))
     return path
 
@@ -76,7 +87,17 @@ def base_model_of(model: str) -> str:
                 return json.loads(value)
             except ValueError:
                 return value
+    # A local base is not in the front matter (the Hub wants ids there): the body names it.
+    for line in text.splitlines():
+        if line.startswith(_BASE_LINE) and line.endswith("`"):
+            return line[len(_BASE_LINE):-1]
     return model
+
+
+def _local(name: str | None) -> str | None:
+    """`name` as a card shows it: a local path made absolute (the caller's directory is not the reader's); a
+    Hub id as it is."""
+    return os.path.abspath(name) if name and os.path.exists(name) else name
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -106,7 +127,7 @@ def _body(directory, is_moe, what, base_model, source, data, settings, results, 
         out += [details, ""]
     made = []
     if base_model:
-        made.append(f"- base model: `{base_model}`")
+        made.append(f"{_BASE_LINE}{base_model}`")
     if source and source != base_model:
         made.append(f"- made from: `{source}`")
     if data:
@@ -117,8 +138,10 @@ def _body(directory, is_moe, what, base_model, source, data, settings, results, 
         out += ["## How it was made", ""] + made + [""]
     out += ["## How to load it", ""]
     if is_moe:
-        out += ["This is an xft MoE checkpoint. Plain `transformers` does not load it (its FFNs are xft "
-                "modules); load it with xft:", "", "```python", "import xft", "",
+        out += [f"This is {MOE_NOTE}. Plain `transformers` does not load it (its FFNs are xft modules): it "
+                "says that it does not recognize the model type `xft_moe` and suggests upgrading transformers, "
+                "which does not help. Load it with xft (or `import xft` first: the Auto classes then load it "
+                "too):", "", "```python", "import xft", "",
                 f'model = xft.load("{directory}")', "```", "",
                 "`xft merge` turns it into a dense model of the base architecture, which plain "
                 "`transformers` loads.", ""]

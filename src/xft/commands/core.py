@@ -16,6 +16,7 @@ import shutil
 def register(subparsers) -> None:
     """Add the `upcycle` subcommand."""
     from xft.config import UpcycleConfig, add_arguments
+    from xft.device import add_threads_option
 
     p = subparsers.add_parser("upcycle", help="upcycle a dense model into an MoE (every FFN -> N experts)",
                               description="Copy every FFN of MODEL into N experts behind a router "
@@ -27,6 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-noise", dest="noisy_gating", action="store_false", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)  # old name
     p.add_argument("--overwrite", action="store_true", help="replace the output of another xft command in --out")
+    add_threads_option(p)
     p.set_defaults(func=_upcycle)
 
 
@@ -35,6 +37,7 @@ def _upcycle(args) -> int:
     from xft.artifacts import resolve_model
     from xft.training import rundir
     from xft.config import from_args
+    from xft.device import set_threads
 
     config = from_args(xft.UpcycleConfig, args)
     record = {"stage": "upcycle", "model": args.model, **config.to_dict()}
@@ -43,6 +46,7 @@ def _upcycle(args) -> int:
         print(rundir.already_done(plan.run, "upcycle"))
         return 0
     path = resolve_model(args.model)
+    set_threads(args.threads)
     # Only now transformers (seconds to import): every check above fails fast.
     from transformers.utils import logging
 

@@ -11,6 +11,7 @@ import os
 import shlex
 
 from xft import recipes
+from xft.device import add_threads_option, set_threads
 
 def run_name(recipe: str) -> str:
     """The default run directory name of RECIPE: the bundled recipe's name, or the file name without .yaml/.yml."""
@@ -24,22 +25,6 @@ def run_name(recipe: str) -> str:
 def _command(*words: str, overrides: list[str] = ()) -> str:
     """The command line as a user would retype it (recorded in the run for its report)."""
     return shlex.join([*words, *(w for o in overrides for w in ("--set", o))])
-
-
-def _threads(n: int | None) -> None:
-    """CPU threads for torch, chosen once here (None: torch's default, one per core)."""
-    if n is not None:
-        import torch
-
-        from xft.errors import UserError
-
-        if n < 1:
-            raise UserError(f"--threads must be at least 1, got {n}")
-        torch.set_num_threads(n)
-
-
-_THREADS_HELP = ("CPU threads for training and generation (default: one per core); on a machine busy with "
-                 "other work, --threads 1 is often several times faster")
 
 
 def _quiet_loading() -> None:
@@ -70,7 +55,7 @@ def register(subparsers) -> None:
                    help="delete what xft wrote in --out (stages, report, logs) and start over; needed to run "
                         "other training settings in a directory with finished or started stages")
     p.add_argument("--device", default="auto", help="evaluation device: auto (CUDA if available), cpu, cuda, ...")
-    p.add_argument("--threads", type=int, default=None, help=_THREADS_HELP)
+    add_threads_option(p)
     p.add_argument("--jobs", type=int, default=1,
                    help="stages run at once, each in its own process with --threads divided among them (default: "
                         "1); it never oversubscribes the cores. Measured speed-ups: README, "
@@ -103,9 +88,9 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete what xft wrote in each seed's run directory and start over (as xft run --overwrite)")
     p.add_argument("--device", default="auto", help="evaluation device: auto (CUDA if available), cpu, cuda, ...")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for training and generation (default: 1, what the demo's time budget was "
-                        "measured with; one thread per process is also much faster when the machine is busy)")
+    add_threads_option(p, default=1, help="CPU threads for training and generation (default: 1, what the demo's "
+                                          "time budget was measured with; one thread per process is also much "
+                                          "faster when the machine is busy)")
     p.add_argument("--jobs", type=int, default=None,
                    help="stages run at once, each in its own process with --threads threads (default: one per "
                         "CPU core, at most 4: the demo's independent stages)")
@@ -122,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     device = resolve_device(args.device)
-    _threads(args.threads)
+    set_threads(args.threads)
     _quiet_loading()
     out = args.out or os.path.join("runs", run_name(args.recipe))
     run_pipeline(recipe, out, device=device, progress=args.progress, log=print, jobs=args.jobs,
@@ -150,7 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     device = resolve_device(args.device)
-    _threads(args.threads)
+    set_threads(args.threads)
     _quiet_loading()
     jobs = args.jobs if args.jobs is not None else max(1, min(4, os.cpu_count() or 1))
     words = ["xft", "demo", "--out", args.out] + (["--full"] if args.full else []) + (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from xft.artifacts import resolve_model
 from xft.config import MergeConfig, SFTConfig, add_arguments, from_args
+from xft.device import add_threads_option, set_threads
 
 _MULTI_GPU = ("Multi-GPU: accelerate launch --config_file $(python -m xft.configs ddp) -m xft.cli {cmd} ... "
               "(also fsdp, deepspeed_zero3; see docs/training.md).")
@@ -35,6 +36,7 @@ def register(subparsers) -> None:
                               epilog=_TRAIN_EPILOG)
     p.add_argument("model", help="dense or MoE model: a local directory, a finished xft run, or a Hub id")
     add_arguments(p, SFTConfig, required=("data", "out"))
+    add_threads_option(p)
     p.set_defaults(func=_train)
 
     p = subparsers.add_parser("merge", help="merge a trained MoE into a dense model (learned or fixed merges, "
@@ -52,6 +54,7 @@ def register(subparsers) -> None:
                               epilog=_MERGE_EPILOG)
     p.add_argument("moe", help="trained MoE: a local directory, a finished xft run, or a Hub id")
     add_arguments(p, MergeConfig, required=("out",))
+    add_threads_option(p)
     p.set_defaults(func=_merge)
 
 
@@ -65,6 +68,7 @@ def _quiet_io() -> None:
 def _train(args) -> int:
     config = from_args(SFTConfig, args)  # a bad setting fails here, before torch and transformers load
     resolve_model(config.model)
+    set_threads(args.threads)
     from xft.training import train_sft
 
     _quiet_io()
@@ -75,6 +79,7 @@ def _train(args) -> int:
 def _merge(args) -> int:
     config = from_args(MergeConfig, args)  # a bad setting fails here, before torch and transformers load
     resolve_model(config.moe)
+    set_threads(args.threads)
     from xft.training import learn_merge
 
     _quiet_io()

@@ -262,7 +262,13 @@ def _swallow_io():
         sys.stdout, sys.stderr, sys.stdin = saved
 
 
+class _NotDefined(Exception):
+    """The answer does not define the function the tests call (a KeyError would read as the program's own)."""
+
+
 def _first_line(exc):
+    if isinstance(exc, _NotDefined):
+        return str(exc)
     text = f"{type(exc).__name__}: {exc}".strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
@@ -302,6 +308,8 @@ def _load_program(job):
     env = {}
     with _swallow_io():
         exec(job["code"], env)
+    if job["entry_point"] not in env:
+        raise _NotDefined(f"the answer does not define {job['entry_point']}")
     return env[job["entry_point"]]
 
 

@@ -22,9 +22,9 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 def register(subparsers) -> None:
     """Add the `eval` subcommand (imports only the light benchmark registry and sandbox levels)."""
-    from xft.config import DecodingConfig, add_arguments
+    from xft.config import DecodingConfig, ExecutionConfig, add_arguments
+    from xft.device import add_threads_option
     from xft.eval.benchmarks import names
-    from xft.eval.sandbox import LEVELS
 
     p = subparsers.add_parser(
         "eval", help="evaluate a model (or a samples file) on a code benchmark, sandboxed",
@@ -50,9 +50,9 @@ def register(subparsers) -> None:
     g.add_argument("--limit", type=int, default=None, help="only the first N tasks (quick checks; "
                    "implies --partial; default: all)")
     x = p.add_argument_group("execution")
+    add_threads_option(g)
     x.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
-    x.add_argument("--sandbox", default="auto", choices=("auto", *LEVELS),
-                   help="isolation level (auto: the strongest available)")
+    add_arguments(x, ExecutionConfig)  # --sandbox: its help and levels from xft.config, as recipes' eval.sandbox
     x.add_argument("--partial", action="store_true",
                    help="score samples that cover only some tasks (pass@k over those tasks)")
     x.add_argument("--sanitize", action="store_true",
@@ -68,18 +68,19 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`xft eval`: one call of `xft.eval.evaluate` (it checks --out first), then the summary."""
-    from xft.device import resolve_device
+    from xft.device import resolve_device, set_threads
     from xft.eval import evaluate
     from xft.eval.execute import TimeLimits
-    from xft.config import DecodingConfig, from_args
+    from xft.config import DecodingConfig, ExecutionConfig, from_args
     from xft.eval.report import summary
 
     decoding = from_args(DecodingConfig, args)
+    set_threads(args.threads)
     limits = TimeLimits(check_seconds=args.check_timeout, min_per_input=args.min_time_limit,
                         factor=args.time_limit_factor)
     ev = evaluate(args.model, args.benchmark, args.out, samples=args.samples, data=args.data, decoding=decoding,
                   limit=args.limit, partial=args.partial, sanitize=args.sanitize, workers=args.workers,
-                  sandbox=args.sandbox, time_limits=limits, dtype=args.dtype,
+                  sandbox=from_args(ExecutionConfig, args).sandbox, time_limits=limits, dtype=args.dtype,
                   device=resolve_device(args.device) if args.model is not None else None,
                   overwrite=args.overwrite, progress=True)
     print(summary(ev.results, args.out))

@@ -71,13 +71,14 @@ def check_out(out: str, overwrite: bool = False) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out {out} exists and is not a directory")
     entries = os.listdir(out) if os.path.isdir(out) else []
-    if entries and not overwrite:
-        raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace its results "
-                        "or choose another --out")
     others = sorted(set(entries) - set(OUTPUTS))
-    if others:  # never delete what an evaluation did not write
-        raise UserError(f"--out {out} holds files xft eval did not write ({', '.join(others[:3])}); "
-                        "choose another --out")
+    if others:  # never delete what an evaluation did not write, so never suggest --overwrite for it
+        kind = "is a model directory" if "config.json" in others else "holds files xft eval did not write"
+        raise UserError(f"--out {out} {kind} ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                        "choose another --out for the results")
+    if entries and not overwrite:
+        raise UserError(f"--out {out} is not empty: it holds the results of an earlier eval; pass --overwrite to replace them "
+                        "or choose another --out")
 
 
 def prompt_style_for(bench: Benchmark, base_model: bool) -> str:

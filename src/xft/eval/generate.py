@@ -59,17 +59,17 @@ class RowSampler:
         return logits + gumbel.to(device=logits.device, dtype=logits.dtype)
 
 
-def load_model(path: str, dtype: str | None = None, device: str | None = None):
-    """(model, tokenizer) from a model directory, a finished xft run or a hub id; dense or xft MoE."""
+def load_model(path: str, dtype: str | None = None, device: str | None = None, expert_impl: str | None = None):
+    """(model, tokenizer) from a model directory, a finished xft run or a hub id; dense or xft MoE (`expert_impl`:
+    its kernel instead of the recorded one)."""
     import xft
-    from transformers import AutoTokenizer
-
     from xft.artifacts import resolve_model
+    from xft.checkpoint import load_tokenizer
 
     path = resolve_model(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = xft.load(path, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(path)  # checks config.json first (a field of the wrong type: one line)
+        model = xft.load(path, dtype=dtype, device=device, expert_impl=expert_impl)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
     _pad_left(tokenizer)
@@ -203,7 +203,7 @@ def generate_samples(bench: Benchmark, model, cfg: DecodingConfig, *, dtype: str
             prompts = _prompts(bench, rows, cfg, _chat_tokenizer(model_path, cfg))
             texts = generate_vllm(model_path, prompts, seeds, stops, cfg, dtype)
         else:
-            model, tokenizer = load_model(model_path, dtype, device)
+            model, tokenizer = load_model(model_path, dtype, device, cfg.expert_impl)
             prompts = _prompts(bench, rows, cfg, tokenizer)
             texts = generate_hf(model, tokenizer, prompts, seeds, stops, cfg, progress)
     return [make_sample(bench, t, cfg.prompt_style, text, stops) for (t, _), text in zip(rows, texts)]

@@ -15,7 +15,8 @@ from __future__ import annotations
 def evaluate_model(model_path: str, benchmark: str, out: str, *, max_new_tokens: int, batch_size: int,
                    limit: int | None = None, workers: int | None = None,
                    data: str | None = None, device: str = "cpu", progress: bool = False,
-                   label: str | None = None, base_model: bool = False, template: str = "magicoder") -> dict:
+                   label: str | None = None, base_model: bool = False, template: str = "magicoder",
+                   expert_impl: str | None = None, sandbox: str = "auto") -> dict:
     """Greedy pass@1 of the model at `model_path` on `benchmark`; writes samples and results.json to `out`."""
     from xft.eval import evaluate, load_benchmark
     from xft.eval.evaluate import prompt_style_for
@@ -23,6 +24,6 @@ def evaluate_model(model_path: str, benchmark: str, out: str, *, max_new_tokens:
 
     bench = load_benchmark(benchmark, data)
     decoding = DecodingConfig(prompt_style=prompt_style_for(bench, base_model), template=template,
-                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+                              max_new_tokens=max_new_tokens, batch_size=batch_size, expert_impl=expert_impl)
     return evaluate(model_path, bench, out, decoding=decoding, limit=limit, workers=workers, device=device,
-                    progress=progress, label=label).results
+                    progress=progress, label=label, sandbox=sandbox).results

@@ -104,8 +104,13 @@ def _require_known(bench: str, where: str, known: list[str]) -> None:
 
 def _check_benchmarks(recipe: Recipe) -> None:
     """Load every benchmark as the evaluation stage will; the error says which recipe key fixes it."""
+    from xft.config import ConfigError, DecodingConfig, ExecutionConfig
     from xft.eval.benchmarks import load_benchmark, names
 
+    try:  # how the models run (the same settings as xft eval's flags)
+        DecodingConfig(expert_impl=recipe.eval.expert_impl), ExecutionConfig(sandbox=recipe.eval.sandbox)
+    except ConfigError as e:
+        raise UserError(f"eval: {e}") from None
     for bench, path in recipe.eval.data.items():
         _require_known(bench, f"eval.data.{bench}", names())
         if not isinstance(path, str) or not os.path.isfile(path):

@@ -31,7 +31,8 @@ import yaml
 
 from xft import recipes
 from xft.config import (
-    DecodingConfig, MergeConfig, SFTConfig, UpcycleConfig, coerce, type_ok, check_flat, closest, flat_settings, setting, type_name,
+    DecodingConfig, ExecutionConfig, MergeConfig, SFTConfig, UpcycleConfig, check_flat, closest, coerce,
+    flat_settings, setting, setting_of, type_name, type_ok,
 )
 from xft.errors import UserError
 from xft.pipeline.methods import METHODS, PAPER_METHODS, SECTION_OWNERS  # the models a recipe can produce
@@ -94,9 +95,6 @@ class DataSection:
                                           "(default: all of it, as the paper)")
 
 
-_DECODING = DecodingConfig.__dataclass_fields__
-
-
 @dataclass
 class EvalSection:
     """Evaluation of every produced model."""
@@ -104,13 +102,14 @@ class EvalSection:
     benchmarks: list = setting(["minicode"], "benchmarks (xft eval registry names), e.g. minicode, humaneval, "
                                         "humaneval+, mbpp, mbpp+")
     limit: int | None = setting(None, "evaluate on the first N tasks of each benchmark only (default: all)")
-    # generation defaults: DecodingConfig's, the one place `xft eval` and the pipeline take them from
-    max_new_tokens: int = setting(_DECODING["max_new_tokens"].default, "generation length limit per task (greedy "
-                                                                       "decoding)")
-    batch_size: int = setting(_DECODING["batch_size"].default, "prompts generated together")
+    # generation settings: DecodingConfig's own (default, help), the one place `xft eval` and the pipeline read
+    max_new_tokens: int = setting_of(DecodingConfig, "max_new_tokens")
+    batch_size: int = setting_of(DecodingConfig, "batch_size")
     workers: int | None = setting(None, "parallel sandboxed test runs (default: the CPU count)")
     data: dict = setting({}, "benchmark name -> data file, for benchmarks that are not bundled (EvalPlus), e.g. "
                         "--set eval.data.mbpp+=MbppPlus.jsonl.gz (mbpp reads the mbpp+ file unless given its own)")
+    expert_impl: str | None = setting_of(DecodingConfig, "expert_impl")  # as xft eval --expert-impl
+    sandbox: str = setting_of(ExecutionConfig, "sandbox")  # as xft eval --sandbox
 
 
 def _study_fields() -> list[tuple]:

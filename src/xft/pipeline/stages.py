@@ -246,7 +246,8 @@ def _evaluator(method: str):
             evaluate_model(model_of(ctx, method), bench, os.path.join(out, bench), limit=e.limit,
                            max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, workers=e.workers,
                            data=benchmark_data(ctx.recipe, bench), device=ctx.device, progress=ctx.progress,
-                           label=method, base_model=method == "base", template=eval_template(ctx.recipe))
+                           label=method, base_model=method == "base", template=eval_template(ctx.recipe),
+                           expert_impl=e.expert_impl, sandbox=e.sandbox)
             atomic_write_json(os.path.join(out, bench, EVAL_SETTINGS), eval_settings(ctx.recipe, bench))
     return run
 

@@ -25,12 +25,14 @@ import contextlib
 import os
 import time
 import warnings
+from dataclasses import dataclass
 
 import transformers
 from accelerate import PartialState
 
 import xft
-from xft.artifacts import atomic_write_json, copy_companions, resolve_model, servable_config
+from xft.artifacts import resolve_model
+from xft.checkpoint import load_tokenizer
 from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.merge import merge_inputs, merge_modules
@@ -40,8 +42,8 @@ from xft.training import rundir
 from xft.config import MergeConfig
 from xft.training.distill import DistillTrainer
 from xft.training.stage import (
-    card_results, check_schedule, cli_flag, common_rows, config_record, finalize, load_tokenizer, loss_curve,
-    run_trainer, summary, validation_curve,
+    Output, card_results, check_schedule, cli_flag, common_rows, config_record, loss_curve,
+    print_summary, run_trainer, save_output, validation_curve,
 )
 from xft.training.trainer import resolve_precision
 
@@ -97,13 +99,22 @@ def coefficients_record(cfg: MergeConfig, moe_config: dict, coefficients: dict[i
     return record
 
 
-def prepare_merge_data(cfg: MergeConfig, tokenizer):
-    """(splits, collator, schedule warning or None) for the Trainer runs of `cfg`: the learned merge's, the
-    distillation's; each schedule checked (`check_schedule`) before anything trains."""
-    splits = load_splits(cfg.data, tokenizer)
+def training_runs(cfg: MergeConfig) -> list[tuple[MergeConfig, object]]:
+    """The Trainer runs of `cfg` (the learned merge's, the distillation's), each with how `xft merge` spells
+    its schedule's settings (for the schedule checks' advice)."""
     runs = [(cfg, cli_flag)] if cfg.method == "learned" else []
     if cfg.distill_steps > 0:
         runs.append((cfg.distill_config(), lambda name, value=None: cli_flag(DISTILL_FLAGS.get(name, name), value)))
+    return runs
+
+
+def prepare_merge_data(cfg: MergeConfig, tokenizer):
+    """(splits, collator, schedule warning or None) for the Trainer runs of `cfg`, each schedule checked
+    (`check_schedule`) before anything trains; (None, None, None) when nothing trains."""
+    runs = training_runs(cfg)
+    if not runs:
+        return None, None, None
+    splits = load_splits(cfg.data, tokenizer)
     found = [w for c, flag in runs if (w := check_schedule(c, splits.stats.examples, flag=flag))]
     return splits, Collator(pad_token_id(tokenizer)), "; ".join(found) or None
 
@@ -125,21 +136,108 @@ def release(trainer) -> None:
     trainer.accelerator.free_memory()  # accelerate's own references; collects garbage, empties the device cache
 
 
-def distill_merge(student, teacher, cfg: MergeConfig, run: rundir.RunDir, splits, collator, tokenizer,
-                  mixed: str | None):
-    """Train `student` (in place) to match `teacher` for `cfg.distill_steps` steps; (trainer, seconds, the
-    checkpoint it resumed from or None).
+@dataclass
+class Inputs:
+    """What a merge starts from, loaded and checked before anything trains."""
+
+    path: str  # the resolved MoE
+    tokenizer: object
+    moe: object  # the MoE, loaded; a learned merge takes its modules over
+    moe_config: dict  # its UpcycleConfig, as config.json records it
+    dtype: object
+    mixed: str | None
+    splits: object = None  # training data, for a learned merge or a distillation
+    collator: object = None
+    warning: str | None = None  # the schedules' warning (check_schedule)
+    batches: list | None = None  # held-out batches of the merge-gap diagnostics
+    gap: object = None  # the merge gap, measured on the MoE before merging (`before_merge`)
+
+
+def load_inputs(cfg: MergeConfig) -> Inputs:
+    """The MoE, tokenizer, data and merge-gap batches of `cfg`; UserError if the model is not an xft MoE."""
+    path = resolve_model(cfg.moe)
+    if not xft.is_moe_checkpoint(path):
+        raise UserError(f"{cfg.moe} is a dense model, not an xft MoE; train an upcycled model first")
+    tokenizer = load_tokenizer(path)
+    splits, collator, warning = prepare_merge_data(cfg, tokenizer)
+    dtype, mixed = resolve_precision(cfg.precision)
+    transformers.set_seed(cfg.seed)
+    moe = xft.load(path, dtype=dtype, expert_impl=cfg.expert_impl)
+    batches = gap_batches(cfg, splits, tokenizer)
+    gap = before_merge(moe, batches)  # before the merge model takes the MoE's modules over
+    return Inputs(path, tokenizer, moe, dict(moe.config.xft), dtype, mixed, splits, collator, warning, batches, gap)
+
+
+@dataclass
+class Merged:
+    """A merge's result: the dense model and how it was made."""
+
+    dense: object
+    coefficients: dict[int, list[float]] | None  # per layer [N]; None for a tensor-level method
+    logits: dict[int, list[float]] | None = None  # a learned merge's mixing logits
+    change: float | None = None  # a learned merge: max change of a coefficient from its init
+    trainer: object = None  # a learned merge's Trainer
+    output: object = None  # its train output
+    seconds: float = 0.0
+
+
+def learned_merge(cfg: MergeConfig, inputs: Inputs, run: rundir.RunDir, resume: str | None) -> Merged:
+    """Train the mixing logits of a merge model built on `inputs.moe` (which it takes over; resumes from
+    `resume`), then compile it into a dense model. Warns when the coefficients did not move."""
+    identical = experts_identical(inputs.moe)
+    model = xft.build_merge_model(inputs.moe, cfg.shared_weight, cfg.learn_shared_weight)
+    inputs.moe = None  # its modules are the merge model's now: not a teacher any more
+    start = xft.merge_coefficients(model)
+    trainer, output, seconds = run_trainer(model, cfg, run, resume, inputs.splits, inputs.collator,
+                                           inputs.tokenizer, stage="merge", is_moe=False, mixed=inputs.mixed)
+    coefficients = xft.merge_coefficients(model)
+    change = coefficient_change(start, coefficients)
+    if change < STILL:
+        warning = still_warning(change, cfg, trainer.state.global_step, identical)
+        warnings.warn(warning, stacklevel=3)
+        inputs.warning = warning
+    logits = {i: m.mixing_logits.detach().float().cpu().tolist() for i, m in merge_modules(model).items()}
+    return Merged(xft.compile_merge(model), coefficients, logits, change, trainer, output, seconds)
+
+
+def fixed_merge(cfg: MergeConfig, inputs: Inputs, run: rundir.RunDir) -> Merged:
+    """Merge `inputs.moe` with a method that does not train (`xft.merge`), recording the run as started."""
+    t0 = time.perf_counter()
+    coefficients = fixed_coefficients(inputs.moe, cfg.method, cfg.shared_weight)
+    dense = xft.merge(inputs.moe, cfg.method, shared_weight=cfg.shared_weight, **cfg.merge_options())
+    if PartialState().is_main_process:
+        rundir.start(run, cfg, "merge")
+    return Merged(dense, coefficients, seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class Distilled:
+    """A distillation's Trainer, this session's seconds, and the checkpoint it resumed from (or None)."""
+
+    trainer: object
+    seconds: float
+    resumed_from: str | None
+
+
+def distill(cfg: MergeConfig, inputs: Inputs, merged: Merged, run: rundir.RunDir) -> Distilled:
+    """Train `merged.dense` (in place) to match the MoE for `cfg.distill_steps` steps.
 
     Its checkpoints go to `<out>/distill/` and an interrupted distillation resumes from the last one.
-    The validation KL (with validation data) is computed before the first step as well.
+    The validation KL (with validation data) is computed before the first step as well. After a learned
+    merge, which took the MoE's modules over, the teacher is loaded again and the merge's Trainer let go.
     """
+    if inputs.moe is None:
+        release(merged.trainer)
+        inputs.moe = xft.load(inputs.path, dtype=inputs.dtype, expert_impl=cfg.expert_impl)
     sub = rundir.RunDir(os.path.join(run.root, rundir.DISTILL))
     resume = sub.last_checkpoint()
-    trainer, _, seconds = run_trainer(student, cfg.distill_config(), sub, resume, splits, collator, tokenizer,
-                                      stage="distill", is_moe=False, mixed=mixed, trainer_cls=DistillTrainer,
-                                      trainer_kwargs={"teacher": teacher, "temperature": cfg.distill_temperature},
+    trainer, _, seconds = run_trainer(merged.dense, cfg.distill_config(), sub, resume, inputs.splits,
+                                      inputs.collator, inputs.tokenizer, stage="distill", is_moe=False,
+                                      mixed=inputs.mixed, trainer_cls=DistillTrainer,
+                                      trainer_kwargs={"teacher": inputs.moe, "temperature": cfg.distill_temperature},
                                       evaluate_first=True)
-    return trainer, seconds, resume
+    inputs.moe = None  # the teacher is not needed any more
+    return Distilled(trainer, seconds, resume)
 
 
 def tidy_distill(run: rundir.RunDir) -> None:
@@ -172,107 +270,71 @@ def learn_merge(config: MergeConfig) -> str:
     plan = rundir.prepare_stage(cfg, "merge", "merge")
     if plan.done:
         return plan.run.final
-    run, resume = plan.run, plan.resume
-    path = resolve_model(cfg.moe)
-    if not xft.is_moe_checkpoint(path):
-        raise UserError(f"{cfg.moe} is a dense model, not an xft MoE; train an upcycled model first")
-    tokenizer = load_tokenizer(path)
-    splits = collator = warning = None
-    if cfg.method == "learned" or cfg.distill_steps > 0:
-        splits, collator, warning = prepare_merge_data(cfg, tokenizer)
-    dtype, mixed = resolve_precision(cfg.precision)
-    transformers.set_seed(cfg.seed)
-    moe = xft.load(path, dtype=dtype)
-    moe_config = dict(moe.config.xft)
-    batches = gap_batches(cfg, splits, tokenizer)
-    gap = before_merge(moe, batches)  # before the merge model takes the MoE's modules over
-
-    trainer = output = None
-    seconds, change = 0.0, None
-    if cfg.method == "learned":
-        identical = experts_identical(moe)
-        model = xft.build_merge_model(moe, cfg.shared_weight, cfg.learn_shared_weight)
-        start = xft.merge_coefficients(model)
-        trainer, output, seconds = run_trainer(model, cfg, run, resume, splits, collator, tokenizer,
-                                               stage="merge", is_moe=False, mixed=mixed)
-        dense = xft.compile_merge(model)
-        coefficients = xft.merge_coefficients(model)
-        logits = {i: m.mixing_logits.detach().float().cpu().tolist() for i, m in merge_modules(model).items()}
-        change = coefficient_change(start, coefficients)
-        if change < STILL:
-            warning = still_warning(change, cfg, trainer.state.global_step, identical)
-            warnings.warn(warning, stacklevel=2)
-    else:
-        t0 = time.perf_counter()
-        coefficients = fixed_coefficients(moe, cfg.method, cfg.shared_weight)
-        dense = xft.merge(moe, cfg.method, shared_weight=cfg.shared_weight, **cfg.merge_options())
-        logits, seconds = None, time.perf_counter() - t0
-        if PartialState().is_main_process:
-            rundir.start(run, cfg, "merge")
-    record = coefficients_record(cfg, moe_config, coefficients, logits)
-    if change is not None:
-        record["max_change_from_init"] = change
-    training = config_record(cfg, "merge", splits, trainer, resume)
-
-    distiller = None
-    if cfg.distill_steps > 0:
-        if cfg.method == "learned":  # the MoE became the merge model: load the teacher again, free the former
-            model = moe = None
-            release(trainer)
-            moe = xft.load(path, dtype=dtype)
-        distiller, d_seconds, d_resume = distill_merge(dense, moe, cfg, run, splits, collator, tokenizer, mixed)
-        moe = None
-        record["distilled"] = {"teacher": cfg.moe, "steps": distiller.state.global_step,
-                               "note": "the saved weights are this merge, then distilled from the teacher"}
-        training["distillation"] = distill_record(cfg, distiller, d_resume)
-        training["processes"] = distiller.args.world_size
-        training["distributed"] = distiller.accelerator.distributed_type.value
+    inputs = load_inputs(cfg)
+    use_cache = inputs.moe.config.use_cache  # the base's (Trainer turns it off while training)
+    # 1. the merge; 2. the distillation, if asked for; 3. the saved model and its summary.
+    merged = learned_merge(cfg, inputs, plan.run, plan.resume) if cfg.method == "learned" else \
+        fixed_merge(cfg, inputs, plan.run)
+    distilled = distill(cfg, inputs, merged, plan.run) if cfg.distill_steps > 0 else None
     main = PartialState().is_main_process
-    if batches and main and (distiller is None or PartialState().num_processes == 1):
-        gap.merged_loss = held_out_loss(dense, batches)  # (a sharded distilled model is not measured)
-
-    def save(tmp: str) -> None:
-        if distiller is not None:
-            distiller.save_model(tmp)  # every process: gathers sharded (FSDP / ZeRO-3) weights
-            if main and os.path.exists(f"{tmp}/training_args.bin"):
-                os.remove(f"{tmp}/training_args.bin")  # a pickle; the config is in xft_training.json
-        elif main:
-            dense.save_pretrained(tmp)
-        if main:
-            copy_companions(path, tmp, tokenizer)  # the MoE's (so the base's) tokenizer files, byte for byte
-            servable_config(tmp)
-            atomic_write_json(f"{tmp}/merge_coefficients.json", record)
-            atomic_write_json(f"{tmp}/xft_training.json", training)
-            atomic_write_json(f"{tmp}/{GAP_FILE}", gap.to_dict())
-            write_card(tmp, cfg, path, trainer, change, run.final, distiller)
-
-    final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
-    if distiller is not None and main and not cfg.keep_checkpoints:
-        tidy_distill(run)
-    if cfg.progress and main:
-        n_params = sum(p.numel() for p in dense.parameters())
-        rows = [("model saved to", final),
-                ("dense model", f"{type(dense).__name__}, {n_params:,} parameters, from {cfg.moe}"
-                                f"{' (resumed)' if resume else ''}"),
-                ("method", cfg.method + (f", shared weight {cfg.shared_weight}"
-                                         if xft.MERGE_METHODS[cfg.method].uses_shared_weight else ""))]
-        if coefficients is not None:
-            first = [c[0] for c in coefficients.values()]
-            others = max(max(c[1:]) for c in coefficients.values())
-            rows.append(("coefficients", f"expert 0: {min(first):.4f}..{max(first):.4f}; "
-                                         f"largest other expert {others:.4f} (merge_coefficients.json)"))
-        if change is not None:
-            rows.append(("learned", f"max change of a coefficient from its init: {change:.2e}"))
-        options = cfg.merge_options()
-        if options:
-            rows.append(("options", ", ".join(f"{k} {v}" for k, v in options.items())))
-        if trainer is not None:
-            rows += common_rows(cfg, trainer, output, seconds, splits, final, warning)[1:]
-        if distiller is not None:
-            rows += distill_rows(cfg, distiller, d_seconds, splits, trainer is None, warning)
-        rows += gap.rows()
-        print(summary("xft merge: done", rows), flush=True)
+    if inputs.batches and main and (distilled is None or PartialState().num_processes == 1):
+        inputs.gap.merged_loss = held_out_loss(merged.dense, inputs.batches)  # (a sharded distilled model: not)
+    saved = Output(source=inputs.path, tokenizer=inputs.tokenizer, use_cache=use_cache, dense=True,
+                   records=merge_records(cfg, inputs, merged, distilled, plan.resume),
+                   card=lambda tmp: write_card(tmp, cfg, inputs.path, merged.trainer, merged.change, plan.run.final,
+                                               distilled and distilled.trainer))
+    final = save_output(plan.run, saved, trainer=distilled and distilled.trainer, model=merged.dense,
+                        keep_checkpoints=cfg.keep_checkpoints)
+    if distilled is not None and main and not cfg.keep_checkpoints:
+        tidy_distill(plan.run)
+    print_summary(cfg, "xft merge: done", merge_rows(cfg, inputs, merged, distilled, final, plan.resume))
     return final
+
+
+def merge_records(cfg: MergeConfig, inputs: Inputs, merged: Merged, distilled: Distilled | None,
+                  resume: str | None) -> dict[str, dict]:
+    """The JSON files saved beside the merged weights: coefficients, training record, merge gap."""
+    coefficients = coefficients_record(cfg, inputs.moe_config, merged.coefficients, merged.logits)
+    if merged.change is not None:
+        coefficients["max_change_from_init"] = merged.change
+    training = config_record(cfg, "merge", inputs.splits, merged.trainer, resume)
+    if distilled is not None:
+        trainer = distilled.trainer
+        coefficients["distilled"] = {"teacher": cfg.moe, "steps": trainer.state.global_step,
+                                     "note": "the saved weights are this merge, then distilled from the teacher"}
+        training["distillation"] = distill_record(cfg, trainer, distilled.resumed_from)
+        training["processes"] = trainer.args.world_size
+        training["distributed"] = trainer.accelerator.distributed_type.value
+    return {"merge_coefficients.json": coefficients, "xft_training.json": training,
+            GAP_FILE: inputs.gap.to_dict()}
+
+
+def merge_rows(cfg: MergeConfig, inputs: Inputs, merged: Merged, distilled: Distilled | None, final: str,
+               resume: str | None) -> list[tuple[str, str]]:
+    """The summary of `xft merge`: the model, the method and its coefficients, training, distillation, gap."""
+    dense, coefficients = merged.dense, merged.coefficients
+    rows = [("model saved to", final),
+            ("dense model", f"{type(dense).__name__}, {sum(p.numel() for p in dense.parameters()):,} parameters, "
+                            f"from {cfg.moe}{' (resumed)' if resume else ''}"),
+            ("method", cfg.method + (f", shared weight {cfg.shared_weight}"
+                                     if xft.MERGE_METHODS[cfg.method].uses_shared_weight else ""))]
+    if coefficients is not None:
+        first = [c[0] for c in coefficients.values()]
+        others = max(max(c[1:]) for c in coefficients.values())
+        rows.append(("coefficients", f"expert 0: {min(first):.4f}..{max(first):.4f}; "
+                                     f"largest other expert {others:.4f} (merge_coefficients.json)"))
+    if merged.change is not None:
+        rows.append(("learned", f"max change of a coefficient from its init: {merged.change:.2e}"))
+    options = cfg.merge_options()
+    if options:
+        rows.append(("options", ", ".join(f"{k} {v}" for k, v in options.items())))
+    if merged.trainer is not None:
+        rows += common_rows(cfg, merged.trainer, merged.output, merged.seconds, inputs.splits, final,
+                            inputs.warning, resume)[1:]
+    if distilled is not None:
+        rows += distill_rows(cfg, distilled.trainer, distilled.seconds, inputs.splits, merged.trainer is None,
+                             inputs.warning)
+    return rows + inputs.gap.rows()
 
 
 def distill_rows(cfg: MergeConfig, trainer, seconds: float, splits, data_row: bool,

@@ -46,7 +46,8 @@ MODEL_CONFIG = "config.json"  # moved into OUT last: its presence means "finishe
 STAGING = ".final.tmp"  # where the finished model is written before `publish` moves it into OUT
 # Fields that do not change what a run computes; they may differ when resuming or re-running.
 NON_SEMANTIC = {"overwrite", "progress", "report_to", "logging_steps", "save_total_limit", "num_workers",
-                "save_steps", "keep_checkpoints", "eval_steps", "gap_examples"}  # gap_examples: a diagnostic
+                "save_steps", "keep_checkpoints", "eval_steps", "gap_examples",  # gap_examples: a diagnostic
+                "expert_impl"}  # the MoE kernel: speed, not results
 # Entries of the run file that record what happened, not settings.
 RECORD_ONLY = {"outputs"}
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -105,6 +106,12 @@ class RunDir:
                 continue  # killed while saving: skip it
         return None
 
+    def has_progress(self) -> bool:
+        """Whether the run did any work worth keeping: a checkpoint, a model, a distillation. A run file
+        alone (a start that failed, e.g. on a missing package) records nothing another command could lose."""
+        return bool(self.checkpoint_dirs()) or os.path.isfile(os.path.join(self.root, MODEL_CONFIG)) \
+            or os.path.isdir(os.path.join(self.root, DISTILL))
+
     def incomplete_checkpoints(self) -> list[str]:
         """Checkpoint folders newer than the last complete one (a save that was cut off)."""
         last = self.last_checkpoint()
@@ -162,22 +169,43 @@ def claim(root: str, record: dict, overwrite: bool = False, defaults: dict | Non
     if not os.path.isdir(root) or not os.listdir(root):
         return Plan(run)
     if not os.path.isfile(run.run_file):
+        if os.path.isfile(os.path.join(root, "results.json")):  # what `xft eval --out` writes
+            raise UserError(f"{root} holds the results of `xft eval`; choose a new or empty --out")
         legacy = " (a run of xft 0.1: its model is in final/)" if os.path.isdir(
             os.path.join(root, LEGACY_FINAL)) else ""
         raise UserError(f"output directory {root} is not empty and is not an xft output directory{legacy}; "
                         "choose a new or empty --out")
     if overwrite:
         return Plan(run)
-    diff = list(settings_diff({**(defaults or {}), **run.read_record()}, record, NON_SEMANTIC | RECORD_ONLY).values())
-    if run.is_finished():
-        if diff:
-            raise UserError(f"{root} already holds the finished model of another command ({'; '.join(diff[:4])}); "
-                            "pass --overwrite to replace it, or choose another --out")
-        return Plan(run, done=True)
+    recorded = run.read_record()
+    diff = list(settings_diff({**(defaults or {}), **recorded}, record, NON_SEMANTIC | RECORD_ONLY).values())
+    if diff and not run.is_finished() and not run.has_progress():
+        return Plan(run)  # `begin` records the new command over the failed start's
     if diff:
-        raise UserError(f"{root} holds an interrupted run with other settings ({'; '.join(diff[:4])}); "
-                        "re-run the same command to resume it, or pass --overwrite to start over")
-    return Plan(run, run.last_checkpoint())
+        raise UserError(refusal(root, recorded, record, diff, run.is_finished()))
+    return Plan(run, done=True) if run.is_finished() else Plan(run, run.last_checkpoint())
+
+
+# The command that writes each stage's run directory (its record's "stage").
+COMMANDS = {"sft": "train", "merge": "merge", "upcycle": "upcycle"}
+SHOWN_DIFFERENCES = 8  # a refusal lists this many differing settings, then says how many more
+
+
+def refusal(root: str, recorded: dict, record: dict, diff: list[str], finished: bool) -> str:
+    """Why `record`'s command may not use `root`, which holds `recorded`'s output: another subcommand's
+    output (named, not its settings), or the settings that differ, every one of them counted."""
+    what = "the finished model" if finished else "an interrupted run"
+    fix = "pass --overwrite to replace it, or choose another --out" if finished else \
+        "re-run the same command to resume it, or pass --overwrite to start over"
+    old, new = (COMMANDS.get(r.get("stage"), r.get("stage")) for r in (recorded, record))
+    if old != new:
+        return (f"{root} holds {what} of `xft {old}`, not of `xft {new}`: choose another --out (or pass "
+                f"--overwrite to replace it)")
+    shown = "; ".join(diff[:SHOWN_DIFFERENCES])
+    more = f"; and {len(diff) - SHOWN_DIFFERENCES} more" if len(diff) > SHOWN_DIFFERENCES else ""
+    if finished:
+        return f"{root} already holds the finished model of another command ({shown}{more}); {fix}"
+    return f"{root} holds an interrupted run with other settings ({shown}{more}); {fix}"
 
 
 def already_done(run: RunDir, command: str) -> str:
@@ -209,7 +237,7 @@ def begin(run: RunDir, record: dict, overwrite: bool = False) -> None:
         for path in run.incomplete_checkpoints():
             shutil.rmtree(path, ignore_errors=True)
     os.makedirs(run.root, exist_ok=True)
-    if not os.path.isfile(run.run_file):
+    if not os.path.isfile(run.run_file) or not run.has_progress():
         atomic_write_json(run.run_file, record)
 
 

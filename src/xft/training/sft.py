@@ -8,18 +8,18 @@ mean after every step and averaged into a dense model at the end (EWA).
 
 from __future__ import annotations
 
-import os
-
 import transformers
 
 import xft
-from xft.artifacts import atomic_write_json, copy_companions, resolve_model, servable_config
+from xft.artifacts import resolve_model
+from xft.checkpoint import load_tokenizer
 from xft.errors import UserError
 from xft.modelcard import base_model_of, write_model_card
 from xft.training import rundir
 from xft.config import SFTConfig
 from xft.training.stage import (
-    card_results, common_rows, config_record, finalize, load_tokenizer, prepare_data, run_trainer, summary,
+    Output, card_results, common_rows, config_record, prepare_data, print_summary, run_trainer,
+    save_output,
 )
 from xft.training.trainer import resolve_precision
 
@@ -27,7 +27,7 @@ from xft.training.trainer import resolve_precision
 def build_model(cfg: SFTConfig, path: str, dtype):
     """The model to train: loaded (dense or MoE), upcycled first if `cfg.upcycle`."""
     transformers.set_seed(cfg.seed)
-    model = xft.load(path, dtype=dtype)
+    model = xft.load(path, dtype=dtype, expert_impl=cfg.expert_impl)
     if cfg.upcycle:
         if xft.is_moe(model):
             raise UserError(f"{path} is already an MoE; drop --upcycle to train it")
@@ -56,38 +56,25 @@ def train_sft(config: SFTConfig) -> str:
     splits, collator, warning = prepare_data(cfg, tokenizer)
     dtype, mixed = resolve_precision(cfg.precision)
     model = build_model(cfg, path, dtype)
-    is_moe = xft.is_moe(model)
+    is_moe, use_cache = xft.is_moe(model), model.config.use_cache
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
 
     trainer, output, seconds = run_trainer(model, cfg, run, resume, splits, collator, tokenizer, stage="sft",
                                            is_moe=is_moe, mixed=mixed, ewa_share_rate=cfg.ewa_share_rate)
     final_model = xft.average_experts(model) if cfg.ewa_share_rate > 0 else None
-    record = config_record(cfg, "sft", splits, trainer, resume)
-    card_kind = "ewa" if final_model is not None else "moe" if is_moe else "dense"
-
-    def save(tmp: str) -> None:
-        if final_model is not None:  # EWA: the averaged dense model (unsharded, see make_trainer)
-            if trainer.is_world_process_zero():
-                final_model.save_pretrained(tmp)
-        else:
-            trainer.save_model(tmp)  # gathers sharded (FSDP / ZeRO-3) weights
-            if trainer.is_world_process_zero() and os.path.exists(f"{tmp}/training_args.bin"):
-                os.remove(f"{tmp}/training_args.bin")  # a pickle; the config is in xft_training.json
-        if trainer.is_world_process_zero():
-            copy_companions(path, tmp, tokenizer)  # the source's tokenizer and generation config, byte for byte
-            if not is_moe or final_model is not None:
-                servable_config(tmp)
-            atomic_write_json(f"{tmp}/xft_training.json", record)
-            write_card(tmp, cfg, path, card_kind, trainer, run.final)
-
-    final = finalize(run, save, keep_checkpoints=cfg.keep_checkpoints)
-    if cfg.progress and trainer.is_world_process_zero():
-        kind = ("EWA-averaged dense" if final_model is not None else "MoE" if is_moe else "dense")
-        rows = common_rows(cfg, trainer, output, seconds, splits, final, warning)
-        rows.insert(1, ("model", f"{kind}, {sum(p.numel() for p in (final_model or model).parameters()):,} "
-                                 f"parameters, from {cfg.model}" + (" (resumed)" if resume else "")))
-        print(summary("xft train: done", rows), flush=True)
+    kind = "ewa" if final_model is not None else "moe" if is_moe else "dense"
+    saved = Output(source=path, tokenizer=tokenizer, use_cache=use_cache, dense=kind != "moe",
+                   records={"xft_training.json": config_record(cfg, "sft", splits, trainer, resume)},
+                   card=lambda tmp: write_card(tmp, cfg, path, kind, trainer, run.final))
+    # EWA saves the averaged dense model (unsharded, see make_trainer), every other run the Trainer's.
+    final = save_output(run, saved, trainer=trainer if final_model is None else None, model=final_model,
+                        keep_checkpoints=cfg.keep_checkpoints)
+    rows = common_rows(cfg, trainer, output, seconds, splits, final, warning, resume)
+    described = {"ewa": "EWA-averaged dense", "moe": "MoE", "dense": "dense"}[kind]
+    rows.insert(1, ("model", f"{described}, {sum(p.numel() for p in (final_model or model).parameters()):,} "
+                             f"parameters, from {cfg.model}" + (" (resumed)" if resume else "")))
+    print_summary(cfg, "xft train: done", rows)
     return final
 
 

@@ -2,9 +2,9 @@
 
 A stage (`train_sft`, `learn_merge`) is: validate everything (no writes:
 config, data, `check_schedule`) -> build the model -> `run_trainer` (resumes
-from OUT/checkpoint-N) -> `finalize` (the model, with a model card, moved into
-OUT on the main process, config.json last) -> `summary`. `xft.training.rundir`
-describes the layout.
+from OUT/checkpoint-N) -> `save_output` (the model, its companions, records and
+model card, moved into OUT on the main process, config.json last) ->
+`print_summary`. `xft.training.rundir` describes the layout.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from accelerate import PartialState
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import AutoTokenizer
 
-from xft.artifacts import atomic_write_text
+from xft.artifacts import atomic_write_json, atomic_write_text, copy_companions, update_config
 from xft.data import Collator, load_splits, pad_token_id
 from xft.errors import UserError
 from xft.training import rundir
@@ -33,14 +33,6 @@ from xft.training.trainer import (
 
 # A warm-up longer than this share of the run leaves little of it at the full learning rate.
 WARMUP_WARN_SHARE = 0.5
-
-
-def load_tokenizer(path: str):
-    """The tokenizer saved with model `path`; UserError if there is none."""
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from None
 
 
 def prepare_data(cfg, tokenizer):
@@ -170,6 +162,49 @@ def finalize(run: rundir.RunDir, save, keep_checkpoints: bool = True) -> str:
     return run.final
 
 
+@dataclass
+class Output:
+    """What a stage writes into OUT beside the weights."""
+
+    source: str  # the resolved model the stage started from: its tokenizer and generation config are copied
+    tokenizer: object  # saved instead when `source` is a Hub id (no files to copy)
+    use_cache: bool  # the source's: Trainer turns it off while training, and the saved config must not keep that
+    dense: bool  # a dense model: config.json also gets `torch_dtype` for older tools
+    records: dict  # file name -> JSON content (xft_training.json, merge_coefficients.json, ...)
+    card: Callable[[str], None]  # writes the model card into the directory it is given
+
+
+def save_output(run: rundir.RunDir, output: Output, *, trainer=None, model=None,
+                keep_checkpoints: bool = True) -> str:
+    """Write the finished model into OUT (`finalize`); return its path.
+
+    The weights are `trainer`'s model (its `save_model` gathers sharded FSDP / ZeRO-3 weights, on every
+    process) or, without a trainer, `model`, saved by the main process.
+    """
+    def save(tmp: str) -> None:
+        main = PartialState().is_main_process
+        if trainer is not None:
+            trainer.save_model(tmp)
+            if main and os.path.exists(f"{tmp}/training_args.bin"):
+                os.remove(f"{tmp}/training_args.bin")  # a pickle; the config is in xft_training.json
+        elif main:
+            model.save_pretrained(tmp)
+        if main:
+            copy_companions(output.source, tmp, output.tokenizer)  # tokenizer, generation config: byte for byte
+            update_config(tmp, use_cache=output.use_cache, torch_dtype_alias=output.dense)
+            for name, record in output.records.items():
+                atomic_write_json(os.path.join(tmp, name), record)
+            output.card(tmp)
+
+    return finalize(run, save, keep_checkpoints=keep_checkpoints)
+
+
+def print_summary(cfg, title: str, rows: list[tuple[str, str]]) -> None:
+    """The end-of-run summary, printed once (main process) unless `cfg.progress` is off."""
+    if cfg.progress and PartialState().is_main_process:
+        print(summary(title, rows), flush=True)
+
+
 def card_results(trainer) -> dict:
     """What a model card reports of a finished training run: steps, final training and validation loss."""
     curve, validation = loss_curve(trainer), validation_curve(trainer)
@@ -195,9 +230,29 @@ def validation_curve(trainer) -> list[tuple[int, float]]:
     return [(h["step"], h["eval_loss"]) for h in trainer.state.log_history if "eval_loss" in h]
 
 
+def mean_loss(trainer, output, resumed_from: str | None = None) -> float | None:
+    """The training loss averaged over every step of the run, the steps before a resume included.
+
+    Trainer's `training_loss` averages this session's steps only. The steps before `resumed_from` are in
+    the log history the checkpoint restored: each logged loss is the mean over the steps since the
+    previous log, so it is weighted by their number.
+    """
+    session = getattr(output, "training_loss", None)
+    if not session or not resumed_from:
+        return session
+    # The folder's name, not its trainer_state.json: the finished run has deleted its checkpoints by now.
+    start, steps = int(os.path.basename(resumed_from).rsplit("-", 1)[1]), trainer.state.global_step
+    logged, covered, previous = 0.0, 0, 0
+    for step, loss in loss_curve(trainer):
+        if step <= start:
+            logged, covered, previous = logged + loss * (step - previous), step, step
+    return (logged + session * (steps - start)) / (covered + steps - start)
+
+
 def common_rows(cfg, trainer, output, seconds: float, splits, final: str,
-                warning: str | None = None) -> list[tuple[str, str]]:
-    """Summary rows every stage reports (`warning`: the schedule warning of `check_schedule`)."""
+                warning: str | None = None, resumed_from: str | None = None) -> list[tuple[str, str]]:
+    """Summary rows every stage reports (`warning`: the schedule warning of `check_schedule`; `resumed_from`:
+    the checkpoint this session started from, so the mean loss covers the whole run)."""
     curve = loss_curve(trainer)
     tokens = trainer.state.num_input_tokens_seen or 0
     data_stats = splits.stats
@@ -207,7 +262,7 @@ def common_rows(cfg, trainer, output, seconds: float, splits, final: str,
             ("steps", f"{trainer.state.global_step} optimizer steps, {trainer.state.epoch or 0:.2f} epochs, "
                       f"global batch {cfg.batch_size}")]
     if curve:
-        mean = getattr(output, "training_loss", None)
+        mean = mean_loss(trainer, output, resumed_from)
         rows.append(("training loss", f"{curve[0][1]:.4f} (step {curve[0][0]}) -> {curve[-1][1]:.4f} "
                                       f"(step {curve[-1][0]})" + (f"; mean {mean:.4f}" if mean else "")))
     validation = validation_curve(trainer)
