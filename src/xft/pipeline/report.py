@@ -656,3 +656,88 @@ def _timings_table(runs: list[str]) -> str:
         return ""
     lines = ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in total.items()]
     return "\n".join(lines + [f"| **all stages** | **{sum(total.values()):.0f}** |"])
+
+
+# ---------------------------------------------------------------- outputs of single commands (made by hand)
+
+_RESULTS = "results.json"  # what `xft eval --out DIR` writes (xft.eval.report)
+_TRAINING = "xft_training.json"  # what a finished `xft train` / `xft merge` writes beside the weights
+
+
+def _read_dict(path: str) -> dict:
+    value = read_json(path)
+    return value if isinstance(value, dict) else {}
+
+
+def find_outputs(path: str, depth: int = 2) -> list[str]:
+    """`path` and the directories under it (`depth` levels) that an xft command wrote: a model directory
+    of upcycle/train/merge (its run file, finished or not) or an evaluation (results.json)."""
+    from xft.artifacts import RUN_FILE
+
+    if not os.path.isdir(path):
+        return []
+    found = [path] if any(os.path.isfile(os.path.join(path, f)) for f in (RUN_FILE, _RESULTS)) else []
+    if depth > 0:
+        for name in sorted(os.listdir(path)):
+            sub = os.path.join(path, name)
+            if os.path.isdir(sub) and not os.path.islink(sub) and not name.startswith((".", "checkpoint-")):
+                found += find_outputs(sub, depth - 1)
+    return found
+
+
+def model_row(directory: str) -> list[str] | None:
+    """| output | command | state | made from | steps | final training loss | final validation loss |"""
+    from xft.training.rundir import COMMANDS, RunDir
+
+    run = RunDir(directory)
+    record = _read_dict(run.run_file)
+    if not record:
+        return None
+    history = _read_dict(os.path.join(directory, _TRAINING)).get("log_history", [])
+    last = lambda key: next((f"{h[key]:.4f}" for h in reversed(history) if key in h), "-")  # noqa: E731
+    steps = max((h.get("step", 0) for h in history), default=0)
+    if run.is_finished():
+        state = "finished"
+    else:
+        done = run.last_checkpoint()
+        state = f"interrupted (checkpoint {os.path.basename(done)})" if done else "started, no checkpoint"
+    stage = record.get("stage", "?")
+    method = f" ({record['method']})" if stage == "merge" and record.get("method") else ""
+    source = record.get("model") or record.get("moe") or "-"
+    return [directory, f"xft {COMMANDS.get(stage, stage)}{method}", state, f"`{source}`",
+            str(steps) if steps else "-", last("loss"), last("eval_loss")]
+
+
+def eval_row(directory: str) -> list[str] | None:
+    """| output | benchmark | model | pass@1 | tasks |"""
+    results = _read_dict(os.path.join(directory, _RESULTS))
+    if "benchmark" not in results:
+        return None
+    model = results.get("model") or (f"samples {results['samples_file']}" if results.get("samples_file") else "-")
+    score = results.get("pass@1")
+    return [directory, results["benchmark"], f"`{model}`", f"{100 * score:.1f}" if score is not None else "-",
+            str(results.get("n_tasks", "-"))]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def outputs_report(path: str, outputs: list[str]) -> tuple[str, str]:
+    """Write `path`/report.md: a table of the models and one of the evaluations in `outputs`; return (its path,
+    the evaluations' table, or the models' when there is none)."""
+    shown = lambda d: os.path.relpath(d, path) if d != path else "."  # noqa: E731
+    models = [[shown(r[0]), *r[1:]] for r in map(model_row, outputs) if r]
+    evals = [[shown(r[0]), *r[1:]] for r in map(eval_row, outputs) if r]
+    parts = [f"# xft outputs in {os.path.abspath(path)}", ""]
+    model_table = _table(["output", "command", "state", "made from", "steps", "final training loss",
+                          "final validation loss"], models)
+    eval_table = _table(["output", "benchmark", "model", "pass@1 (%)", "tasks"], evals)
+    if models:
+        parts += ["## Models", "", model_table, ""]
+    if evals:
+        parts += ["## Evaluations", "", eval_table, ""]
+    report = os.path.join(path, "report.md")
+    atomic_write_text(report, "\n".join(parts))
+    return report, eval_table if evals else model_table
