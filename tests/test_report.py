@@ -71,6 +71,11 @@ def test_rerun_that_skips_everything_keeps_the_reported_wall_time(tiny_run):
     assert lines and all("skipped" in line for line in lines)
     assert header() == before and "Command: `xft run minicode --out run`" in (run / "report.md").read_text()
     assert len(json.loads((run / "sessions.json").read_text())) == 1  # the skipping re-run is not a session
+    # the kernels' instruction set is part of the record: bit-identical results hold only between equal ones
+    import torch
+
+    kernels = torch.backends.cpu.get_cpu_capability()
+    assert f"CPU kernels {kernels}, device cpu." in (run / "report.md").read_text()
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):

@@ -508,7 +508,8 @@ def _header(runs: list[str]) -> str:
         if last.get("command"):
             lines.append(f"Command: `{last['command']}`" + (f", {len(runs)} runs (seeds)" if len(runs) > 1 else "")
                          + ".")
-        lines.append(f"Machine: {last.get('machine')}, device {last.get('device')}.")
+        kernels = f", CPU kernels {last['cpu_capability']}" if last.get("cpu_capability") else ""
+        lines.append(f"Machine: {last.get('machine')}{kernels}, device {last.get('device')}.")
         wall = sum(s.get("seconds", 0.0) for s in sessions)
         lines.append(f"Wall time: **{_duration(wall)}** (every invocation that ran stages, summed over the runs; "
                      f"sessions.json); the stages themselves add up to {_duration(stage)} (timings.json; with "

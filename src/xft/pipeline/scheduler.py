@@ -197,7 +197,26 @@ def read_sessions(root: str) -> list[dict]:
 def record_session(root: str, command: str | None, seconds: float, ran: list[str], device: str = "cpu") -> None:
     """Append this invocation to root/sessions.json; call it only when it ran something (a re-run that
     skips everything is no session)."""
-    session = {"command": command, "device": device, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    session = {"command": command, "device": device, "machine": machine(), "cpu_capability": cpu_capability(),
                "seconds": round(seconds, 2), "stages": ran,
                "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write_json(os.path.join(root, SESSIONS_FILE), read_sessions(root) + [session])
+
+
+def machine() -> str:
+    """The machine, in words: CPU count and model, OS and architecture."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.machine()}"
+
+
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels run with here (e.g. AVX512, AVX2): results are bit-identical
+    only between runs with the same one; another changes the rounding of reductions."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()

@@ -19,6 +19,7 @@ import time
 from xft.artifacts import read_json
 from xft.pipeline.methods import METHODS
 from xft.pipeline.report import eval_results
+from xft.pipeline.scheduler import cpu_capability, machine
 
 SCHEMA = 1
 GAP_DIR = "merge_gap"  # in the study's directory: per seed, each merge's gap diagnostics measured on validation
@@ -264,20 +265,10 @@ def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list
         "tuning": tuning,
         "seeds": per_seed,
         "compute": _compute(seeds[0].out, r.methods, bench),
-        "provenance": {"commit": commit(), "command": command, "machine": machine(), "jobs": jobs,
+        "provenance": {"commit": commit(), "command": command, "machine": machine(),
+                       "cpu_capability": cpu_capability(), "jobs": jobs,
                        "threads_per_run": 1, "wall_seconds": round(wall_seconds, 1),
                        "python": platform.python_version(), "torch": torch.__version__,
                        "transformers": transformers.__version__,
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
-
-
-def machine() -> str:
-    """The machine a study ran on, in words."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.machine()}"
