@@ -544,7 +544,7 @@ def _read_frames(fd, deadline, pid, budget, limit=None):
             buf += chunk
 
 
-_PHASE_BYTES = 128 << 20  # what one phase may report (outputs over 8 MiB travel as digests)
+_PHASE_BYTES = 128 << 20  # what one phase may report unless its job says ("bytes": see execute.py)
 
 
 def run_phase(job, phase, out_fd, runner_fd):
@@ -557,7 +557,7 @@ def run_phase(job, phase, out_fd, runner_fd):
         call_fds = job.get("call_fds", ()) if job["kind"] != "serve" else ()
         _child(job, phase, wfd, out_fd, (runner_fd, *call_fds))
     os.close(wfd)
-    frames, end = _read_frames(rfd, time.monotonic() + phase["deadline"], pid, _PHASE_BYTES)
+    frames, end = _read_frames(rfd, time.monotonic() + phase["deadline"], pid, phase.get("bytes", _PHASE_BYTES))
     os.close(rfd)
     _kill_group(pid)
     with contextlib.suppress(ChildProcessError):

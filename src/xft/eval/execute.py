@@ -84,12 +84,21 @@ def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth, tl: TimeLimits,
         deadline = min(tl.max_phase, sum(limits)) + 2.0
         if (task.task_id, p) not in wires:
             wires[task.task_id, p] = wire_inputs(getattr(task, f"{p}_input"))
-        phases.append({"name": p, "inputs": wires[task.task_id, p], "time_limits": limits,
-                       "deadline": deadline})
+        phases.append({"name": p, "inputs": wires[task.task_id, p], "time_limits": limits, "deadline": deadline,
+                       "bytes": _report_budget(truth.wire_bytes(task.task_id, p), len(limits))})
         total += deadline
     job = {"kind": "io", "code": program_for(bench, sample), "entry_point": task.entry_point,
            "phases": phases, "output_not_none": bench.oracle == "mbpp" and task.entry_point in MBPP_NOT_NONE}
     return job, total
+
+
+def _report_budget(expected_bytes: int, n_inputs: int) -> int:
+    """What a phase may report: a right answer's outputs weigh what the expected ones do,
+    give or take their form (`True` for `1`, a float's digits within tolerance: at most
+    8x) and each frame's framing; a wrong one gains nothing by weighing more. This bounds
+    what the judge reads and holds for one sample (a flood of large wrong outputs used to
+    cost it gigabytes)."""
+    return 8 * expected_bytes + 96 * n_inputs + (1 << 20)
 
 
 def _failed(result, phase_names: tuple[str, ...]) -> dict | None:

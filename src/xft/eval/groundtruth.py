@@ -52,6 +52,10 @@ class GroundTruth:
     times: dict  # task_id -> {"base": [seconds per input], "plus": [...]}
     hashes: dict  # file name -> SHA-256 (hex) of its bytes, from the authenticated index
 
+    def wire_bytes(self, task_id: str, phase: str) -> int:
+        """Size of the stored expected outputs (their wire text and a few bytes each)."""
+        return (self.directory / _file_name(task_id, phase)).stat().st_size
+
     def outputs(self, task_id: str, phase: str) -> list[tuple[str, object]]:
         """Expected outputs, one ("value", v) or ("digest", hex) per input."""
         name = _file_name(task_id, phase)
@@ -106,24 +110,34 @@ def _mac(data: bytes) -> str:
 
 def _seal(directory: Path, times: dict) -> None:
     """Write the index (timings, each output file's hash) and its MAC."""
-    hashes = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-              for f in directory.iterdir() if f.name.endswith(".json")}
+    hashes = {f.name: _sha256(f) for f in directory.iterdir() if f.name.endswith(".json")}
     index = json.dumps({"times": times, "files": hashes}).encode()
     (directory / "index.json").write_bytes(index)
     (directory / "index.mac").write_text(_mac(index))
 
 
 def _open_sealed(directory: Path, tasks) -> GroundTruth | None:
-    """The cache in `directory` if its index carries our MAC and covers `tasks`, else None."""
+    """The cache in `directory` if its index carries our MAC, covers `tasks` and every file
+    still has the hash the index gives it (read once here: a few MB), else None."""
     try:
         index = (directory / "index.json").read_bytes()
         if not hmac.compare_digest((directory / "index.mac").read_text(), _mac(index)):
             return None
         data = json.loads(index)
         times, hashes = data["times"], data["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        if set(times) != set(tasks) or not all(_sha256(directory / name) == h for name, h in hashes.items()):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return GroundTruth(directory, times, hashes) if set(times) == set(tasks) else None
+    return GroundTruth(directory, times, hashes)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _reference_job(bench: Benchmark, task) -> dict:

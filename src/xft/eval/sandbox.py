@@ -248,13 +248,13 @@ class Sandbox:
                  keep: dict[str, str] | None = None) -> dict:
         limits = limits or self.limits
         return dict(job, deadline=deadline, limits=dataclasses.asdict(limits), keep=list(keep or ()),
-                    nonce=secrets.token_hex(16))
+                    nonce=secrets.token_hex(16), report_bytes=_report_bytes(job, limits))
 
     def _collect(self, worker: "_Worker", job: dict, t0: float, wall: float,
                  keep: dict[str, str] | None) -> RunResult:
         reason = None
         try:
-            verdict, files = worker.receive(t0 + wall)
+            verdict, files = worker.receive(t0 + wall, job["report_bytes"])
             if verdict.get("killed"):
                 reason = "deadline"
         except TimeoutError:
@@ -372,9 +372,10 @@ class _Worker:
         """Start a job (JSON: a program that reached this pipe could only send a wrong job)."""
         self._send(json.dumps(job).encode())
 
-    def receive(self, deadline: float) -> tuple[dict, dict[str, bytes]]:
-        """The job's report and kept files; raises on deadline, death or garbage."""
-        verdict = json.loads(self._recv(deadline))
+    def receive(self, deadline: float, limit: int) -> tuple[dict, dict[str, bytes]]:
+        """The job's report (at most `limit` bytes) and kept files; raises on deadline, death
+        or garbage."""
+        verdict = json.loads(self._recv(deadline, limit))
         if not isinstance(verdict, dict):
             raise OSError("garbled report")
         files = {}
@@ -400,9 +401,9 @@ class _Worker:
         self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
         self.proc.stdin.flush()
 
-    def _recv(self, deadline: float) -> bytes:
+    def _recv(self, deadline: float, limit: int = 1 << 20) -> bytes:
         (size,) = struct.unpack("<Q", self._recv_exact(8, deadline))
-        if size > Limits.verdict_bytes:
+        if size > limit:
             raise OSError("oversized report")
         return self._recv_exact(size, deadline)
 
@@ -537,6 +538,16 @@ class Session:
                 self._buf += chunk
             elif report in ready:  # the worker reports the job over: the program is gone
                 raise Ended("the program ended before its tests finished")
+
+
+def _report_bytes(job: dict, limits: Limits) -> int:
+    """The most a job's report may weigh: its phases' frames as the job bounds them
+    (`"bytes"`; JSON-escaping their text at most doubles it), captured output (6x as
+    \\uXXXX escapes), and room for the rest; else `limits.verdict_bytes`."""
+    budgets = [p.get("bytes") for p in job.get("phases", ())]
+    if not budgets or None in budgets:
+        return limits.verdict_bytes
+    return 2 * sum(budgets) + 6 * limits.output_bytes + (1 << 20)
 
 
 def _cgroups(name: str, limits: Limits) -> list[tuple[str, dict]]:
