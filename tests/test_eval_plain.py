@@ -76,3 +76,23 @@ def test_digest_is_exact():
     assert plain.digest(big) == plain.digest([("a", "b")] * 10000)
     assert plain.digest(big) != plain.digest([["a", "b"]] * 10000)  # type matters
     assert plain.digest([1] * 5000) != plain.digest([True] * 5000)  # no cross-type equality
+
+
+def test_one_size_rule_for_encoder_and_decoder():
+    """Size is the wire text's length, escapes included: what the encoder sends, the decoder takes."""
+    fits = "é" * (2 << 20)  # 2 Mi characters, 12 MiB as \u00e9 escapes
+    assert plain.decode(plain.encode(fits)) == fits
+    edge = "\\" * ((plain.MAX_BYTES - 2) // 2)  # each backslash escaped to two characters
+    assert len(plain.encode(edge)) == plain.MAX_BYTES and plain.decode(plain.encode(edge)) == edge
+    with pytest.raises(plain.PlainError, match="too large"):
+        plain.encode(edge + "\\")
+    with pytest.raises(plain.PlainError):
+        plain.decode(plain.encode(edge) + " ")
+
+
+def test_sets_and_dicts_crowding_one_hash_are_refused():
+    crowded = [k * (2**61 - 1) for k in range(1, plain.MAX_COLLISIONS + 2)]  # distinct, all hash 0
+    for wire in (plain.encode(set(crowded)), plain.encode(dict.fromkeys(crowded))):
+        with pytest.raises(plain.PlainError, match="share one hash"):
+            plain.decode(wire)
+    assert plain.decode(plain.encode(set(crowded[:-1]))) == set(crowded[:-1])  # at the limit: accepted

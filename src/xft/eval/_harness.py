@@ -11,21 +11,26 @@ the sandbox. Everything this process and its children send is treated by the jud
 as written by the program (which can tamper with any of it), so nothing here has to
 be trusted for a verdict to hold.
 
-Protocol with the host (fd 0 / fd 1, length-prefixed frames): a setup frame
-(pickled; host to sandbox only), answered by a "ready" frame; then one pickled job
-per frame, each answered by a JSON report frame followed by the raw bytes of any
-files the job asked to keep. A "serve" job (HumanEval style) stays open while the
-judge calls the program over the worker's call pipes, until the host sends b"end",
-the program ends or the deadline passes.
+Protocol with the host (length-prefixed JSON frames; the worker moves the pipes off
+fds 0/1 at once and points 0, 1 and 2 at /dev/null, so that no process it forks
+inherits them): a setup frame, answered by a "ready" frame; then one job per frame
+(test inputs in the plain wire form), each answered by a JSON report frame followed
+by the raw bytes of any files the job asked to keep. Nothing from the host is ever
+unpickled: a frame a program forged could only be a wrong job. A "serve" job
+(HumanEval style) stays open while the judge calls the program over the worker's
+call pipes, until the host sends b"end", the program ends or the deadline passes.
 
-Per job the worker forks a *runner*: it makes a fresh scratch directory, sets
-resource limits, drops privileges (a dedicated uid when we are real root, else every
-capability) and runs each test phase in a forked child that applies the reliability
-guard; the runner kills the child's process group at the phase deadline (for a
-"serve" job, one phase, the worker keeps the deadline and the runner only waits).
-After the job the worker kills every process left below it (it is pid 1 of its pid
-namespace, or a subreaper) and deletes the scratch directory, so nothing a program
-starts survives its job.
+Per job the worker forks a *runner*: it closes the host pipes, enters a fresh IPC
+namespace (when it may: SysV shared memory, semaphores and queues then die with the
+job), makes a fresh scratch directory, sets resource limits, drops privileges (a
+dedicated uid when we are real root, else every capability), becomes non-dumpable
+(so a program cannot open its /proc entries or ptrace it; the worker is too) and
+runs each test phase in a forked child that applies the reliability guard; the
+runner kills the child's process group at the phase deadline (for a "serve" job,
+one phase, the worker keeps the deadline and the runner only waits). After the job
+the worker kills every process left below it (it is pid 1 of its pid namespace, or
+a subreaper) and deletes the scratch directory, so nothing a program starts
+survives its job.
 
 Job kinds: "io" (EvalPlus style: call the entry point on every input of a phase and
 report each output), "serve" (answer the judge's calls one by one) and "reference"
@@ -40,7 +45,6 @@ import faulthandler
 import io
 import json
 import os
-import pickle
 import resource
 import select
 import shutil
@@ -65,7 +69,8 @@ _MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
 # must keep the "locked" flags of the original mount.
 _STATVFS_TO_MS = {2: _MS_NOSUID, 4: _MS_NODEV, 8: _MS_NOEXEC, 1024: _MS_NOATIME,
                   2048: _MS_NODIRATIME, 4096: _MS_RELATIME}
-_PR_SET_NO_NEW_PRIVS, _PR_SET_CHILD_SUBREAPER = 38, 36
+_PR_SET_NO_NEW_PRIVS, _PR_SET_CHILD_SUBREAPER, _PR_SET_DUMPABLE = 38, 36, 4
+_CLONE_NEWIPC = 0x08000000
 _PR_CAPBSET_DROP, _PR_SET_SECUREBITS = 24, 28
 _SECBITS_LOCKED_NOROOT = 0x2F  # NOROOT, NO_SETUID_FIXUP and their locks
 
@@ -88,7 +93,7 @@ def _bind_readonly(src, dst):
     """Bind `src` at `dst` (created as needed), then make that bind read-only."""
     if os.path.isdir(src):
         os.makedirs(dst, exist_ok=True)
-    else:
+    elif not os.path.exists(dst):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         open(dst, "a").close()
     try:
@@ -103,6 +108,18 @@ def _bind_readonly(src, dst):
     _mount(None, dst, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | keep)
 
 
+def _cover(root, path):
+    """Hide `path` (as seen inside `root`) under an empty read-only tmpfs (a directory) or
+    /dev/null (a file): benchmark data and caches that happen to lie in a bound directory."""
+    dst = root + path
+    if not os.path.lexists(dst) or not os.path.realpath(dst).startswith(root + "/"):
+        return  # not in the sandbox's view (or a link leading out of it: not ours to cover)
+    if os.path.isdir(dst):
+        _mount("tmpfs", dst, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=555")
+    else:
+        _bind_readonly("/dev/null", dst)
+
+
 def _build_root(setup):
     """Mount a fresh tmpfs at setup['root'] holding only read-only binds of what Python
     needs, plus a size-capped tmpfs scratch (the one writable place), and chroot."""
@@ -114,6 +131,8 @@ def _build_root(setup):
             _bind_readonly(path, root + path)
     for path, target in setup["symlinks"]:
         os.symlink(target, root + path)
+    for path in setup.get("hidden", ()):
+        _cover(root, path)
     os.makedirs(root + "/scratch")
     _mount("tmpfs", root + "/scratch", "tmpfs", _MS_NOSUID | _MS_NODEV,
            f"size={setup['scratch_bytes']},mode=711")
@@ -170,6 +189,17 @@ def _drop_privileges(setup):
         data = (ctypes.c_uint32 * 6)()
         _check(_libc.capset(ctypes.byref(_Hdr(0x20080522, 0)), data), "capset")
     _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    # Non-dumpable (set after the uid change, which resets it): /proc/<runner>/fd, mem and
+    # ptrace are closed to the program although it may share our uid (userns, rlimits).
+    _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
+
+
+def _own_ipc_namespace():
+    """A fresh SysV IPC namespace for this job (when we hold CAP_SYS_ADMIN: root or the
+    root of a user namespace): the shared memory, semaphores and queues a program creates
+    die with its last process, and none made by an earlier job is visible."""
+    if os.geteuid() == 0:
+        _check(_libc.unshare(_CLONE_NEWIPC), "unshare(CLONE_NEWIPC)")
 
 
 def _set_limits(limits, setup, cpu_seconds):
@@ -304,6 +334,22 @@ def _result(i, fn, args, seconds, not_none=False):
         return {"i": i, "e": f"the result cannot be digested: {_first_line(e)}"}
 
 
+def _inputs(phase):
+    """A phase's argument lists, decoded from the wire form (no size limit: trusted data)."""
+    return plain.decode(phase["inputs"], max_bytes=1 << 40)
+
+
+def _frame(msg, nonce):
+    """`msg` with the job's nonce as JSON bytes. A plain value (`"v"`, wire text) is embedded
+    as JSON rather than as a string, which would escape it a second time (a result of n
+    backslashes would weigh 4n): a frame weighs its value's wire text plus a few bytes."""
+    fields = {k: x for k, x in msg.items() if k != "v"} | ({"n": nonce} if nonce else {})
+    text = json.dumps(fields)
+    if "v" in msg:
+        text = text[:-1] + ("," if fields else "") + '"v":' + msg["v"] + "}"
+    return text.encode()
+
+
 def _load_program(job):
     env = {}
     with _swallow_io():
@@ -321,7 +367,7 @@ def _run_io(job, phase, send):
     except BaseException as e:
         send({"load_error": _first_line(e)})
         return
-    for i, inp in enumerate(phase["inputs"]):
+    for i, inp in enumerate(_inputs(phase)):
         r = _result(i, fn, inp, phase["time_limits"][i], job.get("output_not_none", False))
         send(r)
         if "e" in r or "x" in r:
@@ -335,20 +381,20 @@ def _run_reference(job, phase, send):
     report."""
     fn = _load_program(job)
     outputs, times = [], []
-    for inp in phase["inputs"]:
+    for inp in _inputs(phase):
         inp = copy.deepcopy(inp)
         t0 = time.time()
         out = fn(*inp)
         times.append(time.time() - t0)
         out = out is not None if job["output_not_none"] else out
         try:
-            outputs.append({"v": plain.encode(out)})
+            outputs.append(_frame({"v": plain.encode(out)}, None))
         except plain.PlainError as e:
             if str(e) != "too large":
                 raise
-            outputs.append({"d": plain.digest(out)})
-    with open(f"{phase['name']}.json", "w") as f:  # cwd is the scratch directory
-        json.dump(outputs, f)
+            outputs.append(_frame({"d": plain.digest(out)}, None))
+    with open(f"{phase['name']}.json", "wb") as f:  # cwd is the scratch directory
+        f.write(b"[" + b",".join(outputs) + b"]")
     send({"done": True, "times": times})
 
 
@@ -359,7 +405,7 @@ def _serve(job, phase, send):
     req, rep = job["call_fds"]
     os.set_blocking(req, True)  # an earlier program may have changed these shared pipes' flags
     os.set_blocking(rep, True)
-    out = lambda msg: _send_message(rep, json.dumps(dict(msg, n=job["nonce"])).encode())  # noqa: E731
+    out = lambda msg: _send_message(rep, _frame(msg, job["nonce"]))  # noqa: E731
     try:
         fn = _load_program(job)
     except BaseException as e:
@@ -372,12 +418,12 @@ def _serve(job, phase, send):
             return
         try:
             msg = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if not isinstance(msg, dict) or msg.get("n") != job["nonce"]:
             continue
         try:
-            args, kwargs = plain.decode(msg["a"]), plain.decode(msg["k"])
+            args, kwargs = plain.build(msg["a"]), plain.build(msg["k"])
             r = _result(msg["s"], lambda *a: fn(*a, **kwargs), args, None)
         except plain.PlainError as e:
             r = {"e": f"bad arguments: {e}"}
@@ -418,10 +464,10 @@ class _Outbox:
 
     def __init__(self, fd, nonce):
         self.fd, self.nonce, self.frames, self.size, self.since = fd, nonce, [], 0, time.monotonic()
-        self.write, self.dumps, self.clock = _send_message, json.dumps, time.monotonic
+        self.clock = time.monotonic
 
     def __call__(self, msg):
-        frame = self.dumps(dict(msg, n=self.nonce)).encode()
+        frame = _frame(msg, self.nonce)
         self.frames.append(struct.pack("<Q", len(frame)) + frame)
         self.size += len(frame)
         if self.size > (1 << 20) or self.clock() - self.since > 0.02:
@@ -441,9 +487,13 @@ def _kill_group(pid):
 def _send_message(fd, data):
     """Length-prefixed, so the reader never waits for an EOF that a lingering
     grandchild holding the pipe could withhold."""
-    data = struct.pack("<Q", len(data)) + data
-    while data:
-        data = data[os.write(fd, data):]
+    _write_all(fd, struct.pack("<Q", len(data)) + data)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _read_exact(fd, n):
@@ -502,7 +552,7 @@ def _read_frames(fd, deadline, pid, budget, limit=None):
             buf += chunk
 
 
-_PHASE_BYTES = 128 << 20  # what one phase may report (outputs over 8 MiB travel as digests)
+_PHASE_BYTES = 128 << 20  # what one phase may report unless its job says ("bytes": see execute.py)
 
 
 def run_phase(job, phase, out_fd, runner_fd):
@@ -515,7 +565,7 @@ def run_phase(job, phase, out_fd, runner_fd):
         call_fds = job.get("call_fds", ()) if job["kind"] != "serve" else ()
         _child(job, phase, wfd, out_fd, (runner_fd, *call_fds))
     os.close(wfd)
-    frames, end = _read_frames(rfd, time.monotonic() + phase["deadline"], pid, _PHASE_BYTES)
+    frames, end = _read_frames(rfd, time.monotonic() + phase["deadline"], pid, phase.get("bytes", _PHASE_BYTES))
     os.close(rfd)
     _kill_group(pid)
     with contextlib.suppress(ChildProcessError):
@@ -529,6 +579,7 @@ def _enter_job(job, setup, workdir):
     os.chdir(workdir)
     os.environ["HOME"] = os.environ["TMPDIR"] = workdir
     out_fd = os.open(".output", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _own_ipc_namespace()
     _set_limits(job["limits"], setup, int(job["deadline"]) + 2)
     _drop_privileges(setup)
     return out_fd
@@ -663,7 +714,8 @@ def _stops_on_request(pid):
 
 
 def serve(job, setup, base, n, host):
-    """Run one job in a forked runner (or served process); returns (verdict dict, {name: bytes} kept files)."""
+    """Run one job in a forked runner (or served process); returns (verdict dict, {name: bytes} kept files).
+    The runner holds nothing of the host's: the program has no way to write to it."""
     workdir = os.path.join(base, f"job{n}")
     os.mkdir(workdir, 0o700)
     if setup.get("uid") is not None:
@@ -674,6 +726,7 @@ def serve(job, setup, base, n, host):
     pid = os.fork()
     if pid == 0:
         os.close(rfd)
+        host.close()
         (_served if job["kind"] == "serve" else _runner)(job, setup, workdir, wfd)
     os.close(wfd)
     deadline = time.monotonic() + job["deadline"]
@@ -691,7 +744,7 @@ def serve(job, setup, base, n, host):
     else:
         try:
             verdict = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             verdict = {"harness_error": "garbled report"}
     files = {}
     for name in job.get("keep", ()):
@@ -707,11 +760,20 @@ def serve(job, setup, base, n, host):
 
 
 class _Host:
-    """Frames from the host on fd 0, read raw (a buffered reader would hide from
-    select() what it already holds)."""
+    """The job channel: frames from the host on fd `fd`, read raw (a buffered reader
+    would hide from select() what it already holds), and written to fd `out`."""
 
-    def __init__(self, fd):
-        self.fd, self.buf, self.eof = fd, bytearray(), False
+    def __init__(self, fd, out):
+        self.fd, self.out, self.buf, self.eof = fd, out, bytearray(), False
+
+    def close(self):
+        """In a forked runner: let go of the channel."""
+        os.close(self.fd)
+        os.close(self.out)
+
+    def write(self, data):
+        """One frame to the host."""
+        _send_message(self.out, data)
 
     def fill(self):
         chunk = os.read(self.fd, 1 << 20)
@@ -735,23 +797,28 @@ class _Host:
             self.fill()
 
 
-def _write_frame(stream, data):
-    stream.write(struct.pack("<Q", len(data)) + data)
-    stream.flush()
+def _private_channel():
+    """The host's pipes moved to fresh fds (close-on-exec) and 0, 1, 2 pointed at
+    /dev/null: a program reaching for its parents' standard fds finds nothing there."""
+    host = _Host(os.dup(0), os.dup(1))
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
+    return host
 
 
 def main():
-    host, stdout = _Host(0), sys.stdout.buffer
-    setup = pickle.loads(host.read())
+    host = _private_channel()
+    setup = json.loads(host.read())
     sys.path.extend(setup.get("site_packages", ()))  # started with -S (no site processing)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 2)
     try:
         base = isolate_worker(setup)
     except BaseException as e:
-        _write_frame(stdout, json.dumps({"setup_error": _first_line(e)}).encode())
+        host.write(json.dumps({"setup_error": _first_line(e)}).encode())
         return
-    _write_frame(stdout, b'{"ready": true}')
+    host.write(b'{"ready": true}')
     n = 0
     while True:
         frame = host.read()
@@ -760,12 +827,11 @@ def main():
         if frame == b"end":
             continue  # a judge's "end" that crossed our early report of a "serve" job
         n += 1
-        verdict, files = serve(pickle.loads(frame), setup, base, n, host)
+        verdict, files = serve(json.loads(frame), setup, base, n, host)
         verdict["files"] = [[name, len(data)] for name, data in files.items()]
-        _write_frame(stdout, json.dumps(verdict).encode())
+        host.write(json.dumps(verdict).encode())
         for data in files.values():
-            stdout.write(data)
-        stdout.flush()
+            _write_all(host.out, data)
 
 
 if __name__ == "__main__":

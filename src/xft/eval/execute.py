@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import time
 from typing import Callable, Iterable
 
 from xft.errors import UserError
@@ -30,7 +31,7 @@ from xft.eval import judge
 from xft.eval.benchmarks import Benchmark
 from xft.eval.groundtruth import GroundTruth, expected_outputs
 from xft.eval.oracles import MBPP_NOT_NONE
-from xft.eval.sandbox import Sandbox
+from xft.eval.sandbox import Sandbox, wire_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,18 +73,32 @@ def program_for(bench: Benchmark, sample: dict) -> str:
                     "'completion' string")
 
 
-def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth, tl: TimeLimits) -> tuple[dict, float]:
+def _io_job(bench: Benchmark, sample: dict, truth: GroundTruth, tl: TimeLimits,
+            wires: dict) -> tuple[dict, float]:
+    """The sandbox job of an io-style sample and its deadline; `wires` caches each task's
+    inputs in the wire form (encoded once per task, not once per sample)."""
     task = bench.tasks[sample["task_id"]]
     phases, total = [], 0.0
     for p in bench.phases:
         limits = [max(tl.min_per_input, tl.factor * t) for t in truth.times[task.task_id][p]]
         deadline = min(tl.max_phase, sum(limits)) + 2.0
-        phases.append({"name": p, "inputs": getattr(task, f"{p}_input"),
-                       "time_limits": limits, "deadline": deadline})
+        if (task.task_id, p) not in wires:
+            wires[task.task_id, p] = wire_inputs(getattr(task, f"{p}_input"))
+        phases.append({"name": p, "inputs": wires[task.task_id, p], "time_limits": limits, "deadline": deadline,
+                       "bytes": _report_budget(truth.wire_bytes(task.task_id, p), len(limits))})
         total += deadline
     job = {"kind": "io", "code": program_for(bench, sample), "entry_point": task.entry_point,
            "phases": phases, "output_not_none": bench.oracle == "mbpp" and task.entry_point in MBPP_NOT_NONE}
     return job, total
+
+
+def _report_budget(expected_bytes: int, n_inputs: int) -> int:
+    """What a phase may report: a right answer's outputs weigh what the expected ones do,
+    give or take their form (`True` for `1`, a float's digits within tolerance: at most
+    8x) and each frame's framing; a wrong one gains nothing by weighing more. This bounds
+    what the judge reads and holds for one sample (a flood of large wrong outputs used to
+    cost it gigabytes)."""
+    return 8 * expected_bytes + 96 * n_inputs + (1 << 20)
 
 
 def _failed(result, phase_names: tuple[str, ...]) -> dict | None:
@@ -117,7 +132,8 @@ def _judge_io(bench: Benchmark, sample: dict, job: dict, truth: GroundTruth, res
     task = bench.tasks[sample["task_id"]]
     reports = result.verdict.get("phases")
     reports = reports if isinstance(reports, dict) else {}
-    return {p["name"]: judge.judge_io_phase(reports.get(p["name"]), result.nonce, p["inputs"],
+    return {p["name"]: judge.judge_io_phase(reports.get(p["name"]), result.nonce,
+                                            getattr(task, f"{p['name']}_input"),
                                             truth.outputs(task.task_id, p["name"]), task.entry_point,
                                             bench.oracle, task.atol, p["deadline"])
             for p in job["phases"]}
@@ -149,6 +165,7 @@ def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None
                         f"(first: {unknown[0]!r})")
     own_sandbox = sandbox is None
     sandbox = sandbox or Sandbox()
+    sandbox.hide(bench.source)  # the data file holds the canonical solutions
     try:
         return _check_all(bench, samples, sandbox, workers or os.cpu_count() or 1,
                           time_limits or TimeLimits(), progress)
@@ -164,16 +181,24 @@ def _check_all(bench, samples, sandbox, workers, tl, progress) -> list[Verdict]:
         for task_id in {s["task_id"] for s in samples}:
             t = bench.tasks[task_id]
             compiled[task_id] = judge.compile_check(t.prompt if bench.prompt_kind == "code" else None, t.test)
-    jobs = [_io_job(bench, s, truth, tl) if truth is not None else (None, tl.check_seconds)
+    wires: dict = {}
+    jobs = [_io_job(bench, s, truth, tl, wires) if truth is not None else (None, tl.check_seconds)
             for s in samples]
 
     def run(i: int) -> Verdict:
         sample, (job, deadline) = samples[i], jobs[i]
-        if job is None:
-            phases, seconds = _judge_check(bench, sample, sandbox, tl, compiled[sample["task_id"]])
-        else:
-            result = sandbox.run(job, deadline + 2.0)
-            phases, seconds = _judge_io(bench, sample, job, truth, result), result.seconds
+        t0 = time.monotonic()
+        try:
+            if job is None:
+                phases, seconds = _judge_check(bench, sample, sandbox, tl, compiled[sample["task_id"]])
+            else:
+                result = sandbox.run(job, deadline + 2.0)
+                phases, seconds = _judge_io(bench, sample, job, truth, result), result.seconds
+        except UserError:  # about the installation (e.g. a damaged cache), not this sample
+            raise
+        except Exception as e:  # whatever a sample does, it costs no other sample its verdict
+            error = f"the harness failed on this sample: {type(e).__name__}: {e}"[:300]
+            phases, seconds = {p: {"status": "error", "error": error} for p in bench.phases}, time.monotonic() - t0
         return _verdict(sample["task_id"], bench.phases, phases, seconds)
 
     # Longest first (by the reference's time, then the deadline), so that a slow task

@@ -45,12 +45,13 @@ def _verdict(status: str, error: str | None = None) -> dict:
 # ----------------------------------------------------------------- EvalPlus style
 
 def _frames(phase: dict, nonce: str):
-    """The phase's frames as dicts carrying our nonce; a malformed one ends the list."""
+    """The phase's frames as dicts carrying our nonce; a malformed or oversized one (a
+    frame carries at most one value: `plain.FRAME_BYTES`) ends the list."""
     frames = phase.get("frames")
     for text in frames if isinstance(frames, list) else [None]:
         try:
-            msg = json.loads(text)
-        except (ValueError, TypeError, RecursionError):
+            msg = json.loads(text) if len(text) <= plain.FRAME_BYTES else None
+        except Exception:  # not text, bad JSON, RecursionError: a garbled report
             msg = None
         if not isinstance(msg, dict) or msg.get("n") != nonce:
             yield {"garbled": True}
@@ -95,7 +96,7 @@ def _mismatch(msg: dict, exp: tuple, inp, entry_point: str, oracle: str | None, 
     if kind == "digest":
         return "wrong output"
     try:
-        out = plain.decode(msg["v"])
+        out = plain.build(msg["v"])
     except plain.PlainError as e:
         return f"the result is not plain data: {e}"
     try:
@@ -148,16 +149,16 @@ class _Candidate:
 
     def __call__(self, *args, **kwargs):
         try:
-            request = {"a": plain.encode(list(args)), "k": plain.encode(kwargs)}
+            wires = {"a": plain.encode(list(args)), "k": plain.encode(kwargs)}
         except plain.PlainError as e:
             raise self._gone(_Gone(f"the test's arguments are not plain data ({e})", "error"))
         try:
-            reply = self.session.request(request)
+            reply = self.session.request(wires)
         except Ended as e:
             raise self._gone(_Gone(str(e), e.status))
         if "v" in reply:
             try:
-                return plain.decode(reply["v"])
+                return plain.build(reply["v"])
             except plain.PlainError as e:
                 raise self._gone(_Gone(f"the result is not plain data: {e}"))
         if "e" in reply:

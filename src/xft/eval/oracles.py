@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from xft.eval import plain
+
 
 def _is_floats(x) -> bool:
     if isinstance(x, float):
@@ -57,7 +59,7 @@ def assert_output(out, exp, inp, entry_point: str, oracle: str | None, atol: flo
         elif entry_point == "digit_distance_nums":
             exact = exact or out == _digit_distance(*inp)
         elif entry_point in MBPP_SET_EQ:
-            exact = set(out) == set(exp)
+            exact = set(plain.check_hashes(list(out))) == set(exp)  # bounded: see check_hashes
         elif entry_point in MBPP_NOT_NONE:
             exact = out == exp if isinstance(out, bool) else exp == (out is not None)
     if oracle == "humaneval" and entry_point == "find_zero":

