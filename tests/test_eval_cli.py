@@ -69,7 +69,7 @@ def test_score_samples_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("make_args,message", [
     (lambda p: ["--samples", str(p / "missing.jsonl")], "cannot read samples"),
-    (lambda p: ["--samples", _write_samples(p / "s.jsonl", [{"task_id": "HumanEval/0"}])], "s.jsonl:1"),
+    (lambda p: ["--samples", _write_samples(p / "s.jsonl", [{"task_id": "HumanEval/0"}])], "s.jsonl line 1"),
     (lambda p: ["--samples", _write_samples(p / "s.jsonl", [{"task_id": "Nope/1", "solution": ""}])],
      "not in humaneval"),
     (lambda p: ["--samples", _write_samples(p / "s.jsonl", [{"task_id": "HumanEval/0", "solution": ""}])],

@@ -15,7 +15,6 @@ A benchmark is an entry in `_LOADERS`; add one with `@register("name")`.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import importlib
 import json
@@ -23,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from xft.artifacts import read_jsonl
 from xft.errors import UserError
 
 
@@ -94,11 +94,9 @@ def load_benchmark(name: str, data: str | None = None, data_option: str = "--dat
 # ----------------------------------------------------------------- file helpers
 
 def _read_jsonl(path: str) -> list[dict]:
-    opener = gzip.open if str(path).endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError) as e:
+        return [record for _, record in read_jsonl(path)]
+    except (OSError, EOFError) as e:  # EOFError: a truncated .gz
         raise UserError(f"cannot read benchmark data {path}: {e}") from None
 
 

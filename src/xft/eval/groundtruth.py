@@ -4,7 +4,7 @@ As EvalPlus does, each canonical solution is run on every test input (a deep cop
 and its outputs and per-input wall times are recorded; a candidate later gets
 `max(1 s, 4 × reference time)` per input. We run the canonical code in the sandbox
 too, in parallel, and cache the result per data file under
-`$XDG_CACHE_HOME/xft/eval/<benchmark>-<data hash>/` (default `~/.cache/xft/eval`):
+the xft cache (`xft.artifacts.cache_root()`), `eval/<benchmark>-<data hash>/` (default `~/.cache/xft/eval`):
 one JSON file of outputs per task and phase, and `index.json` (the timings and each
 file's SHA-256) with `index.mac`, its HMAC under `key` (made once, mode 0600, in a
 0700 directory).
@@ -33,6 +33,7 @@ import re
 import secrets
 from pathlib import Path
 
+from xft.artifacts import cache_root
 from xft.errors import UserError
 from xft.eval import plain
 from xft.eval.benchmarks import Benchmark
@@ -78,18 +79,14 @@ def _file_name(task_id: str, phase: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", task_id) + f".{phase}.json"
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xft" / "eval"
-
-
 def cache_dir(bench: Benchmark) -> Path:
-    return _cache_root() / f"{bench.name.rstrip('+')}-{bench.fingerprint}-v{_CACHE_VERSION}"
+    return cache_root() / "eval" / f"{bench.name.rstrip('+')}-{bench.fingerprint}-v{_CACHE_VERSION}"
 
 
 def _key() -> bytes:
     """The MAC key of this user's ground-truth caches, made on first use: 32 random bytes
     in a file only this uid may read, in a directory only it may enter."""
-    root = _cache_root()
+    root = cache_root() / "eval"
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)
     path = root / "key"

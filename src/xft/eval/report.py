@@ -17,6 +17,7 @@ from pathlib import Path
 from xft import __version__
 from xft.artifacts import atomic_write_text
 from xft.errors import UserError
+from xft.artifacts import read_jsonl
 from xft.eval.benchmarks import Benchmark
 from xft.eval.execute import Verdict
 from xft.eval.metrics import mean_pass_at_k
@@ -26,19 +27,11 @@ def read_samples(path: str) -> list[dict]:
     """Samples from a .jsonl file; every line needs `task_id` and `solution` or `completion`."""
     samples = []
     try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    s = json.loads(line)
-                except ValueError:
-                    raise UserError(f"{path}:{lineno}: not a JSON object") from None
-                if not isinstance(s, dict) or not isinstance(s.get("task_id"), str) or not (
-                        isinstance(s.get("solution"), str) or isinstance(s.get("completion"), str)):
-                    raise UserError(f"{path}:{lineno}: needs a 'task_id' and a 'solution' or "
-                                    "'completion' string")
-                samples.append(s)
+        for lineno, s in read_jsonl(path):
+            if not isinstance(s, dict) or not isinstance(s.get("task_id"), str) or not (
+                    isinstance(s.get("solution"), str) or isinstance(s.get("completion"), str)):
+                raise UserError(f"{path} line {lineno}: needs a 'task_id' and a 'solution' or 'completion' string")
+            samples.append(s)
     except OSError as e:
         raise UserError(f"cannot read samples {path}: {e.strerror}") from None
     if not samples:

