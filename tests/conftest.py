@@ -38,13 +38,16 @@ def tiny_minicode_base(root, rows: int):
 
 
 def private_cache(tmp_path_factory):
-    """A fixture body: XDG_CACHE_HOME in a fresh directory while a test module runs (register it per module)."""
+    """A fixture body: the caches (XDG_CACHE_HOME, and xft's own through it) in a fresh directory while a test
+    module runs (register it per module)."""
     import os
 
-    old = os.environ.get("XDG_CACHE_HOME")
+    old = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "XFT_CACHE_DIR")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.pop("XFT_CACHE_DIR", None)  # xft.artifacts.cache_root() then lies under XDG_CACHE_HOME
     yield
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME")
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from xft.eval import Benchmark, Sandbox, Task, TimeLimits, check_samples, detect_level, load_benchmark, plain
+from xft.artifacts import file_sha256
 from xft.eval import groundtruth
 from xft.eval.sandbox import wire_inputs
 from conftest import private_cache, shared_data
@@ -443,7 +444,7 @@ def test_poisoned_ground_truth_cache_is_not_trusted(mbpp_few):
             n = len(getattr(task, f"{phase}_input"))
             (directory / f"Mbpp_2.{phase}.json").write_text(json.dumps([{"v": 0}] * n))
         index = json.loads((directory / "index.json").read_text())
-        index["files"] = {f.name: groundtruth._sha256(f) for f in directory.glob("Mbpp_*.json")}
+        index["files"] = {f.name: file_sha256(f) for f in directory.glob("Mbpp_*.json")}
         (directory / "index.json").write_text(json.dumps(index))
         assert _verdicts(mbpp_few, [("Mbpp/2", _wrong(mbpp_few, "Mbpp/2")),
                                     ("Mbpp/2", _canonical(mbpp_few, "Mbpp/2"))], box) == [False, True]

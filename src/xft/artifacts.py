@@ -232,12 +232,24 @@ def _converted_gguf(arg: str) -> str:
     from xft import gguf
 
     path = gguf.gguf_file(arg)
-    target = cache_root() / "gguf" / gguf.cache_name(path)
+    gguf.check_magic(path)
+    target = cache_root() / "gguf" / f"{path.stem}-{file_sha256(path)[:16]}"
     if not (target / "config.json").is_file():
         print(f"xft: converting {path} to a checkpoint in {target} (once per file)", file=sys.stderr)
         with atomic_dir(str(target)) as tmp:
             gguf.convert(path, tmp)
     return str(target)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, hex (read in 1 MiB blocks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_root() -> Path:

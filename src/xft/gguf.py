@@ -12,8 +12,8 @@ fp32 (exact: every quantized value is a scale times an integer plus an
 offset, representable in fp32) and writes a model directory with the
 tokenizer, its chat template and the generation config. `resolve_model` (the
 one rule for model arguments, `xft.artifacts`) does this once per file
-content, in the xft cache (`cache_root() / "gguf" / cache_name(file)`, keyed by
-the file's SHA-256), and atomically; every later use is a directory lookup.
+content, in the xft cache (`cache_root() / "gguf"`, keyed by the file's
+SHA-256), and atomically; every later use is a directory lookup.
 A command's `--dtype` or precision then applies as for any checkpoint (fp32 →
 bf16 rounds once, as dequantizing straight to bf16 would).
 
@@ -25,7 +25,6 @@ left in the cache by a failed conversion.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -62,16 +61,10 @@ def gguf_file(arg: str) -> Path:
     return found[0]
 
 
-def cache_name(path: Path) -> str:
-    """The name of the converted checkpoint of GGUF file `path` in the cache: its stem and content hash."""
-    _check_magic(path)
-    return f"{path.stem}-{_sha256(path)[:16]}"
-
-
 def read_config(arg: str) -> dict:
     """The model config of the GGUF file `arg` names, read from its metadata (no tensor is dequantized)."""
     path = gguf_file(arg)
-    _check_magic(path)
+    check_magic(path)
     _require_gguf()
     from transformers import AutoConfig
 
@@ -111,7 +104,8 @@ def convert(path: str | os.PathLike, out: str) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _check_magic(path: Path) -> None:
+def check_magic(path: Path) -> None:
+    """UserError unless `path` starts with the GGUF magic (a renamed file of another kind fails here, in one line)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -119,14 +113,6 @@ def _check_magic(path: Path) -> None:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     if head != _MAGIC:
         raise UserError(f"{path} is not a GGUF file (it does not start with {_MAGIC.decode()!r})")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _require_gguf() -> None:

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from xft.artifacts import read_jsonl
+from xft.artifacts import file_sha256, read_jsonl
 from xft.errors import UserError
 
 
@@ -100,14 +100,6 @@ def _read_jsonl(path: str) -> list[dict]:
         raise UserError(f"cannot read benchmark data {path}: {e}") from None
 
 
-def _fingerprint(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _require(rows: list[dict], keys: tuple[str, ...], path: str) -> None:
     for row in rows:
         missing = [k for k in keys if k not in row]
@@ -128,7 +120,7 @@ def _humaneval(data: str | None) -> Benchmark:
     tasks = {r["task_id"]: Task(r["task_id"], r["prompt"], r["entry_point"],
                                 r["canonical_solution"], test=r["test"]) for r in rows}
     return Benchmark("humaneval", tasks, style="check", source=str(data),
-                     fingerprint=_fingerprint(data))
+                     fingerprint=file_sha256(data)[:16])
 
 
 # ----------------------------------------------------------------- EvalPlus data
@@ -185,7 +177,7 @@ def _evalplus_benchmark(name: str, data: str | None, phases: tuple[str, ...],
                                 base_input=r["base_input"], plus_input=r["plus_input"],
                                 atol=r["atol"]) for r in rows}
     return Benchmark(name, tasks, style="io", phases=phases, oracle=oracle, source=str(path),
-                     fingerprint=_fingerprint(path))
+                     fingerprint=file_sha256(path)[:16])
 
 
 @register("humaneval+")

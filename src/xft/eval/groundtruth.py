@@ -33,7 +33,7 @@ import re
 import secrets
 from pathlib import Path
 
-from xft.artifacts import cache_root
+from xft.artifacts import cache_root, file_sha256
 from xft.errors import UserError
 from xft.eval import plain
 from xft.eval.benchmarks import Benchmark
@@ -107,7 +107,7 @@ def _mac(data: bytes) -> str:
 
 def _seal(directory: Path, times: dict) -> None:
     """Write the index (timings, each output file's hash) and its MAC."""
-    hashes = {f.name: _sha256(f) for f in directory.iterdir() if f.name.endswith(".json")}
+    hashes = {f.name: file_sha256(f) for f in directory.iterdir() if f.name.endswith(".json")}
     index = json.dumps({"times": times, "files": hashes}).encode()
     (directory / "index.json").write_bytes(index)
     (directory / "index.mac").write_text(_mac(index))
@@ -122,19 +122,11 @@ def _open_sealed(directory: Path, tasks) -> GroundTruth | None:
             return None
         data = json.loads(index)
         times, hashes = data["times"], data["files"]
-        if set(times) != set(tasks) or not all(_sha256(directory / name) == h for name, h in hashes.items()):
+        if set(times) != set(tasks) or not all(file_sha256(directory / name) == h for name, h in hashes.items()):
             return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return GroundTruth(directory, times, hashes)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _reference_job(bench: Benchmark, task) -> dict:
