@@ -55,3 +55,13 @@ def set_threads(n: int | None) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+def start_model_command(threads: int | None) -> None:
+    """What every command that runs a model does once its arguments are checked: take `threads` CPU threads
+    and keep its log readable (no per-file "Loading weights" / "Writing model shards" bars from transformers;
+    training and generation bars stay)."""
+    set_threads(threads)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

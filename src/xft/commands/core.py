@@ -37,7 +37,7 @@ def _upcycle(args) -> int:
     from xft.artifacts import resolve_model
     from xft.training import rundir
     from xft.config import from_args
-    from xft.device import set_threads
+    from xft.device import start_model_command
 
     config = from_args(xft.UpcycleConfig, args)
     record = {"stage": "upcycle", "model": args.model, **config.to_dict()}
@@ -46,13 +46,9 @@ def _upcycle(args) -> int:
         print(rundir.already_done(plan.run, "upcycle"))
         return 0
     path = resolve_model(args.model)
-    set_threads(args.threads)
-    # Only now transformers (seconds to import): every check above fails fast.
-    from transformers.utils import logging
-
+    start_model_command(args.threads)  # only now transformers (seconds to import): every check above fails fast
     from xft.checkpoint import skeleton, upcycle_checkpoint
 
-    logging.disable_progress_bar()  # per-file load/save bars
     n_dense = sum(p.numel() for p in skeleton(path).parameters())
     rundir.begin(plan.run, record, args.overwrite)
     tmp = rundir.staging(plan.run)

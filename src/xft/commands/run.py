@@ -11,7 +11,7 @@ import os
 import shlex
 
 from xft import recipes
-from xft.device import add_threads_option, set_threads
+from xft.device import add_threads_option, start_model_command
 
 def run_name(recipe: str) -> str:
     """The default run directory name of RECIPE: the bundled recipe's name, or the file name without .yaml/.yml."""
@@ -25,13 +25,6 @@ def run_name(recipe: str) -> str:
 def _command(*words: str, overrides: list[str] = ()) -> str:
     """The command line as a user would retype it (recorded in the run for its report)."""
     return shlex.join([*words, *(w for o in overrides for w in ("--set", o))])
-
-
-def _quiet_loading() -> None:
-    """Keep the stage log readable: no per-load "Loading weights" / "Writing model shards" bars."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def register(subparsers) -> None:
@@ -107,8 +100,7 @@ def _run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     device = resolve_device(args.device)
-    set_threads(args.threads)
-    _quiet_loading()
+    start_model_command(args.threads)
     out = args.out or os.path.join("runs", run_name(args.recipe))
     run_pipeline(recipe, out, device=device, progress=args.progress, log=print, jobs=args.jobs,
                  threads=args.threads, overwrite=args.overwrite,
@@ -135,8 +127,7 @@ def _demo(args: argparse.Namespace) -> int:
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     device = resolve_device(args.device)
-    set_threads(args.threads)
-    _quiet_loading()
+    start_model_command(args.threads)
     jobs = args.jobs if args.jobs is not None else max(1, min(4, os.cpu_count() or 1))
     words = ["xft", "demo", "--out", args.out] + (["--full"] if args.full else []) + (
         ["--seeds", str(seeds)] if args.seeds is not None else [])

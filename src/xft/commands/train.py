@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from xft.artifacts import resolve_model
 from xft.config import MergeConfig, SFTConfig, add_arguments, from_args
-from xft.device import add_threads_option, set_threads
+from xft.device import add_threads_option, start_model_command
 
 _MULTI_GPU = ("Multi-GPU: accelerate launch --config_file $(python -m xft.configs ddp) -m xft.cli {cmd} ... "
               "(also fsdp, deepspeed_zero3; see docs/training.md).")
@@ -58,30 +58,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=_merge)
 
 
-def _quiet_io() -> None:
-    """Hide transformers' per-file load/save progress bars; the training bar stays."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-
-
 def _train(args) -> int:
-    config = from_args(SFTConfig, args)  # a bad setting fails here, before torch and transformers load
-    resolve_model(config.model)
-    set_threads(args.threads)
-    from xft.training import train_sft
-
-    _quiet_io()
-    train_sft(config)
-    return 0
+    return _run(SFTConfig, args, "model", "train_sft")
 
 
 def _merge(args) -> int:
-    config = from_args(MergeConfig, args)  # a bad setting fails here, before torch and transformers load
-    resolve_model(config.moe)
-    set_threads(args.threads)
-    from xft.training import learn_merge
+    return _run(MergeConfig, args, "moe", "learn_merge")
 
-    _quiet_io()
-    learn_merge(config)
+
+def _run(cls, args, source: str, entry: str) -> int:
+    config = from_args(cls, args)  # a bad setting fails here, before torch and transformers load
+    resolve_model(getattr(config, source))
+    start_model_command(args.threads)
+    import xft.training
+
+    getattr(xft.training, entry)(config)
     return 0
