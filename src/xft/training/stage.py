@@ -242,11 +242,15 @@ def mean_loss(trainer, output, resumed_from: str | None = None) -> float | None:
         return session
     # The folder's name, not its trainer_state.json: the finished run has deleted its checkpoints by now.
     start, steps = int(os.path.basename(resumed_from).rsplit("-", 1)[1]), trainer.state.global_step
+    # This session's summed per-step loss: `training_loss` divides it by this session's steps in current
+    # transformers but by all the run's steps in 5.5 (our lower bound); the sum means the same in both.
+    total = getattr(trainer, "_total_loss_scalar", None)
+    total = session * (steps - start) if total is None else total
     logged, covered, previous = 0.0, 0, 0
     for step, loss in loss_curve(trainer):
         if step <= start:
             logged, covered, previous = logged + loss * (step - previous), step, step
-    return (logged + session * (steps - start)) / (covered + steps - start)
+    return (logged + total) / (covered + steps - start)
 
 
 def common_rows(cfg, trainer, output, seconds: float, splits, final: str,
