@@ -102,6 +102,20 @@ def main(argv: list[str] | None = None) -> int:
         again = "re-run it without --overwrite" if getattr(args, "overwrite", False) else "re-run the same command"
         print(f"xft {args.command}: interrupted" + (f"; {again} to resume" if resumes else ""), file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Tear down the process group a command under `accelerate launch` joined, before the interpreter exits:
+    gloo's threads torn down at exit can abort a rank ("terminate called without an active exception",
+    SIGABRT) after all its work is done. A command that never imported torch.distributed has none."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
