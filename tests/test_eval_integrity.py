@@ -22,14 +22,13 @@ from pathlib import Path
 import pytest
 
 from xft.eval import Benchmark, Sandbox, Task, TimeLimits, check_samples, detect_level, load_benchmark
-from conftest import private_cache, shared_data
+from conftest import MBPP_FEW, private_cache, shared_data
 
 MBPP_PLUS = Path(os.environ.get("XFT_MBPP_PLUS", shared_data("MbppPlus-2023-11.jsonl")))
 needs_mbpp = pytest.mark.skipif(not MBPP_PLUS.is_file(), reason="MBPP+ data file not present")
 BEST = detect_level()
 LEVELS = [BEST] + (["rlimits"] if BEST != "rlimits" else [])
 HUMANEVAL_FEW = ["HumanEval/0", "HumanEval/2", "HumanEval/32", "HumanEval/38", "HumanEval/53"]
-MBPP_FEW = ["Mbpp/2", "Mbpp/3", "Mbpp/4", "Mbpp/17", "Mbpp/20"]
 LIMITS = TimeLimits(check_seconds=2.0, max_phase=4.0)
 
 # ----------------------------------------------------------------- the techniques
@@ -217,22 +216,6 @@ def _program(technique: str, entry: str) -> str:
 
 
 # ----------------------------------------------------------------- benchmarks
-
-@pytest.fixture(scope="module")
-def humaneval():
-    return load_benchmark("humaneval")
-
-
-@pytest.fixture(scope="module")
-def mbpp_few(tmp_path_factory):
-    """A few MBPP+ tasks in their own file (their own, quick, ground-truth cache)."""
-    if not MBPP_PLUS.is_file():
-        pytest.skip("MBPP+ data file not present")
-    rows = [json.loads(line) for line in MBPP_PLUS.open()]
-    path = tmp_path_factory.mktemp("mbpp") / "MbppPlus-few.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["task_id"] in MBPP_FEW))
-    return load_benchmark("mbpp+", str(path))
-
 
 _private_cache = pytest.fixture(autouse=True, scope="module")(private_cache)  # ground truth computed afresh
 
