@@ -5,7 +5,7 @@ CPU; an explicit name is checked against what this torch build can use, so
 `--device cuda` on a CPU-only build is a one-line error, not a traceback from
 deep inside a model. `--threads` (every command that runs a model) is chosen
 here too: torch's default of one thread per core slows down many-fold when
-other processes share those cores (`xft train` measured 63x slower).
+other processes share those cores.
 """
 
 from __future__ import annotations
