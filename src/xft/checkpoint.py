@@ -98,6 +98,12 @@ def upcycle_checkpoint(model: str, out: str, config: UpcycleConfig, location: st
     moe = load(path)
     if is_moe(moe):
         raise UserError(f"{model} is already an xft MoE; XFT upcycles a dense model")
+    with torch.no_grad():
+        # The weights out of the checkpoint's memory map: a mapped file stays resident while any tensor of it
+        # lives (the attention's), so the dense FFNs that upcycling drops would otherwise stay in RSS beside
+        # their expert copies (benchmarks/bench_plan.py --real measures the peak).
+        for p in moe.parameters():
+            p.data = p.data.clone()
     upcycle(moe, config)
     moe.save_pretrained(out)
     copy_companions(path, out, tokenizer)

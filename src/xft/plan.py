@@ -10,6 +10,8 @@ gated MLP, RMSNorms; `transformers` config keys) and a stage:
   (tiny gradients and optimizer state), but every layer's merged FFN weight
   `Σ c_n W_n` is computed in the forward and kept for the backward;
 * ``eval``: the merged dense model in bf16, generating (weights + KV cache);
+* ``upcycle``: host memory of `xft upcycle` (CPU): the dense checkpoint and
+  its private copy, then the MoE growing layer by layer;
 
 the plan adds up, per GPU: weights, gradients, optimizer state, activations
 and framework overhead, in bytes, and says whether that fits `gpu_memory`.
@@ -55,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -62,7 +65,7 @@ from xft.config import ConfigError, choices_of, setting
 from xft.errors import UserError
 
 GiB = 2 ** 30
-STAGES = ("dense-sft", "moe-sft", "merge", "eval")
+STAGES = ("upcycle", "dense-sft", "moe-sft", "merge", "eval")
 STRATEGIES = ("ddp", "fsdp", "zero3")  # cheapest first: the order `suggest` tries them in
 PRECISIONS = ("fp32", "bf16", "bf16-pure")
 # optimizer -> (full-size state tensors per parameter, bytes per element; None: the parameter's dtype), or
@@ -332,6 +335,8 @@ def plan_stage(shape: Shape, cfg: PlanConfig, stage: str, strategy: str) -> Stag
     """The per-GPU memory of `stage` under `strategy` (one of STRATEGIES; ignored for eval)."""
     if stage == "eval":
         return _plan_eval(shape, cfg)
+    if stage == "upcycle":
+        return _plan_upcycle(shape, cfg)
     moe = stage != "dense-sft"
     p, g = cfg.precision, cfg.gpus
     wb = _weight_bytes(p)
@@ -389,6 +394,16 @@ def _plan_eval(shape: Shape, cfg: PlanConfig) -> StagePlan:
                      weights)
 
 
+def _plan_upcycle(shape: Shape, cfg: PlanConfig) -> StagePlan:
+    """Host memory of `xft upcycle`: the larger of the dense weights twice (copied out of the checkpoint's
+    memory map) and the MoE plus one dense FFN (replaced layer by layer); saving adds nothing."""
+    wb = _weight_bytes(cfg.precision)
+    dense, moe = shape.parameters(False), shape.parameters(True)
+    ffn = sum(_numel(s) for s in shape.ffn_shapes())
+    weights = max(2 * dense, moe + ffn) * wb
+    return StagePlan("upcycle", "cpu", moe, 0, weights, 0.0, 0.0, 0.0, 0.0, math.inf, "host memory", moe * wb)
+
+
 # ---------------------------------------------------------------- the whole plan
 
 def plan(cfg: PlanConfig, config: dict | None = None) -> list[StagePlan]:
@@ -396,12 +411,15 @@ def plan(cfg: PlanConfig, config: dict | None = None) -> list[StagePlan]:
     shape = Shape.from_config(config if config is not None else read_config(cfg.model), cfg.num_experts, cfg.top_k)
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     strategies = STRATEGIES if cfg.strategy == "all" else (cfg.strategy,)
-    return [plan_stage(shape, cfg, s, t) for s in stages for t in (("-",) if s == "eval" else strategies)]
+    return [plan_stage(shape, cfg, s, t) for s in stages
+            for t in (("-",) if s in ("eval", "upcycle") else strategies)]
 
 
 def suggest(shape: Shape, cfg: PlanConfig, stage: str) -> str:
     """The cheapest way `stage` fits: DDP, FSDP, ZeRO-3, then each with gradient checkpointing, then a smaller
     micro batch; a sentence."""
+    if stage == "upcycle":
+        return "runs on the CPU (host memory, no GPU)"
     if stage == "eval":
         return "fits one GPU" if plan_stage(shape, cfg, stage, "-").fits else "does not fit one GPU in bf16"
     for ckpt in (cfg.gradient_checkpointing, True):
