@@ -123,12 +123,10 @@ def render_chat(tokenizer, messages: list[dict], generation_prompt: bool, where:
                         f"conversation ({first})") from None
 
 
-# ---------------------------------------------------------------- config
+# ---------------------------------------------------------------- reading
 
 PROMPT, COMPLETION = "prompt", "completion"  # TRL's field names (prompt-completion records)
 
-
-# ---------------------------------------------------------------- reading
 
 @dataclass
 class Records:
@@ -473,7 +471,7 @@ def load_splits(cfg: DataConfig, tokenizer, batch_size: int = 1000) -> Splits:
         raise UserError("pass validation data as a file or as a held-out fraction, not both")
     check_chat_template(tokenizer, cfg.template)
     records, kind = _read_valid(cfg.path, cfg)
-    held_out, order = _split(_shuffled_subset(len(records.rows), None, cfg.seed), cfg)
+    held_out, order = _split(_permutation(len(records.rows), cfg.seed), cfg)
     train, stats = _tokenize(records, order, kind, cfg, tokenizer, cfg.path, batch_size)
     splits = Splits(train, stats)
     if held_out:
@@ -543,12 +541,11 @@ def _tokenize(records: Records, order: list[int], kind: str, cfg: DataConfig, to
     return datasets.Dataset.from_dict(columns), stats
 
 
-def _shuffled_subset(n: int, subset: float | None, seed: int) -> list[int]:
-    """A seeded permutation of range(n), cut to `subset` (fraction or count)."""
+def _permutation(n: int, seed: int) -> list[int]:
+    """A seeded permutation of range(n)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    return _cut(torch.randperm(n, generator=g).tolist(), subset)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _cut(order: list[int], subset: float | None) -> list[int]:
