@@ -364,15 +364,9 @@ def find_runs(path: str) -> list[str]:
 
 
 def _saved_recipe(run: str) -> dict:
-    import yaml
+    from xft.pipeline.runner import saved_recipe
 
-    from xft.pipeline.runner import RECIPE_FILE
-
-    try:
-        with open(os.path.join(run, RECIPE_FILE)) as f:
-            return yaml.safe_load(f) or {}
-    except (OSError, ValueError):
-        return {}
+    return saved_recipe(run) or {}
 
 
 def benchmarks_of(runs: list[str]) -> list[str]:
@@ -650,9 +644,11 @@ def _merge_gap_table(runs: list[str], methods: list[str], benchmark: str) -> str
 
 
 def _timings_table(runs: list[str]) -> str:
+    from xft.pipeline.scheduler import read_timings
+
     total: dict[str, float] = {}
     for run in runs:
-        for stage, seconds in (read_json(os.path.join(run, "timings.json")) or {}).items():
+        for stage, seconds in read_timings(run).items():
             total[stage] = total.get(stage, 0.0) + seconds
     if not total:
         return ""

@@ -124,6 +124,15 @@ def clear_run_dir(root: str) -> None:
         os.rmdir(eval_dir)
 
 
+def saved_recipe(root: str) -> dict | None:
+    """The recipe mapping recorded in run directory `root` (None without a readable one)."""
+    try:
+        with open(os.path.join(root, RECIPE_FILE)) as f:
+            return yaml.safe_load(f) or {}
+    except (OSError, ValueError):
+        return None
+
+
 def check_run_dir(root: str, recipe: Recipe, overwrite: bool = False) -> list[str]:
     """Prepare run directory `root` for `recipe` and record the recipe there; returns eval-only changes.
 

@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from xft.artifacts import atomic_write_json, resolve_model
+from xft.artifacts import atomic_write_json, read_json, resolve_model
 from xft.pipeline.methods import METHODS, UPCYCLE_STAGES, Method
 from xft.pipeline.recipe import Recipe, section_settings, upcycle_config
 from xft.training import rundir
@@ -214,11 +214,8 @@ def eval_template(recipe: Recipe) -> str:
 
 def _evaluated_with(path: str, settings: dict) -> bool:
     """Whether `path` (eval/<method>/<benchmark>) holds results computed with `settings`."""
-    try:
-        with open(os.path.join(path, EVAL_SETTINGS)) as f:
-            return json.load(f) == settings and os.path.isfile(os.path.join(path, "results.json"))
-    except (OSError, ValueError):
-        return False
+    return read_json(os.path.join(path, EVAL_SETTINGS)) == settings and os.path.isfile(
+        os.path.join(path, "results.json"))
 
 
 def _evaluations_current(ctx: Context, path: str) -> bool:
