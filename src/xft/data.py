@@ -234,9 +234,7 @@ def _check_is_record(row: Any, where: str) -> None:
 
 def detect_kind(first: dict, cfg: DataConfig) -> str:
     """The record kind of `first` under `cfg`'s field names (cfg.kind unless it is "auto")."""
-    if cfg.kind != "auto":
-        if cfg.kind not in KINDS:
-            raise UserError(f"unknown data kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
+    if cfg.kind != "auto":  # DataConfig checked it is one of KINDS
         return cfg.kind
     if cfg.instruction_field in first or cfg.response_field in first:
         return "instruction"
@@ -467,8 +465,6 @@ def load_splits(cfg: DataConfig, tokenizer, batch_size: int = 1000) -> Splits:
     """
     if cfg.max_length < 2:
         raise UserError(f"max length must be at least 2 tokens, got {cfg.max_length}")
-    if cfg.eval_path and cfg.eval_fraction:
-        raise UserError("pass validation data as a file or as a held-out fraction, not both")
     check_chat_template(tokenizer, cfg.template)
     records, kind = _read_valid(cfg.path, cfg)
     held_out, order = _split(_permutation(len(records.rows), cfg.seed), cfg)
@@ -487,9 +483,7 @@ def load_splits(cfg: DataConfig, tokenizer, batch_size: int = 1000) -> Splits:
 def _split(order: list[int], cfg: DataConfig) -> tuple[list[int], list[int]]:
     """(held-out, training) records of `order`: the first `eval_fraction` held out, `subset` of the rest."""
     held_out: list[int] = []
-    if cfg.eval_fraction:
-        if not 0 < cfg.eval_fraction < 1:
-            raise UserError(f"eval fraction must be in (0, 1), got {cfg.eval_fraction}")
+    if cfg.eval_fraction:  # DataConfig checked it is in (0, 1) and that there is no eval_path
         n_eval = max(1, round(cfg.eval_fraction * len(order)))
         if n_eval >= len(order):
             raise UserError(f"eval fraction {cfg.eval_fraction} of {len(order)} records leaves none to train on")
@@ -552,8 +546,6 @@ def _cut(order: list[int], subset: float | None) -> list[int]:
     """The first `subset` (a fraction in (0, 1] or a count) of `order`."""
     if subset is None:
         return order
-    if subset <= 0:
-        raise UserError(f"subset must be a positive fraction or count, got {subset}")
     n = len(order)
     count = max(1, round(subset * n)) if subset <= 1 else int(subset)
     if subset > 1 and subset != int(subset):
