@@ -532,16 +532,10 @@ class MergeConfig(TrainConfig):
 # (as installing evalplus leaves it), and the writer would fail only once the model is loaded.
 INTEGRATIONS = {
     "tensorboard": (("tensorboard.compat.proto.event_pb2", "tensorboardX"), "tensorboard"),
-    "wandb": (("wandb",), "wandb"),
-    "mlflow": (("mlflow",), "mlflow"),
+    **{name: ((name,), name) for name in ("wandb", "mlflow")},  # the module and the package named alike
     "comet_ml": (("comet_ml",), "comet-ml"),
-    "neptune": (("neptune",), "neptune"),
-    "clearml": (("clearml",), "clearml"),
-    "dvclive": (("dvclive",), "dvclive"),
-    "codecarbon": (("codecarbon",), "codecarbon"),
-    "swanlab": (("swanlab",), "swanlab"),
-    "trackio": (("trackio",), "trackio"),
-    "dagshub": (("dagshub",), "dagshub"),
+    **{name: ((name,), name) for name in ("neptune", "clearml", "dvclive", "codecarbon", "swanlab", "trackio",
+                                          "dagshub")},
     "azure_ml": (("azureml",), "azureml-core"),
     "flyte": (("flytekit",), "flytekit"),
 }
