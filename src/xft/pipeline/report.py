@@ -53,6 +53,14 @@ class Row:
         """Half-width of the 95% confidence interval of the mean (None with one seed)."""
         return mean_ci(self.scores).half_width if self.scores else None
 
+    def half_width(self, n_tasks: int | None = None) -> float | None:
+        """The 95% interval's half-width: over seeds, or over the `n_tasks` tasks for one seed (None without)."""
+        return self.ci95 if self.ci95 is not None else proportion_ci(self.mean, n_tasks) if n_tasks else None
+
+    def score(self, n_tasks: int | None = None) -> str:
+        """pass@1 in %: mean ± t interval over seeds, or ± the binomial interval over tasks for one seed."""
+        return points(self.mean, self.half_width(n_tasks))
+
 
 def label(method: str) -> str:
     """A method's name in tables and plots (xft.pipeline.methods); an unknown name as it is."""
@@ -176,7 +184,7 @@ def table(rows: list[Row], n_tasks: int | None = None) -> str:
     cells = []
     for r in rows:
         note = " (pretraining)" if r.method == "base" else ""
-        cells.append([label(r.method), _score(r.scores, n_tasks), _si(r.params), _si(r.active_params),
+        cells.append([label(r.method), r.score(n_tasks), _si(r.params), _si(r.active_params),
                       f"{_si(r.tokens)}{note}", f"{_si(r.flops)}{note}"])
     return markdown_table(["model", head, "params", "active params", "training tokens",
                            "training FLOPs (≈6·N·D)"], cells)
@@ -260,8 +268,7 @@ def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None, bench
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = ["\n".join(textwrap.wrap(label(r.method), 16)) for r in rows]
     means = [100 * r.mean for r in rows]
-    errs = [100 * (r.ci95 if r.ci95 is not None else proportion_ci(r.mean, n_tasks or 0) if n_tasks else 0)
-            for r in rows]
+    errs = [100 * (r.half_width(n_tasks) or 0) for r in rows]
     colors = ["#999999" if r.method == "base" else "#d62728" if r.method == "xft" else "#1f77b4" for r in rows]
     ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color=colors)
     for i, r in enumerate(rows):
@@ -381,13 +388,6 @@ def benchmarks_of(runs: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- summary table
 
-def _score(scores: list[float], n_tasks: int | None) -> str:
-    """pass@1 in %: mean ± t interval over seeds, or ± the binomial interval over tasks for one seed."""
-    row = Row("", scores)
-    return points(row.mean, row.ci95 if row.ci95 is not None else proportion_ci(row.mean, n_tasks) if n_tasks
-                  else None)
-
-
 def summary_table(runs: list[str], benchmarks: list[str], methods: list[str] | None = None) -> str:
     """Markdown table of pass@1, model × benchmark, with each benchmark's number of tasks ("" if none)."""
     cells: dict[str, dict[str, str]] = {}
@@ -400,7 +400,7 @@ def summary_table(runs: list[str], benchmarks: list[str], methods: list[str] | N
             n = results[0].get("n_tasks")
             tasks.setdefault(bench, n)
             note = f" (n={n})" if n != tasks[bench] else ""  # evaluated with another eval.limit
-            cells.setdefault(method, {})[bench] = _score([r["pass@1"] for r in results], n) + note
+            cells.setdefault(method, {})[bench] = Row(method, [r["pass@1"] for r in results]).score(n) + note
     if not cells:
         return ""
     seeds = len(runs)

@@ -234,9 +234,7 @@ def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list
         return {"setting": f"{METHODS[method].section}.{METHODS[method].tune}", "grid": scores,
                 "chosen": chosen[method]}
 
-    tuning = {m: tuning_entry(m, runs) for m, runs in tune.items()}
-    for method, runs in merge_runs.items():
-        tuning[method] = tuning_entry(method, runs)
+    tuning = {m: tuning_entry(m, runs) for m, runs in {**tune, **merge_runs}.items()}
     per_seed = []
     for i, run in enumerate(seeds):
         methods = [m for m in r.methods if (i == 0 or m != "base")]
