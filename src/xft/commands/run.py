@@ -13,6 +13,7 @@ import shlex
 from xft import recipes
 from xft.device import add_threads_option, start_model_command
 
+
 def run_name(recipe: str) -> str:
     """The default run directory name of RECIPE: the bundled recipe's name, or the file name without .yaml/.yml."""
     name = os.path.basename(recipe.rstrip("/\\"))

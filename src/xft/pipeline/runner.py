@@ -35,11 +35,10 @@ from typing import Callable
 
 import yaml
 
-from xft.artifacts import atomic_write_text
+from xft.artifacts import atomic_dir, atomic_write_text, settings_diff
 from xft.errors import UserError
 from xft.pipeline.recipe import LAYERS, METHODS, Recipe, StudySection, to_dict
 from xft.pipeline.stages import Context, Stage, all_stages, plan
-from xft.artifacts import atomic_dir, settings_diff
 from xft.pipeline.scheduler import (SESSIONS_FILE, TIMINGS_FILE, Job, record_session, record_time, run_jobs,
                                     thread_env)
 from xft.training import rundir
