@@ -33,6 +33,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from xft.errors import UserError
+from xft.merge_methods import MERGE_METHODS, TIES_DENSITY, TIES_SCALE  # torch-free; it imports no xft.config
 
 
 class ConfigError(UserError, ValueError):
@@ -87,7 +88,8 @@ def setting_of(cls, name: str):
     return setting(f.default, f.metadata["help"], choices=f.metadata["choices"])
 
 
-def _check_choices(config) -> None:
+def check_choices(config) -> None:
+    """ConfigError unless every field of dataclass `config` with `choices` holds one of them."""
     for f in fields(config):
         if getattr(config, f.name) is None and f.default is None:
             continue  # an optional setting left unset (e.g. expert_impl: the model's own); no registry read
@@ -149,7 +151,7 @@ class UpcycleConfig:
 
     def __post_init__(self):
         try:
-            _check_choices(self)
+            check_choices(self)
         except ConfigError as e:
             raise ConfigError(f"invalid upcycle config: {e}") from None
 
@@ -266,7 +268,7 @@ class DataConfig:
     eval_fraction: float | None = setting(None, "hold out this fraction of the data (seeded) as validation data")
 
     def __post_init__(self):
-        _check_choices(self)
+        check_choices(self)
         if not self.path:
             raise ConfigError("missing required setting: data")
         if self.max_length < 1:
@@ -302,7 +304,7 @@ class ExecutionConfig:
                            choices=sandbox_levels)
 
     def __post_init__(self):
-        _check_choices(self)
+        check_choices(self)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -331,7 +333,7 @@ class DecodingConfig:
 
     def validate(self) -> None:
         """ConfigError on settings no generation could use."""
-        _check_choices(self)
+        check_choices(self)
         if self.n_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ConfigError("--n-samples, --batch-size and --max-new-tokens must be positive")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -399,7 +401,7 @@ class TrainConfig:
         """ConfigError on values no run could use (construction calls it; again after changing fields)."""
         if not self.out:
             raise ConfigError("missing required setting: out")
-        _check_choices(self)
+        check_choices(self)
         optional = ("micro_batch_size", "grad_accum", "eval_steps")
         for name in ["batch_size", "save_steps", "logging_steps"] + [n for n in optional
                                                                     if getattr(self, n) is not None]:
@@ -445,8 +447,6 @@ class SFTConfig(TrainConfig):
         if not 0.0 <= self.ewa_share_rate <= 1.0:
             raise ConfigError(f"ewa share rate must be in [0, 1], got {self.ewa_share_rate}")
 
-
-from xft.merge_methods import MERGE_METHODS, TIES_DENSITY, TIES_SCALE  # noqa: E402  (torch-free)
 
 # Merge option (xft.merge_methods.MergeMethod.options) -> the MergeConfig setting that gives it.
 MERGE_OPTION_SETTINGS = {"scale": "merge_scale", "density": "merge_density"}
@@ -514,8 +514,6 @@ class MergeConfig(TrainConfig):
     @property
     def learns(self) -> bool:
         """Whether the method trains (needs data and a Trainer run)."""
-        from xft.merge_methods import MERGE_METHODS
-
         return MERGE_METHODS[self.method].learns
 
     def merge_options(self) -> dict:
@@ -534,16 +532,10 @@ class MergeConfig(TrainConfig):
 # (as installing evalplus leaves it), and the writer would fail only once the model is loaded.
 INTEGRATIONS = {
     "tensorboard": (("tensorboard.compat.proto.event_pb2", "tensorboardX"), "tensorboard"),
-    "wandb": (("wandb",), "wandb"),
-    "mlflow": (("mlflow",), "mlflow"),
+    **{name: ((name,), name) for name in ("wandb", "mlflow")},  # the module and the package named alike
     "comet_ml": (("comet_ml",), "comet-ml"),
-    "neptune": (("neptune",), "neptune"),
-    "clearml": (("clearml",), "clearml"),
-    "dvclive": (("dvclive",), "dvclive"),
-    "codecarbon": (("codecarbon",), "codecarbon"),
-    "swanlab": (("swanlab",), "swanlab"),
-    "trackio": (("trackio",), "trackio"),
-    "dagshub": (("dagshub",), "dagshub"),
+    **{name: ((name,), name) for name in ("neptune", "clearml", "dvclive", "codecarbon", "swanlab", "trackio",
+                                          "dagshub")},
     "azure_ml": (("azureml",), "azureml-core"),
     "flyte": (("flytekit",), "flytekit"),
 }

@@ -123,12 +123,10 @@ def render_chat(tokenizer, messages: list[dict], generation_prompt: bool, where:
                         f"conversation ({first})") from None
 
 
-# ---------------------------------------------------------------- config
+# ---------------------------------------------------------------- reading
 
 PROMPT, COMPLETION = "prompt", "completion"  # TRL's field names (prompt-completion records)
 
-
-# ---------------------------------------------------------------- reading
 
 @dataclass
 class Records:
@@ -236,9 +234,7 @@ def _check_is_record(row: Any, where: str) -> None:
 
 def detect_kind(first: dict, cfg: DataConfig) -> str:
     """The record kind of `first` under `cfg`'s field names (cfg.kind unless it is "auto")."""
-    if cfg.kind != "auto":
-        if cfg.kind not in KINDS:
-            raise UserError(f"unknown data kind {cfg.kind!r}; choose one of {', '.join(KINDS)}")
+    if cfg.kind != "auto":  # DataConfig checked it is one of KINDS
         return cfg.kind
     if cfg.instruction_field in first or cfg.response_field in first:
         return "instruction"
@@ -469,11 +465,9 @@ def load_splits(cfg: DataConfig, tokenizer, batch_size: int = 1000) -> Splits:
     """
     if cfg.max_length < 2:
         raise UserError(f"max length must be at least 2 tokens, got {cfg.max_length}")
-    if cfg.eval_path and cfg.eval_fraction:
-        raise UserError("pass validation data as a file or as a held-out fraction, not both")
     check_chat_template(tokenizer, cfg.template)
     records, kind = _read_valid(cfg.path, cfg)
-    held_out, order = _split(_shuffled_subset(len(records.rows), None, cfg.seed), cfg)
+    held_out, order = _split(_permutation(len(records.rows), cfg.seed), cfg)
     train, stats = _tokenize(records, order, kind, cfg, tokenizer, cfg.path, batch_size)
     splits = Splits(train, stats)
     if held_out:
@@ -489,9 +483,7 @@ def load_splits(cfg: DataConfig, tokenizer, batch_size: int = 1000) -> Splits:
 def _split(order: list[int], cfg: DataConfig) -> tuple[list[int], list[int]]:
     """(held-out, training) records of `order`: the first `eval_fraction` held out, `subset` of the rest."""
     held_out: list[int] = []
-    if cfg.eval_fraction:
-        if not 0 < cfg.eval_fraction < 1:
-            raise UserError(f"eval fraction must be in (0, 1), got {cfg.eval_fraction}")
+    if cfg.eval_fraction:  # DataConfig checked it is in (0, 1) and that there is no eval_path
         n_eval = max(1, round(cfg.eval_fraction * len(order)))
         if n_eval >= len(order):
             raise UserError(f"eval fraction {cfg.eval_fraction} of {len(order)} records leaves none to train on")
@@ -543,20 +535,17 @@ def _tokenize(records: Records, order: list[int], kind: str, cfg: DataConfig, to
     return datasets.Dataset.from_dict(columns), stats
 
 
-def _shuffled_subset(n: int, subset: float | None, seed: int) -> list[int]:
-    """A seeded permutation of range(n), cut to `subset` (fraction or count)."""
+def _permutation(n: int, seed: int) -> list[int]:
+    """A seeded permutation of range(n)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    return _cut(torch.randperm(n, generator=g).tolist(), subset)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _cut(order: list[int], subset: float | None) -> list[int]:
     """The first `subset` (a fraction in (0, 1] or a count) of `order`."""
     if subset is None:
         return order
-    if subset <= 0:
-        raise UserError(f"subset must be a positive fraction or count, got {subset}")
     n = len(order)
     count = max(1, round(subset * n)) if subset <= 1 else int(subset)
     if subset > 1 and subset != int(subset):

@@ -61,7 +61,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from xft.config import ConfigError, choices_of, setting
+from xft.config import ConfigError, check_choices, setting
 from xft.errors import UserError
 
 GiB = 2 ** 30
@@ -119,10 +119,7 @@ class PlanConfig:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if self.gpu_memory <= 0:
             raise ConfigError(f"gpu memory must be positive, got {self.gpu_memory}")
-        for f in dataclasses.fields(self):
-            allowed = choices_of(f)
-            if allowed is not None and getattr(self, f.name) not in allowed:
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r}; expected one of {', '.join(allowed)}")
+        check_choices(self)
 
 
 # ---------------------------------------------------------------- the model's shapes
@@ -207,10 +204,7 @@ class Shape:
 
 
 def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return math.prod(shape)
 
 
 def read_config(model: str) -> dict:

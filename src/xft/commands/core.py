@@ -12,7 +12,6 @@ import argparse
 import shutil
 
 
-
 def register(subparsers) -> None:
     """Add the `upcycle` subcommand."""
     from xft.config import UpcycleConfig, add_arguments

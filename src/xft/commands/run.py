@@ -13,13 +13,12 @@ import shlex
 from xft import recipes
 from xft.device import add_threads_option, start_model_command
 
+
 def run_name(recipe: str) -> str:
     """The default run directory name of RECIPE: the bundled recipe's name, or the file name without .yaml/.yml."""
     name = os.path.basename(recipe.rstrip("/\\"))
-    for suffix in (".yaml", ".yml"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name  # "deepseek-coder-1.3b" is a name, not a file with extension ".3b"
+    stem, ext = os.path.splitext(name)
+    return stem if ext in (".yaml", ".yml") else name  # "deepseek-coder-1.3b" is a name, not a file ".3b"
 
 
 def _command(*words: str, overrides: list[str] = ()) -> str:

@@ -20,10 +20,10 @@ Not checked: what only training can tell (memory, speed).
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 
+from xft.config import closest
 from xft.errors import UserError
 from xft.pipeline.recipe import Recipe, upcycle_config
 from xft.pipeline.methods import METHODS, UPCYCLE_STAGES
@@ -97,9 +97,8 @@ def _check_data(configs: dict) -> None:
 
 def _require_known(bench: str, where: str, known: list[str]) -> None:
     if bench not in known:
-        match = difflib.get_close_matches(bench, known, n=1)
-        raise UserError(f"{where}: unknown benchmark {bench!r}"
-                        + (f" (did you mean {match[0]!r}?)" if match else f"; choose from {', '.join(known)}"))
+        hint = closest(bench, known) or f"; choose from {', '.join(known)}"
+        raise UserError(f"{where}: unknown benchmark {bench!r}{hint}")
 
 
 def _check_benchmarks(recipe: Recipe) -> None:

@@ -38,7 +38,6 @@ from xft.errors import UserError
 from xft.pipeline.methods import METHODS, PAPER_METHODS, SECTION_OWNERS  # the models a recipe can produce
 
 
-
 @dataclass(frozen=True)
 class Layer:
     """A recipe section: flat settings of a stage config, over the settings of the section it inherits."""

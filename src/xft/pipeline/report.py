@@ -53,6 +53,14 @@ class Row:
         """Half-width of the 95% confidence interval of the mean (None with one seed)."""
         return mean_ci(self.scores).half_width if self.scores else None
 
+    def half_width(self, n_tasks: int | None = None) -> float | None:
+        """The 95% interval's half-width: over seeds, or over the `n_tasks` tasks for one seed (None without)."""
+        return self.ci95 if self.ci95 is not None else proportion_ci(self.mean, n_tasks) if n_tasks else None
+
+    def score(self, n_tasks: int | None = None) -> str:
+        """pass@1 in %: mean ± t interval over seeds, or ± the binomial interval over tasks for one seed."""
+        return points(self.mean, self.half_width(n_tasks))
+
 
 def label(method: str) -> str:
     """A method's name in tables and plots (xft.pipeline.methods); an unknown name as it is."""
@@ -146,6 +154,20 @@ def collect(runs: list[str], benchmark: str = "minicode", methods: list[str] | N
 
 # ---------------------------------------------------------------- table
 
+def points(x: float | None, half_width: float | None = None, sign: bool = False) -> str:
+    """A share in points (× 100, one decimal), "± half-width" when there is one; "-" for None or nan."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    text = f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
+    return text if half_width is None else f"{text} ± {100 * half_width:.1f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of `rows` under `header`."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def _si(x: float) -> str:
     if not x:
         return "-"  # not measured (e.g. a Hub base model that is not on disk)
@@ -159,19 +181,13 @@ def table(rows: list[Row], n_tasks: int | None = None) -> str:
     """Markdown table: pass@1 (mean ± 95% CI over seeds, or ± binomial CI for one seed), sizes, compute."""
     seeds = max((len(r.scores) for r in rows), default=1)
     head = f"pass@1 (mean ± 95% CI, {seeds} seeds)" if seeds > 1 else "pass@1 (± 95% CI over tasks)"
-    lines = [f"| model | {head} | params | active params | training tokens | training FLOPs (≈6·N·D) |",
-             "|---|---|---|---|---|---|"]
+    cells = []
     for r in rows:
-        if len(r.scores) > 1:
-            score = f"{100 * r.mean:.1f} ± {100 * r.ci95:.1f}"
-        elif n_tasks:
-            score = f"{100 * r.mean:.1f} ± {100 * proportion_ci(r.mean, n_tasks):.1f}"
-        else:
-            score = f"{100 * r.mean:.1f}"
         note = " (pretraining)" if r.method == "base" else ""
-        lines.append(f"| {label(r.method)} | {score} | {_si(r.params)} | {_si(r.active_params)} | "
-                     f"{_si(r.tokens)}{note} | {_si(r.flops)}{note} |")
-    return "\n".join(lines)
+        cells.append([label(r.method), r.score(n_tasks), _si(r.params), _si(r.active_params),
+                      f"{_si(r.tokens)}{note}", f"{_si(r.flops)}{note}"])
+    return markdown_table(["model", head, "params", "active params", "training tokens",
+                           "training FLOPs (≈6·N·D)"], cells)
 
 
 # The paper's claims as paired comparisons (first minus second), in the order the paper states them.
@@ -213,18 +229,17 @@ def claims_table(diffs: list[tuple[str, list[float]]]) -> str:
     """Markdown table of paired differences: mean ± 95% CI (Student's t) over seeds, per seed, and a verdict."""
     if not diffs:
         return ""
-    lines = ["| paper's claim | difference in pass@1 (points) | per seed | reading |", "|---|---|---|---|"]
+    cells = []
     for claim, d in diffs:
         row = Row("diff", d)
         if row.ci95 is None:
-            score, reading = f"{100 * row.mean:+.1f}", "one seed: no interval"
+            reading = "one seed: no interval"
         else:
             lo, hi = row.mean - row.ci95, row.mean + row.ci95
-            score = f"{100 * row.mean:+.1f} ± {100 * row.ci95:.1f}"
             reading = "holds" if lo > 0 else "reversed" if hi < 0 else "not resolved (interval spans 0)"
-        per_seed = ", ".join(f"{100 * x:+.1f}" for x in d)
-        lines.append(f"| {claim} | {score} | {per_seed} | {reading} |")
-    return "\n".join(lines)
+        cells.append([claim, points(row.mean, row.ci95, sign=True), ", ".join(points(x, sign=True) for x in d),
+                      reading])
+    return markdown_table(["paper's claim", "difference in pass@1 (points)", "per seed", "reading"], cells)
 
 
 # ---------------------------------------------------------------- plots
@@ -239,14 +254,21 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: str, dpi: int = 110, **layout) -> str:
+    """Lay `fig` out, write it to `path` and close it; returns `path`."""
+    fig.tight_layout(**layout)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None, benchmark: str = "MiniCode") -> str:
     """Bar chart of pass@1 per model with 95% error bars."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     names = ["\n".join(textwrap.wrap(label(r.method), 16)) for r in rows]
     means = [100 * r.mean for r in rows]
-    errs = [100 * (r.ci95 if r.ci95 is not None else proportion_ci(r.mean, n_tasks or 0) if n_tasks else 0)
-            for r in rows]
+    errs = [100 * (r.half_width(n_tasks) or 0) for r in rows]
     colors = ["#999999" if r.method == "base" else "#d62728" if r.method == "xft" else "#1f77b4" for r in rows]
     ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color=colors)
     for i, r in enumerate(rows):
@@ -259,10 +281,7 @@ def plot_pass_at_1(rows: list[Row], path: str, n_tasks: int | None = None, bench
     ax.set_title(f"{benchmark} pass@1 by model" + (f" (mean ± 95% CI, {seeds} seeds)" if seeds > 1
                                                    else " (± 95% CI over tasks)"))
     ax.set_ylim(0, max([m + e for m, e in zip(means, errs)] + [1]) * 1.08 + 4)  # room for bars, CIs, labels
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def read_routing_log(run_dir: str) -> list[dict]:
@@ -297,10 +316,7 @@ def plot_expert_load(records: list[dict], path: str) -> str | None:
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 8), fontsize=7, frameon=False)
     fig.suptitle("Expert load during MoE SFT (routed experts; dashed: even split)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, rect=(0, 0.08, 1, 1))
 
 
 def plot_merge_coefficients(record: dict | None, path: str) -> str | None:
@@ -334,10 +350,7 @@ def plot_merge_coefficients(record: dict | None, path: str) -> str | None:
     ax1.set_title(f"routed experts' coefficients (colour: log2 of ratio to init {init:.4f})", fontsize=9)
     fig.colorbar(im, ax=ax1, fraction=0.04)
     fig.suptitle(f"Learned merge coefficients ({record.get('method', 'learned')})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- finding runs
@@ -358,15 +371,9 @@ def find_runs(path: str) -> list[str]:
 
 
 def _saved_recipe(run: str) -> dict:
-    import yaml
+    from xft.pipeline.runner import saved_recipe
 
-    from xft.pipeline.runner import RECIPE_FILE
-
-    try:
-        with open(os.path.join(run, RECIPE_FILE)) as f:
-            return yaml.safe_load(f) or {}
-    except (OSError, ValueError):
-        return {}
+    return saved_recipe(run) or {}
 
 
 def benchmarks_of(runs: list[str]) -> list[str]:
@@ -381,16 +388,6 @@ def benchmarks_of(runs: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- summary table
 
-def _score(scores: list[float], n_tasks: int | None) -> str:
-    """pass@1 in %: mean ± t interval over seeds, or ± the binomial interval over tasks for one seed."""
-    row = Row("", scores)
-    if row.ci95 is not None:
-        return f"{100 * row.mean:.1f} ± {100 * row.ci95:.1f}"
-    if n_tasks:
-        return f"{100 * row.mean:.1f} ± {100 * proportion_ci(row.mean, n_tasks):.1f}"
-    return f"{100 * row.mean:.1f}"
-
-
 def summary_table(runs: list[str], benchmarks: list[str], methods: list[str] | None = None) -> str:
     """Markdown table of pass@1, model × benchmark, with each benchmark's number of tasks ("" if none)."""
     cells: dict[str, dict[str, str]] = {}
@@ -403,16 +400,15 @@ def summary_table(runs: list[str], benchmarks: list[str], methods: list[str] | N
             n = results[0].get("n_tasks")
             tasks.setdefault(bench, n)
             note = f" (n={n})" if n != tasks[bench] else ""  # evaluated with another eval.limit
-            cells.setdefault(method, {})[bench] = _score([r["pass@1"] for r in results], n) + note
+            cells.setdefault(method, {})[bench] = Row(method, [r["pass@1"] for r in results]).score(n) + note
     if not cells:
         return ""
     seeds = len(runs)
     what = f"mean ± 95% CI over {seeds} seeds" if seeds > 1 else "± 95% CI over tasks, one seed"
-    head = " | ".join(f"{b} ({tasks[b]} tasks)" for b in benchmarks if b in tasks)
-    lines = [f"| model | {head} |", "|---|" + "---|" * len(tasks),
-             *(f"| {label(m)} | " + " | ".join(c.get(b, "-") for b in benchmarks if b in tasks) + " |"
-               for m, c in cells.items())]
-    return f"Greedy pass@1 in % ({what}):\n\n" + "\n".join(lines)
+    shown = [b for b in benchmarks if b in tasks]
+    return f"Greedy pass@1 in % ({what}):\n\n" + markdown_table(
+        ["model", *(f"{b} ({tasks[b]} tasks)" for b in shown)],
+        [[label(m), *(c.get(b, "-") for b in shown)] for m, c in cells.items()])
 
 
 # ---------------------------------------------------------------- what the report says around the numbers
@@ -612,18 +608,17 @@ def _breakdown_table(runs: list[str], methods: list[str], benchmark: str) -> str
                 data.setdefault(method, {}).setdefault(k, []).append(v)
     if not cols:
         return ""
-    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    cells = []
     for method in methods:
         vals = [data.get(method, {}).get(c, []) for c in cols]
-        lines.append(f"| {label(method)} | "
-                     + " | ".join(f"{100 * sum(v) / len(v):.1f}" if v else "-" for v in vals) + " |")
-    return "\n".join(lines)
+        cells.append([label(method), *(f"{100 * sum(v) / len(v):.1f}" if v else "-" for v in vals)])
+    return markdown_table(["model", *cols], cells)
 
 
 def _merge_gap_table(runs: list[str], methods: list[str], benchmark: str) -> str:
     """Per merge of `methods`: its MoE's expert drift, the held-out loss gap where measured, and the pass@1 the
     merge lost (MoE minus merged), each averaged over the runs that have it."""
-    lines = []
+    cells = []
     for method in methods:
         m = METHODS.get(method)
         if m is None or m.kind != "merge":
@@ -640,23 +635,25 @@ def _merge_gap_table(runs: list[str], methods: list[str], benchmark: str) -> str
                 lost.append(moe["pass@1"] - merged["pass@1"])
         if drift or lost:
             mean = (lambda v, f: f.format(sum(v) / len(v)) if v else "-")
-            lines.append(f"| {label(method)} | {label(m.merge_of)} | {mean(drift, '{:.4f}')} | "
-                         f"{mean(loss, '{:+.4f}')} | {mean([100 * x for x in lost], '{:+.1f}')} |")
-    if not lines:
+            cells.append([label(method), label(m.merge_of), mean(drift, "{:.4f}"), mean(loss, "{:+.4f}"),
+                          mean([100 * x for x in lost], "{:+.1f}")])
+    if not cells:
         return ""
-    return "\n".join(["| merge | of | expert drift (before) | held-out loss gap | pass@1 lost (points) |",
-                      "|---|---|---|---|---|", *lines])
+    return markdown_table(["merge", "of", "expert drift (before)", "held-out loss gap", "pass@1 lost (points)"],
+                          cells)
 
 
 def _timings_table(runs: list[str]) -> str:
+    from xft.pipeline.scheduler import read_timings
+
     total: dict[str, float] = {}
     for run in runs:
-        for stage, seconds in (read_json(os.path.join(run, "timings.json")) or {}).items():
+        for stage, seconds in read_timings(run).items():
             total[stage] = total.get(stage, 0.0) + seconds
     if not total:
         return ""
-    lines = ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in total.items()]
-    return "\n".join(lines + [f"| **all stages** | **{sum(total.values()):.0f}** |"])
+    return markdown_table(["stage", "seconds"], [[k, f"{v:.0f}"] for k, v in total.items()]
+                          + [["**all stages**", f"**{sum(total.values()):.0f}**"]])
 
 
 # ---------------------------------------------------------------- outputs of single commands (made by hand)
@@ -720,11 +717,6 @@ def eval_row(directory: str) -> list[str] | None:
             str(results.get("n_tasks", "-"))]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def outputs_report(path: str, outputs: list[str]) -> tuple[str, str]:
     """Write `path`/report.md: a table of the models and one of the evaluations in `outputs`; return (its path,
     the evaluations' table, or the models' when there is none)."""
@@ -732,9 +724,9 @@ def outputs_report(path: str, outputs: list[str]) -> tuple[str, str]:
     models = [[shown(r[0]), *r[1:]] for r in map(model_row, outputs) if r]
     evals = [[shown(r[0]), *r[1:]] for r in map(eval_row, outputs) if r]
     parts = [f"# xft outputs in {os.path.abspath(path)}", ""]
-    model_table = _table(["output", "command", "state", "made from", "steps", "final training loss",
+    model_table = markdown_table(["output", "command", "state", "made from", "steps", "final training loss",
                           "final validation loss"], models)
-    eval_table = _table(["output", "benchmark", "model", "pass@1 (%)", "tasks"], evals)
+    eval_table = markdown_table(["output", "benchmark", "model", "pass@1 (%)", "tasks"], evals)
     if models:
         parts += ["## Models", "", model_table, ""]
     if evals:

@@ -35,11 +35,10 @@ from typing import Callable
 
 import yaml
 
-from xft.artifacts import atomic_write_text
+from xft.artifacts import atomic_dir, atomic_write_text, settings_diff
 from xft.errors import UserError
 from xft.pipeline.recipe import LAYERS, METHODS, Recipe, StudySection, to_dict
 from xft.pipeline.stages import Context, Stage, all_stages, plan
-from xft.artifacts import atomic_dir, settings_diff
 from xft.pipeline.scheduler import (SESSIONS_FILE, TIMINGS_FILE, Job, record_session, record_time, run_jobs,
                                     thread_env)
 from xft.training import rundir
@@ -122,6 +121,15 @@ def clear_run_dir(root: str) -> None:
     eval_dir = os.path.join(root, "eval")
     if os.path.isdir(eval_dir) and not os.listdir(eval_dir):
         os.rmdir(eval_dir)
+
+
+def saved_recipe(root: str) -> dict | None:
+    """The recipe mapping recorded in run directory `root` (None without a readable one)."""
+    try:
+        with open(os.path.join(root, RECIPE_FILE)) as f:
+            return yaml.safe_load(f) or {}
+    except (OSError, ValueError):
+        return None
 
 
 def check_run_dir(root: str, recipe: Recipe, overwrite: bool = False) -> list[str]:

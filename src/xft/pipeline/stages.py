@@ -26,12 +26,13 @@ can be validated before anything runs (`xft.pipeline.preflight`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
 from typing import Callable
 
-from xft.artifacts import atomic_write_json, resolve_model
+from xft.artifacts import atomic_write_json, read_json, resolve_model
 from xft.pipeline.methods import METHODS, UPCYCLE_STAGES, Method
 from xft.pipeline.recipe import Recipe, section_settings, upcycle_config
 from xft.training import rundir
@@ -155,10 +156,6 @@ def sft_config(ctx: Context, out: str, source: Callable[[Context], str], method:
                                  "out": out, "ewa_share_rate": r.ewa["share_rate"] if method.ewa else 0.0})
 
 
-def _sft(source: Callable[[Context], str], method: Method):
-    return lambda ctx, out: sft_config(ctx, out, source, method)
-
-
 def merge_config(ctx: Context, out: str, method: Method):
     """The `MergeConfig` of `method`'s merge stage (ConfigError on a bad value).
 
@@ -178,10 +175,6 @@ def merge_config(ctx: Context, out: str, method: Method):
         own = getattr(r, method.section) if method.section not in ("train", "merge") else {}
         settings = {**_settings(ctx, None), **r.merge, **own}
     return from_flat(MergeConfig, {**settings, "moe": ctx.path(method.merge_of), "out": out, "method": method.merge})
-
-
-def _merger(method: Method):
-    return lambda ctx, out: merge_config(ctx, out, method)
 
 
 def _training(name: str, deps: tuple[str, ...], config: Callable, description: str) -> Stage:
@@ -214,11 +207,8 @@ def eval_template(recipe: Recipe) -> str:
 
 def _evaluated_with(path: str, settings: dict) -> bool:
     """Whether `path` (eval/<method>/<benchmark>) holds results computed with `settings`."""
-    try:
-        with open(os.path.join(path, EVAL_SETTINGS)) as f:
-            return json.load(f) == settings and os.path.isfile(os.path.join(path, "results.json"))
-    except (OSError, ValueError):
-        return False
+    return read_json(os.path.join(path, EVAL_SETTINGS)) == settings and os.path.isfile(
+        os.path.join(path, "results.json"))
 
 
 def _evaluations_current(ctx: Context, path: str) -> bool:
@@ -257,12 +247,14 @@ def _evaluator(method: str):
 def _method_stage(m: Method, base_deps: tuple[str, ...], data_deps: tuple[str, ...]) -> Stage:
     """The training stage that produces method `m`'s model, named after it (see `xft.pipeline.methods`)."""
     if m.kind == "merge":  # a merge of the trained MoE; only a learned merge reads data
-        return _training(m.name, (m.merge_of,) + (data_deps if m.trains else ()), _merger(m),
-                         m.stage)
+        return _training(m.name, (m.merge_of,) + (data_deps if m.trains else ()),
+                         functools.partial(merge_config, method=m), m.stage)
     if m.upcycle_stage is None:  # instruction tuning of the dense base model
-        return _training(m.name, base_deps + data_deps, _sft(base_model, m), m.stage)
+        return _training(m.name, base_deps + data_deps, functools.partial(sft_config, source=base_model, method=m),
+                         m.stage)
     upcycled = m.upcycle_stage
-    return _training(m.name, (upcycled,) + data_deps, _sft(lambda c: c.path(upcycled), m), m.stage)
+    return _training(m.name, (upcycled,) + data_deps,
+                     functools.partial(sft_config, source=lambda c: c.path(upcycled), method=m), m.stage)
 
 
 def all_stages(recipe: Recipe) -> dict[str, Stage]:

@@ -18,7 +18,7 @@ import time
 
 from xft.artifacts import read_json
 from xft.pipeline.methods import METHODS
-from xft.pipeline.report import eval_results
+from xft.pipeline.report import eval_results, read_routing_log
 from xft.pipeline.scheduler import cpu_capability, machine
 
 SCHEMA = 1
@@ -63,14 +63,10 @@ def diagnostics(model_dir: str) -> dict:
             out[key] = values[-1]
             out[f"{key}_curve"] = [round(v, 5) for v in values]
     worst = []  # per logging step, the largest max/mean expert-load ratio over the layers
-    path = os.path.join(model_dir, "routing.jsonl")
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                shares = [v["load_share"] for v in (json.loads(line).get("layers") or {}).values()
-                          if v.get("load_share")]
-                if shares:
-                    worst.append(max(max(v) * len(v) / sum(v) for v in shares))
+    for record in read_routing_log(model_dir):
+        shares = [v["load_share"] for v in (record.get("layers") or {}).values() if v.get("load_share")]
+        if shares:
+            worst.append(max(max(v) * len(v) / sum(v) for v in shares))
     if worst:
         out["max_layer_load_ratio"] = max(worst)
     return out
@@ -238,9 +234,7 @@ def collect_study(study, tune: dict, merge_runs: dict, chosen: dict, seeds: list
         return {"setting": f"{METHODS[method].section}.{METHODS[method].tune}", "grid": scores,
                 "chosen": chosen[method]}
 
-    tuning = {m: tuning_entry(m, runs) for m, runs in tune.items()}
-    for method, runs in merge_runs.items():
-        tuning[method] = tuning_entry(method, runs)
+    tuning = {m: tuning_entry(m, runs) for m, runs in {**tune, **merge_runs}.items()}
     per_seed = []
     for i, run in enumerate(seeds):
         methods = [m for m in r.methods if (i == 0 or m != "base")]

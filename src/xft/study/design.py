@@ -251,15 +251,11 @@ class _Pool:
 
     def finished(self, run: Run) -> bool:
         """Whether `run` already holds every stage of its recipe, computed with these very settings."""
-        import yaml
-
-        from xft.pipeline.runner import RECIPE_FILE, finished_work, recipe_differences
+        from xft.pipeline.runner import finished_work, recipe_differences, saved_recipe
         from xft.pipeline.stages import Context, plan
 
-        try:
-            with open(os.path.join(run.out, RECIPE_FILE)) as f:
-                saved = yaml.safe_load(f) or {}
-        except OSError:
+        saved = saved_recipe(run.out)
+        if saved is None:
             return False
         recipe = load_recipe(self.study.recipe_name, self.study.user + run.overrides)
         training, evaluation = recipe_differences(saved, recipe, finished_work(run.out))

@@ -16,13 +16,12 @@ family's per-seed training diagnostics beside its pass@1. With
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 
 from xft.artifacts import atomic_write_text
 from xft.errors import UserError
-from xft.pipeline.report import CLAIMS, COMPARISONS, label
+from xft.pipeline.report import CLAIMS, COMPARISONS, label, markdown_table, points
 from xft.stats import correlation_ci, mean_ci, paired, pearson
 
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
@@ -83,12 +82,6 @@ def task_noise(data: dict, a: str, b: str) -> float | None:
     return mean_ci(per_task).half_width
 
 
-def _pts(x: float | None, sign: bool = False) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{100 * x:+.1f}" if sign else f"{100 * x:.1f}"
-
-
 def _setting(t: dict) -> str:
     """The name of a tuning entry's setting in a table header: lr, merge_density, ..."""
     return t.get("setting", "lr").rsplit(".", 1)[-1].removeprefix("distill_")
@@ -104,39 +97,31 @@ def _tuning_table(data: dict) -> str:
 
 def _grid_table(grids: dict, name: str = "lr") -> str:
     lrs = sorted({lr for t in grids.values() for lr in t["grid"]}, key=float)
-    head = "| method | " + " | ".join(f"{name} {lr}" for lr in lrs) + " | chosen |"
-    lines = [head, "|---|" + "---|" * (len(lrs) + 1)]
+    rows = []
     for method, t in grids.items():
-        cells = []
-        for lr in lrs:
-            entry = t["grid"].get(lr)
-            v = entry and entry.get("valid_pass@1")
-            cell = "-" if v is None else f"{100 * v:.1f}"
-            cells.append(f"**{cell}**" if float(lr) == t["chosen"] else cell)
-        lines.append(f"| {label(method)} | " + " | ".join(cells) + f" | {t['chosen']:g} |")
-    return "\n".join(lines)
+        cells = [points((t["grid"].get(lr) or {}).get("valid_pass@1")) for lr in lrs]
+        cells = [f"**{c}**" if float(lr) == t["chosen"] else c for lr, c in zip(lrs, cells)]
+        rows.append([label(method), *cells, f"{t['chosen']:g}"])
+    return markdown_table(["method", *(f"{name} {lr}" for lr in lrs), "chosen"], rows)
 
 
 def _methods_table(data: dict) -> str:
     s = scores(data)
     compute = data.get("compute", {})
-    lines = ["| model | pass@1, mean ± 95% CI | sd over seeds | min – max | seeds | training FLOPs (≈6·N·D) | "
-             "training wall time (min, 1 thread) |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for method in data["methods"]:
         if method not in s:
             continue
         vals = [s[method][i] for i in sorted(s[method])]
         flops = compute.get(method, {}).get("flops")
         flops_text = f"{flops / 1e12:.2f}T" if flops else "-"
-        if len(vals) >= 2:
-            ci = mean_ci(vals)
-            score, sd = f"{100 * ci.mean:.1f} ± {100 * ci.half_width:.1f}", f"{100 * ci.sd:.1f}"
-        else:
-            score, sd = _pts(vals[0]), "-"
+        ci = mean_ci(vals)
         wall = wall_minutes(data, method)
-        lines.append(f"| {label(method)} | {score} | {sd} | {_pts(min(vals))} – {_pts(max(vals))} | {len(vals)} "
-                     f"| {flops_text} | {'-' if wall is None else f'{wall:.1f}'} |")
-    return "\n".join(lines)
+        rows.append([label(method), points(ci.mean, ci.half_width), points(ci.sd),
+                     f"{points(min(vals))} – {points(max(vals))}", str(len(vals)), flops_text,
+                     "-" if wall is None else f"{wall:.1f}"])
+    return markdown_table(["model", "pass@1, mean ± 95% CI", "sd over seeds", "min – max", "seeds",
+                           "training FLOPs (≈6·N·D)", "training wall time (min, 1 thread)"], rows)
 
 
 def wall_minutes(data: dict, method: str) -> float | None:
@@ -153,85 +138,74 @@ def wall_minutes(data: dict, method: str) -> float | None:
 
 def _claims_table(data: dict, pairs: tuple = CLAIMS) -> str:
     first = "the paper's claim" if pairs is CLAIMS else "comparison (first minus second)"
-    lines = [f"| {first} | paired difference (points), mean ± 95% CI over seeds | seeds where it holds "
-             "| p (two-sided) | detectable at 80% power | task sampling ± | verdict |", "|---|---|---|---|---|---|---|"]
     words = VERDICTS if pairs is CLAIMS else READINGS
-    for a, b, claim, p in claims(data, pairs=pairs):
-        wins = sum(d > 0 for d in p.diffs)
-        noise = task_noise(data, a, b)
-        lines.append(f"| {claim} | {_pts(p.mean, True)} ± {100 * p.half_width:.1f} | {wins} of {p.n} "
-                     f"| {p.p_value:.3f} | ≥ {100 * p.mde:.1f} | {'-' if noise is None else f'{100 * noise:.1f}'} "
-                     f"| {words[p.verdict]} |")
-    return "\n".join(lines)
+    rows = [[claim, points(p.mean, p.half_width, sign=True), f"{sum(d > 0 for d in p.diffs)} of {p.n}",
+             f"{p.p_value:.3f}", f"≥ {100 * p.mde:.1f}", points(task_noise(data, a, b)), words[p.verdict]]
+            for a, b, claim, p in claims(data, pairs=pairs)]
+    return markdown_table([first, "paired difference (points), mean ± 95% CI over seeds", "seeds where it holds",
+                           "p (two-sided)", "detectable at 80% power", "task sampling ±", "verdict"], rows)
 
 
 def merge_gap_points(data: dict) -> list[dict]:
     """One point per (merge method, seed) with merge-gap diagnostics: the MoE's mean expert drift and routing
     spread (before merging), the held-out loss gap and the pass@1 gap, MoE minus merged (after)."""
-    points = []
+    out = []
     for e in data["seeds"]:
         for method, res in e["results"].items():
             gap = res.get("merge_gap")
             source = (data["methods"].get(method) or {}).get("merge_of")
             if not gap or source not in e["results"]:
                 continue
-            points.append({"method": method, "seed": e["seed"], "drift": gap["mean_expert_drift"],
+            out.append({"method": method, "seed": e["seed"], "drift": gap["mean_expert_drift"],
                            "spread": gap.get("mean_routing_spread"), "loss_gap": gap.get("loss_gap"),
                            "pass_gap": e["results"][source]["pass@1"] - res["pass@1"]})
-    return points
+    return out
 
 
 def _gap_tables(data: dict) -> tuple[str, str]:
     """(per merge method: mean drift, spread, loss gap and pass@1 gap with its t interval; how well each
     before-merge diagnostic predicts each gap over the learned merges' (method, seed) points)."""
-    points = merge_gap_points(data)
-    if not points:
+    gaps = merge_gap_points(data)
+    if not gaps:
         return "", ""
-    lines = ["| merge | of | expert drift (before) | routing spread (before) | held-out loss gap (after) | "
-             "pass@1 gap, MoE − merged (points, ± 95% CI) |", "|---|---|---|---|---|---|"]
+    lines = []
     for method in data["methods"]:
-        rows = [p for p in points if p["method"] == method]
+        rows = [p for p in gaps if p["method"] == method]
         if not rows:
             continue
         mean = (lambda k: sum(p[k] for p in rows) / len(rows) if all(p[k] is not None for p in rows) else None)
-        passes = [p["pass_gap"] for p in rows]
-        ci = mean_ci(passes) if len(passes) >= 2 else None
+        ci = mean_ci([p["pass_gap"] for p in rows])
         fmt = (lambda v, f: "-" if v is None else f.format(v))
-        lines.append(f"| {label(method)} | {label(data['methods'][method]['merge_of'])} | "
-                     f"{fmt(mean('drift'), '{:.4f}')} | {fmt(mean('spread'), '{:.3f}')} | "
-                     f"{fmt(mean('loss_gap'), '{:+.4f}')} | "
-                     + (f"{_pts(ci.mean, True)} ± {100 * ci.half_width:.1f}" if ci else _pts(passes[0], True)) + " |")
-    learned = [p for p in points if (data["methods"][p["method"]].get("section") == "merge")]
-    corr = ["| predictor (before merging) | gap (after) | Pearson r [95% CI], all points | within each MoE kind "
-            "| points |", "|---|---|---|---|---|"]
+        lines.append([label(method), label(data["methods"][method]["merge_of"]), fmt(mean("drift"), "{:.4f}"),
+                      fmt(mean("spread"), "{:.3f}"), fmt(mean("loss_gap"), "{:+.4f}"),
+                      points(ci.mean, ci.half_width, sign=True)])
+    learned = [p for p in gaps if (data["methods"][p["method"]].get("section") == "merge")]
+    corr = []
     for x in ("drift", "spread"):
         for y, name in (("loss_gap", "held-out loss gap"), ("pass_gap", "pass@1 gap")):
             pts = [p for p in learned if p[x] is not None and p[y] is not None]
             if len(pts) >= 4:
                 xs, ys = [p[x] for p in pts], [p[y] for p in pts]
                 cells = [correlation_ci(xs, ys), correlation_ci(xs, ys, groups=[p["method"] for p in pts])]
-                corr.append(f"| {'expert drift' if x == 'drift' else 'routing spread'} | {name} | "
-                            + " | ".join(f"{r:+.2f} [{lo:+.2f}, {hi:+.2f}]" for r, lo, hi in cells)
-                            + f" | {len(pts)} |")
-    return "\n".join(lines), "\n".join(corr) if len(corr) > 2 else ""
+                corr.append(["expert drift" if x == "drift" else "routing spread", name,
+                             *(f"{r:+.2f} [{lo:+.2f}, {hi:+.2f}]" for r, lo, hi in cells), str(len(pts))])
+    return (markdown_table(["merge", "of", "expert drift (before)", "routing spread (before)",
+                            "held-out loss gap (after)", "pass@1 gap, MoE − merged (points, ± 95% CI)"], lines),
+            markdown_table(["predictor (before merging)", "gap (after)", "Pearson r [95% CI], all points",
+                            "within each MoE kind", "points"], corr) if corr else "")
 
 
 def _seed_table(data: dict) -> str:
     s = scores(data)
     seeds = sorted({e["seed"] for e in data["seeds"]})
-    lines = ["| model | " + " | ".join(f"seed {i}" for i in seeds) + " |", "|---|" + "---|" * len(seeds)]
-    for method in data["methods"]:
-        if method in s:
-            lines.append(f"| {label(method)} | " + " | ".join(_pts(s[method].get(i)) for i in seeds) + " |")
-    return "\n".join(lines)
+    return markdown_table(["model", *(f"seed {i}" for i in seeds)],
+                          [[label(m), *(points(s[m].get(i)) for i in seeds)] for m in data["methods"] if m in s])
 
 
 def _diagnostics_table(data: dict) -> tuple[str, list[str]]:
     """Per training method: per seed final loss, gradient-norm peak, router entropy, load ratio beside pass@1;
     and one sentence per method on how final loss and pass@1 co-vary over seeds."""
-    lines = ["| model | seed | pass@1 | final training loss | max grad norm | router entropy (nats, trained) | "
-             "worst layer max/mean load |", "|---|---|---|---|---|---|---|"]
-    notes = []
+    lines, notes = [], []
     for method in data["methods"]:
         rows = [(e["seed"], e["results"][method]) for e in data["seeds"] if method in e["results"]
                 and e["results"][method].get("diagnostics")]
@@ -240,14 +214,14 @@ def _diagnostics_table(data: dict) -> tuple[str, list[str]]:
         for seed, res in rows:
             d = res["diagnostics"]
             fmt = (lambda k, f="{:.3f}": f.format(d[k]) if d.get(k) is not None else "-")
-            lines.append(f"| {label(method)} | {seed} | {_pts(res['pass@1'])} | {fmt('final_loss', '{:.4f}')} | "
-                         f"{fmt('grad_norm_max', '{:.2f}')} | {fmt('router_entropy')} | "
-                         f"{fmt('max_layer_load_ratio', '{:.2f}')} |")
+            lines.append([label(method), str(seed), points(res["pass@1"]), fmt("final_loss", "{:.4f}"),
+                          fmt("grad_norm_max", "{:.2f}"), fmt("router_entropy"), fmt("max_layer_load_ratio", "{:.2f}")])
         if len(rows) >= 3:
             r = pearson([res["diagnostics"]["final_loss"] for _, res in rows], [res["pass@1"] for _, res in rows])
             notes.append(f"{label(method)}: correlation of final training loss with pass@1 over "
                          f"{len(rows)} seeds r = {r:+.2f}")
-    return "\n".join(lines), notes
+    return markdown_table(["model", "seed", "pass@1", "final training loss", "max grad norm",
+                           "router entropy (nats, trained)", "worst layer max/mean load"], lines), notes
 
 
 def render(data: dict, plots: dict[str, str] | None = None) -> str:
@@ -310,7 +284,7 @@ def render(data: dict, plots: dict[str, str] | None = None) -> str:
 def _plot(data: dict, out_dir: str) -> dict[str, str]:
     """study_claims.png (paired differences with intervals), study_seeds.png (pass@1 per method, one dot per
     seed), study_loss.png (each training method's loss curve per seed), study_merge_gap.png (gaps vs drift)."""
-    from xft.pipeline.report import pyplot
+    from xft.pipeline.report import pyplot, save_figure
 
     plt = pyplot()
     paths = {}
@@ -318,10 +292,7 @@ def _plot(data: dict, out_dir: str) -> dict[str, str]:
                        ("merge_gap", _plot_gap)):
         fig = draw(plt, data)
         if fig is not None:
-            fig.tight_layout()
-            paths[name] = os.path.join(out_dir, f"study_{name}.png")
-            fig.savefig(paths[name], dpi=120)
-            plt.close(fig)
+            paths[name] = save_figure(fig, os.path.join(out_dir, f"study_{name}.png"), dpi=120)
     return paths
 
 
@@ -377,12 +348,12 @@ def _plot_loss(plt, data: dict):
 
 
 def _plot_gap(plt, data: dict):
-    points = [p for p in merge_gap_points(data) if p["loss_gap"] is not None]
-    if not points:
+    gaps = [p for p in merge_gap_points(data) if p["loss_gap"] is not None]
+    if not gaps:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for i, m in enumerate(dict.fromkeys(p["method"] for p in points)):
-        rows = [p for p in points if p["method"] == m]
+    for i, m in enumerate(dict.fromkeys(p["method"] for p in gaps)):
+        rows = [p for p in gaps if p["method"] == m]
         for ax, key in zip(axes, ("loss_gap", "pass_gap")):
             ax.scatter([p["drift"] for p in rows], [p[key] * (100 if key == "pass_gap" else 1) for p in rows],
                        s=14, color=f"C{i % 10}", label=label(m))
