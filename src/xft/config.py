@@ -291,8 +291,8 @@ def _expert_impl_override():
 
 
 def sandbox_levels() -> tuple[str, ...]:
-    """`auto` (the strongest level this machine has) and the sandbox's levels (xft.eval.sandbox.LEVELS)."""
-    return ("auto", *importlib.import_module("xft.eval.sandbox").LEVELS)
+    """`auto` (the strongest level this machine has) and the levels of the sandbox's registry."""
+    return ("auto", *registry("xft.eval.sandbox", "LEVELS")())
 
 
 @dataclass
