@@ -330,11 +330,10 @@ class _Worker:
         self.slot = slot
         _remove_stale_work_dirs()
         self.work = tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{os.getpid()}-")
-        uid = None
         scratch = os.path.join(self.work, "scratch")
         os.mkdir(scratch)
-        if level == "namespaces" or (level == "rlimits" and os.geteuid() == 0 and _interpreter_public()):
-            uid = _UID_BASE + slot
+        public = level == "rlimits" and os.geteuid() == 0 and _interpreter_public()
+        uid = _UID_BASE + slot if level == "namespaces" or public else None
         if level == "rlimits":
             os.chmod(self.work, 0o711)
             os.chmod(scratch, 0o711)
@@ -361,7 +360,7 @@ class _Worker:
             os.close(rep_w)
         self._buf = bytearray()
         try:
-            self._send(json.dumps(setup).encode())
+            self.send_frame(json.dumps(setup).encode())
             reply = json.loads(self._recv(time.monotonic() + 60.0))
         except Exception:
             self.kill()
@@ -372,7 +371,7 @@ class _Worker:
 
     def send_job(self, job: dict) -> None:
         """Start a job (JSON: a program that reached this pipe could only send a wrong job)."""
-        self._send(json.dumps(job).encode())
+        self.send_frame(json.dumps(job).encode())
 
     def receive(self, deadline: float, limit: int) -> tuple[dict, dict[str, bytes]]:
         """The job's report (at most `limit` bytes) and kept files; raises on deadline, death
@@ -385,10 +384,6 @@ class _Worker:
             files[name] = self._recv_exact(size, deadline)
         return verdict, files
 
-    def send_frame(self, data: bytes) -> None:
-        """A raw frame to the worker (b"end" closes a "serve" job)."""
-        self._send(data)
-
     def has_reply(self) -> bool:
         """Whether the worker has started to send a report (a "serve" job that ended)."""
         return bool(self._buf) or bool(select.select([self.proc.stdout.fileno()], [], [], 0)[0])
@@ -399,7 +394,8 @@ class _Worker:
             while os.read(self.rep_r, 1 << 16):
                 pass
 
-    def _send(self, data: bytes) -> None:
+    def send_frame(self, data: bytes) -> None:
+        """A raw frame to the worker (b"end" closes a "serve" job)."""
         self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
         self.proc.stdin.flush()
 
@@ -439,13 +435,11 @@ class _Worker:
         _remove_tree(self.work)
         for path, _ in self.cgroups:  # empty once the namespace is gone; may take a moment
             for _ in range(50):
-                try:
+                with contextlib.suppress(OSError):
                     os.rmdir(path)
+                if not os.path.exists(path):
                     break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
+                time.sleep(0.01)
 
 
 class Ended(Exception):
@@ -644,12 +638,8 @@ def _level_works(level: str) -> bool:
     """Probe `level` once with a tiny program that must pass."""
     if level == "rlimits":
         return True
-    if level == "namespaces" and os.geteuid() != 0:
-        return False
-    if level == "userns" and os.geteuid() == 0:
-        return False
-    if not shutil.which("unshare"):
-        return False
+    if (level == "namespaces") != (os.geteuid() == 0) or not shutil.which("unshare"):
+        return False  # namespaces needs root; userns is for everyone else
     box = Sandbox.__new__(Sandbox)
     box.limits, box.level = Limits(), level
     box._free_slots, box._idle, box._lock, box._hidden = [255], [], threading.Lock(), ()
