@@ -494,13 +494,6 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def _read_message(fd, deadline, pid=None):
-    """One length-prefixed message from pipe `fd`; None on EOF, when `deadline` passes,
-    or when the writer `pid` (if given; our child) has exited without finishing it."""
-    frames, _ = _read_frames(fd, deadline, pid, 1 << 40, limit=1)
-    return frames[0] if frames else None
-
-
 def _read_frames(fd, deadline, pid, budget, limit=None):
     """Length-prefixed frames from pipe `fd` until `limit` frames, EOF, the writer `pid`
     (our child, if given) exiting, `deadline`, or more than `budget` bytes.
@@ -568,10 +561,21 @@ def _enter_job(job, setup, workdir):
 
 
 def _runner(job, setup, workdir, wfd):
-    """Per job: limits, privilege drop, phases; writes the JSON report to `wfd`."""
+    """Per job: limits, privilege drop, phases; writes the JSON report to `wfd`.
+
+    A "serve" job's runner only forks the program and waits for it (the worker keeps the
+    deadline), but it must be alive when the judge is done: a program that killed it, or
+    ended, fails (see `_serve_verdict`)."""
     try:
         out_fd = _enter_job(job, setup, workdir)
         job["call_fds"] = setup.get("call_fds", ())
+        if job["kind"] == "serve":
+            pid = os.fork()
+            if pid == 0:
+                _child(job, job["phases"][0], wfd, out_fd, ())
+            os.close(wfd)  # the worker's pipe closes when the program (and all it started) ends
+            os.waitpid(pid, 0)
+            os._exit(0)
         report = {"phases": {p["name"]: run_phase(job, p, out_fd, wfd) for p in job["phases"]}}
     except BaseException as e:
         report = {"harness_error": f"runner setup failed: {_first_line(e)}"}
@@ -632,22 +636,6 @@ def _drain(fd):
     os.set_blocking(fd, True)
 
 
-def _served(job, setup, workdir, wfd):
-    """A "serve" job's runner: set up as for any job, fork the program and wait for it.
-    It does nothing else (the worker keeps the deadline), but it must be alive when the
-    judge is done: a program that killed it, or ended, fails (see `_serve_verdict`)."""
-    try:
-        out_fd = _enter_job(job, setup, workdir)
-        job["call_fds"] = setup["call_fds"]
-        pid = os.fork()
-        if pid == 0:
-            _child(job, job["phases"][0], wfd, out_fd, ())
-        os.close(wfd)  # the worker's pipe closes when the program (and all it started) ends
-        os.waitpid(pid, 0)
-    finally:
-        os._exit(0)
-
-
 def _await_end(host, rfd, deadline):
     """How a "serve" job ends: "end" (the judge is done), "ended" (the program ended
     first: its pipe to us closed) or "deadline"."""
@@ -705,13 +693,14 @@ def serve(job, setup, base, n, host):
     if pid == 0:
         os.close(rfd)
         host.close()
-        (_served if job["kind"] == "serve" else _runner)(job, setup, workdir, wfd)
+        _runner(job, setup, workdir, wfd)
     os.close(wfd)
     deadline = time.monotonic() + job["deadline"]
     if job["kind"] == "serve":
         verdict = _serve_verdict(_await_end(host, rfd, deadline), pid)
     else:
-        verdict = _runner_verdict(_read_message(rfd, deadline), deadline)
+        frames, _ = _read_frames(rfd, deadline, None, 1 << 40, limit=1)  # the runner's one report
+        verdict = _runner_verdict(frames[0] if frames else None, deadline)
     os.close(rfd)
     _sweep(pid)
     files = {}
