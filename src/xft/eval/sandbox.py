@@ -122,9 +122,7 @@ def _python_paths() -> list[str]:
     """Directories the interpreter needs after the chroot (absolute, resolved)."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable))}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        with contextlib.suppress(KeyError):
-            paths.add(sysconfig.get_paths()[key])
+    paths |= {v for k, v in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib")}
     paths |= {os.path.realpath(p) for p in list(paths)}
     return sorted(paths)
 
@@ -379,10 +377,7 @@ class _Worker:
         verdict = json.loads(self._recv(deadline, limit))
         if not isinstance(verdict, dict):
             raise OSError("garbled report")
-        files = {}
-        for name, size in verdict.pop("files", []):
-            files[name] = self._recv_exact(size, deadline)
-        return verdict, files
+        return verdict, {name: self._recv_exact(size, deadline) for name, size in verdict.pop("files", [])}
 
     def has_reply(self) -> bool:
         """Whether the worker has started to send a report (a "serve" job that ended)."""
