@@ -100,11 +100,8 @@ def _bind_readonly(src, dst):
         _mount(src, dst, None, _MS_BIND)
     except OSError:  # user namespaces refuse a non-recursive bind over locked submounts
         _mount(src, dst, None, _MS_BIND | _MS_REC)
-    keep = 0
     fflag = os.statvfs(dst).f_flag
-    for bit, ms in _STATVFS_TO_MS.items():
-        if fflag & bit:
-            keep |= ms
+    keep = sum(ms for bit, ms in _STATVFS_TO_MS.items() if fflag & bit)  # distinct bits: sum is OR
     _mount(None, dst, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | keep)
 
 
@@ -324,14 +321,22 @@ def _result(i, fn, args, seconds, not_none=False):
     except BaseException as e:  # SystemExit included: exiting is not an answer
         return {"i": i, "e": _first_line(e)}
     try:
-        return {"i": i, "v": plain.encode(out)}
+        return {"i": i, **_wire_form(out)}
     except plain.PlainError as e:
-        if str(e) != "too large":
-            return {"i": i, "x": f"the result is {e}"}  # "x": an answer that is no answer
-    try:
-        return {"i": i, "d": plain.digest(out)}
+        return {"i": i, "x": f"the result is {e}"}  # "x": an answer that is no answer
     except BaseException as e:
         return {"i": i, "e": f"the result cannot be digested: {_first_line(e)}"}
+
+
+def _wire_form(out):
+    """{"v": wire text} of a plain `out`, or {"d": digest} when it is too large for the wire;
+    PlainError if it is not plain."""
+    try:
+        return {"v": plain.encode(out)}
+    except plain.PlainError as e:
+        if str(e) != "too large":
+            raise
+    return {"d": plain.digest(out)}
 
 
 def _inputs(phase):
@@ -386,13 +391,7 @@ def _run_reference(job, phase, send):
         t0 = time.time()
         out = fn(*inp)
         times.append(time.time() - t0)
-        out = out is not None if job["output_not_none"] else out
-        try:
-            outputs.append(_frame({"v": plain.encode(out)}, None))
-        except plain.PlainError as e:
-            if str(e) != "too large":
-                raise
-            outputs.append(_frame({"d": plain.digest(out)}, None))
+        outputs.append(_frame(_wire_form(out is not None if job["output_not_none"] else out), None))
     with open(f"{phase['name']}.json", "wb") as f:  # cwd is the scratch directory
         f.write(b"[" + b",".join(outputs) + b"]")
     send({"done": True, "times": times})
@@ -402,10 +401,10 @@ def _serve(job, phase, send):
     """HumanEval style: the judge runs the test and calls the candidate through the call
     pipes; each request is answered with the plain result. Requests carrying another
     job's nonce (left in the pipe by an earlier program) are skipped."""
-    req, rep = job["call_fds"]
-    os.set_blocking(req, True)  # an earlier program may have changed these shared pipes' flags
-    os.set_blocking(rep, True)
-    out = lambda msg: _send_message(rep, _frame(msg, job["nonce"]))  # noqa: E731
+    calls = _Channel(*job["call_fds"])
+    os.set_blocking(calls.fd, True)  # an earlier program may have changed these shared pipes' flags
+    os.set_blocking(calls.out, True)
+    out = lambda msg: calls.write(_frame(msg, job["nonce"]))  # noqa: E731
     try:
         fn = _load_program(job)
     except BaseException as e:
@@ -413,7 +412,7 @@ def _serve(job, phase, send):
         return
     out({"s": 0, "ready": True})
     while True:
-        data = _read_blocking(req)
+        data = calls.read()
         if data is None:
             return
         try:
@@ -475,8 +474,7 @@ class _Outbox:
 
     def flush(self):
         data, self.frames, self.size, self.since = b"".join(self.frames), [], 0, self.clock()
-        while data:
-            data = data[os.write(self.fd, data):]
+        _write_all(self.fd, data)
 
 
 def _kill_group(pid):
@@ -494,29 +492,6 @@ def _write_all(fd, data):
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _read_exact(fd, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def _read_blocking(fd):
-    """One length-prefixed message, waiting as long as it takes; None on EOF."""
-    header = _read_exact(fd, 8)
-    return None if header is None else _read_exact(fd, struct.unpack("<Q", header)[0])
-
-
-def _read_message(fd, deadline, pid=None):
-    """One length-prefixed message from pipe `fd`; None on EOF, when `deadline` passes,
-    or when the writer `pid` (if given; our child) has exited without finishing it."""
-    frames, _ = _read_frames(fd, deadline, pid, 1 << 40, limit=1)
-    return frames[0] if frames else None
 
 
 def _read_frames(fd, deadline, pid, budget, limit=None):
@@ -586,10 +561,21 @@ def _enter_job(job, setup, workdir):
 
 
 def _runner(job, setup, workdir, wfd):
-    """Per job: limits, privilege drop, phases; writes the JSON report to `wfd`."""
+    """Per job: limits, privilege drop, phases; writes the JSON report to `wfd`.
+
+    A "serve" job's runner only forks the program and waits for it (the worker keeps the
+    deadline), but it must be alive when the judge is done: a program that killed it, or
+    ended, fails (see `_serve_verdict`)."""
     try:
         out_fd = _enter_job(job, setup, workdir)
         job["call_fds"] = setup.get("call_fds", ())
+        if job["kind"] == "serve":
+            pid = os.fork()
+            if pid == 0:
+                _child(job, job["phases"][0], wfd, out_fd, ())
+            os.close(wfd)  # the worker's pipe closes when the program (and all it started) ends
+            os.waitpid(pid, 0)
+            os._exit(0)
         report = {"phases": {p["name"]: run_phase(job, p, out_fd, wfd) for p in job["phases"]}}
     except BaseException as e:
         report = {"harness_error": f"runner setup failed: {_first_line(e)}"}
@@ -617,13 +603,9 @@ def _descendants():
 
 
 def _reap():
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
 
 
 def _sweep(runner_pid):
@@ -652,22 +634,6 @@ def _drain(fd):
         while os.read(fd, 1 << 16):
             pass
     os.set_blocking(fd, True)
-
-
-def _served(job, setup, workdir, wfd):
-    """A "serve" job's runner: set up as for any job, fork the program and wait for it.
-    It does nothing else (the worker keeps the deadline), but it must be alive when the
-    judge is done: a program that killed it, or ended, fails (see `_serve_verdict`)."""
-    try:
-        out_fd = _enter_job(job, setup, workdir)
-        job["call_fds"] = setup["call_fds"]
-        pid = os.fork()
-        if pid == 0:
-            _child(job, job["phases"][0], wfd, out_fd, ())
-        os.close(wfd)  # the worker's pipe closes when the program (and all it started) ends
-        os.waitpid(pid, 0)
-    finally:
-        os._exit(0)
 
 
 def _await_end(host, rfd, deadline):
@@ -727,25 +693,16 @@ def serve(job, setup, base, n, host):
     if pid == 0:
         os.close(rfd)
         host.close()
-        (_served if job["kind"] == "serve" else _runner)(job, setup, workdir, wfd)
+        _runner(job, setup, workdir, wfd)
     os.close(wfd)
     deadline = time.monotonic() + job["deadline"]
     if job["kind"] == "serve":
-        verdict, data = _serve_verdict(_await_end(host, rfd, deadline), pid), None
+        verdict = _serve_verdict(_await_end(host, rfd, deadline), pid)
     else:
-        verdict, data = None, _read_message(rfd, deadline)
+        frames, _ = _read_frames(rfd, deadline, None, 1 << 40, limit=1)  # the runner's one report
+        verdict = _runner_verdict(frames[0] if frames else None, deadline)
     os.close(rfd)
     _sweep(pid)
-    if verdict is not None:
-        pass
-    elif data is None:  # missed the deadline, or the runner was killed (by the program?)
-        verdict = {"killed": True} if time.monotonic() >= deadline else \
-            {"harness_error": "the test runner died before reporting (killed by the program?)"}
-    else:
-        try:
-            verdict = json.loads(data)
-        except (ValueError, RecursionError):
-            verdict = {"harness_error": "garbled report"}
     files = {}
     for name in job.get("keep", ()):
         path = os.path.join(workdir, name)
@@ -759,9 +716,21 @@ def serve(job, setup, base, n, host):
     return verdict, files
 
 
-class _Host:
-    """The job channel: frames from the host on fd `fd`, read raw (a buffered reader
-    would hide from select() what it already holds), and written to fd `out`."""
+def _runner_verdict(data, deadline):
+    """The report of a runner that sent `data` (None: nothing by `deadline`, or it died)."""
+    if data is None:  # missed the deadline, or the runner was killed (by the program?)
+        return {"killed": True} if time.monotonic() >= deadline else \
+            {"harness_error": "the test runner died before reporting (killed by the program?)"}
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return {"harness_error": "garbled report"}
+
+
+class _Channel:
+    """Length-prefixed frames read from fd `fd`, raw (a buffered reader would hide from
+    select() what it already holds), and written to fd `out`: the job channel with the
+    host, and a "serve" job's call pipes."""
 
     def __init__(self, fd, out):
         self.fd, self.out, self.buf, self.eof = fd, out, bytearray(), False
@@ -800,7 +769,7 @@ class _Host:
 def _private_channel():
     """The host's pipes moved to fresh fds (close-on-exec) and 0, 1, 2 pointed at
     /dev/null: a program reaching for its parents' standard fds finds nothing there."""
-    host = _Host(os.dup(0), os.dup(1))
+    host = _Channel(os.dup(0), os.dup(1))
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

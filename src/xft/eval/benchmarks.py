@@ -15,6 +15,7 @@ A benchmark is an entry in `_LOADERS`; add one with `@register("name")`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -158,8 +159,7 @@ def _evalplus_file(name: str, data: str | None) -> str:
     return cache_path
 
 
-def _evalplus_benchmark(name: str, data: str | None, phases: tuple[str, ...],
-                        oracle: str) -> Benchmark:
+def _evalplus_benchmark(name: str, data: str | None, *, phases: tuple[str, ...], oracle: str) -> Benchmark:
     path = _evalplus_file(name.rstrip("+") + "+", data)
     rows = _read_jsonl(path)
     _require(rows, ("task_id", "prompt", "entry_point", "canonical_solution",
@@ -180,25 +180,17 @@ def _evalplus_benchmark(name: str, data: str | None, phases: tuple[str, ...],
                      fingerprint=file_sha256(path)[:16])
 
 
-@register("humaneval+")
-def _humaneval_plus(data: str | None) -> Benchmark:
-    return _evalplus_benchmark("humaneval+", data, ("base", "plus"), "humaneval")
-
-
-@register("mbpp+")
-def _mbpp_plus(data: str | None) -> Benchmark:
-    return _evalplus_benchmark("mbpp+", data, ("base", "plus"), "mbpp")
-
-
-@register("mbpp")
-def _mbpp(data: str | None) -> Benchmark:
-    """MBPP as EvalPlus scores it: the MBPP+ tasks with their original (base) tests only."""
-    return _evalplus_benchmark("mbpp", data, ("base",), "mbpp")
+# name -> (phases, oracle); "mbpp" is MBPP as EvalPlus scores it: the MBPP+ tasks, base tests only.
+for _name, (_phases, _oracle) in {"humaneval+": (("base", "plus"), "humaneval"),
+                                  "mbpp+": (("base", "plus"), "mbpp"), "mbpp": (("base",), "mbpp")}.items():
+    register(_name)(functools.partial(_evalplus_benchmark, _name, phases=_phases, oracle=_oracle))
 
 
 # ----------------------------------------------------------------- the project's own benchmark
 
-MINICODE_SPLITS = {"minicode": "eval", "minicode-valid": "valid"}  # benchmark name -> xft.minicode split
+# benchmark name -> xft.minicode split. "minicode": the CPU-scale instruction benchmark (HumanEval format,
+# check style); "minicode-valid": training-distribution problems outside train and eval.
+MINICODE_SPLITS = {"minicode": "eval", "minicode-valid": "valid"}
 
 
 def minicode_source(split: str) -> str:
@@ -228,13 +220,5 @@ def _minicode_benchmark(name: str, data: str | None) -> Benchmark:
                      fingerprint=digest)
 
 
-@register("minicode")
-def _minicode(data: str | None) -> Benchmark:
-    """CPU-scale instruction benchmark from `xft.minicode` (HumanEval-format, check style)."""
-    return _minicode_benchmark("minicode", data)
-
-
-@register("minicode-valid")
-def _minicode_valid(data: str | None) -> Benchmark:
-    """MiniCode's validation split: training-distribution problems outside train and eval."""
-    return _minicode_benchmark("minicode-valid", data)
+for _name in MINICODE_SPLITS:
+    register(_name)(functools.partial(_minicode_benchmark, _name))

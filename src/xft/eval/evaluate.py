@@ -26,10 +26,13 @@ import sys
 import time
 from typing import Callable, Iterable
 
-from xft.errors import UserError
-from xft.eval.benchmarks import MINICODE_SPLITS, Benchmark, minicode_source
-from xft.eval.execute import TimeLimits, Verdict
+from xft.artifacts import atomic_dir
 from xft.config import DecodingConfig
+from xft.errors import UserError
+from xft.eval import execute, report
+from xft.eval.benchmarks import MINICODE_SPLITS, Benchmark, load_benchmark, minicode_source
+from xft.eval.execute import TimeLimits, Verdict
+from xft.eval.sandbox import Sandbox
 
 OUTPUTS = ("results.json", "samples.jsonl")  # what an evaluation writes into `out`, and all it may replace
 
@@ -112,48 +115,24 @@ def evaluate(model: str | tuple | None, benchmark: str | Benchmark, out: str | N
     decoding = decoding or DecodingConfig()
     if model is not None:
         decoding.validate()
-    bench = _load(benchmark, data)
-    from xft.eval.sandbox import Sandbox
-
+    bench = benchmark if isinstance(benchmark, Benchmark) else load_benchmark(benchmark, data)
+    time_limits = time_limits or TimeLimits()
     with Sandbox(sandbox) as box:  # fail on a bad level before a long generation
-        return _evaluate(model, bench, out, box, samples=samples, decoding=decoding, limit=limit,
-                         partial=partial or bool(limit), sanitize=sanitize, workers=workers,
-                         time_limits=time_limits or TimeLimits(), dtype=dtype, device=device,
-                         overwrite=overwrite, progress=progress, label=label)
+        settings: dict = {"sandbox": box.describe(), **({"label": label} if label is not None else {})}
+        t0 = time.monotonic()
+        if model is None:
+            records = _read_samples(bench, samples, sanitize, settings)
+        else:
+            from xft.eval.generate import generate_samples  # torch: only when generating
 
-
-def _load(benchmark: str | Benchmark, data: str | None) -> Benchmark:
-    from xft.eval.benchmarks import load_benchmark
-
-    if isinstance(benchmark, Benchmark):
-        return benchmark
-    return load_benchmark(benchmark, data)
-
-
-def _evaluate(model, bench: Benchmark, out: str | None, box, *, samples, decoding: DecodingConfig, limit,
-              partial: bool, sanitize: bool, workers, time_limits: TimeLimits, dtype, device, overwrite: bool,
-              progress: bool, label: str | None) -> Evaluation:
-    from xft.eval import execute, report
-
-    settings: dict = {"sandbox": box.describe()}
-    if label is not None:
-        settings["label"] = label
-    t0 = time.monotonic()
-    if model is None:
-        records = report.read_samples(samples) if isinstance(samples, str) else [dict(s) for s in samples]
-        if sanitize:
-            records = [dict(s, solution=_sanitized(bench, s)) for s in records]
-        settings["decoding"] = None
-        if isinstance(samples, str):
-            settings["samples_file"] = os.path.abspath(samples)
-    else:
-        records = _generate(model, bench, decoding, limit, dtype, device, _bar(progress, "generate", label))
-        settings["decoding"] = dataclasses.asdict(decoding)
-        settings["model"] = _model_name(model)
-    t1 = time.monotonic()
-    report.check_coverage(bench, records, partial=partial)
-    verdicts = execute.check_samples(bench, records, box, workers=workers, time_limits=time_limits,
-                                     progress=_bar(progress, "test", label))
+            records = generate_samples(bench, model, decoding, dtype=dtype, device=device,
+                                       task_ids=list(bench.tasks)[:limit] if limit else None,
+                                       progress=_bar(progress, "generate", label))
+            settings.update(decoding=dataclasses.asdict(decoding), model=_model_name(model))
+        t1 = time.monotonic()
+        report.check_coverage(bench, records, partial=partial or bool(limit))
+        verdicts = execute.check_samples(bench, records, box, workers=workers, time_limits=time_limits,
+                                         progress=_bar(progress, "test", label))
     settings["time_limits"] = dataclasses.asdict(time_limits)
     settings["seconds"] = {"generation": round(t1 - t0, 2), "execution": round(time.monotonic() - t1, 2)}
     results = report.build_results(bench, records, verdicts, settings=settings)
@@ -163,12 +142,15 @@ def _evaluate(model, bench: Benchmark, out: str | None, box, *, samples, decodin
     return Evaluation(results, records, verdicts, out)
 
 
-def _generate(model, bench: Benchmark, decoding: DecodingConfig, limit, dtype, device, progress) -> list[dict]:
-    from xft.eval.generate import generate_samples
-
-    task_ids = list(bench.tasks)[:limit] if limit else None
-    return generate_samples(bench, model, decoding, dtype=dtype, device=device, task_ids=task_ids,
-                            progress=progress)
+def _read_samples(bench: Benchmark, samples: str | list[dict], sanitize: bool, settings: dict) -> list[dict]:
+    """The samples to score (a .jsonl path or the records), their code extracted if `sanitize`."""
+    records = report.read_samples(samples) if isinstance(samples, str) else [dict(s) for s in samples]
+    if sanitize:
+        records = [dict(s, solution=_sanitized(bench, s)) for s in records]
+    settings["decoding"] = None
+    if isinstance(samples, str):
+        settings["samples_file"] = os.path.abspath(samples)
+    return records
 
 
 def _model_name(model) -> str | None:
@@ -190,10 +172,9 @@ def _bar(progress: bool, what: str, label: str | None) -> Callable[[Iterable, in
 
 
 def _sanitized(bench: Benchmark, sample: dict) -> str:
-    from xft.eval.execute import program_for
     from xft.eval.sanitize import sanitize
 
-    program = program_for(bench, sample)
+    program = execute.program_for(bench, sample)
     task = bench.tasks.get(sample["task_id"])
     return sanitize(program, task.entry_point) if task is not None else program
 
@@ -222,9 +203,6 @@ def _pass_rate_by(results: dict, labels: dict[str, dict], key: str) -> dict[str,
 
 def _write(out: str, overwrite: bool, samples: list[dict], results: dict) -> None:
     """Write samples.jsonl and results.json into a fresh `out`, renamed into place only when complete."""
-    from xft.eval import report
-    from xft.artifacts import atomic_dir
-
     check_out(out, overwrite)  # again: the directory may have appeared during a long generation
     try:
         with atomic_dir(out) as tmp:

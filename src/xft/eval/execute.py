@@ -21,6 +21,7 @@ default); EvalPlus-style tests get `max(1 s, 4 × reference time)` per input and
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import time
@@ -163,15 +164,9 @@ def check_samples(bench: Benchmark, samples: list[dict], sandbox: Sandbox | None
     if unknown:
         raise UserError(f"{len(unknown)} sample task ids are not in {bench.name} "
                         f"(first: {unknown[0]!r})")
-    own_sandbox = sandbox is None
-    sandbox = sandbox or Sandbox()
-    sandbox.hide(bench.source)  # the data file holds the canonical solutions
-    try:
-        return _check_all(bench, samples, sandbox, workers or os.cpu_count() or 1,
-                          time_limits or TimeLimits(), progress)
-    finally:
-        if own_sandbox:
-            sandbox.close()
+    with Sandbox() if sandbox is None else contextlib.nullcontext(sandbox) as box:  # closes only its own
+        box.hide(bench.source)  # the data file holds the canonical solutions
+        return _check_all(bench, samples, box, workers or os.cpu_count() or 1, time_limits or TimeLimits(), progress)
 
 
 def _check_all(bench, samples, sandbox, workers, tl, progress) -> list[Verdict]:

@@ -21,7 +21,9 @@ from typing import Callable, Iterable
 
 import torch
 
+from xft.artifacts import resolve_model
 from xft.config import DecodingConfig
+from xft.data import check_chat_template, get_template
 from xft.errors import UserError
 from xft.eval.benchmarks import Benchmark
 from xft.eval.prompts import build_prompt, response_prefix, stop_strings
@@ -63,7 +65,6 @@ def load_model(path: str, dtype: str | None = None, device: str | None = None, e
     """(model, tokenizer) from a model directory, a finished xft run or a hub id; dense or xft MoE (`expert_impl`:
     its kernel instead of the recorded one)."""
     import xft
-    from xft.artifacts import resolve_model
     from xft.checkpoint import load_tokenizer
 
     path = resolve_model(path)
@@ -157,8 +158,6 @@ def make_sample(bench: Benchmark, task_id: str, prompt_style: str, text: str, st
 
 
 def _prompts(bench: Benchmark, rows: list[tuple[str, int]], cfg: DecodingConfig, tokenizer) -> list[str]:
-    from xft.data import check_chat_template
-
     if tokenizer is not None:
         check_chat_template(tokenizer, cfg.template)
     return [build_prompt(bench, bench.tasks[t], cfg.prompt_style, cfg.template, tokenizer) for t, _ in rows]
@@ -166,8 +165,6 @@ def _prompts(bench: Benchmark, rows: list[tuple[str, int]], cfg: DecodingConfig,
 
 def _chat_tokenizer(model_path: str, cfg: DecodingConfig):
     """The tokenizer, when the prompts need its chat template (vLLM loads its own for generation)."""
-    from xft.data import get_template
-
     if cfg.prompt_style != "instruction" or not get_template(cfg.template).from_tokenizer:
         return None
     from transformers import AutoTokenizer
@@ -188,22 +185,19 @@ def generate_samples(bench: Benchmark, model, cfg: DecodingConfig, *, dtype: str
     rows = [(t, k) for t in ids for k in range(cfg.n_samples)]
     seeds = [row_seed(cfg.seed, t, k) for t, k in rows]
     stops = stop_strings(bench, cfg.prompt_style)
-    if not isinstance(model, (str, os.PathLike)):
-        if cfg.backend == "vllm":
+    is_path = isinstance(model, (str, os.PathLike))
+    if cfg.backend == "vllm":
+        if not is_path:
             raise UserError("--backend vllm loads the model itself: give a model path, not a loaded model")
-        model, tokenizer = model
-        _pad_left(tokenizer)
-        texts = generate_hf(model.eval(), tokenizer, _prompts(bench, rows, cfg, tokenizer), seeds, stops, cfg,
-                            progress)
-    else:
-        from xft.artifacts import resolve_model
-
         model_path = resolve_model(model)  # one rule for both backends: model dir, finished run, Hub id
-        if cfg.backend == "vllm":
-            prompts = _prompts(bench, rows, cfg, _chat_tokenizer(model_path, cfg))
-            texts = generate_vllm(model_path, prompts, seeds, stops, cfg, dtype)
+        prompts = _prompts(bench, rows, cfg, _chat_tokenizer(model_path, cfg))
+        texts = generate_vllm(model_path, prompts, seeds, stops, cfg, dtype)
+    else:
+        if is_path:
+            model, tokenizer = load_model(model, dtype, device, cfg.expert_impl)  # resolves the path as above
         else:
-            model, tokenizer = load_model(model_path, dtype, device, cfg.expert_impl)
-            prompts = _prompts(bench, rows, cfg, tokenizer)
-            texts = generate_hf(model, tokenizer, prompts, seeds, stops, cfg, progress)
+            model, tokenizer = model
+            _pad_left(tokenizer)
+        prompts = _prompts(bench, rows, cfg, tokenizer)
+        texts = generate_hf(model.eval(), tokenizer, prompts, seeds, stops, cfg, progress)
     return [make_sample(bench, t, cfg.prompt_style, text, stops) for (t, _), text in zip(rows, texts)]

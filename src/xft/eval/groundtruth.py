@@ -33,7 +33,7 @@ import re
 import secrets
 from pathlib import Path
 
-from xft.artifacts import cache_root, file_sha256
+from xft.artifacts import atomic_dir, cache_root, file_sha256
 from xft.errors import UserError
 from xft.eval import plain
 from xft.eval.benchmarks import Benchmark
@@ -175,8 +175,6 @@ def expected_outputs(bench: Benchmark, sandbox: Sandbox, workers: int = 1) -> Gr
     truth = _open_sealed(directory, bench.tasks)
     if truth is not None:
         return truth
-    from xft.artifacts import atomic_dir
-
     with atomic_dir(str(directory)) as tmp:  # appears complete or not at all, replacing a damaged one
         times = _compute(bench, sandbox, workers, Path(tmp))
         _seal(Path(tmp), times)

@@ -110,16 +110,13 @@ def _mismatch(msg: dict, exp: tuple, inp, entry_point: str, oracle: str | None, 
 # ----------------------------------------------------------------- HumanEval style
 
 class _Gone(BaseException):
-    """The candidate can answer no more (or answered with something that is no answer).
-    A BaseException, so that a test's `except Exception` cannot swallow it."""
+    """The candidate can answer no more (or answered with something that is no answer), or
+    the benchmark's code ran past the deadline. A BaseException, so that a test's
+    `except Exception` cannot swallow it."""
 
     def __init__(self, message: str, status: str = "fail"):
         super().__init__(message)
         self.status = status
-
-
-class _JudgeTimeout(BaseException):
-    pass
 
 
 class CandidateError(Exception):
@@ -179,7 +176,7 @@ def _tracer(deadline: float):
     """A trace function stopping the benchmark's own code (test and prompt) at `deadline`."""
     def local(frame, event, arg):
         if time.monotonic() > deadline:
-            raise _JudgeTimeout()
+            raise _Gone("timed out", "timeout")
         return local
 
     def calls(frame, event, arg):
@@ -223,9 +220,7 @@ def judge_check(session: Session, compiled: tuple, entry_point: str, seconds: fl
         env[entry_point] = candidate  # the prompt's stub (or the program's own) is not the candidate
         exec(test, env)
         env["check"](candidate)
-    except _JudgeTimeout:
-        return _verdict("timeout", "timed out")
-    except _Gone as e:
+    except _Gone as e:  # the candidate's end, or the benchmark's code past the deadline
         return _verdict(e.status, str(e))
     except KeyboardInterrupt:  # the user's Ctrl-C (the program's own comes back as _Gone)
         raise

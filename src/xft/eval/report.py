@@ -15,9 +15,8 @@ import os
 from pathlib import Path
 
 from xft import __version__
-from xft.artifacts import atomic_write_text
+from xft.artifacts import atomic_write_text, read_jsonl
 from xft.errors import UserError
-from xft.artifacts import read_jsonl
 from xft.eval.benchmarks import Benchmark
 from xft.eval.execute import Verdict
 from xft.eval.metrics import mean_pass_at_k

