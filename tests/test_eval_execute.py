@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import sys
@@ -77,6 +78,24 @@ def test_mbpp_plus_canonical_passes_base_and_plus(mbpp_subset_file, sandbox):
     verdicts = check_samples(bench, samples, sandbox)
     assert all(v.passed for v in verdicts), [v for v in verdicts if not v.passed]
     assert all(v.phases["plus"]["status"] == "pass" for v in verdicts)
+
+
+@needs_mbpp
+def test_an_mbpp_plus_prompt_names_its_function(mbpp_subset_file, tmp_path):
+    # MBPP+ before v0.2.0 keeps its examples apart (`assertion`): the prompt gets the first, inside its
+    # docstring, as v0.2.0 has it; a prompt that already holds an example is left as it is.
+    rows = [json.loads(line) for line in open(mbpp_subset_file)]
+    bench = load_benchmark("mbpp+", mbpp_subset_file)
+    for r in rows:
+        prompt, description = bench.tasks[r["task_id"]].prompt, r["prompt"].rstrip().rstrip("'\"").rstrip()
+        first = next(line for line in r["assertion"].splitlines() if line.startswith("assert "))
+        assert r["entry_point"] not in r["prompt"] and f"{r['entry_point']}(" in prompt
+        assert prompt.startswith(description) and first in prompt
+        assert isinstance(ast.parse(prompt).body[0].value.value, str)  # still one docstring
+    current = tmp_path / "MbppPlus-v0.2.0-style.jsonl"
+    current.write_text("".join(json.dumps({**r, "prompt": bench.tasks[r["task_id"]].prompt}) + "\n" for r in rows))
+    again = load_benchmark("mbpp+", str(current))
+    assert all(again.tasks[t].prompt == bench.tasks[t].prompt for t in bench.tasks)
 
 
 @needs_mbpp

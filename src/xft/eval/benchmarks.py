@@ -173,11 +173,24 @@ def _evalplus_benchmark(name: str, data: str | None, *, phases: tuple[str, ...],
         for r in rows:
             r["base_input"] = mbpp_deserialize_inputs(r["task_id"], r["base_input"])
             r["plus_input"] = mbpp_deserialize_inputs(r["task_id"], r["plus_input"])
-    tasks = {r["task_id"]: Task(r["task_id"], r["prompt"], r["entry_point"], r["canonical_solution"],
-                                base_input=r["base_input"], plus_input=r["plus_input"],
-                                atol=r["atol"]) for r in rows}
+    tasks = {r["task_id"]: Task(r["task_id"], _with_example(r) if oracle == "mbpp" else r["prompt"],
+                                r["entry_point"], r["canonical_solution"], base_input=r["base_input"],
+                                plus_input=r["plus_input"], atol=r["atol"]) for r in rows}
     return Benchmark(name, tasks, style="io", phases=phases, oracle=oracle, source=str(path),
                      fingerprint=file_sha256(path)[:16])
+
+
+def _with_example(row: dict) -> str:
+    """An MBPP+ prompt that names its function: MBPP+ before v0.2.0 (e.g. November 2023) kept the example
+    tests apart (`assertion`), so its prompt was the description alone and no answer could know the
+    function's name; v0.2.0 puts the first example inside the prompt's docstring, as this does."""
+    prompt = row["prompt"]
+    examples = [line for line in (row.get("assertion") or "").splitlines() if line.startswith("assert ")]
+    if not examples or "assert " in prompt:
+        return prompt
+    body = prompt.rstrip()
+    quote = body[-3:] if body.endswith(('"""', "'''")) else ""
+    return f"{body[:len(body) - len(quote)].rstrip()}\n{examples[0]}\n{quote}"
 
 
 # name -> (phases, oracle); "mbpp" is MBPP as EvalPlus scores it: the MBPP+ tasks, base tests only.
